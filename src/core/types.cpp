@@ -5,8 +5,8 @@
 
 namespace chorus {
 
-bool is_valid(DataType t) noexcept { return static_cast<int>(t) >= 0 && static_cast<int>(t) < kNumDataTypes; }
-bool is_valid(ReduceOp op) noexcept { return static_cast<int>(op) >= 0 && static_cast<int>(op) < kNumReduceOps; }
+bool is_valid(DataType t) noexcept { return static_cast<int>(t) < kNumDataTypes; }
+bool is_valid(ReduceOp op) noexcept { return static_cast<int>(op) < kNumReduceOps; }
 
 std::size_t size_of(DataType t) {
   switch (t) {

@@ -1,0 +1,184 @@
+#include "algorithms/algorithms.hpp"
+
+#include "core/enforce.hpp"
+#include "reduce/reduce.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace chorus::algo {
+namespace {
+
+using transport::Combine;
+using transport::Request;
+
+int mod(long long a, int n) { return static_cast<int>(((a % n) + n) % n); }
+
+// A partition of a buffer into `n` segments (offsets and lengths in elements).
+struct Segments {
+  std::vector<std::size_t> off;
+  std::vector<std::size_t> len;
+  // Near-equal split of `count` (the first count % n segments get one more).
+  static Segments balanced(std::size_t count, int n) {
+    Segments s;
+    std::size_t o = 0;
+    for (int i = 0; i < n; ++i) {
+      const std::size_t l = count / n + (static_cast<std::size_t>(i) < count % n ? 1 : 0);
+      s.off.push_back(o);
+      s.len.push_back(l);
+      o += l;
+    }
+    return s;
+  }
+  // Equal blocks of `block` elements.
+  static Segments blocks(std::size_t block, int n) {
+    Segments s;
+    for (int i = 0; i < n; ++i) {
+      s.off.push_back(block * static_cast<std::size_t>(i));
+      s.len.push_back(block);
+    }
+    return s;
+  }
+};
+
+// One ring pass over `buf` (which already holds this rank's contribution):
+// for step g in [0, steps): send segment (rank + shift - g) to the right,
+// receive segment (rank + shift - g - 1) from the left, combined with
+// reduce for the first `reduce_steps` steps and copied after. Segment sent
+// at step g is the one received at step g - 1, so each chunk is forwarded
+// as soon as it has arrived. `on_final` (may be null) runs on each chunk of
+// the segment received at step reduce_steps - 1 (the fully reduced one).
+template <typename OnFinal>
+void ring_pass(Context& c, char* buf, const Segments& seg, std::size_t esize, int shift, int steps,
+               int reduce_steps, DataType dtype, ReduceOp op, OnFinal on_final) {
+  const int n = c.size;
+  const int right = mod(c.rank + 1, n);
+  const int left = mod(c.rank - 1, n);
+  const std::size_t chunk = std::max<std::size_t>(1, c.chunk_bytes / esize);
+  std::vector<Request> prev_recv, cur_recv, sends;
+  std::vector<std::size_t> prev_off;
+  for (int g = 0; g < steps; ++g) {
+    const int s = mod(c.rank + shift - g, n);
+    const int r = mod(c.rank + shift - g - 1, n);
+    const Combine comb = g < reduce_steps ? Combine::reduce(dtype, op) : Combine::copy();
+    // Post every receive of this step first, so arriving data lands in place.
+    cur_recv.clear();
+    std::vector<std::size_t> cur_off;
+    for (std::size_t k = 0; k < seg.len[r]; k += chunk) {
+      const std::size_t m = std::min(chunk, seg.len[r] - k);
+      cur_off.push_back(k);
+      cur_recv.push_back(c.t.irecv(left, c.call, buf + (seg.off[r] + k) * esize, m * esize, comb));
+    }
+    std::size_t idx = 0;
+    for (std::size_t k = 0; k < seg.len[s]; k += chunk, ++idx) {
+      const std::size_t m = std::min(chunk, seg.len[s] - k);
+      if (g > 0) {
+        c.t.wait({&prev_recv[idx], 1}, c.deadline);
+        if (g == reduce_steps) on_final(buf + (seg.off[s] + k) * esize, m);
+      }
+      sends.push_back(c.t.isend(right, c.call, buf + (seg.off[s] + k) * esize, m * esize));
+    }
+    prev_recv.swap(cur_recv);
+    prev_off.swap(cur_off);
+  }
+  c.t.wait(prev_recv, c.deadline);
+  if (steps == reduce_steps && steps > 0) {
+    const int last = mod(c.rank + shift - steps, n);
+    for (std::size_t k = 0; k < seg.len[last]; k += chunk)
+      on_final(buf + (seg.off[last] + k) * esize, std::min(chunk, seg.len[last] - k));
+  }
+  c.t.wait(sends, c.deadline);
+}
+
+char* ensure_scratch(Context& c, std::size_t bytes) {
+  if (c.scratch.size() < bytes) c.scratch.resize(bytes);
+  return c.scratch.data();
+}
+
+}  // namespace
+
+void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
+                    ReduceOp op) {
+  const std::size_t esize = size_of(dtype);
+  char* buf = static_cast<char*>(recv);
+  if (send != recv && count > 0) std::memcpy(buf, send, count * esize);
+  if (c.size == 1 || count == 0) {
+    if (op == ReduceOp::Avg) reduce::finalize_avg(buf, count, dtype, c.size);
+    return;
+  }
+  const auto seg = Segments::balanced(count, c.size);
+  const int n = c.size;
+  auto finalize = [&](char* p, std::size_t m) {
+    if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
+  };
+  ring_pass(c, buf, seg, esize, 0, 2 * (n - 1), n - 1, dtype, op, finalize);
+}
+
+void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
+                         DataType dtype, ReduceOp op) {
+  const std::size_t esize = size_of(dtype);
+  const int n = c.size;
+  const std::size_t total = count * static_cast<std::size_t>(n);
+  char* out = static_cast<char*>(recv);
+  if (count == 0) return;
+  if (n == 1) {
+    if (send != recv) std::memcpy(out, send, count * esize);
+    if (op == ReduceOp::Avg) reduce::finalize_avg(out, count, dtype, n);
+    return;
+  }
+  // Work in scratch: the reduction needs a writable copy of all n blocks.
+  char* buf = ensure_scratch(c, total * esize);
+  std::memcpy(buf, send, total * esize);
+  const auto seg = Segments::blocks(count, n);
+  // shift -1: the last received (fully reduced) segment is this rank's own block.
+  ring_pass(c, buf, seg, esize, -1, n - 1, n - 1, dtype, op, [&](char* p, std::size_t m) {
+    if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
+  });
+  std::memcpy(out, buf + seg.off[c.rank] * esize, count * esize);
+}
+
+void ring_allgather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype) {
+  const std::size_t esize = size_of(dtype);
+  char* buf = static_cast<char*>(recv);
+  char* mine = buf + static_cast<std::size_t>(c.rank) * count * esize;
+  if (count == 0) return;
+  if (send != mine) std::memmove(mine, send, count * esize);
+  if (c.size == 1) return;
+  const auto seg = Segments::blocks(count, c.size);
+  ring_pass(c, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum, [](char*, std::size_t) {});
+}
+
+void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
+                 ReduceOp op, int root) {
+  const std::size_t esize = size_of(dtype);
+  const int n = c.size;
+  if (count == 0) return;
+  if (n == 1) {
+    if (send != recv) std::memcpy(recv, send, count * esize);
+    if (op == ReduceOp::Avg) reduce::finalize_avg(recv, count, dtype, n);
+    return;
+  }
+  char* buf = ensure_scratch(c, count * esize);
+  std::memcpy(buf, send, count * esize);
+  const auto seg = Segments::balanced(count, n);
+  // After a reduce-scatter pass (shift -1), rank r holds segment r reduced.
+  ring_pass(c, buf, seg, esize, -1, n - 1, n - 1, dtype, op, [&](char* p, std::size_t m) {
+    if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
+  });
+  if (c.rank == root) {
+    char* out = static_cast<char*>(recv);
+    std::vector<Request> reqs;
+    for (int r = 0; r < n; ++r) {
+      if (r == root || seg.len[r] == 0) continue;
+      reqs.push_back(c.t.irecv(r, c.call, out + seg.off[r] * esize, seg.len[r] * esize,
+                               transport::Combine::copy()));
+    }
+    std::memcpy(out + seg.off[root] * esize, buf + seg.off[root] * esize, seg.len[root] * esize);
+    c.t.wait(reqs, c.deadline);
+  } else if (seg.len[c.rank] > 0) {
+    Request r = c.t.isend(root, c.call, buf + seg.off[c.rank] * esize, seg.len[c.rank] * esize);
+    c.t.wait({&r, 1}, c.deadline);
+  }
+}
+
+}  // namespace chorus::algo

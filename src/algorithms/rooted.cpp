@@ -1,0 +1,80 @@
+// Gather and scatter: the root talks to every rank directly. Simple and
+// correct; tree variants come with the selector (issue 4).
+
+#include "algorithms/algorithms.hpp"
+
+#include <cstring>
+
+namespace chorus::algo {
+
+void linear_gather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
+                   int root) {
+  const std::size_t bytes = count * size_of(dtype);
+  if (bytes == 0) return;
+  if (c.rank != root) {
+    auto r = c.t.isend(root, c.call, send, bytes);
+    c.t.wait({&r, 1}, c.deadline);
+    return;
+  }
+  char* out = static_cast<char*>(recv);
+  std::vector<transport::Request> reqs;
+  for (int r = 0; r < c.size; ++r)
+    if (r != root)
+      reqs.push_back(c.t.irecv(r, c.call, out + static_cast<std::size_t>(r) * bytes, bytes,
+                               transport::Combine::copy()));
+  char* mine = out + static_cast<std::size_t>(root) * bytes;
+  if (send != mine) std::memmove(mine, send, bytes);
+  c.t.wait(reqs, c.deadline);
+}
+
+void linear_scatter(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
+                    int root) {
+  const std::size_t bytes = count * size_of(dtype);
+  if (bytes == 0) return;
+  if (c.rank != root) {
+    auto r = c.t.irecv(root, c.call, recv, bytes, transport::Combine::copy());
+    c.t.wait({&r, 1}, c.deadline);
+    return;
+  }
+  const char* in = static_cast<const char*>(send);
+  std::vector<transport::Request> reqs;
+  for (int r = 0; r < c.size; ++r)
+    if (r != root) reqs.push_back(c.t.isend(r, c.call, in + static_cast<std::size_t>(r) * bytes, bytes));
+  const char* mine = in + static_cast<std::size_t>(root) * bytes;
+  if (recv != mine) std::memmove(recv, mine, bytes);
+  c.t.wait(reqs, c.deadline);
+}
+
+void pairwise_alltoall(Context& c, const void* send, void* recv, std::size_t count,
+                       DataType dtype) {
+  const std::size_t bytes = count * size_of(dtype);
+  if (bytes == 0) return;
+  const int n = c.size;
+  const char* in = static_cast<const char*>(send);
+  char* out = static_cast<char*>(recv);
+  std::memcpy(out + static_cast<std::size_t>(c.rank) * bytes,
+              in + static_cast<std::size_t>(c.rank) * bytes, bytes);
+  std::vector<transport::Request> reqs;
+  for (int s = 1; s < n; ++s) {
+    const int from = (c.rank - s + n) % n;
+    reqs.push_back(c.t.irecv(from, c.call, out + static_cast<std::size_t>(from) * bytes, bytes,
+                             transport::Combine::copy()));
+  }
+  for (int s = 1; s < n; ++s) {
+    const int to = (c.rank + s) % n;
+    reqs.push_back(c.t.isend(to, c.call, in + static_cast<std::size_t>(to) * bytes, bytes));
+  }
+  c.t.wait(reqs, c.deadline);
+}
+
+void dissemination_barrier(Context& c) {
+  const int n = c.size;
+  for (int k = 1; k < n; k *= 2) {
+    transport::Request reqs[2] = {
+        c.t.irecv((c.rank - k + n) % n, c.call, nullptr, 0, transport::Combine::copy()),
+        c.t.isend((c.rank + k) % n, c.call, nullptr, 0)};
+    c.t.wait(reqs, c.deadline);
+  }
+}
+
+}  // namespace chorus::algo

@@ -1,0 +1,752 @@
+// Communicator: validation, ordering, failure handling. The algorithms and
+// the transport do the communication; this file decides what runs, when,
+// and what happens after something fails.
+
+#include <chorus/communicator.hpp>
+
+#include "algorithms/algorithms.hpp"
+#include "core/config.hpp"
+#include "core/enforce.hpp"
+#include "core/log.hpp"
+#include "core/net.hpp"
+#include "transport.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+namespace chorus {
+
+namespace detail {
+
+struct WorkState {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::optional<Error> error;
+
+  void finish(std::optional<Error> e) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      error = std::move(e);
+      done = true;
+    }
+    cv.notify_all();
+  }
+};
+
+}  // namespace detail
+
+// ---- Work -------------------------------------------------------------------
+
+Work::Work() = default;
+Work::Work(std::shared_ptr<detail::WorkState> state) : state_(std::move(state)) {}
+
+bool Work::completed() const {
+  if (!state_) return true;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->done;
+}
+
+bool Work::test() {
+  if (!state_) return true;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (state_->done && state_->error) throw *state_->error;
+  return state_->done;
+}
+
+void Work::wait() {
+  if (!state_) return;
+  std::unique_lock<std::mutex> lock(state_->mu);
+  state_->cv.wait(lock, [&] { return state_->done; });
+  if (state_->error) throw *state_->error;
+}
+
+bool Work::wait(std::chrono::milliseconds timeout) {
+  if (!state_) return true;
+  std::unique_lock<std::mutex> lock(state_->mu);
+  if (!state_->cv.wait_for(lock, timeout, [&] { return state_->done; })) return false;
+  if (state_->error) throw *state_->error;
+  return true;
+}
+
+// ---- CommImpl ---------------------------------------------------------------
+
+namespace detail {
+
+using transport::CallDesc;
+using transport::Coll;
+
+struct CommImpl {
+  int rank = 0;
+  int size = 1;
+  std::uint64_t comm_id = 0;
+  std::string prefix;
+  std::shared_ptr<Store> base_store;
+  std::shared_ptr<Store> store;  // prefixed for this communicator
+  Settings settings;
+  std::string store_host;
+  std::unique_ptr<transport::Transport> transport;
+  std::vector<char> scratch;
+
+  // Sequence numbers, assigned at submission so that they follow call order.
+  std::uint64_t coll_seq = 0;
+  std::vector<std::uint64_t> send_seq, recv_seq;
+  std::uint64_t split_count = 0;
+
+  // Executor: tickets run strictly in submission order. A blocking call runs
+  // inline in the caller's thread once its turn comes (no thread hand-off on
+  // the latency path); async calls run on a worker thread started on demand.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::uint64_t next_ticket = 0;
+  std::uint64_t now_serving = 0;
+  struct Task {
+    std::uint64_t ticket;
+    std::function<void()> fn;
+    std::shared_ptr<WorkState> state;
+  };
+  std::deque<Task> queue;
+  std::thread worker;
+  bool stopping = false;
+
+  std::optional<Error> error;  // sticky: set once the communicator is unusable
+  std::atomic<bool> aborted{false};
+
+  ~CommImpl() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stopping = true;
+    }
+    cv.notify_all();
+    if (worker.joinable()) worker.join();
+  }
+
+  void worker_loop() {
+    std::unique_lock<std::mutex> lock(mu);
+    while (true) {
+      cv.wait(lock, [&] { return !queue.empty() || stopping; });
+      if (queue.empty()) return;  // stopping and drained
+      Task task = std::move(queue.front());
+      queue.pop_front();
+      cv.wait(lock, [&] { return now_serving == task.ticket; });
+      lock.unlock();
+      std::optional<Error> err;
+      try {
+        run_guarded(task.fn);
+      } catch (const Error& e) {
+        err = e;
+      }
+      task.state->finish(std::move(err));
+      lock.lock();
+      ++now_serving;
+      cv.notify_all();
+    }
+  }
+
+  // Runs one operation; any failure during it makes the communicator unusable
+  // and is told to the peers so that they fail fast too.
+  void run_guarded(const std::function<void()>& fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (error) throw unusable(*error);
+    }
+    try {
+      fn();
+    } catch (const Error& e) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = e;
+      }
+      CHORUS_WARN("rank " << rank << ": " << e.what());
+      transport->broadcast_failure(e);
+      throw;
+    } catch (const std::bad_alloc&) {
+      Error e(ErrorCode::System, "out of memory");
+      std::lock_guard<std::mutex> lock(mu);
+      if (!error) error = e;
+      throw e;
+    }
+  }
+
+  static Error unusable(const Error& e) {
+    return Error(e.code(),
+                 "this communicator failed earlier and cannot be used any more (create a new "
+                 "one): " + e.message(),
+                 e.peer());
+  }
+
+  // Submits an operation. Validation has already happened in the caller.
+  Work submit(std::function<void()> fn, bool async) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (error) throw unusable(*error);
+    const std::uint64_t ticket = next_ticket++;
+    if (async) {
+      auto state = std::make_shared<WorkState>();
+      queue.push_back(Task{ticket, std::move(fn), state});
+      if (!worker.joinable()) worker = std::thread([this] { worker_loop(); });
+      cv.notify_all();
+      return Work(state);
+    }
+    cv.wait(lock, [&] { return now_serving == ticket; });
+    lock.unlock();
+    struct Advance {
+      CommImpl* self;
+      ~Advance() {
+        std::lock_guard<std::mutex> l(self->mu);
+        ++self->now_serving;
+        self->cv.notify_all();
+      }
+    } advance{this};
+    run_guarded(fn);
+    return Work();
+  }
+
+  transport::Deadline deadline(const CallOptions& o) const {
+    const auto t = o.timeout.count() > 0 ? o.timeout : settings.timeout;
+    return transport::Clock::now() + t;
+  }
+
+  algo::Context context(const CallDesc& call, const CallOptions& o) {
+    return algo::Context{*transport, rank, size, call, deadline(o), settings.chunk_bytes, scratch};
+  }
+};
+
+}  // namespace detail
+
+// ---- validation helpers -----------------------------------------------------
+
+namespace {
+
+using detail::CommImpl;
+using transport::CallDesc;
+using transport::Coll;
+
+void check_dtype(DataType t) {
+  if (!is_valid(t))
+    throw Error(ErrorCode::InvalidArgument, "unknown DataType value " +
+                                                std::to_string(static_cast<int>(t)) +
+                                                " (use a chorus::DataType enumerator)");
+}
+
+void check_op(ReduceOp op) {
+  if (!is_valid(op))
+    throw Error(ErrorCode::InvalidArgument, "unknown ReduceOp value " +
+                                                std::to_string(static_cast<int>(op)) +
+                                                " (use a chorus::ReduceOp enumerator)");
+}
+
+void check_buffer(const void* p, std::size_t count, const char* what, const char* call) {
+  if (p == nullptr && count > 0)
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(call) + ": " + what + " is null but count is " + std::to_string(count));
+}
+
+void check_count(std::size_t count, std::size_t multiplier, DataType t, const char* call) {
+  const std::size_t limit = (std::size_t{1} << 48) / size_of(t);
+  if (count > limit / std::max<std::size_t>(multiplier, 1))
+    throw Error(ErrorCode::InvalidArgument, std::string(call) + ": count " + std::to_string(count) +
+                                                " is too large (wrapped negative value?)");
+}
+
+void check_root(int root, int size, const char* call) {
+  if (root < 0 || root >= size)
+    throw Error(ErrorCode::InvalidArgument, std::string(call) + ": root " + std::to_string(root) +
+                                                " is not a rank of this communicator (size " +
+                                                std::to_string(size) + ")");
+}
+
+bool overlaps(const void* a, std::size_t an, const void* b, std::size_t bn) {
+  auto pa = reinterpret_cast<std::uintptr_t>(a);
+  auto pb = reinterpret_cast<std::uintptr_t>(b);
+  return an > 0 && bn > 0 && pa < pb + bn && pb < pa + an;
+}
+
+std::string host_identity() {
+  // Hostname plus network namespace: ranks in different namespaces of one
+  // machine (the multi-host test harness) count as different hosts.
+  char name[256] = {};
+  gethostname(name, sizeof name - 1);
+  std::string id = name;
+  char ns[128] = {};
+  const ssize_t n = readlink("/proc/self/ns/net", ns, sizeof ns - 1);
+  if (n > 0) id += "/" + std::string(ns, static_cast<std::size_t>(n));
+  return id;
+}
+
+std::uint64_t hash64(const std::string& s) {
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char ch : s) {
+    h ^= ch;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> base,
+                                    const std::string& prefix, const Settings& settings,
+                                    const std::string& store_host) {
+  auto impl = std::make_shared<CommImpl>();
+  impl->rank = rank;
+  impl->size = size;
+  impl->prefix = prefix;
+  impl->comm_id = hash64(prefix);
+  impl->base_store = base;
+  impl->store = std::make_shared<PrefixStore>(prefix, base);
+  impl->settings = settings;
+  impl->store_host = store_host;
+  impl->send_seq.assign(static_cast<std::size_t>(size), 0);
+  impl->recv_seq.assign(static_cast<std::size_t>(size), 0);
+  Store& st = *impl->store;
+
+  // Two processes claiming one rank is a launch error that would otherwise
+  // show up as an obscure hang.
+  const auto claims = st.add("claim/" + std::to_string(rank), 1);
+  if (claims > 1)
+    throw Error(ErrorCode::InvalidUsage, "two processes claim rank " + std::to_string(rank) +
+                                             " of " + std::to_string(size) +
+                                             " in the same job; check the launcher's rank variables");
+
+  // Where do we listen? One host: loopback. Several: the interface asked for,
+  // or the address the route to the store uses.
+  st.set_string("host/" + std::to_string(rank), host_identity());
+  std::vector<std::string> host_keys;
+  for (int r = 0; r < size; ++r) host_keys.push_back("host/" + std::to_string(r));
+  try {
+    st.wait(host_keys, settings.timeout);
+  } catch (const Error& e) {
+    std::string missing;
+    for (const auto& k : host_keys)
+      if (!st.check({k})) missing += " " + k.substr(5);
+    throw Error(ErrorCode::Timeout, "communicator creation: rank(s)" + missing +
+                                        " did not join within the timeout (world size " +
+                                        std::to_string(size) + ")");
+  }
+  bool single_host = true;
+  const std::string me = host_identity();
+  for (int r = 0; r < size && single_host; ++r)
+    if (st.get_string("host/" + std::to_string(r)) != me) single_host = false;
+
+  transport::TransportContext tc;
+  tc.rank = rank;
+  tc.size = size;
+  tc.comm_id = impl->comm_id;
+  tc.store = impl->store;
+  tc.spin = settings.spin;
+  tc.connect_timeout = settings.timeout;
+  tc.socket_buffer_bytes = settings.socket_buffer_bytes;
+  if (!settings.socket_ifname.empty()) tc.listen_host = net::interface_address(settings.socket_ifname);
+  else if (single_host) tc.listen_host = "127.0.0.1";
+  else if (!store_host.empty()) tc.listen_host = net::local_address_towards(store_host);
+  else
+    throw Error(ErrorCode::InvalidArgument,
+                "ranks are on several hosts but no network interface is known: set "
+                "CHORUS_SOCKET_IFNAME (e.g. eth0)");
+  impl->transport = transport::create_transport(settings.transport, tc);
+
+  // Everyone has published an address: creation is complete on every rank
+  // only when the whole group exists.
+  std::vector<std::string> addr_keys;
+  for (int r = 0; r < size; ++r) addr_keys.push_back(settings.transport + "/" + std::to_string(r));
+  st.wait(addr_keys, settings.timeout);
+  CHORUS_INFO("communicator " << prefix << ": rank " << rank << "/" << size << ", transport "
+                              << settings.transport << " on " << tc.listen_host
+                              << (single_host ? " (single host)" : " (multi-host)")
+                              << ", chunk " << settings.chunk_bytes << " B, timeout "
+                              << settings.timeout.count() << " ms");
+  return impl;
+}
+
+}  // namespace
+
+// ---- creation -----------------------------------------------------------------
+
+Communicator::Communicator() = default;
+Communicator::Communicator(std::shared_ptr<detail::CommImpl> impl) : impl_(std::move(impl)) {}
+
+Communicator Communicator::create(int rank, int size, std::shared_ptr<Store> store,
+                                  const Config& config) {
+  if (size < 1) throw Error(ErrorCode::InvalidArgument, "world size " + std::to_string(size) + " must be >= 1");
+  if (rank < 0 || rank >= size)
+    throw Error(ErrorCode::InvalidArgument,
+                "rank " + std::to_string(rank) + " is outside [0, " + std::to_string(size) + ")");
+  if (!store) throw Error(ErrorCode::InvalidArgument, "store is null");
+  const Settings settings = resolve_settings(config);
+  log::set_rank(rank);
+  // The k-th communicator this rank creates on this store uses namespace k, so
+  // that several communicators (or test cases) can share one store.
+  const auto gen = store->add("chorus/generation/" + std::to_string(rank), 1);
+  return Communicator(make_comm(rank, size, store, "chorus/c" + std::to_string(gen), settings, ""));
+}
+
+Communicator Communicator::from_env(const Config& config) {
+  const LaunchInfo info = launch_info_from_env();
+  if (info.store_host.empty())
+    throw Error(ErrorCode::InvalidUsage,
+                "no rendezvous address: set CHORUS_STORE=host:port (or MASTER_ADDR and "
+                "MASTER_PORT), or launch with chorusrun");
+  const Settings settings = resolve_settings(config);
+  log::set_rank(info.rank);
+  TcpStore::Options opts;
+  opts.is_server = info.rank == 0 && !info.store_external;
+  opts.timeout = settings.timeout;
+  auto store = std::make_shared<TcpStore>(info.store_host, info.store_port, opts);
+  const auto gen = store->add("chorus/generation/" + std::to_string(info.rank), 1);
+  return Communicator(make_comm(info.rank, info.size, store, "chorus/c" + std::to_string(gen),
+                                settings, info.store_host));
+}
+
+bool Communicator::valid() const noexcept { return impl_ != nullptr; }
+
+namespace {
+CommImpl& need(const std::shared_ptr<CommImpl>& impl) {
+  if (!impl)
+    throw Error(ErrorCode::InvalidUsage,
+                "this Communicator handle is empty (default-constructed, or from split() with a "
+                "negative color)");
+  return *impl;
+}
+}  // namespace
+
+int Communicator::rank() const { return need(impl_).rank; }
+int Communicator::size() const { return need(impl_).size; }
+std::string Communicator::transport_name() const { return need(impl_).transport->name(); }
+
+std::optional<Error> Communicator::error() const {
+  auto& c = need(impl_);
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.error;
+}
+
+void Communicator::abort() {
+  auto& c = need(impl_);
+  Error e(ErrorCode::Aborted, "communicator aborted by rank " + std::to_string(c.rank));
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (!c.error) c.error = e;
+  }
+  c.aborted.store(true);
+  c.transport->abort(e.message());
+  c.cv.notify_all();
+}
+
+// ---- collectives ----------------------------------------------------------------
+
+namespace {
+
+CallDesc make_call(CommImpl& /*c*/, Coll coll, DataType t, ReduceOp op, int root, std::size_t count) {
+  CallDesc d;
+  d.coll = coll;
+  d.dtype = t;
+  d.op = op;
+  d.root = root;
+  d.count = count;
+  return d;
+}
+
+// Assigns the collective sequence number at submission time (under the
+// executor lock via submit's ordering) and runs `body` with a context.
+template <typename Body>
+Work run_collective(CommImpl& c, CallDesc call, const CallOptions& o, bool async, Body body) {
+  if (!o.algorithm.empty() && o.algorithm != "ring" && o.algorithm != "chain" &&
+      o.algorithm != "linear" && o.algorithm != "pairwise" && o.algorithm != "dissemination")
+    throw Error(ErrorCode::InvalidArgument, "unknown algorithm '" + o.algorithm +
+                                                "' for " + transport::to_string(call.coll));
+  if (o.stream != nullptr)
+    throw Error(ErrorCode::Cuda, "a CUDA stream was given but this build has no CUDA support");
+  // Sequence numbers must follow submission order; take one under the lock.
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    call.seq = c.coll_seq++;
+  }
+  CHORUS_TRACE(transport::describe(call));
+  return c.submit([&c, call, o, body]() mutable {
+    algo::Context ctx = c.context(call, o);
+    body(ctx);
+  }, async);
+}
+
+}  // namespace
+
+namespace {
+
+Work op_allreduce(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, ReduceOp op,
+                  const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_op(op);
+  check_count(count, 1, t, "allreduce");
+  check_buffer(s, count, "sendbuf", "allreduce");
+  check_buffer(r, count, "recvbuf", "allreduce");
+  const std::size_t bytes = count * size_of(t);
+  if (s != r && overlaps(s, bytes, r, bytes))
+    throw Error(ErrorCode::InvalidArgument, "allreduce: sendbuf and recvbuf overlap but are not equal");
+  return run_collective(c, make_call(c, Coll::Allreduce, t, op, -1, count), o, async,
+                        [=](algo::Context& ctx) { algo::ring_allreduce(ctx, s, r, count, t, op); });
+}
+
+Work op_broadcast(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,
+                  const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_root(root, c.size, "broadcast");
+  check_count(count, 1, t, "broadcast");
+  if (c.rank == root) check_buffer(s, count, "sendbuf", "broadcast");
+  check_buffer(r, count, "recvbuf", "broadcast");
+  return run_collective(c, make_call(c, Coll::Broadcast, t, ReduceOp::Sum, root, count), o, async,
+                        [=](algo::Context& ctx) { algo::chain_broadcast(ctx, s, r, count, t, root); });
+}
+
+Work op_allgather(CommImpl& c, const void* s, void* r, std::size_t count, DataType t,
+                  const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_count(count, static_cast<std::size_t>(c.size), t, "allgather");
+  check_buffer(s, count, "sendbuf", "allgather");
+  check_buffer(r, count, "recvbuf", "allgather");
+  const std::size_t bytes = count * size_of(t);
+  const char* mine = static_cast<const char*>(r) + static_cast<std::size_t>(c.rank) * bytes;
+  if (s != mine && overlaps(s, bytes, r, bytes * static_cast<std::size_t>(c.size)))
+    throw Error(ErrorCode::InvalidArgument,
+                "allgather: sendbuf overlaps recvbuf; in-place means sendbuf == recvbuf + rank*count");
+  return run_collective(c, make_call(c, Coll::Allgather, t, ReduceOp::Sum, -1, count), o, async,
+                        [=](algo::Context& ctx) { algo::ring_allgather(ctx, s, r, count, t); });
+}
+
+Work op_reduce_scatter(CommImpl& c, const void* s, void* r, std::size_t count, DataType t,
+                       ReduceOp op, const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_op(op);
+  check_count(count, static_cast<std::size_t>(c.size), t, "reduce_scatter");
+  check_buffer(s, count, "sendbuf", "reduce_scatter");
+  check_buffer(r, count, "recvbuf", "reduce_scatter");
+  const std::size_t bytes = count * size_of(t);
+  const char* mine = static_cast<const char*>(s) + static_cast<std::size_t>(c.rank) * bytes;
+  if (r != mine && overlaps(r, bytes, s, bytes * static_cast<std::size_t>(c.size)))
+    throw Error(ErrorCode::InvalidArgument,
+                "reduce_scatter: recvbuf overlaps sendbuf; in-place means recvbuf == sendbuf + rank*count");
+  return run_collective(c, make_call(c, Coll::ReduceScatter, t, op, -1, count), o, async,
+                        [=](algo::Context& ctx) { algo::ring_reduce_scatter(ctx, s, r, count, t, op); });
+}
+
+Work op_reduce(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, ReduceOp op,
+               int root, const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_op(op);
+  check_root(root, c.size, "reduce");
+  check_count(count, 1, t, "reduce");
+  check_buffer(s, count, "sendbuf", "reduce");
+  if (c.rank == root) check_buffer(r, count, "recvbuf", "reduce");
+  return run_collective(c, make_call(c, Coll::Reduce, t, op, root, count), o, async,
+                        [=](algo::Context& ctx) { algo::ring_reduce(ctx, s, r, count, t, op, root); });
+}
+
+Work op_gather(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,
+               const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_root(root, c.size, "gather");
+  check_count(count, static_cast<std::size_t>(c.size), t, "gather");
+  check_buffer(s, count, "sendbuf", "gather");
+  if (c.rank == root) check_buffer(r, count, "recvbuf", "gather");
+  return run_collective(c, make_call(c, Coll::Gather, t, ReduceOp::Sum, root, count), o, async,
+                        [=](algo::Context& ctx) { algo::linear_gather(ctx, s, r, count, t, root); });
+}
+
+Work op_scatter(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,
+                const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_root(root, c.size, "scatter");
+  check_count(count, static_cast<std::size_t>(c.size), t, "scatter");
+  if (c.rank == root) check_buffer(s, count, "sendbuf", "scatter");
+  check_buffer(r, count, "recvbuf", "scatter");
+  return run_collective(c, make_call(c, Coll::Scatter, t, ReduceOp::Sum, root, count), o, async,
+                        [=](algo::Context& ctx) { algo::linear_scatter(ctx, s, r, count, t, root); });
+}
+
+Work op_alltoall(CommImpl& c, const void* s, void* r, std::size_t count, DataType t,
+                 const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_count(count, static_cast<std::size_t>(c.size), t, "alltoall");
+  check_buffer(s, count, "sendbuf", "alltoall");
+  check_buffer(r, count, "recvbuf", "alltoall");
+  const std::size_t total = count * size_of(t) * static_cast<std::size_t>(c.size);
+  if (overlaps(s, total, r, total))
+    throw Error(ErrorCode::InvalidArgument, "alltoall: sendbuf and recvbuf must not overlap");
+  return run_collective(c, make_call(c, Coll::Alltoall, t, ReduceOp::Sum, -1, count), o, async,
+                        [=](algo::Context& ctx) { algo::pairwise_alltoall(ctx, s, r, count, t); });
+}
+
+Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {
+  return run_collective(c, make_call(c, Coll::Barrier, DataType::UInt8, ReduceOp::Sum, -1, 0), o,
+                        async, [](algo::Context& ctx) { algo::dissemination_barrier(ctx); });
+}
+
+void check_peer(CommImpl& c, int peer, const char* call) {
+  if (peer < 0 || peer >= c.size)
+    throw Error(ErrorCode::InvalidArgument, std::string(call) + ": peer " + std::to_string(peer) +
+                                                " is not a rank of this communicator (size " +
+                                                std::to_string(c.size) + ")");
+  if (peer == c.rank)
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(call) + ": peer is this rank; copy the buffer instead");
+}
+
+Work op_send(CommImpl& c, const void* buf, std::size_t count, DataType t, int peer,
+             const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_peer(c, peer, "send");
+  check_count(count, 1, t, "send");
+  check_buffer(buf, count, "buf", "send");
+  CallDesc call = make_call(c, Coll::SendRecv, t, ReduceOp::Sum, -1, count);
+  {
+    // Point-to-point calls are numbered per pair, not with the collectives:
+    // ranks not taking part must not fall out of step.
+    std::lock_guard<std::mutex> lock(c.mu);
+    call.seq = c.send_seq[static_cast<std::size_t>(peer)]++;
+  }
+  return c.submit([&c, call, o, buf, count, t, peer] {
+    algo::Context ctx = c.context(call, o);
+    auto r = ctx.t.isend(peer, call, buf, count * size_of(t));
+    ctx.t.wait({&r, 1}, ctx.deadline);
+  }, async);
+}
+
+Work op_recv(CommImpl& c, void* buf, std::size_t count, DataType t, int peer,
+             const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_peer(c, peer, "recv");
+  check_count(count, 1, t, "recv");
+  check_buffer(buf, count, "buf", "recv");
+  CallDesc call = make_call(c, Coll::SendRecv, t, ReduceOp::Sum, -1, count);
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    call.seq = c.recv_seq[static_cast<std::size_t>(peer)]++;
+  }
+  return c.submit([&c, call, o, buf, count, t, peer] {
+    algo::Context ctx = c.context(call, o);
+    auto r = ctx.t.irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
+    ctx.t.wait({&r, 1}, ctx.deadline);
+  }, async);
+}
+
+}  // namespace
+
+void Communicator::allreduce(const void* s, void* r, std::size_t n, DataType t, ReduceOp op,
+                             const CallOptions& o) {
+  op_allreduce(need(impl_), s, r, n, t, op, o, false);
+}
+Work Communicator::allreduce_async(const void* s, void* r, std::size_t n, DataType t, ReduceOp op,
+                                   const CallOptions& o) {
+  return op_allreduce(need(impl_), s, r, n, t, op, o, true);
+}
+void Communicator::broadcast(const void* s, void* r, std::size_t n, DataType t, int root,
+                             const CallOptions& o) {
+  op_broadcast(need(impl_), s, r, n, t, root, o, false);
+}
+Work Communicator::broadcast_async(const void* s, void* r, std::size_t n, DataType t, int root,
+                                   const CallOptions& o) {
+  return op_broadcast(need(impl_), s, r, n, t, root, o, true);
+}
+void Communicator::allgather(const void* s, void* r, std::size_t n, DataType t, const CallOptions& o) {
+  op_allgather(need(impl_), s, r, n, t, o, false);
+}
+Work Communicator::allgather_async(const void* s, void* r, std::size_t n, DataType t,
+                                   const CallOptions& o) {
+  return op_allgather(need(impl_), s, r, n, t, o, true);
+}
+void Communicator::reduce_scatter(const void* s, void* r, std::size_t n, DataType t, ReduceOp op,
+                                  const CallOptions& o) {
+  op_reduce_scatter(need(impl_), s, r, n, t, op, o, false);
+}
+Work Communicator::reduce_scatter_async(const void* s, void* r, std::size_t n, DataType t,
+                                        ReduceOp op, const CallOptions& o) {
+  return op_reduce_scatter(need(impl_), s, r, n, t, op, o, true);
+}
+void Communicator::reduce(const void* s, void* r, std::size_t n, DataType t, ReduceOp op, int root,
+                          const CallOptions& o) {
+  op_reduce(need(impl_), s, r, n, t, op, root, o, false);
+}
+Work Communicator::reduce_async(const void* s, void* r, std::size_t n, DataType t, ReduceOp op,
+                                int root, const CallOptions& o) {
+  return op_reduce(need(impl_), s, r, n, t, op, root, o, true);
+}
+void Communicator::gather(const void* s, void* r, std::size_t n, DataType t, int root,
+                          const CallOptions& o) {
+  op_gather(need(impl_), s, r, n, t, root, o, false);
+}
+Work Communicator::gather_async(const void* s, void* r, std::size_t n, DataType t, int root,
+                                const CallOptions& o) {
+  return op_gather(need(impl_), s, r, n, t, root, o, true);
+}
+void Communicator::scatter(const void* s, void* r, std::size_t n, DataType t, int root,
+                           const CallOptions& o) {
+  op_scatter(need(impl_), s, r, n, t, root, o, false);
+}
+Work Communicator::scatter_async(const void* s, void* r, std::size_t n, DataType t, int root,
+                                 const CallOptions& o) {
+  return op_scatter(need(impl_), s, r, n, t, root, o, true);
+}
+void Communicator::alltoall(const void* s, void* r, std::size_t n, DataType t, const CallOptions& o) {
+  op_alltoall(need(impl_), s, r, n, t, o, false);
+}
+Work Communicator::alltoall_async(const void* s, void* r, std::size_t n, DataType t,
+                                  const CallOptions& o) {
+  return op_alltoall(need(impl_), s, r, n, t, o, true);
+}
+void Communicator::barrier(const CallOptions& o) { op_barrier(need(impl_), o, false); }
+Work Communicator::barrier_async(const CallOptions& o) { return op_barrier(need(impl_), o, true); }
+void Communicator::send(const void* b, std::size_t n, DataType t, int peer, const CallOptions& o) {
+  op_send(need(impl_), b, n, t, peer, o, false);
+}
+Work Communicator::send_async(const void* b, std::size_t n, DataType t, int peer,
+                              const CallOptions& o) {
+  return op_send(need(impl_), b, n, t, peer, o, true);
+}
+void Communicator::recv(void* b, std::size_t n, DataType t, int peer, const CallOptions& o) {
+  op_recv(need(impl_), b, n, t, peer, o, false);
+}
+Work Communicator::recv_async(void* b, std::size_t n, DataType t, int peer, const CallOptions& o) {
+  return op_recv(need(impl_), b, n, t, peer, o, true);
+}
+
+// ---- split ------------------------------------------------------------------------
+
+Communicator Communicator::split(int color, int key) const {
+  CommImpl& c = need(impl_);
+  // Everyone learns everyone's (color, key) through an allgather on this
+  // communicator, so a rank that skips split() shows up as a call mismatch.
+  std::vector<std::int64_t> mine = {color, key};
+  std::vector<std::int64_t> all(2 * static_cast<std::size_t>(c.size));
+  const_cast<Communicator*>(this)->allgather(mine.data(), all.data(), 2, DataType::Int64);
+  std::uint64_t split_no;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    split_no = c.split_count++;
+  }
+  if (color < 0) return Communicator();
+  struct Member {
+    std::int64_t key;
+    int rank;
+  };
+  std::vector<Member> members;
+  for (int r = 0; r < c.size; ++r)
+    if (all[2 * static_cast<std::size_t>(r)] == color)
+      members.push_back({all[2 * static_cast<std::size_t>(r) + 1], r});
+  std::stable_sort(members.begin(), members.end(), [](const Member& a, const Member& b) {
+    return a.key != b.key ? a.key < b.key : a.rank < b.rank;
+  });
+  int new_rank = -1;
+  for (std::size_t i = 0; i < members.size(); ++i)
+    if (members[i].rank == c.rank) new_rank = static_cast<int>(i);
+  const std::string prefix =
+      c.prefix + "/s" + std::to_string(split_no) + "c" + std::to_string(color);
+  return Communicator(make_comm(new_rank, static_cast<int>(members.size()), c.base_store, prefix,
+                                c.settings, c.store_host));
+}
+
+}  // namespace chorus

@@ -1,0 +1,83 @@
+#include "core/config.hpp"
+
+#include "core/enforce.hpp"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+
+namespace chorus {
+namespace {
+
+const char* lookup(const EnvLookup& getenv, const char* name) {
+  const char* v = getenv ? getenv(name) : std::getenv(name);
+  return (v != nullptr && *v != '\0') ? v : nullptr;
+}
+
+}  // namespace
+
+std::chrono::milliseconds parse_duration(const std::string& text, const char* what) {
+  errno = 0;
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  const std::string unit(end ? end : "");
+  double ms = 0;
+  if (unit.empty() || unit == "s") ms = v * 1000.0;
+  else if (unit == "ms") ms = v;
+  else if (unit == "m" || unit == "min") ms = v * 60000.0;
+  else ms = -1;
+  if (text.empty() || end == text.c_str() || errno != 0 || !std::isfinite(v) || ms <= 0 || ms > 1e12)
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(what) + "='" + text +
+                    "' is not a positive duration (seconds, e.g. 300, 2.5, 500ms, 10s)");
+  return std::chrono::milliseconds(static_cast<long long>(std::ceil(ms)));
+}
+
+std::size_t parse_bytes(const std::string& text, const char* what) {
+  errno = 0;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+  std::string unit(end ? end : "");
+  unsigned long long mult = 1;
+  if (unit == "K" || unit == "k" || unit == "KiB") mult = 1ull << 10;
+  else if (unit == "M" || unit == "m" || unit == "MiB") mult = 1ull << 20;
+  else if (unit == "G" || unit == "g" || unit == "GiB") mult = 1ull << 30;
+  else if (!unit.empty()) mult = 0;
+  if (text.empty() || end == text.c_str() || text[0] == '-' || errno != 0 || mult == 0 ||
+      v > (1ull << 50) / mult)
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(what) + "='" + text + "' is not a byte count (e.g. 65536, 512K, 4M)");
+  return static_cast<std::size_t>(v * mult);
+}
+
+Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
+  Settings s;
+  if (config.timeout.count() > 0) s.timeout = config.timeout;
+  else if (const char* v = lookup(getenv, "CHORUS_TIMEOUT")) s.timeout = parse_duration(v, "CHORUS_TIMEOUT");
+
+  if (!config.transport.empty()) s.transport = config.transport;
+  else if (const char* v = lookup(getenv, "CHORUS_TRANSPORT")) s.transport = v;
+
+  if (!config.socket_ifname.empty()) s.socket_ifname = config.socket_ifname;
+  else if (const char* v = lookup(getenv, "CHORUS_SOCKET_IFNAME")) s.socket_ifname = v;
+
+  if (const char* v = lookup(getenv, "CHORUS_SPIN_US")) {
+    char* end = nullptr;
+    errno = 0;
+    const long us = std::strtol(v, &end, 10);
+    if (*end != '\0' || errno != 0 || us < 0 || us > 10'000'000)
+      throw Error(ErrorCode::InvalidArgument,
+                  std::string("CHORUS_SPIN_US='") + v + "' must be microseconds in [0, 10000000]");
+    s.spin = std::chrono::microseconds(us);
+  }
+  if (const char* v = lookup(getenv, "CHORUS_CHUNK_BYTES")) {
+    s.chunk_bytes = parse_bytes(v, "CHORUS_CHUNK_BYTES");
+    if (s.chunk_bytes < 64)
+      throw Error(ErrorCode::InvalidArgument, "CHORUS_CHUNK_BYTES must be at least 64");
+  }
+  if (const char* v = lookup(getenv, "CHORUS_SOCKET_BUFFER"))
+    s.socket_buffer_bytes = parse_bytes(v, "CHORUS_SOCKET_BUFFER");
+  return s;
+}
+
+}  // namespace chorus

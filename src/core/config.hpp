@@ -1,0 +1,35 @@
+#pragma once
+
+// Every tunable of a communicator, resolved once at creation from the Config
+// passed by the caller, then the CHORUS_* environment, then the defaults.
+// docs/tuning.md lists each variable; keep the two in step.
+
+#include <chorus/communicator.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <string>
+
+namespace chorus {
+
+struct Settings {
+  std::chrono::milliseconds timeout{std::chrono::seconds(300)};  // CHORUS_TIMEOUT (seconds)
+  std::string transport = "tcp";                                 // CHORUS_TRANSPORT
+  std::string socket_ifname;                                     // CHORUS_SOCKET_IFNAME
+  std::chrono::microseconds spin{100};                           // CHORUS_SPIN_US
+  std::size_t chunk_bytes = 512 << 10;                           // CHORUS_CHUNK_BYTES
+  std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
+};
+
+using EnvLookup = std::function<const char*(const char*)>;
+
+// Throws Error(InvalidArgument) naming the variable for malformed values.
+Settings resolve_settings(const Config& config, const EnvLookup& getenv = nullptr);
+
+// Parses "300", "2.5", "10s", "500ms" into milliseconds. Throws InvalidArgument naming `what`.
+std::chrono::milliseconds parse_duration(const std::string& text, const char* what);
+// Parses "65536", "64K", "1M", "1G" (binary units). Throws InvalidArgument naming `what`.
+std::size_t parse_bytes(const std::string& text, const char* what);
+
+}  // namespace chorus

@@ -1,0 +1,723 @@
+// TCP transport: one nonblocking socket per direction and peer, opened lazily
+// by the sender, with every frame preceded by a 48-byte header that carries
+// the CallDesc checked by the receiver.
+//
+// Why one socket per direction: whoever needs to send connects, so there is
+// never a race over who connects first, and no connection is made to a peer
+// an algorithm never talks to. Both sockets of a pair are read, because the
+// reverse direction carries control frames (Goodbye, failure notices).
+//
+// Receives are matched in post order per peer. Data that arrives before its
+// receive is posted is buffered ("unexpected"), so a fast sender never
+// deadlocks a slow receiver and control frames behind it are always seen.
+
+#include "transport.hpp"
+
+#include "core/enforce.hpp"
+#include "core/log.hpp"
+#include "core/net.hpp"
+#include "reduce/reduce.hpp"
+
+#include <poll.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <sstream>
+
+namespace chorus::transport::tcp {
+namespace {
+
+constexpr std::uint32_t kFrameMagic = 0x53524843;  // "CHRS" little-endian
+constexpr std::uint8_t kWireVersion = 1;
+constexpr std::uint64_t kHelloMagic = 0x3150544353524843ull;  // "CHRSTCP1"
+constexpr std::size_t kStagingBytes = 256 << 10;
+constexpr std::size_t kMaxNoticeBytes = 64 << 10;
+// A payload larger than this cannot be legitimate (the largest message of a
+// collective is a whole user buffer); it marks a corrupt or hostile stream.
+constexpr std::uint64_t kMaxPayloadBytes = 1ull << 40;
+
+enum class FrameKind : std::uint8_t { Data = 1, Notice = 2, Goodbye = 3 };
+
+struct FrameHeader {
+  std::uint32_t magic;
+  std::uint8_t version;
+  std::uint8_t kind;
+  std::uint8_t coll;
+  std::uint8_t dtype;
+  std::uint8_t op;
+  std::uint8_t pad[3];
+  std::int32_t root;  // Data: call root. Notice: the blamed rank.
+  std::uint64_t seq;  // Notice: the ErrorCode.
+  std::uint64_t count;
+  std::uint64_t comm_id;
+  std::uint64_t payload;
+};
+static_assert(sizeof(FrameHeader) == 48, "wire header must be 48 bytes");
+
+struct Hello {
+  std::uint64_t magic;
+  std::uint64_t comm_id;
+  std::int32_t rank;
+  std::int32_t version;
+};
+
+struct SendOp {
+  Request req;
+  FrameHeader hdr;
+  const char* buf = nullptr;
+  std::size_t bytes = 0;
+  std::size_t sent = 0;  // counts header + payload
+};
+
+struct RecvOp {
+  Request req;
+  CallDesc call;
+  char* dst = nullptr;
+  Combine combine;
+};
+
+struct Unexpected {
+  FrameHeader hdr;
+  std::vector<char> data;
+};
+
+// A connected socket and its read state machine.
+struct Conn {
+  net::Fd fd;
+  int peer = -1;
+  bool outgoing = false;
+  bool closed = false;  // EOF seen (after a Goodbye) or socket dropped
+  // read state
+  FrameHeader hdr{};
+  std::size_t hdr_got = 0;
+  bool in_payload = false;
+  std::uint64_t payload_got = 0;
+  std::optional<RecvOp> target;  // the posted recv being filled
+  std::vector<char> buffer;      // unexpected payload or notice text
+  bool to_buffer = false;
+  // reduce staging: bytes of an incomplete element carried to the next read
+  std::vector<char> staging;
+  std::size_t staged = 0;
+  std::uint64_t reduced = 0;  // bytes of payload already combined into dst
+  std::deque<SendOp> sendq;   // outgoing only
+};
+
+struct Peer {
+  std::unique_ptr<Conn> out;  // we connected: data from us to the peer
+  std::unique_ptr<Conn> in;   // peer connected: data from the peer to us
+  std::deque<RecvOp> posted;
+  std::deque<Unexpected> unexpected;
+  bool said_goodbye = false;
+  std::string addr;
+};
+
+struct PendingAccept {
+  net::Fd fd;
+  Hello hello{};
+  std::size_t got = 0;
+};
+
+class TcpTransport final : public Transport {
+ public:
+  explicit TcpTransport(const TransportContext& ctx) : ctx_(ctx), peers_(ctx.size) {
+    const std::string host = ctx.listen_host.empty() ? "127.0.0.1" : ctx.listen_host;
+    std::uint16_t port = 0;
+    listen_ = net::listen_tcp(host, 0, &port);
+    net::set_nonblocking(listen_.get(), true);
+    wake_ = net::Fd(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    if (!wake_.valid()) throw_errno("eventfd");
+    my_addr_ = host + ":" + std::to_string(port);
+    ctx_.store->set_string("tcp/" + std::to_string(ctx.rank), my_addr_);
+    CHORUS_INFO("tcp transport: rank " << ctx.rank << " listening on " << my_addr_);
+  }
+
+  ~TcpTransport() override {
+    // Tell peers we are leaving on purpose, so they do not take our EOF for a crash.
+    if (!error_) {
+      FrameHeader g = make_header(FrameKind::Goodbye);
+      for (auto& p : peers_) {
+        for (Conn* c : {p.out.get(), p.in.get()})
+          if (c && c->fd.valid() && !c->closed) send_control(*c, g, nullptr, 0);
+      }
+    }
+  }
+
+  std::string name() const override { return "tcp"; }
+
+  Capabilities capabilities(int) const override { return {}; }
+
+  Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    check_usable(peer);
+    Conn& c = out_conn(peer);
+    auto req = std::make_shared<RequestState>();
+    req->peer = peer;
+    req->is_send = true;
+    req->bytes = bytes;
+    SendOp op;
+    op.req = req;
+    op.hdr = make_header(FrameKind::Data);
+    op.hdr.coll = static_cast<std::uint8_t>(call.coll);
+    op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
+    op.hdr.op = static_cast<std::uint8_t>(call.op);
+    op.hdr.root = call.root;
+    op.hdr.seq = call.seq;
+    op.hdr.count = call.count;
+    op.hdr.payload = bytes;
+    op.buf = static_cast<const char*>(buf);
+    op.bytes = bytes;
+    c.sendq.push_back(op);
+    // Start writing right away: small messages usually complete here, which
+    // saves a trip through the wait loop.
+    if (c.sendq.size() == 1) write_some(c);
+    return req;
+  }
+
+  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
+    check_usable(peer);
+    auto req = std::make_shared<RequestState>();
+    req->peer = peer;
+    req->bytes = bytes;
+    Peer& p = peers_[peer];
+    p.posted.push_back(RecvOp{req, call, static_cast<char*>(dst), combine});
+    match_unexpected(peer);
+    return req;
+  }
+
+  void progress() override {
+    throw_if_failed();
+    accept_pending();
+    for (int r = 0; r < ctx_.size; ++r) {
+      Peer& p = peers_[r];
+      if (p.out) {
+        if (!p.out->sendq.empty()) write_some(*p.out);
+        if (!p.out->closed) read_some(*p.out);
+      }
+      if (p.in && !p.in->closed) read_some(*p.in);
+    }
+    throw_if_failed();
+  }
+
+  void wait(std::span<const Request> reqs, Deadline deadline) override {
+    const auto spin_until = Clock::now() + ctx_.spin;
+    std::size_t first_pending = 0;
+    for (unsigned iter = 0;; ++iter) {
+      try {
+        progress();
+      } catch (const Error&) {
+        throw;
+      }
+      while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
+      if (first_pending == reqs.size()) return;
+      if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+      const auto now = Clock::now();
+      if (now >= deadline) fail(timeout_error(reqs));
+      if (now < spin_until) {
+        // Busy-poll briefly: on an idle core this saves the cost of a
+        // sleep/wake-up; the yield keeps oversubscribed ranks moving.
+        if ((iter & 15) == 15) sched_yield();
+        continue;
+      }
+      block(deadline);
+    }
+  }
+
+  void abort(const std::string& why) noexcept override {
+    {
+      std::lock_guard<std::mutex> lock(abort_mu_);
+      if (abort_why_.empty()) abort_why_ = why;
+    }
+    aborted_.store(true, std::memory_order_release);
+    std::uint64_t one = 1;
+    [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
+  }
+
+  void broadcast_failure(const Error& e) noexcept override {
+    std::string text;
+    try {
+      text = e.message();
+      if (text.size() > kMaxNoticeBytes) text.resize(kMaxNoticeBytes);
+      FrameHeader h = make_header(FrameKind::Notice);
+      h.root = e.peer();
+      h.seq = static_cast<std::uint64_t>(e.code());
+      h.payload = text.size();
+      for (int r = 0; r < ctx_.size; ++r) {
+        if (r == ctx_.rank || r == e.peer()) continue;
+        Peer& p = peers_[r];
+        Conn* c = p.out ? p.out.get() : p.in.get();
+        if (c == nullptr) {
+          // No socket to this peer yet: open one, briefly, just for the notice.
+          try {
+            c = &connect_out(r, std::chrono::seconds(1));
+          } catch (...) {
+            continue;
+          }
+        }
+        if (c->closed || !c->fd.valid()) continue;
+        // The send queue of this socket may hold half a frame; a notice must
+        // not be spliced into it. Drop it then: the peer will notice otherwise.
+        if (c->outgoing && !c->sendq.empty() && c->sendq.front().sent > 0) continue;
+        send_control(*c, h, text.data(), text.size());
+      }
+    } catch (...) {
+      // best effort by contract
+    }
+  }
+
+ private:
+  // ---- setup -----------------------------------------------------------
+
+  FrameHeader make_header(FrameKind kind) const {
+    FrameHeader h{};
+    h.magic = kFrameMagic;
+    h.version = kWireVersion;
+    h.kind = static_cast<std::uint8_t>(kind);
+    h.comm_id = ctx_.comm_id;
+    return h;
+  }
+
+  void tune_socket(int fd) {
+    net::set_nodelay(fd);
+    if (ctx_.socket_buffer_bytes > 0) {
+      int b = static_cast<int>(ctx_.socket_buffer_bytes);
+      setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &b, sizeof b);
+      setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &b, sizeof b);
+    }
+  }
+
+  Conn& out_conn(int peer) {
+    Peer& p = peers_[peer];
+    if (p.out) return *p.out;
+    return connect_out(peer, ctx_.connect_timeout);
+  }
+
+  Conn& connect_out(int peer, std::chrono::milliseconds timeout) {
+    Peer& p = peers_[peer];
+    if (p.addr.empty()) p.addr = ctx_.store->get_string("tcp/" + std::to_string(peer));
+    auto [host, port] = net::parse_host_port(p.addr);
+    net::Fd fd = net::connect_tcp(host, port, timeout);
+    tune_socket(fd.get());
+    Hello h{kHelloMagic, ctx_.comm_id, ctx_.rank, kWireVersion};
+    net::write_all(fd.get(), &h, sizeof h, Clock::now() + timeout);
+    net::set_nonblocking(fd.get(), true);
+    auto c = std::make_unique<Conn>();
+    c->fd = std::move(fd);
+    c->peer = peer;
+    c->outgoing = true;
+    p.out = std::move(c);
+    CHORUS_TRACE("tcp: connected to rank " << peer << " at " << p.addr);
+    return *p.out;
+  }
+
+  void accept_pending() {
+    while (true) {
+      int fd = ::accept4(listen_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) break;
+      pending_.push_back(PendingAccept{net::Fd(fd), {}, 0});
+    }
+    for (std::size_t i = 0; i < pending_.size();) {
+      PendingAccept& pa = pending_[i];
+      const ssize_t r = ::recv(pa.fd.get(), reinterpret_cast<char*>(&pa.hello) + pa.got,
+                               sizeof(Hello) - pa.got, 0);
+      if (r > 0) pa.got += static_cast<std::size_t>(r);
+      const bool eof = r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+      if (pa.got == sizeof(Hello)) {
+        adopt(std::move(pa));
+        pending_.erase(pending_.begin() + static_cast<long>(i));
+      } else if (eof || (pa.got >= 8 && pa.hello.magic != kHelloMagic)) {
+        CHORUS_WARN("tcp: dropped a connection from " << net::peer_name(pa.fd.get())
+                                                       << ": not a Chorus peer (bad hello)");
+        pending_.erase(pending_.begin() + static_cast<long>(i));
+      } else {
+        ++i;
+      }
+    }
+  }
+
+  void adopt(PendingAccept&& pa) {
+    const Hello& h = pa.hello;
+    const std::string from = net::peer_name(pa.fd.get());
+    if (h.magic != kHelloMagic || h.version != kWireVersion) {
+      CHORUS_WARN("tcp: dropped connection from " << from << ": bad hello magic/version");
+      return;
+    }
+    if (h.comm_id != ctx_.comm_id) {
+      CHORUS_WARN("tcp: dropped connection from " << from << ": it belongs to another communicator");
+      return;
+    }
+    if (h.rank < 0 || h.rank >= ctx_.size || h.rank == ctx_.rank) {
+      CHORUS_WARN("tcp: dropped connection from " << from << ": claims invalid rank " << h.rank);
+      return;
+    }
+    Peer& p = peers_[h.rank];
+    if (p.in && !p.in->closed) {
+      CHORUS_WARN("tcp: dropped a second connection from rank " << h.rank << " (" << from << ")");
+      return;
+    }
+    tune_socket(pa.fd.get());
+    auto c = std::make_unique<Conn>();
+    c->fd = std::move(pa.fd);
+    c->peer = h.rank;
+    c->outgoing = false;
+    p.in = std::move(c);
+    CHORUS_TRACE("tcp: accepted rank " << h.rank << " from " << from);
+  }
+
+  // ---- sending ---------------------------------------------------------
+
+  void write_some(Conn& c) {
+    while (!c.sendq.empty()) {
+      SendOp& op = c.sendq.front();
+      iovec iov[2];
+      int n = 0;
+      if (op.sent < sizeof(FrameHeader)) {
+        iov[n++] = {reinterpret_cast<char*>(&op.hdr) + op.sent, sizeof(FrameHeader) - op.sent};
+        if (op.bytes > 0) iov[n++] = {const_cast<char*>(op.buf), op.bytes};
+      } else {
+        const std::size_t off = op.sent - sizeof(FrameHeader);
+        iov[n++] = {const_cast<char*>(op.buf) + off, op.bytes - off};
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = static_cast<std::size_t>(n);
+      const ssize_t w = ::sendmsg(c.fd.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (w < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+        if (errno == EINTR) continue;
+        lost_peer(c, std::strerror(errno));
+        return;
+      }
+      op.sent += static_cast<std::size_t>(w);
+      if (op.sent == sizeof(FrameHeader) + op.bytes) {
+        op.req->done = true;
+        c.sendq.pop_front();
+      } else {
+        return;  // socket buffer full
+      }
+    }
+  }
+
+  // Small control frames go out blocking (bounded), bypassing the queue.
+  void send_control(Conn& c, const FrameHeader& h, const void* payload, std::size_t n) noexcept {
+    try {
+      const auto deadline = Clock::now() + std::chrono::seconds(1);
+      net::write_all(c.fd.get(), &h, sizeof h, deadline);
+      if (n > 0) net::write_all(c.fd.get(), payload, n, deadline);
+    } catch (...) {
+    }
+  }
+
+  // ---- receiving -------------------------------------------------------
+
+  void read_some(Conn& c) {
+    while (!c.closed) {
+      if (!c.in_payload) {
+        const ssize_t r = ::recv(c.fd.get(), reinterpret_cast<char*>(&c.hdr) + c.hdr_got,
+                                 sizeof(FrameHeader) - c.hdr_got, MSG_DONTWAIT);
+        if (!handle_read_result(c, r, c.hdr_got == 0)) return;
+        c.hdr_got += static_cast<std::size_t>(r);
+        if (c.hdr_got < sizeof(FrameHeader)) continue;
+        begin_frame(c);
+        if (failed()) return;
+        continue;
+      }
+      // payload
+      const std::uint64_t left = c.hdr.payload - c.payload_got;
+      if (left == 0) {
+        finish_frame(c);
+        continue;
+      }
+      ssize_t r;
+      if (c.to_buffer) {
+        r = ::recv(c.fd.get(), c.buffer.data() + c.payload_got, left, MSG_DONTWAIT);
+        if (!handle_read_result(c, r, false)) return;
+        c.payload_got += static_cast<std::uint64_t>(r);
+      } else if (c.target->combine.kind == Combine::Kind::Copy) {
+        r = ::recv(c.fd.get(), c.target->dst + c.payload_got, left, MSG_DONTWAIT);
+        if (!handle_read_result(c, r, false)) return;
+        c.payload_got += static_cast<std::uint64_t>(r);
+      } else {
+        // Reduce: land bytes in a staging chunk and combine whole elements
+        // straight into the destination; a partial element waits for the
+        // next read.
+        if (c.staging.empty()) c.staging.resize(kStagingBytes);
+        const std::size_t room = c.staging.size() - c.staged;
+        const std::size_t want = static_cast<std::size_t>(std::min<std::uint64_t>(left, room));
+        r = ::recv(c.fd.get(), c.staging.data() + c.staged, want, MSG_DONTWAIT);
+        if (!handle_read_result(c, r, false)) return;
+        c.staged += static_cast<std::size_t>(r);
+        c.payload_got += static_cast<std::uint64_t>(r);
+        const std::size_t esize = size_of(c.target->combine.dtype);
+        const std::size_t whole = c.staged / esize * esize;
+        if (whole > 0) {
+          reduce::combine(c.target->dst + c.reduced, c.staging.data(), whole / esize,
+                          c.target->combine.dtype, c.target->combine.op);
+          c.reduced += whole;
+          std::memmove(c.staging.data(), c.staging.data() + whole, c.staged - whole);
+          c.staged -= whole;
+        }
+      }
+      if (c.payload_got == c.hdr.payload) finish_frame(c);
+    }
+  }
+
+  // Returns true if `r` bytes were read; false if the caller should stop
+  // reading this socket now (EAGAIN, EOF, error: handled here).
+  bool handle_read_result(Conn& c, ssize_t r, bool at_boundary) {
+    if (r > 0) return true;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return false;
+    const std::string why = r == 0 ? "connection closed" : std::strerror(errno);
+    Peer& p = peers_[c.peer];
+    if (r == 0 && at_boundary && p.said_goodbye) {
+      c.closed = true;
+      return false;
+    }
+    lost_peer(c, why);
+    return false;
+  }
+
+  void lost_peer(Conn& c, const std::string& why) {
+    c.closed = true;
+    Peer& p = peers_[c.peer];
+    if (p.said_goodbye) {
+      // It left on purpose; only an error if we still need it.
+      if (!p.posted.empty() || (p.out && !p.out->sendq.empty()))
+        fail(Error(ErrorCode::InvalidUsage,
+                   "rank " + std::to_string(c.peer) +
+                       " destroyed its communicator while this rank still had messages for it",
+                   c.peer));
+      return;
+    }
+    fail(Error(ErrorCode::PeerFailure,
+               "rank " + std::to_string(c.peer) + " (" + p.addr + ") failed: " + why +
+                   " without a goodbye; the process died or was killed. The communicator is "
+                   "unusable; restart the job.",
+               c.peer));
+  }
+
+  void begin_frame(Conn& c) {
+    const FrameHeader& h = c.hdr;
+    auto malformed = [&](const std::string& why) {
+      fail(Error(ErrorCode::Transport,
+                 "malformed message from rank " + std::to_string(c.peer) + ": " + why +
+                     "; the stream is corrupt or the peer is not a Chorus " "peer",
+                 c.peer));
+    };
+    if (h.magic != kFrameMagic) return malformed("bad magic");
+    if (h.version != kWireVersion) return malformed("wire version " + std::to_string(h.version));
+    if (h.comm_id != ctx_.comm_id) return malformed("message for another communicator");
+    const auto kind = static_cast<FrameKind>(h.kind);
+    c.in_payload = true;
+    c.payload_got = 0;
+    c.reduced = 0;
+    c.staged = 0;
+    c.to_buffer = false;
+    c.target.reset();
+    if (kind == FrameKind::Goodbye) {
+      if (h.payload != 0) return malformed("goodbye with payload");
+      return;
+    }
+    if (kind == FrameKind::Notice) {
+      if (h.payload > kMaxNoticeBytes) return malformed("oversized notice");
+      c.buffer.assign(h.payload, 0);
+      c.to_buffer = true;
+      return;
+    }
+    if (kind != FrameKind::Data) return malformed("unknown frame kind " + std::to_string(h.kind));
+    if (c.outgoing) return malformed("data on the reverse direction of a connection");
+    if (h.payload > kMaxPayloadBytes) return malformed("payload of " + std::to_string(h.payload) + " bytes");
+    Peer& p = peers_[c.peer];
+    if (!p.posted.empty()) {
+      RecvOp op = std::move(p.posted.front());
+      p.posted.pop_front();
+      try {
+        check_frame(op, h, c.peer);
+      } catch (const Error& e) {
+        op.req->done = true;  // never completes; the error says why
+        fail(e);
+        return;
+      }
+      c.target = std::move(op);
+    } else {
+      c.buffer.assign(h.payload, 0);
+      c.to_buffer = true;
+    }
+  }
+
+  void check_frame(const RecvOp& op, const FrameHeader& h, int peer) {
+    CallDesc theirs;
+    theirs.coll = static_cast<Coll>(h.coll);
+    theirs.dtype = static_cast<DataType>(h.dtype);
+    theirs.op = static_cast<ReduceOp>(h.op);
+    theirs.root = h.root;
+    theirs.count = h.count;
+    theirs.seq = h.seq;
+    check_same_call(op.call, ctx_.rank, theirs, peer);
+    if (h.payload != op.req->bytes)
+      throw Error(ErrorCode::Internal,
+                  "message of " + std::to_string(h.payload) + " bytes from rank " +
+                      std::to_string(peer) + " for a receive of " + std::to_string(op.req->bytes) +
+                      " bytes in " + describe(op.call),
+                  peer);
+  }
+
+  void finish_frame(Conn& c) {
+    const auto kind = static_cast<FrameKind>(c.hdr.kind);
+    Peer& p = peers_[c.peer];
+    c.in_payload = false;
+    c.hdr_got = 0;
+    if (kind == FrameKind::Goodbye) {
+      p.said_goodbye = true;
+    } else if (kind == FrameKind::Notice) {
+      on_notice(c);
+    } else if (c.target) {
+      c.target->req->done = true;
+      c.target.reset();
+    } else {
+      p.unexpected.push_back(Unexpected{c.hdr, std::move(c.buffer)});
+      c.buffer = {};
+      match_unexpected(c.peer);
+    }
+    c.to_buffer = false;
+  }
+
+  void on_notice(Conn& c) {
+    const auto code = static_cast<ErrorCode>(c.hdr.seq);
+    const int blamed = c.hdr.root;
+    std::string text(c.buffer.begin(), c.buffer.end());
+    c.buffer = {};
+    ErrorCode use = code;
+    if (static_cast<int>(code) < 1 || static_cast<int>(code) > 9) use = ErrorCode::Internal;
+    // An abort on another rank is a failure of this collective for us.
+    if (use == ErrorCode::Aborted) use = ErrorCode::PeerFailure;
+    fail(Error(use, "rank " + std::to_string(c.peer) + " failed and reported: " + text,
+               blamed >= 0 ? blamed : c.peer));
+  }
+
+  void match_unexpected(int peer) {
+    Peer& p = peers_[peer];
+    while (!p.posted.empty() && !p.unexpected.empty()) {
+      RecvOp op = std::move(p.posted.front());
+      p.posted.pop_front();
+      Unexpected u = std::move(p.unexpected.front());
+      p.unexpected.pop_front();
+      try {
+        check_frame(op, u.hdr, peer);
+      } catch (const Error& e) {
+        op.req->done = true;
+        fail(e);
+        return;
+      }
+      if (op.combine.kind == Combine::Kind::Copy) {
+        if (!u.data.empty()) std::memcpy(op.dst, u.data.data(), u.data.size());
+      } else {
+        reduce::combine(op.dst, u.data.data(), u.data.size() / size_of(op.combine.dtype),
+                        op.combine.dtype, op.combine.op);
+      }
+      op.req->done = true;
+    }
+  }
+
+  // ---- waiting and failure -----------------------------------------------
+
+  void block(Deadline deadline) {
+    fds_.clear();
+    fds_.push_back({wake_.get(), POLLIN, 0});
+    fds_.push_back({listen_.get(), POLLIN, 0});
+    for (const auto& pa : pending_) fds_.push_back({pa.fd.get(), POLLIN, 0});
+    for (auto& p : peers_) {
+      for (Conn* c : {p.out.get(), p.in.get()}) {
+        if (c == nullptr || c->closed) continue;
+        short ev = POLLIN;
+        if (!c->sendq.empty()) ev |= POLLOUT;
+        fds_.push_back({c->fd.get(), ev, 0});
+      }
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    int ms = static_cast<int>(std::clamp<long long>(left + 1, 0, 200));
+    ::poll(fds_.data(), fds_.size(), ms);
+    if (fds_[0].revents & POLLIN) {
+      std::uint64_t v;
+      [[maybe_unused]] auto r = ::read(wake_.get(), &v, sizeof v);
+    }
+  }
+
+  bool failed() const { return error_.has_value(); }
+
+  void throw_if_failed() {
+    if (error_) throw *error_;
+  }
+
+  [[noreturn]] void fail(const Error& e) {
+    if (!error_) {
+      error_ = e;
+      CHORUS_INFO("tcp: transport failed: " << e.what());
+    }
+    throw *error_;
+  }
+
+  std::string abort_reason() {
+    std::lock_guard<std::mutex> lock(abort_mu_);
+    return abort_why_.empty() ? std::string("communicator aborted") : abort_why_;
+  }
+
+  Error timeout_error(std::span<const Request> reqs) const {
+    std::ostringstream os;
+    int blamed = -1;
+    std::vector<int> waiting_recv;
+    std::vector<int> waiting_send;
+    for (const auto& r : reqs) {
+      if (r->done) continue;
+      auto& v = r->is_send ? waiting_send : waiting_recv;
+      if (std::find(v.begin(), v.end(), r->peer) == v.end()) v.push_back(r->peer);
+    }
+    os << "deadline passed";
+    if (!waiting_recv.empty()) {
+      os << " waiting for data from rank";
+      for (int p : waiting_recv) os << ' ' << p;
+      blamed = waiting_recv.front();
+    }
+    if (!waiting_send.empty()) {
+      os << (waiting_recv.empty() ? "" : " and") << " waiting to send to rank";
+      for (int p : waiting_send) os << ' ' << p;
+      if (blamed < 0) blamed = waiting_send.front();
+    }
+    os << "; that rank is stopped, stuck or much slower (raise CHORUS_TIMEOUT if it is only slow)";
+    return Error(ErrorCode::Timeout, os.str(), blamed);
+  }
+
+  void check_usable(int peer) {
+    throw_if_failed();
+    if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+    if (peer < 0 || peer >= ctx_.size || peer == ctx_.rank)
+      throw Error(ErrorCode::Internal, "transport: bad peer " + std::to_string(peer));
+  }
+
+  TransportContext ctx_;
+  std::vector<Peer> peers_;
+  std::vector<PendingAccept> pending_;
+  net::Fd listen_;
+  net::Fd wake_;
+  std::string my_addr_;
+  std::optional<Error> error_;
+  std::atomic<bool> aborted_{false};
+  std::mutex abort_mu_;
+  std::string abort_why_;
+  std::vector<pollfd> fds_;
+};
+
+[[maybe_unused]] const bool kRegistered = register_transport("tcp", [](const TransportContext& ctx) {
+  return std::unique_ptr<Transport>(new TcpTransport(ctx));
+});
+
+}  // namespace
+}  // namespace chorus::transport::tcp

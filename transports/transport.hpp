@@ -1,0 +1,152 @@
+#pragma once
+
+// The transport interface: what every algorithm needs from the network.
+//
+// A Transport is one rank's endpoint within one communicator. It gives
+// reliable, ordered delivery to each peer, with nonblocking requests that the
+// caller drives through wait()/progress(). Messages between a pair are
+// matched in post order (FIFO per peer), so an algorithm that posts its
+// sends and receives in the same order on both sides needs no tags.
+//
+// Every message carries the CallDesc of the collective call it belongs to;
+// the receiver compares it with its own call and fails with InvalidUsage,
+// naming both calls, when ranks disagree (different collective, count, dtype,
+// op, root or call number).
+
+#include <chorus/error.hpp>
+#include <chorus/store.hpp>
+#include <chorus/types.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace chorus::transport {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+
+// Which call a message belongs to. Values are part of the wire format.
+enum class Coll : std::uint8_t {
+  None = 0,
+  Allreduce = 1,
+  Broadcast = 2,
+  Allgather = 3,
+  ReduceScatter = 4,
+  Reduce = 5,
+  Gather = 6,
+  Scatter = 7,
+  Alltoall = 8,
+  Barrier = 9,
+  SendRecv = 10,  // point-to-point: send() on one side, recv() on the other
+  Split = 11,
+};
+
+const char* to_string(Coll c) noexcept;
+
+// Describes one call on one rank; identical on every rank for collectives.
+struct CallDesc {
+  Coll coll = Coll::None;
+  DataType dtype = DataType::UInt8;
+  ReduceOp op = ReduceOp::Sum;
+  std::int32_t root = -1;     // root rank, or -1
+  std::uint64_t count = 0;    // the count argument of the call
+  std::uint64_t seq = 0;      // collective call number (or per-pair number for send/recv)
+
+  bool operator==(const CallDesc&) const = default;
+};
+
+// "allreduce #5 (count 1000, float, sum)".
+std::string describe(const CallDesc& d);
+
+// Throws Error(InvalidUsage) naming both calls if `theirs` (from peer) does not
+// match `mine`.
+void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, int peer);
+
+// How a received message lands in the destination buffer.
+struct Combine {
+  enum class Kind : std::uint8_t { Copy, Reduce };
+  Kind kind = Kind::Copy;
+  DataType dtype = DataType::UInt8;
+  ReduceOp op = ReduceOp::Sum;
+
+  static Combine copy() { return {}; }
+  static Combine reduce(DataType t, ReduceOp o) { return {Kind::Reduce, t, o}; }
+};
+
+// State of one posted send or receive. Owned jointly by the caller and the
+// transport; `done` flips once, inside progress().
+struct RequestState {
+  int peer = -1;
+  bool is_send = false;
+  bool done = false;
+  std::size_t bytes = 0;
+};
+using Request = std::shared_ptr<RequestState>;
+
+// What an algorithm or selector may ask of a transport without naming it.
+struct Capabilities {
+  bool same_host = false;      // the peer shares this host
+  bool one_sided = false;      // put/get are available
+  bool device_memory = false;  // device pointers may be passed directly
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  virtual std::string name() const = 0;
+  virtual Capabilities capabilities(int peer) const = 0;
+
+  // Posts a send of `bytes` from `buf` to `peer`. `buf` must stay valid and
+  // unmodified until the request is done.
+  virtual Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) = 0;
+  // Posts a receive of exactly `bytes` from `peer` into `dst`, combined as
+  // `combine` says (copy, or reduce into what is already in dst).
+  virtual Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes,
+                        Combine combine) = 0;
+
+  // Drives communication until every request in `reqs` is done. Throws
+  // Error(Timeout) when `deadline` passes (naming the peers still pending),
+  // Error(PeerFailure) when a peer dies, Error(InvalidUsage) on a call
+  // mismatch, Error(Aborted) after abort(). After a throw the transport is
+  // failed: every later call throws the same error.
+  virtual void wait(std::span<const Request> reqs, Deadline deadline) = 0;
+
+  // Makes whatever progress is possible without blocking.
+  virtual void progress() = 0;
+
+  // Thread-safe: makes any blocked wait() throw Error(Aborted) promptly.
+  virtual void abort(const std::string& why) noexcept = 0;
+
+  // Best effort, bounded: tells every peer that this rank failed with `e`, so
+  // that ranks not directly connected to the culprit fail fast instead of
+  // waiting for their timeout.
+  virtual void broadcast_failure(const Error& e) noexcept = 0;
+};
+
+// Everything a transport factory needs.
+struct TransportContext {
+  int rank = 0;
+  int size = 1;
+  std::uint64_t comm_id = 0;
+  std::shared_ptr<Store> store;  // already prefixed for this communicator
+  std::string listen_host = "127.0.0.1";  // address to listen on (chosen by the communicator)
+  std::chrono::microseconds spin{100};  // busy-poll time before blocking
+  std::chrono::milliseconds connect_timeout{std::chrono::seconds(300)};
+  std::size_t socket_buffer_bytes = 0;  // 0: leave the system default
+};
+
+using TransportFactory = std::function<std::unique_ptr<Transport>(const TransportContext&)>;
+
+// Registry: each transport folder registers its factory at static
+// initialisation (see TCP's registration); the communicator finds it by name.
+bool register_transport(const std::string& name, TransportFactory factory);
+std::unique_ptr<Transport> create_transport(const std::string& name, const TransportContext& ctx);
+std::vector<std::string> transport_names();
+
+}  // namespace chorus::transport
