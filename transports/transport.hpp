@@ -73,9 +73,16 @@ struct Combine {
   Kind kind = Kind::Copy;
   DataType dtype = DataType::UInt8;
   ReduceOp op = ReduceOp::Sum;
+  // Reduce only: the other operand. dst = src (op) received when set, else
+  // dst = dst (op) received. Lets an out-of-place collective skip copying its
+  // send buffer into the destination first.
+  const void* src = nullptr;
 
   static Combine copy() { return {}; }
-  static Combine reduce(DataType t, ReduceOp o) { return {Kind::Reduce, t, o}; }
+  static Combine reduce(DataType t, ReduceOp o) { return {Kind::Reduce, t, o, nullptr}; }
+  static Combine reduce_from(const void* other, DataType t, ReduceOp o) {
+    return {Kind::Reduce, t, o, other};
+  }
 };
 
 // State of one posted send or receive. Owned jointly by the caller and the

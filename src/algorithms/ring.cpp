@@ -41,51 +41,54 @@ struct Segments {
   }
 };
 
-// One ring pass over `buf` (which already holds this rank's contribution):
-// for step g in [0, steps): send segment (rank + shift - g) to the right,
-// receive segment (rank + shift - g - 1) from the left, combined with
-// reduce for the first `reduce_steps` steps and copied after. Segment sent
-// at step g is the one received at step g - 1, so each chunk is forwarded
-// as soon as it has arrived. `on_final` (may be null) runs on each chunk of
-// the segment received at step reduce_steps - 1 (the fully reduced one).
+// One ring pass. For step g in [0, steps): send segment (rank + shift - g)
+// to the right, receive segment (rank + shift - g - 1) from the left, into
+// `work`. The first `reduce_steps` steps reduce what arrives with this rank's
+// own contribution, read from `own` (== work for in-place); later steps copy.
+// Step 0 sends straight from `own`, so an out-of-place call never copies its
+// input first. The segment sent at step g is the one received at step g - 1,
+// so each chunk is forwarded as soon as it has arrived. `on_final` runs on
+// each chunk of the fully reduced segment (received at step reduce_steps - 1).
 template <typename OnFinal>
-void ring_pass(Context& c, char* buf, const Segments& seg, std::size_t esize, int shift, int steps,
-               int reduce_steps, DataType dtype, ReduceOp op, OnFinal on_final) {
+void ring_pass(Context& c, char* work, const char* own, const Segments& seg, std::size_t esize,
+               int shift, int steps, int reduce_steps, DataType dtype, ReduceOp op,
+               OnFinal on_final) {
   const int n = c.size;
   const int right = mod(c.rank + 1, n);
   const int left = mod(c.rank - 1, n);
   const std::size_t chunk = std::max<std::size_t>(1, c.chunk_bytes / esize);
   std::vector<Request> prev_recv, cur_recv, sends;
-  std::vector<std::size_t> prev_off;
   for (int g = 0; g < steps; ++g) {
     const int s = mod(c.rank + shift - g, n);
     const int r = mod(c.rank + shift - g - 1, n);
-    const Combine comb = g < reduce_steps ? Combine::reduce(dtype, op) : Combine::copy();
     // Post every receive of this step first, so arriving data lands in place.
     cur_recv.clear();
-    std::vector<std::size_t> cur_off;
     for (std::size_t k = 0; k < seg.len[r]; k += chunk) {
       const std::size_t m = std::min(chunk, seg.len[r] - k);
-      cur_off.push_back(k);
-      cur_recv.push_back(c.t.irecv(left, c.call, buf + (seg.off[r] + k) * esize, m * esize, comb));
+      const std::size_t off = (seg.off[r] + k) * esize;
+      const Combine comb = g >= reduce_steps ? Combine::copy()
+                           : own == work     ? Combine::reduce(dtype, op)
+                                             : Combine::reduce_from(own + off, dtype, op);
+      cur_recv.push_back(c.t.irecv(left, c.call, work + off, m * esize, comb));
     }
+    const char* src = g == 0 ? own : work;
     std::size_t idx = 0;
     for (std::size_t k = 0; k < seg.len[s]; k += chunk, ++idx) {
       const std::size_t m = std::min(chunk, seg.len[s] - k);
+      const std::size_t off = (seg.off[s] + k) * esize;
       if (g > 0) {
         c.t.wait({&prev_recv[idx], 1}, c.deadline);
-        if (g == reduce_steps) on_final(buf + (seg.off[s] + k) * esize, m);
+        if (g == reduce_steps) on_final(work + off, m);
       }
-      sends.push_back(c.t.isend(right, c.call, buf + (seg.off[s] + k) * esize, m * esize));
+      sends.push_back(c.t.isend(right, c.call, src + off, m * esize));
     }
     prev_recv.swap(cur_recv);
-    prev_off.swap(cur_off);
   }
   c.t.wait(prev_recv, c.deadline);
   if (steps == reduce_steps && steps > 0) {
     const int last = mod(c.rank + shift - steps, n);
     for (std::size_t k = 0; k < seg.len[last]; k += chunk)
-      on_final(buf + (seg.off[last] + k) * esize, std::min(chunk, seg.len[last] - k));
+      on_final(work + (seg.off[last] + k) * esize, std::min(chunk, seg.len[last] - k));
   }
   c.t.wait(sends, c.deadline);
 }
@@ -101,8 +104,8 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
                     ReduceOp op) {
   const std::size_t esize = size_of(dtype);
   char* buf = static_cast<char*>(recv);
-  if (send != recv && count > 0) std::memcpy(buf, send, count * esize);
   if (c.size == 1 || count == 0) {
+    if (send != recv && count > 0) std::memcpy(buf, send, count * esize);
     if (op == ReduceOp::Avg) reduce::finalize_avg(buf, count, dtype, c.size);
     return;
   }
@@ -111,7 +114,10 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
   auto finalize = [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   };
-  ring_pass(c, buf, seg, esize, 0, 2 * (n - 1), n - 1, dtype, op, finalize);
+  // Every segment but this rank's own is received (reduced) in the first
+  // half, and its own comes back in the second: recv is fully written.
+  ring_pass(c, buf, static_cast<const char*>(send), seg, esize, 0, 2 * (n - 1), n - 1, dtype, op,
+            finalize);
 }
 
 void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
@@ -126,12 +132,12 @@ void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t c
     if (op == ReduceOp::Avg) reduce::finalize_avg(out, count, dtype, n);
     return;
   }
-  // Work in scratch: the reduction needs a writable copy of all n blocks.
+  // Partial sums go to scratch (the send buffer is const); shift -1 makes the
+  // last received, fully reduced segment this rank's own block.
   char* buf = ensure_scratch(c, total * esize);
-  std::memcpy(buf, send, total * esize);
   const auto seg = Segments::blocks(count, n);
-  // shift -1: the last received (fully reduced) segment is this rank's own block.
-  ring_pass(c, buf, seg, esize, -1, n - 1, n - 1, dtype, op, [&](char* p, std::size_t m) {
+  ring_pass(c, buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
+            [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
   std::memcpy(out, buf + seg.off[c.rank] * esize, count * esize);
@@ -145,7 +151,8 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   if (send != mine) std::memmove(mine, send, count * esize);
   if (c.size == 1) return;
   const auto seg = Segments::blocks(count, c.size);
-  ring_pass(c, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum, [](char*, std::size_t) {});
+  ring_pass(c, buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum,
+            [](char*, std::size_t) {});
 }
 
 void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
@@ -159,10 +166,10 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
     return;
   }
   char* buf = ensure_scratch(c, count * esize);
-  std::memcpy(buf, send, count * esize);
   const auto seg = Segments::balanced(count, n);
   // After a reduce-scatter pass (shift -1), rank r holds segment r reduced.
-  ring_pass(c, buf, seg, esize, -1, n - 1, n - 1, dtype, op, [&](char* p, std::size_t m) {
+  ring_pass(c, buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
+            [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
   if (c.rank == root) {

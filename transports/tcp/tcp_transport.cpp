@@ -459,8 +459,13 @@ class TcpTransport final : public Transport {
         const std::size_t esize = size_of(c.target->combine.dtype);
         const std::size_t whole = c.staged / esize * esize;
         if (whole > 0) {
-          reduce::combine(c.target->dst + c.reduced, c.staging.data(), whole / esize,
-                          c.target->combine.dtype, c.target->combine.op);
+          const Combine& cb = c.target->combine;
+          if (cb.src != nullptr)
+            reduce::combine3(c.target->dst + c.reduced, static_cast<const char*>(cb.src) + c.reduced,
+                             c.staging.data(), whole / esize, cb.dtype, cb.op);
+          else
+            reduce::combine(c.target->dst + c.reduced, c.staging.data(), whole / esize, cb.dtype,
+                            cb.op);
           c.reduced += whole;
           std::memmove(c.staging.data(), c.staging.data() + whole, c.staged - whole);
           c.staged -= whole;
@@ -619,6 +624,9 @@ class TcpTransport final : public Transport {
       }
       if (op.combine.kind == Combine::Kind::Copy) {
         if (!u.data.empty()) std::memcpy(op.dst, u.data.data(), u.data.size());
+      } else if (op.combine.src != nullptr) {
+        reduce::combine3(op.dst, op.combine.src, u.data.data(),
+                         u.data.size() / size_of(op.combine.dtype), op.combine.dtype, op.combine.op);
       } else {
         reduce::combine(op.dst, u.data.data(), u.data.size() / size_of(op.combine.dtype),
                         op.combine.dtype, op.combine.op);
