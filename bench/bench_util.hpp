@@ -1,0 +1,126 @@
+#pragma once
+
+// Shared pieces of chorus-bench: the description of a benchmarked collective,
+// element encoding for every DataType (fp16/bf16 included, without reaching
+// into the library's internals), and the input patterns whose expected results
+// are exact in every type, so that verification compares for equality.
+
+#include <chorus/communicator.hpp>
+#include <chorus/types.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace chorus::bench {
+
+// Element counts of one call, as nccl-tests' getCollByteCount defines them.
+// In-place runs use a single buffer: the send pointer is
+// buf + send_inplace_offset * rank and the receive pointer
+// buf + recv_inplace_offset * rank (in elements).
+struct CollCounts {
+  std::size_t send_count = 0;   // elements in the send buffer
+  std::size_t recv_count = 0;   // elements in the receive buffer
+  std::size_t param_count = 0;  // the `count` argument of the call (the table's count column)
+  std::size_t send_inplace_offset = 0;
+  std::size_t recv_inplace_offset = 0;
+};
+
+// What a checked iteration needs to know to produce inputs and expectations.
+struct CheckContext {
+  DataType dtype = DataType::Float32;
+  ReduceOp op = ReduceOp::Sum;
+  int rank = 0;
+  int nranks = 1;
+  int root = 0;
+  std::size_t count = 0;  // CollCounts::param_count
+};
+
+// One benchmarked collective. Each lives in its own file (allreduce.cpp, ...).
+struct Collective {
+  const char* name;
+  bool reduces;   // takes a ReduceOp (the redop column shows it; "none" otherwise)
+  bool rooted;    // takes a root (the root column shows it; -1 otherwise)
+  bool in_place;  // has an in-place form (alltoall does not: buffers must not overlap)
+  CollCounts (*counts)(std::size_t count, int nranks);
+  // busbw = algbw * bus_factor: the fraction of the data that crosses each
+  // rank's link in an optimal algorithm, as nccl-tests' PERFORMANCE.md defines.
+  double (*bus_factor)(int nranks);
+  void (*run)(Communicator& comm, const void* send, void* recv, std::size_t count, DataType dtype,
+              ReduceOp op, int root, const CallOptions& options);
+  // Value of element `index` of this rank's send buffer in a checked iteration.
+  double (*send_value)(const CheckContext& ctx, std::size_t index);
+  // Expected value of element `index` of this rank's receive buffer afterwards.
+  double (*expected)(const CheckContext& ctx, std::size_t index);
+};
+
+const Collective& allreduce_collective();
+const Collective& broadcast_collective();
+const Collective& allgather_collective();
+const Collective& reduce_scatter_collective();
+const Collective& alltoall_collective();
+
+// The collective called `name`, or nullptr.
+const Collective* find_collective(const std::string& name);
+// Names of all collectives, comma-separated (for help and error messages).
+std::string collective_names();
+
+// --- element encoding -------------------------------------------------------
+
+std::uint16_t float_to_half(float f) noexcept;      // round to nearest even
+float half_to_float(std::uint16_t h) noexcept;
+std::uint16_t float_to_bfloat16(float f) noexcept;  // round to nearest even
+float bfloat16_to_float(std::uint16_t b) noexcept;
+
+// Writes `v` (exactly representable in `t` by construction) as element i.
+void store_element(void* buf, std::size_t i, DataType t, double v) noexcept;
+// Reads element i as a double (exact for every type and value used here).
+double load_element(const void* buf, std::size_t i, DataType t) noexcept;
+
+// --- input patterns ---------------------------------------------------------
+// Every pattern uses small integers, chosen per (op, dtype, world size) so that
+// every partial result a reduction algorithm can form, in any order, is exact:
+// sums stay <= 127 (int8), 255 (uint8), 256 (bfloat16), 2048 (half); products
+// are powers of two <= 8; averages are sums divisible by the world size. The
+// expectation is then a closed form, independent of the library's arithmetic.
+
+// Element `index` of `rank`'s input to a reduction.
+double reduce_input(ReduceOp op, DataType t, int rank, int nranks, std::size_t index) noexcept;
+// The reduction of reduce_input(op, t, r, nranks, index) over all ranks r.
+double reduce_expected(ReduceOp op, DataType t, int nranks, std::size_t index) noexcept;
+// Element `index` of `rank`'s data for the non-reducing collectives (1..97).
+double plain_value(int rank, std::size_t index) noexcept;
+
+// Byte written over receive buffers before a checked call, so that a call that
+// leaves its output untouched is caught. Decodes to a value no pattern yields.
+inline constexpr unsigned char kPoisonByte = 0xA5;
+
+// Fills [0, n) of `buf` with ctx's send pattern.
+void fill_send(void* buf, std::size_t n, const Collective& coll, const CheckContext& ctx);
+// Number of elements in [0, n) of `buf` that differ from coll.expected.
+std::uint64_t count_wrong(const void* buf, std::size_t n, const Collective& coll,
+                          const CheckContext& ctx);
+
+// --- buffers ----------------------------------------------------------------
+
+struct FreeDeleter {
+  void operator()(void* p) const noexcept;
+};
+using Buffer = std::unique_ptr<unsigned char[], FreeDeleter>;
+// Page-aligned buffer of `bytes`, every page written once: first-touch page
+// faults would otherwise land inside the first timed iterations.
+Buffer allocate_touched(std::size_t bytes);
+
+// --- sizes and table ----------------------------------------------------------
+
+// Parses "8", "64K", "1M", "2G" (binary multiples, like nccl-tests; an
+// optional trailing "B" or "iB" is accepted). Throws std::invalid_argument.
+std::size_t parse_size(const std::string& text);
+
+// The time column as nccl-tests prints it (fewer decimals for longer times).
+std::string format_time_us(double us);
+
+}  // namespace chorus::bench

@@ -1,0 +1,478 @@
+// chorus-bench: nccl-tests compatible benchmark driver. Every rank runs it
+// (chorusrun -n N -- chorus-bench ...); rank 0 prints the nccl-tests table, so
+// that numbers compare column for column with all_reduce_perf and friends.
+
+#include "bench_util.hpp"
+
+#include <chorus/chorus.hpp>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using chorus::Communicator;
+using chorus::DataType;
+using chorus::ReduceOp;
+namespace bench = chorus::bench;
+
+struct Options {
+  std::string minbytes = "8";
+  std::string maxbytes = "32M";
+  std::string stepbytes = "1M";
+  int stepfactor = 2;
+  int iters = 20;
+  int warmup_iters = 5;
+  int check = 1;
+  std::string datatype = "float";
+  std::string op = "sum";
+  int root = 0;
+  std::vector<std::string> colls{"allreduce"};
+  std::string json;
+  std::string algorithm;
+};
+
+// One table row's measurement of one mode (out-of-place or in-place).
+struct Result {
+  bool ran = false;  // false: the collective has no such mode (N/A columns)
+  double time_us = 0;
+  double algbw = 0;
+  double busbw = 0;
+  bool checked = false;
+  std::uint64_t wrong = 0;
+};
+
+// The sizes nccl-tests visits: multiply by the step factor when it is > 1,
+// otherwise add the step in bytes.
+std::vector<std::size_t> make_sizes(std::size_t min_bytes, std::size_t max_bytes, int factor,
+                                    std::size_t step_bytes) {
+  if (min_bytes > max_bytes) throw std::invalid_argument("--minbytes is larger than --maxbytes");
+  if (factor <= 1 && step_bytes == 0)
+    throw std::invalid_argument("--stepbytes must be > 0 when --stepfactor is 1");
+  std::vector<std::size_t> sizes;
+  for (std::size_t s = min_bytes; s <= max_bytes;) {
+    sizes.push_back(s);
+    const std::size_t next = factor > 1 ? s * static_cast<std::size_t>(factor) : s + step_bytes;
+    if (next <= s) break;  // 0 bytes times a factor, or overflow: no further sizes
+    s = next;
+  }
+  return sizes;
+}
+
+// Which rank this process will be, before the communicator exists: only rank 0
+// reports usage errors, instead of N identical copies.
+int rank_from_env() {
+  try {
+    return chorus::launch_info_from_env().rank;
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
+
+class Bench {
+ public:
+  Bench(Communicator& comm, const Options& opt, std::vector<std::size_t> sizes,
+        std::vector<const bench::Collective*> colls, std::vector<DataType> dtypes,
+        std::vector<ReduceOp> ops, std::FILE* out)
+      : comm_(comm), opt_(opt), sizes_(std::move(sizes)), colls_(std::move(colls)),
+        dtypes_(std::move(dtypes)), ops_(std::move(ops)), out_(out), rank_(comm.rank()),
+        nranks_(comm.size()) {
+    call_options_.algorithm = opt_.algorithm;
+  }
+
+  // Runs every table; returns the JSON report (meaningful on rank 0).
+  nlohmann::json run();
+  std::uint64_t total_wrong() const { return total_wrong_; }
+
+ private:
+  void print_header();
+  void run_table(const bench::Collective& coll, DataType dtype, ReduceOp op);
+  Result measure(const bench::Collective& coll, DataType dtype, ReduceOp op,
+                 const bench::CollCounts& cc, std::size_t size_bytes, bool in_place);
+  // printf to the table's stream, on rank 0 only.
+  void print(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+
+  Communicator& comm_;
+  const Options& opt_;
+  std::vector<std::size_t> sizes_;
+  std::vector<const bench::Collective*> colls_;
+  std::vector<DataType> dtypes_;
+  std::vector<ReduceOp> ops_;
+  std::FILE* out_;
+  int rank_;
+  int nranks_;
+  chorus::CallOptions call_options_;
+  bench::Buffer send_;
+  bench::Buffer recv_;
+  nlohmann::json records_ = nlohmann::json::array();
+  double busbw_sum_ = 0;
+  int busbw_count_ = 0;
+  std::uint64_t total_wrong_ = 0;
+};
+
+void Bench::print(const char* fmt, ...) {
+  if (rank_ != 0) return;
+  va_list args;
+  va_start(args, fmt);
+  std::vfprintf(out_, fmt, args);
+  va_end(args);
+}
+
+void Bench::print_header() {
+  // Who runs where, like nccl-tests' "# Using devices" block.
+  struct RankInfo {
+    std::int64_t pid;
+    char host[56];
+  };
+  static_assert(sizeof(RankInfo) == 64);
+  RankInfo mine{};
+  mine.pid = ::getpid();
+  ::gethostname(mine.host, sizeof mine.host - 1);
+  std::vector<RankInfo> all(static_cast<std::size_t>(nranks_));
+  comm_.allgather(&mine, all.data(), sizeof(RankInfo), DataType::UInt8, call_options_);
+
+  std::string colls;
+  for (const auto* c : colls_) colls += (colls.empty() ? "" : ",") + std::string(c->name);
+  const std::string transport = comm_.transport_name();
+  print("# Chorus chorus-bench %s: coll %s, %d ranks, transport %s%s%s\n", CHORUS_VERSION,
+        colls.c_str(), nranks_, transport.c_str(), opt_.algorithm.empty() ? "" : ", algorithm ",
+        opt_.algorithm.c_str());
+  const bool multiply = opt_.stepfactor > 1;
+  print("# minBytes %zu maxBytes %zu step: %zu(%s) warmup iters: %d iters: %d validation: %d\n",
+        sizes_.front(), bench::parse_size(opt_.maxbytes),
+        multiply ? static_cast<std::size_t>(opt_.stepfactor) : bench::parse_size(opt_.stepbytes),
+        multiply ? "factor" : "bytes", opt_.warmup_iters, opt_.iters, opt_.check);
+  print("#\n# Using ranks\n");
+  for (int r = 0; r < nranks_; ++r) {
+    const RankInfo& ri = all[static_cast<std::size_t>(r)];
+    print("#  Rank %2d Pid %6lld on %10s\n", r, static_cast<long long>(ri.pid), ri.host);
+  }
+  print("#\n");
+}
+
+nlohmann::json Bench::run() {
+  print_header();
+  // Buffers are allocated once, at the largest size, and touched now: the
+  // first write to a page costs a fault that must not land in a timed loop.
+  const std::size_t max_bytes = sizes_.back();
+  send_ = bench::allocate_touched(max_bytes);
+  recv_ = bench::allocate_touched(max_bytes);
+
+  for (const auto* coll : colls_) {
+    for (DataType dtype : dtypes_) {
+      if (coll->reduces) {
+        for (ReduceOp op : ops_) run_table(*coll, dtype, op);
+      } else {
+        run_table(*coll, dtype, ReduceOp::Sum);
+      }
+    }
+  }
+  const double avg_busbw = busbw_count_ > 0 ? busbw_sum_ / busbw_count_ : 0.0;
+  print("# Out of bounds values : %llu %s\n", static_cast<unsigned long long>(total_wrong_),
+        total_wrong_ ? "FAILED" : "OK");
+  print("# Avg bus bandwidth    : %g \n#\n", avg_busbw);
+  if (rank_ == 0) std::fflush(out_);
+
+  nlohmann::json report;
+  report["tool"] = "chorus-bench";
+  report["version"] = CHORUS_VERSION;
+  report["nranks"] = nranks_;
+  report["transport"] = comm_.transport_name();
+  report["algorithm"] = opt_.algorithm;
+  nlohmann::json colls = nlohmann::json::array();
+  for (const auto* c : colls_) colls.push_back(c->name);
+  report["colls"] = colls;
+  nlohmann::json dtypes = nlohmann::json::array();
+  for (DataType t : dtypes_) dtypes.push_back(std::string(chorus::to_string(t)));
+  report["datatypes"] = dtypes;
+  nlohmann::json ops = nlohmann::json::array();
+  for (ReduceOp o : ops_) ops.push_back(std::string(chorus::to_string(o)));
+  report["ops"] = ops;
+  report["minbytes"] = sizes_.front();
+  report["maxbytes"] = bench::parse_size(opt_.maxbytes);
+  report["stepfactor"] = opt_.stepfactor;
+  report["stepbytes"] = bench::parse_size(opt_.stepbytes);
+  report["iters"] = opt_.iters;
+  report["warmup_iters"] = opt_.warmup_iters;
+  report["check"] = opt_.check;
+  report["root"] = opt_.root;
+  report["results"] = records_;
+  report["avg_busbw"] = avg_busbw;
+  report["wrong_total"] = total_wrong_;
+  return report;
+}
+
+void Bench::run_table(const bench::Collective& coll, DataType dtype, ReduceOp op) {
+  const std::string type_name(chorus::to_string(dtype));
+  const std::string op_name = coll.reduces ? std::string(chorus::to_string(op)) : "none";
+  const int root = coll.rooted ? opt_.root : -1;
+  print("# Collective: %s\n", coll.name);
+  print("#\n");
+  print("# %10s  %12s  %8s  %6s  %6s           out-of-place                       in-place          \n",
+        "", "", "", "", "");
+  print("# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s %6s  %7s  %6s  %6s %6s\n", "size", "count",
+        "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw",
+        "#wrong");
+  print("# %10s  %12s  %8s  %6s  %6s  %7s  %6s  %6s  %5s  %7s  %6s  %6s  %5s\n", "(B)",
+        "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "");
+
+  const std::size_t ws = chorus::size_of(dtype);
+  for (std::size_t size : sizes_) {
+    const bench::CollCounts cc = coll.counts(size / ws, nranks_);
+    // nccl-tests: the size column is the larger of the send and receive buffers.
+    const std::size_t size_bytes = std::max(cc.send_count, cc.recv_count) * ws;
+    char row[256];
+    std::snprintf(row, sizeof row, "%12zu  %12zu  %8s  %6s  %6d", size_bytes, cc.param_count,
+                  type_name.c_str(), op_name.c_str(), root);
+    std::string line = row;
+    for (bool in_place : {false, true}) {
+      const Result res = measure(coll, dtype, op, cc, size_bytes, in_place);
+      if (!res.ran) {
+        std::snprintf(row, sizeof row, "  %7s  %6s  %6s  %5s", "N/A", "N/A", "N/A", "N/A");
+        line += row;
+        continue;
+      }
+      const std::string time = bench::format_time_us(res.time_us);
+      if (res.checked) {
+        std::snprintf(row, sizeof row, "  %7s  %6.2f  %6.2f  %5llu", time.c_str(), res.algbw,
+                      res.busbw, static_cast<unsigned long long>(res.wrong));
+      } else {
+        std::snprintf(row, sizeof row, "  %7s  %6.2f  %6.2f  %5s", time.c_str(), res.algbw,
+                      res.busbw, "N/A");
+      }
+      line += row;
+      busbw_sum_ += res.busbw;
+      ++busbw_count_;
+      total_wrong_ += res.wrong;
+      nlohmann::json rec;
+      rec["coll"] = coll.name;
+      rec["datatype"] = type_name;
+      rec["op"] = op_name;
+      rec["root"] = root;
+      rec["size"] = size_bytes;
+      rec["count"] = cc.param_count;
+      rec["inplace"] = in_place;
+      rec["time_us"] = res.time_us;
+      rec["algbw"] = res.algbw;
+      rec["busbw"] = res.busbw;
+      if (res.checked) {
+        rec["wrong"] = res.wrong;
+      } else {
+        rec["wrong"] = nullptr;
+      }
+      records_.push_back(std::move(rec));
+    }
+    print("%s\n", line.c_str());
+    if (rank_ == 0) std::fflush(out_);
+  }
+}
+
+Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op,
+                      const bench::CollCounts& cc, std::size_t size_bytes, bool in_place) {
+  Result res;
+  if (in_place && !coll.in_place) return res;
+  res.ran = true;
+  const std::size_t ws = chorus::size_of(dtype);
+  const std::size_t rank = static_cast<std::size_t>(rank_);
+  unsigned char* send = send_.get();
+  unsigned char* recv = recv_.get();
+  if (in_place) {
+    // One buffer, laid out as nccl-tests does for each collective.
+    send = recv_.get() + cc.send_inplace_offset * rank * ws;
+    recv = recv_.get() + cc.recv_inplace_offset * rank * ws;
+  }
+  const std::size_t count = cc.param_count;
+  const int root = opt_.root;
+  auto call = [&] { coll.run(comm_, send, recv, count, dtype, op, root, call_options_); };
+
+  // Zeros are valid input for every type and op and stay finite however many
+  // times an in-place iteration reduces them again.
+  std::memset(send_.get(), 0, cc.send_count * ws);
+  std::memset(recv_.get(), 0, std::max(cc.send_count, cc.recv_count) * ws);
+
+  for (int i = 0; i < opt_.warmup_iters; ++i) call();
+  comm_.barrier(call_options_);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < opt_.iters; ++i) call();
+  const auto t1 = std::chrono::steady_clock::now();
+  const double my_us = std::chrono::duration<double, std::micro>(t1 - t0).count() / opt_.iters;
+  // The slowest rank defines the collective's time.
+  double max_us = 0;
+  comm_.allreduce(&my_us, &max_us, 1, DataType::Float64, ReduceOp::Max, call_options_);
+  res.time_us = max_us;
+  const double sec = max_us * 1e-6;
+  res.algbw = sec > 0 ? static_cast<double>(size_bytes) / 1e9 / sec : 0.0;
+  res.busbw = res.algbw * coll.bus_factor(nranks_);
+
+  if (opt_.check > 0) {
+    bench::CheckContext ctx;
+    ctx.dtype = dtype;
+    ctx.op = op;
+    ctx.rank = rank_;
+    ctx.nranks = nranks_;
+    ctx.root = root;
+    ctx.count = count;
+    std::uint64_t wrong = 0;
+    for (int c = 0; c < opt_.check; ++c) {
+      // Poison the output first: in place, the input is then written over it.
+      std::memset(in_place ? recv_.get() : recv, bench::kPoisonByte,
+                  (in_place ? std::max(cc.send_count, cc.recv_count) : cc.recv_count) * ws);
+      bench::fill_send(send, cc.send_count, coll, ctx);
+      call();
+      wrong += bench::count_wrong(recv, cc.recv_count, coll, ctx);
+    }
+    std::uint64_t all_wrong = 0;
+    comm_.allreduce(&wrong, &all_wrong, 1, DataType::UInt64, ReduceOp::Sum, call_options_);
+    res.checked = true;
+    res.wrong = all_wrong;
+  }
+  return res;
+}
+
+std::vector<std::string> split_list(const std::vector<std::string>& items) {
+  std::vector<std::string> out;
+  for (const std::string& item : items) {
+    std::size_t start = 0;
+    for (;;) {
+      const std::size_t comma = item.find(',', start);
+      std::string part = item.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      if (!part.empty()) out.push_back(part);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int env_rank = rank_from_env();
+  Options opt;
+  CLI::App app{
+      "chorus-bench: nccl-tests style benchmark of Chorus collectives.\n"
+      "Run every rank, e.g.: chorusrun -n 4 -- chorus-bench -b 8 -e 128M -f 2 --coll allreduce",
+      "chorus-bench"};
+  app.footer(
+      "Each size runs warmup iterations, then timed iterations (the time shown is the\n"
+      "slowest rank's average), then checked iterations whose results are compared\n"
+      "exactly with closed-form expectations; #wrong counts wrong elements over all\n"
+      "ranks and checked iterations. Out-of-place and in-place are both measured\n"
+      "(alltoall has no in-place form: N/A). size, count, algbw and busbw follow\n"
+      "nccl-tests (allgather/reduce_scatter/alltoall: size is n blocks of count).\n"
+      "Exit status: 0 if every check passed, 1 if any element was wrong, 2 on error.");
+  app.add_option("-b,--minbytes", opt.minbytes, "Smallest size in bytes (K/M/G suffixes)")
+      ->capture_default_str();
+  app.add_option("-e,--maxbytes", opt.maxbytes, "Largest size in bytes (K/M/G suffixes)")
+      ->capture_default_str();
+  auto* step_bytes = app.add_option("-i,--stepbytes", opt.stepbytes,
+                                    "Add this many bytes between sizes (used when the factor is 1)")
+                         ->capture_default_str();
+  auto* step_factor = app.add_option("-f,--stepfactor", opt.stepfactor,
+                                     "Multiply the size by this between sizes")
+                          ->capture_default_str()
+                          ->check(CLI::PositiveNumber);
+  app.add_option("-n,--iters", opt.iters, "Timed iterations per size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("-w,--warmup_iters", opt.warmup_iters, "Untimed iterations before timing")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("-c,--check", opt.check, "Checked iterations per size (0: no verification)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("-d,--datatype", opt.datatype,
+                 "float, half, bfloat16, double, int8, uint8, int32, uint32, int64, uint64, or all")
+      ->capture_default_str();
+  app.add_option("-o,--op", opt.op, "sum, prod, min, max, avg, or all")->capture_default_str();
+  app.add_option("-r,--root", opt.root, "Root rank of rooted collectives")->capture_default_str();
+  app.add_option("--coll", opt.colls, "Collectives, comma-separated: " + bench::collective_names())
+      ->capture_default_str();
+  app.add_option("--json", opt.json,
+                 "Also write the results as JSON to FILE ('-': stdout, the table then goes to stderr)");
+  app.add_option("-A,--algorithm", opt.algorithm, "Force an algorithm by name (e.g. ring)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (env_rank != 0) return e.get_exit_code() == 0 ? 0 : 2;
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  // nccl-tests semantics: -i matters only with a factor of 1. Giving -i alone
+  // asks for additive steps, so the default factor then yields to it.
+  if (step_bytes->count() > 0 && step_factor->count() == 0) opt.stepfactor = 1;
+
+  std::vector<std::size_t> sizes;
+  std::vector<const bench::Collective*> colls;
+  std::vector<DataType> dtypes;
+  std::vector<ReduceOp> ops;
+  try {
+    sizes = make_sizes(bench::parse_size(opt.minbytes), bench::parse_size(opt.maxbytes),
+                       opt.stepfactor, bench::parse_size(opt.stepbytes));
+    for (const std::string& name : split_list(opt.colls)) {
+      const bench::Collective* c = bench::find_collective(name);
+      if (c == nullptr)
+        throw std::invalid_argument("unknown collective '" + name + "' (use " +
+                                    bench::collective_names() + ")");
+      if (std::find(colls.begin(), colls.end(), c) == colls.end()) colls.push_back(c);
+    }
+    if (colls.empty()) throw std::invalid_argument("--coll names no collective");
+    if (opt.datatype == "all") {
+      for (int t = 0; t < chorus::kNumDataTypes; ++t) dtypes.push_back(static_cast<DataType>(t));
+    } else {
+      dtypes.push_back(chorus::parse_data_type(opt.datatype));
+    }
+    if (opt.op == "all") {
+      for (int o = 0; o < chorus::kNumReduceOps; ++o) ops.push_back(static_cast<ReduceOp>(o));
+    } else {
+      ops.push_back(chorus::parse_reduce_op(opt.op));
+    }
+  } catch (const std::exception& e) {
+    if (env_rank == 0) std::fprintf(stderr, "chorus-bench: %s\n", e.what());
+    return 2;
+  }
+
+  std::FILE* out = opt.json == "-" ? stderr : stdout;
+  int rank = env_rank;
+  try {
+    Communicator comm = Communicator::from_env();
+    rank = comm.rank();
+    if (opt.root < 0 || opt.root >= comm.size()) {
+      if (rank == 0)
+        std::fprintf(stderr, "chorus-bench: --root %d is not a rank (0..%d)\n", opt.root,
+                     comm.size() - 1);
+      return 2;
+    }
+    Bench bench_run(comm, opt, sizes, colls, dtypes, ops, out);
+    const nlohmann::json report = bench_run.run();
+    if (rank == 0 && !opt.json.empty()) {
+      if (opt.json == "-") {
+        std::cout << report.dump(2) << std::endl;
+      } else {
+        std::ofstream f(opt.json);
+        f << report.dump(2) << '\n';
+        if (!f) {
+          std::fprintf(stderr, "chorus-bench: cannot write %s\n", opt.json.c_str());
+          return 2;
+        }
+      }
+    }
+    return bench_run.total_wrong() > 0 ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "chorus-bench: rank %d: %s\n", rank, e.what());
+    return 2;
+  }
+}
