@@ -77,11 +77,16 @@ struct Combine {
   // dst = dst (op) received. Lets an out-of-place collective skip copying its
   // send buffer into the destination first.
   const void* src = nullptr;
+  // Reduce with src only: dst = received (op) src instead of src (op)
+  // received. Algorithms in which every rank combines the same two operands
+  // use it to put them in rank order, so that all ranks get identical bits
+  // (min/max of -0 and +0, NaN payloads).
+  bool incoming_first = false;
 
   static Combine copy() { return {}; }
-  static Combine reduce(DataType t, ReduceOp o) { return {Kind::Reduce, t, o, nullptr}; }
-  static Combine reduce_from(const void* other, DataType t, ReduceOp o) {
-    return {Kind::Reduce, t, o, other};
+  static Combine reduce(DataType t, ReduceOp o) { return {Kind::Reduce, t, o, nullptr, false}; }
+  static Combine reduce_from(const void* other, DataType t, ReduceOp o, bool incoming_first = false) {
+    return {Kind::Reduce, t, o, other, incoming_first};
   }
 };
 

@@ -28,6 +28,15 @@ struct Context {
 // been reduced, so sending and reducing overlap.
 void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
                     ReduceOp op);
+// Recursive doubling (power-of-two sizes): log2(n) rounds of pairwise swaps.
+// Best for small messages; throws InvalidArgument for other sizes.
+void recursive_doubling_allreduce(Context& c, const void* send, void* recv, std::size_t count,
+                                  DataType dtype, ReduceOp op);
+bool recursive_doubling_fits(int size);
+// Largest message (bytes) for which allreduce picks recursive doubling when
+// the world size allows it. The cost-model selector (issue 4) replaces this.
+inline constexpr std::size_t kRecursiveDoublingMaxBytes = 16 << 10;
+
 // Ring reduce-scatter: rank r ends with block r (count elements) of the sum.
 void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
                          DataType dtype, ReduceOp op);

@@ -456,10 +456,15 @@ CallDesc make_call(CommImpl& /*c*/, Coll coll, DataType t, ReduceOp op, int root
 // executor lock via submit's ordering) and runs `body` with a context.
 template <typename Body>
 Work run_collective(CommImpl& c, CallDesc call, const CallOptions& o, bool async, Body body) {
-  if (!o.algorithm.empty() && o.algorithm != "ring" && o.algorithm != "chain" &&
-      o.algorithm != "linear" && o.algorithm != "pairwise" && o.algorithm != "dissemination")
-    throw Error(ErrorCode::InvalidArgument, "unknown algorithm '" + o.algorithm +
-                                                "' for " + transport::to_string(call.coll));
+  // Each collective has one algorithm in this version except allreduce,
+  // which checks its own choice; an explicit name must match.
+  static constexpr const char* kOnly[] = {"", "", "chain", "ring", "ring", "ring", "linear",
+                                          "linear", "pairwise", "dissemination", "", ""};
+  const char* only = kOnly[static_cast<int>(call.coll)];
+  if (!o.algorithm.empty() && call.coll != Coll::Allreduce && o.algorithm != only)
+    throw Error(ErrorCode::InvalidArgument,
+                "unknown algorithm '" + o.algorithm + "' for " + transport::to_string(call.coll) +
+                    (*only ? std::string(" (available: ") + only + ")" : std::string()));
   if (o.stream != nullptr)
     throw Error(ErrorCode::Cuda, "a CUDA stream was given but this build has no CUDA support");
   // Sequence numbers must follow submission order; take one under the lock.
@@ -488,8 +493,23 @@ Work op_allreduce(CommImpl& c, const void* s, void* r, std::size_t count, DataTy
   const std::size_t bytes = count * size_of(t);
   if (s != r && overlaps(s, bytes, r, bytes))
     throw Error(ErrorCode::InvalidArgument, "allreduce: sendbuf and recvbuf overlap but are not equal");
+  bool rd;
+  if (o.algorithm.empty())
+    rd = algo::recursive_doubling_fits(c.size) && bytes <= algo::kRecursiveDoublingMaxBytes;
+  else if (o.algorithm == "ring")
+    rd = false;
+  else if (o.algorithm == "recursive_doubling" && algo::recursive_doubling_fits(c.size))
+    rd = true;
+  else
+    throw Error(ErrorCode::InvalidArgument,
+                "allreduce: algorithm '" + o.algorithm + "' is not available here (ring; "
+                "recursive_doubling for power-of-two world sizes)");
+  CHORUS_TRACE("allreduce of " << bytes << " B: " << (rd ? "recursive_doubling" : "ring"));
   return run_collective(c, make_call(c, Coll::Allreduce, t, op, -1, count), o, async,
-                        [=](algo::Context& ctx) { algo::ring_allreduce(ctx, s, r, count, t, op); });
+                        [=](algo::Context& ctx) {
+                          if (rd) algo::recursive_doubling_allreduce(ctx, s, r, count, t, op);
+                          else algo::ring_allreduce(ctx, s, r, count, t, op);
+                        });
 }
 
 Work op_broadcast(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,

@@ -193,14 +193,20 @@ class TcpTransport final : public Transport {
     return req;
   }
 
-  void progress() override {
+  void progress() override { progress(true); }
+
+  // `full` also accepts new connections and reads the reverse direction of
+  // outgoing sockets (control frames only). Neither is urgent, so the spin
+  // loop does them one round in 32: the hot path is one recv per incoming
+  // socket and one send per socket with queued data.
+  void progress(bool full) {
     throw_if_failed();
-    accept_pending();
+    if (full) accept_pending();
     for (int r = 0; r < ctx_.size; ++r) {
       Peer& p = peers_[r];
       if (p.out) {
         if (!p.out->sendq.empty()) write_some(*p.out);
-        if (!p.out->closed) read_some(*p.out);
+        if (full && !p.out->closed) read_some(*p.out);
       }
       if (p.in && !p.in->closed) read_some(*p.in);
     }
@@ -210,12 +216,10 @@ class TcpTransport final : public Transport {
   void wait(std::span<const Request> reqs, Deadline deadline) override {
     const auto spin_until = Clock::now() + ctx_.spin;
     std::size_t first_pending = 0;
+    bool woke = true;
     for (unsigned iter = 0;; ++iter) {
-      try {
-        progress();
-      } catch (const Error&) {
-        throw;
-      }
+      progress(woke || (iter & 31) == 0);
+      woke = false;
       while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
       if (first_pending == reqs.size()) return;
       if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
@@ -228,6 +232,7 @@ class TcpTransport final : public Transport {
         continue;
       }
       block(deadline);
+      woke = true;
     }
   }
 
@@ -460,7 +465,11 @@ class TcpTransport final : public Transport {
         const std::size_t whole = c.staged / esize * esize;
         if (whole > 0) {
           const Combine& cb = c.target->combine;
-          if (cb.src != nullptr)
+          if (cb.src != nullptr && cb.incoming_first)
+            reduce::combine3(c.target->dst + c.reduced, c.staging.data(),
+                             static_cast<const char*>(cb.src) + c.reduced, whole / esize, cb.dtype,
+                             cb.op);
+          else if (cb.src != nullptr)
             reduce::combine3(c.target->dst + c.reduced, static_cast<const char*>(cb.src) + c.reduced,
                              c.staging.data(), whole / esize, cb.dtype, cb.op);
           else
@@ -625,8 +634,10 @@ class TcpTransport final : public Transport {
       if (op.combine.kind == Combine::Kind::Copy) {
         if (!u.data.empty()) std::memcpy(op.dst, u.data.data(), u.data.size());
       } else if (op.combine.src != nullptr) {
-        reduce::combine3(op.dst, op.combine.src, u.data.data(),
-                         u.data.size() / size_of(op.combine.dtype), op.combine.dtype, op.combine.op);
+        const void* a = op.combine.incoming_first ? u.data.data() : op.combine.src;
+        const void* b = op.combine.incoming_first ? op.combine.src : u.data.data();
+        reduce::combine3(op.dst, a, b, u.data.size() / size_of(op.combine.dtype), op.combine.dtype,
+                         op.combine.op);
       } else {
         reduce::combine(op.dst, u.data.data(), u.data.size() / size_of(op.combine.dtype),
                         op.combine.dtype, op.combine.op);
