@@ -291,6 +291,32 @@ std::uint64_t hash64(const std::string& s) {
   return h;
 }
 
+// Each rank counts the communicators it creates on a store; the k-th lives
+// under chorus/c<k>. When creation times out, unequal counts explain why:
+// two processes claimed one rank (the second one's count ran ahead), or the
+// ranks did not create the same communicators in the same order.
+std::string diagnose_generations(Store& base, int rank, int size) {
+  try {
+    std::vector<std::int64_t> gen(static_cast<std::size_t>(size), 0);
+    for (int r = 0; r < size; ++r) {
+      const std::string key = "chorus/generation/" + std::to_string(r);
+      if (base.check({key})) gen[static_cast<std::size_t>(r)] = std::stoll(base.get_string(key));
+    }
+    const auto mine = gen[static_cast<std::size_t>(rank)];
+    std::string ahead;
+    for (int r = 0; r < size; ++r)
+      if (r != rank && gen[static_cast<std::size_t>(r)] != mine)
+        ahead += " rank " + std::to_string(r) + ": " + std::to_string(gen[static_cast<std::size_t>(r)]) + ";";
+    if (ahead.empty()) return "";
+    return ". This rank (" + std::to_string(rank) + ") is creating communicator #" +
+           std::to_string(mine) + " on this store, but the others have created:" + ahead +
+           " either two processes claim the same rank (check the launcher's rank variables), "
+           "or the ranks did not create the same communicators in the same order";
+  } catch (...) {
+    return "";
+  }
+}
+
 std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> base,
                                     const std::string& prefix, const Settings& settings,
                                     const std::string& store_host) {
@@ -328,7 +354,8 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
       if (!st.check({k})) missing += " " + k.substr(5);
     throw Error(ErrorCode::Timeout, "communicator creation: rank(s)" + missing +
                                         " did not join within the timeout (world size " +
-                                        std::to_string(size) + ")");
+                                        std::to_string(size) + ")" +
+                                        diagnose_generations(*base, rank, size));
   }
   bool single_host = true;
   const std::string me = host_identity();

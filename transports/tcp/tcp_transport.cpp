@@ -7,9 +7,15 @@
 // an algorithm never talks to. Both sockets of a pair are read, because the
 // reverse direction carries control frames (Goodbye, failure notices).
 //
-// Receives are matched in post order per peer. Data that arrives before its
-// receive is posted is buffered ("unexpected"), so a fast sender never
-// deadlocks a slow receiver and control frames behind it are always seen.
+// Receives are matched in post order per peer. A data frame that arrives
+// before its receive is posted is buffered ("unexpected") when it is small
+// (eager); a large one is *parked*: its header is read, its payload stays in
+// the kernel (TCP flow control holds the sender back) and is read straight
+// into the destination once the receive is posted. So back-to-back calls, in
+// which a neighbour's next call overtakes ours, cost no allocation and no
+// extra copy. Failure notices travel on the reverse direction of a pair
+// (which carries control frames only and is never parked), so parking never
+// hides them.
 
 #include "transport.hpp"
 
@@ -30,6 +36,7 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -42,6 +49,9 @@ constexpr std::uint8_t kWireVersion = 1;
 constexpr std::uint64_t kHelloMagic = 0x3150544353524843ull;  // "CHRSTCP1"
 constexpr std::size_t kStagingBytes = 256 << 10;
 constexpr std::size_t kMaxNoticeBytes = 64 << 10;
+// Data frames up to this size are buffered when they arrive unexpected;
+// larger ones are parked in the kernel until their receive is posted.
+constexpr std::uint64_t kEagerBytes = 64 << 10;
 // A payload larger than this cannot be legitimate (the largest message of a
 // collective is a whole user buffer); it marks a corrupt or hostile stream.
 constexpr std::uint64_t kMaxPayloadBytes = 1ull << 40;
@@ -105,6 +115,7 @@ struct Conn {
   std::optional<RecvOp> target;  // the posted recv being filled
   std::vector<char> buffer;      // unexpected payload or notice text
   bool to_buffer = false;
+  bool parked = false;           // a large data frame waits for its receive
   // reduce staging: bytes of an incomplete element carried to the next read
   std::vector<char> staging;
   std::size_t staged = 0;
@@ -190,6 +201,7 @@ class TcpTransport final : public Transport {
     Peer& p = peers_[peer];
     p.posted.push_back(RecvOp{req, call, static_cast<char*>(dst), combine});
     match_unexpected(peer);
+    if (p.in && p.in->parked && !p.posted.empty()) attach(*p.in);
     return req;
   }
 
@@ -224,7 +236,7 @@ class TcpTransport final : public Transport {
       if (first_pending == reqs.size()) return;
       if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
       const auto now = Clock::now();
-      if (now >= deadline) fail(timeout_error(reqs));
+      if (now >= deadline || timeout_reported_) resolve_timeout(reqs);
       if (now < spin_until) {
         // Busy-poll briefly: on an idle core this saves the cost of a
         // sleep/wake-up; the yield keeps oversubscribed ranks moving.
@@ -256,9 +268,14 @@ class TcpTransport final : public Transport {
       h.seq = static_cast<std::uint64_t>(e.code());
       h.payload = text.size();
       for (int r = 0; r < ctx_.size; ++r) {
-        if (r == ctx_.rank || r == e.peer()) continue;
+        // The blamed rank is told too: after a call mismatch or a timeout it
+        // is alive, and would otherwise wait for its own timeout.
+        if (r == ctx_.rank) continue;
         Peer& p = peers_[r];
-        Conn* c = p.out ? p.out.get() : p.in.get();
+        // Prefer the socket the peer opened to us: what we write on it arrives
+        // on the peer's outgoing socket, which carries control frames only
+        // and is never parked behind data.
+        Conn* c = (p.in && !p.in->closed) ? p.in.get() : p.out.get();
         if (c == nullptr) {
           // No socket to this peer yet: open one, briefly, just for the notice.
           try {
@@ -424,7 +441,7 @@ class TcpTransport final : public Transport {
   // ---- receiving -------------------------------------------------------
 
   void read_some(Conn& c) {
-    while (!c.closed) {
+    while (!c.closed && !c.parked) {
       if (!c.in_payload) {
         const ssize_t r = ::recv(c.fd.get(), reinterpret_cast<char*>(&c.hdr) + c.hdr_got,
                                  sizeof(FrameHeader) - c.hdr_got, MSG_DONTWAIT);
@@ -511,6 +528,13 @@ class TcpTransport final : public Transport {
                    c.peer));
       return;
     }
+    if (p.addr.empty()) {
+      try {  // only for the message: which host to look at
+        const std::string key = "tcp/" + std::to_string(c.peer);
+        if (ctx_.store->check({key})) p.addr = ctx_.store->get_string(key);
+      } catch (...) {
+      }
+    }
     fail(Error(ErrorCode::PeerFailure,
                "rank " + std::to_string(c.peer) + " (" + p.addr + ") failed: " + why +
                    " without a goodbye; the process died or was killed. The communicator is "
@@ -561,10 +585,28 @@ class TcpTransport final : public Transport {
         return;
       }
       c.target = std::move(op);
-    } else {
+    } else if (h.payload <= kEagerBytes) {
       c.buffer.assign(h.payload, 0);
       c.to_buffer = true;
+    } else {
+      c.parked = true;
     }
+  }
+
+  // A receive has been posted for the frame parked on `c`: check it and
+  // read the payload straight into its destination from now on.
+  void attach(Conn& c) {
+    Peer& p = peers_[c.peer];
+    RecvOp op = std::move(p.posted.front());
+    p.posted.pop_front();
+    c.parked = false;
+    try {
+      check_frame(op, c.hdr, c.peer);
+    } catch (const Error& e) {
+      op.req->done = true;
+      fail(e);
+    }
+    c.target = std::move(op);
   }
 
   void check_frame(const RecvOp& op, const FrameHeader& h, int peer) {
@@ -609,6 +651,14 @@ class TcpTransport final : public Transport {
     const int blamed = c.hdr.root;
     std::string text(c.buffer.begin(), c.buffer.end());
     c.buffer = {};
+    if (code == ErrorCode::Timeout && blamed >= 0 && blamed < ctx_.size) {
+      // "rank c.peer waited for rank blamed": an edge of the wait chain. The
+      // waiting call resolves the chain (resolve_timeout) instead of taking
+      // the first report at its word.
+      waits_for_[c.peer] = blamed;
+      timeout_reported_ = true;
+      return;
+    }
     ErrorCode use = code;
     if (static_cast<int>(code) < 1 || static_cast<int>(code) > 9) use = ErrorCode::Internal;
     // An abort on another rank is a failure of this collective for us.
@@ -655,7 +705,9 @@ class TcpTransport final : public Transport {
     for (const auto& pa : pending_) fds_.push_back({pa.fd.get(), POLLIN, 0});
     for (auto& p : peers_) {
       for (Conn* c : {p.out.get(), p.in.get()}) {
-        if (c == nullptr || c->closed) continue;
+        // A parked socket stays readable until its receive is posted: leave
+        // it out, or poll() would return at once forever.
+        if (c == nullptr || c->closed || c->parked) continue;
         short ev = POLLIN;
         if (!c->sendq.empty()) ev |= POLLOUT;
         fds_.push_back({c->fd.get(), ev, 0});
@@ -687,6 +739,41 @@ class TcpTransport final : public Transport {
   std::string abort_reason() {
     std::lock_guard<std::mutex> lock(abort_mu_);
     return abort_why_.empty() ? std::string("communicator aborted") : abort_why_;
+  }
+
+  // A deadline passed here, or another rank reported one. Every rank that
+  // times out waits for a neighbour, which may itself be waiting: the first
+  // report would blame an innocent rank. So each waiting rank tells everyone
+  // whom it waits for, listens for the others' reports for a short grace
+  // period, and follows the chain to the rank that reported nothing: the one
+  // that is stopped or stuck.
+  [[noreturn]] void resolve_timeout(std::span<const Request> reqs) {
+    const Error mine = timeout_error(reqs);
+    if (mine.peer() >= 0) waits_for_[ctx_.rank] = mine.peer();
+    broadcast_failure(mine);
+    const auto grace = std::clamp<std::chrono::milliseconds>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(ctx_.connect_timeout / 10),
+        std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
+    const auto until = Clock::now() + grace;
+    while (Clock::now() < until) {
+      progress(true);  // throws at once on any other failure (a death, a mismatch)
+      block(until);
+    }
+    int culprit = waits_for_.count(ctx_.rank) ? ctx_.rank : -1;
+    if (culprit < 0 && !waits_for_.empty()) culprit = waits_for_.begin()->first;
+    std::ostringstream chain;
+    std::vector<int> seen;
+    while (culprit >= 0 && waits_for_.count(culprit) &&
+           std::find(seen.begin(), seen.end(), culprit) == seen.end()) {
+      seen.push_back(culprit);
+      const int next = waits_for_[culprit];
+      chain << (seen.size() > 1 ? ", " : "") << "rank " << culprit << " waited for rank " << next;
+      culprit = next;
+    }
+    std::ostringstream os;
+    os << "rank " << culprit << " did not respond within the deadline (" << chain.str()
+       << "); it is stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
+    fail(Error(ErrorCode::Timeout, os.str(), culprit));
   }
 
   Error timeout_error(std::span<const Request> reqs) const {
@@ -732,6 +819,8 @@ class TcpTransport final : public Transport {
   std::mutex abort_mu_;
   std::string abort_why_;
   std::vector<pollfd> fds_;
+  std::map<int, int> waits_for_;  // rank -> rank it timed out waiting for
+  bool timeout_reported_ = false;
 };
 
 [[maybe_unused]] const bool kRegistered = register_transport("tcp", [](const TransportContext& ctx) {
