@@ -529,7 +529,7 @@ Work op_allreduce(CommImpl& c, const void* s, void* r, std::size_t count, DataTy
     rd = true;
   else
     throw Error(ErrorCode::InvalidArgument,
-                "allreduce: algorithm '" + o.algorithm + "' is not available here (ring; "
+                "unknown algorithm '" + o.algorithm + "' for allreduce (available: ring; "
                 "recursive_doubling for power-of-two world sizes)");
   CHORUS_TRACE("allreduce of " << bytes << " B: " << (rd ? "recursive_doubling" : "ring"));
   return run_collective(c, make_call(c, Coll::Allreduce, t, op, -1, count), o, async,

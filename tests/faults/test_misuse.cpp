@@ -1,0 +1,441 @@
+// Misuse: ranks that disagree on a call, bad arguments, empty handles and
+// launch mistakes must fail with a precise code and a message that names the
+// problem, never hang or crash. See fault_harness.hpp for the process model.
+
+#include "fault_harness.hpp"
+
+#include <chorus/communicator.hpp>
+#include <chorus/error.hpp>
+#include <chorus/store.hpp>
+#include <chorus/types.hpp>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <ostream>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+using chorus::Communicator;
+using chorus::DataType;
+using chorus::ErrorCode;
+using chorus::ReduceOp;
+using faults::Group;
+using faults::RankContext;
+using faults::Result;
+
+constexpr auto kHangBound = 10s;
+constexpr auto kReportWait = 15s;
+// Long enough that a hang shows up as a missed bound, not as a passing Timeout.
+constexpr auto kLongTimeout = 30s;
+
+double bound_s() { return std::chrono::duration<double>(kHangBound).count(); }
+
+faults::Nanos after_ns(faults::Nanos t, std::chrono::nanoseconds d) { return t + d.count(); }
+
+// ---- 3. Ranks that disagree on a call -----------------------------------------
+
+constexpr int kRanks = 4;
+constexpr std::size_t kCount = 200;
+
+struct Mismatch {
+  const char* name;
+  // Runs this rank's (possibly different) call on `comm`.
+  void (*call)(Communicator& comm, int rank, std::vector<float>& buf);
+  // Every rank's error message must contain both.
+  const char* mine;
+  const char* theirs;
+};
+
+void allreduce_sum(Communicator& comm, std::vector<float>& buf, std::size_t count) {
+  comm.allreduce(buf.data(), buf.data(), count, DataType::Float32, ReduceOp::Sum);
+}
+
+const Mismatch kMismatches[] = {
+    {"Count",
+     [](Communicator& comm, int rank, std::vector<float>& buf) {
+       allreduce_sum(comm, buf, rank == 1 ? 100 : kCount);
+     },
+     "count 100", "count 200"},
+    {"Collective",
+     [](Communicator& comm, int rank, std::vector<float>& buf) {
+       if (rank == 0) comm.broadcast(buf.data(), buf.data(), kCount, DataType::Float32, 0);
+       else allreduce_sum(comm, buf, kCount);
+     },
+     "broadcast", "allreduce"},
+    {"DataType",
+     [](Communicator& comm, int rank, std::vector<float>& buf) {
+       // Same byte size on every rank: only the call description differs.
+       if (rank == 2) comm.allreduce(buf.data(), buf.data(), kCount, DataType::Int32, ReduceOp::Sum);
+       else allreduce_sum(comm, buf, kCount);
+     },
+     "int32", "float"},
+    {"Root",
+     [](Communicator& comm, int rank, std::vector<float>& buf) {
+       comm.broadcast(buf.data(), buf.data(), kCount, DataType::Float32, rank == 3 ? 1 : 0);
+     },
+     "root 0", "root 1"},
+    {"Op",
+     [](Communicator& comm, int rank, std::vector<float>& buf) {
+       comm.allreduce(buf.data(), buf.data(), kCount, DataType::Float32,
+                      rank == 0 ? ReduceOp::Max : ReduceOp::Sum);
+     },
+     "max", "sum"},
+};
+
+// gtest prints a parameter of a failed case; the name says it all.
+void PrintTo(const Mismatch& m, std::ostream* os) { *os << m.name; }
+
+class MismatchedCalls : public ::testing::TestWithParam<Mismatch> {};
+
+TEST_P(MismatchedCalls, EveryRankFailsWithInvalidUsageNamingBothCalls) {
+  const Mismatch m = GetParam();
+  Group g(kRanks, [m](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> buf(kCount, 1.0f);
+    ctx.started();
+    ctx.attempt("call", [&] { m.call(comm, ctx.rank(), buf); });
+    // A rank whose part of the call needs nothing from the others (a
+    // broadcast root) can return before anyone sees the mismatch; it must
+    // learn of it no later than its next call.
+    ctx.attempt("next", [&] { comm.barrier(); });
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  // One deadline for all ranks: a rank that hangs costs kReportWait once.
+  const faults::Nanos deadline = faults::now_ns() + std::chrono::nanoseconds(kReportWait).count();
+  for (int r = 0; r < kRanks; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const auto call = g.result(r, "call", deadline);
+    const auto next = call ? g.result(r, "next", deadline) : std::nullopt;
+    if (!call || !next) {
+      ADD_FAILURE() << (call ? "the call after the mismatch" : "the mismatched call")
+                    << " did not return within " << kReportWait.count() << " s (hang?); rank " << r
+                    << " is " << g.status(r) << (call ? "; the call was " + call->describe() : "");
+      continue;
+    }
+    std::printf("[ outcome  ] %s rank %d: %s | %s\n", m.name, r, call->describe().c_str(),
+                next->describe().c_str());
+    // Every rank learns of the mismatch as InvalidUsage, at the latest in its next call.
+    const Result& first = call->ok ? *next : *call;
+    EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
+    EXPECT_TRUE(first.has("disagree")) << first.describe();
+    EXPECT_LT(faults::seconds_between(call->start_ns, first.end_ns), bound_s()) << first.describe();
+    EXPECT_FALSE(next->ok) << "a call after a mismatch must fail: " << next->describe();
+    // The message names both of the calls that disagree (not a later call
+    // caught in the fallout). A rank that only sends in the mismatched call
+    // (a broadcast root, the chain upstream of the odd rank) may complete it:
+    // nothing in that call comes back to it (docs/errors.md).
+    EXPECT_TRUE(first.has(m.mine) && first.has(m.theirs))
+        << "the message must name both calls (\"" << m.mine << "\", \"" << m.theirs
+        << "\"): " << first.describe();
+  }
+}
+
+// The smallest mismatch: rank 0 sends 10 elements, rank 1 receives 20. Rank 1
+// sees it; rank 0's send has already completed, so rank 0 can only learn of it
+// from rank 1's notice, in its next call, which must fail rather than wait
+// for a peer that has given up.
+TEST(MismatchedPointToPoint, SenderLearnsOfTheMismatchInItsNextCall) {
+  Group g(2, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> buf(20, 1.0f);
+    ctx.started();
+    if (ctx.rank() == 0) {
+      ctx.attempt("call", [&] { comm.send(buf.data(), 10, DataType::Float32, 1); });
+      ctx.attempt("next", [&] { comm.recv(buf.data(), 1, DataType::Float32, 1); });
+    } else {
+      ctx.attempt("call", [&] { comm.recv(buf.data(), 20, DataType::Float32, 0); });
+      ctx.attempt("next", [&] { comm.send(buf.data(), 1, DataType::Float32, 0); });
+    }
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  const auto recv = g.result(1, "call", kReportWait);
+  ASSERT_TRUE(recv) << "rank 1's recv did not return; it is " << g.status(1);
+  EXPECT_EQ(recv->error_code(), ErrorCode::InvalidUsage) << recv->describe();
+  EXPECT_TRUE(recv->has("count 10") && recv->has("count 20")) << recv->describe();
+  const auto send = g.result(0, "call", kReportWait);
+  ASSERT_TRUE(send);
+  const auto next = g.result(0, "next", after_ns(recv->end_ns, kReportWait));
+  ASSERT_TRUE(next) << "rank 0's next call waits on rank 1, which failed " << kReportWait.count()
+                    << " s ago and did not tell rank 0 (send was: " << send->describe() << ")";
+  const Result& first = send->ok ? *next : *send;
+  EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
+  EXPECT_TRUE(first.has("count 10") && first.has("count 20")) << first.describe();
+  EXPECT_LT(faults::seconds_between(recv->end_ns, first.end_ns), bound_s()) << first.describe();
+}
+
+INSTANTIATE_TEST_SUITE_P(Calls, MismatchedCalls, ::testing::ValuesIn(kMismatches),
+                         [](const ::testing::TestParamInfo<Mismatch>& param_info) {
+                           return std::string(param_info.param.name);
+                         });
+
+// ---- 5. Invalid arguments -------------------------------------------------------
+
+struct Expect {
+  const char* label;
+  ErrorCode code;
+  const char* text;  // the message must contain it
+};
+
+void expect_reports(Group& g, int rank, const std::vector<Expect>& expects) {
+  for (const Expect& e : expects) {
+    SCOPED_TRACE(std::string("rank ") + std::to_string(rank) + ": " + e.label);
+    const auto r = g.result(rank, e.label, kReportWait);
+    ASSERT_TRUE(r) << "no report (crash or hang?); rank is " << g.status(rank);
+    EXPECT_FALSE(r->ok) << "the call was accepted";
+    EXPECT_EQ(r->error_code(), e.code) << r->describe();
+    EXPECT_TRUE(r->has(e.text)) << "message lacks \"" << e.text << "\": " << r->describe();
+    EXPECT_LT(r->seconds(), 1.0) << "argument checks must not wait: " << r->describe();
+  }
+}
+
+TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
+  const std::vector<Expect> expects = {
+      {"allreduce null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+      {"allreduce null recvbuf", ErrorCode::InvalidArgument, "recvbuf is null"},
+      {"broadcast null recvbuf", ErrorCode::InvalidArgument, "recvbuf is null"},
+      {"allgather null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+      {"reduce_scatter null recvbuf", ErrorCode::InvalidArgument, "recvbuf is null"},
+      {"alltoall null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+      {"dtype 42", ErrorCode::InvalidArgument, "DataType value 42"},
+      {"op 9", ErrorCode::InvalidArgument, "ReduceOp value 9"},
+      {"broadcast dtype 42", ErrorCode::InvalidArgument, "DataType value 42"},
+      {"broadcast root -1", ErrorCode::InvalidArgument, "root -1"},
+      {"broadcast root size", ErrorCode::InvalidArgument, "root 1"},
+      {"reduce root size", ErrorCode::InvalidArgument, "root 1"},
+      {"gather root -1", ErrorCode::InvalidArgument, "root -1"},
+      {"scatter root size", ErrorCode::InvalidArgument, "root 1"},
+      {"send to self", ErrorCode::InvalidArgument, "peer is this rank"},
+      {"recv from self", ErrorCode::InvalidArgument, "peer is this rank"},
+      {"send to rank size", ErrorCode::InvalidArgument, "peer 1"},
+      {"recv from rank 5", ErrorCode::InvalidArgument, "peer 5"},
+      {"send to rank -1", ErrorCode::InvalidArgument, "peer -1"},
+      {"allreduce overlapping", ErrorCode::InvalidArgument, "overlap"},
+      {"alltoall overlapping", ErrorCode::InvalidArgument, "overlap"},
+      {"allreduce wrapped count", ErrorCode::InvalidArgument, "too large"},
+      {"allreduce_async dtype 42", ErrorCode::InvalidArgument, "DataType value 42"},
+      {"unknown algorithm", ErrorCode::InvalidArgument, "unknown algorithm"},
+  };
+  Group g(1, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> buf(64, 1.0f);
+    float* b = buf.data();
+    const auto bad_type = static_cast<DataType>(42);
+    const auto bad_op = static_cast<ReduceOp>(9);
+    const auto f32 = DataType::Float32;
+    const auto sum = ReduceOp::Sum;
+    ctx.attempt("allreduce null sendbuf", [&] { comm.allreduce(nullptr, b, 4, f32, sum); });
+    ctx.attempt("allreduce null recvbuf", [&] { comm.allreduce(b, nullptr, 4, f32, sum); });
+    ctx.attempt("broadcast null recvbuf", [&] { comm.broadcast(b, nullptr, 4, f32, 0); });
+    ctx.attempt("allgather null sendbuf", [&] { comm.allgather(nullptr, b, 4, f32); });
+    ctx.attempt("reduce_scatter null recvbuf", [&] { comm.reduce_scatter(b, nullptr, 4, f32, sum); });
+    ctx.attempt("alltoall null sendbuf", [&] { comm.alltoall(nullptr, b, 4, f32); });
+    ctx.attempt("dtype 42", [&] { comm.allreduce(b, b, 4, bad_type, sum); });
+    ctx.attempt("op 9", [&] { comm.allreduce(b, b, 4, f32, bad_op); });
+    ctx.attempt("broadcast dtype 42", [&] { comm.broadcast(b, b, 4, bad_type, 0); });
+    ctx.attempt("broadcast root -1", [&] { comm.broadcast(b, b, 4, f32, -1); });
+    ctx.attempt("broadcast root size", [&] { comm.broadcast(b, b, 4, f32, 1); });
+    ctx.attempt("reduce root size", [&] { comm.reduce(b, b, 4, f32, sum, 1); });
+    ctx.attempt("gather root -1", [&] { comm.gather(b, b, 4, f32, -1); });
+    ctx.attempt("scatter root size", [&] { comm.scatter(b, b, 4, f32, 1); });
+    ctx.attempt("send to self", [&] { comm.send(b, 4, f32, 0); });
+    ctx.attempt("recv from self", [&] { comm.recv(b, 4, f32, 0); });
+    ctx.attempt("send to rank size", [&] { comm.send(b, 4, f32, 1); });
+    ctx.attempt("recv from rank 5", [&] { comm.recv(b, 4, f32, 5); });
+    ctx.attempt("send to rank -1", [&] { comm.send(b, 4, f32, -1); });
+    // Overlapping but not equal: recvbuf starts one element into sendbuf.
+    ctx.attempt("allreduce overlapping", [&] { comm.allreduce(b, b + 1, 8, f32, sum); });
+    ctx.attempt("alltoall overlapping", [&] { comm.alltoall(b, b + 2, 4, f32); });
+    ctx.attempt("allreduce wrapped count", [&] {
+      comm.allreduce(b, b, std::numeric_limits<std::size_t>::max(), f32, sum);
+    });
+    ctx.attempt("allreduce_async dtype 42", [&] { comm.allreduce_async(b, b, 4, bad_type, sum).wait(); });
+    ctx.attempt("unknown algorithm", [&] {
+      chorus::CallOptions o;
+      o.algorithm = "no-such-algorithm";
+      comm.allreduce(b, b, 4, f32, sum, o);
+    });
+    // None of the above may have poisoned the communicator.
+    ctx.attempt("error() after invalid arguments", [&] {
+      if (auto e = comm.error()) throw *e;
+    });
+    ctx.attempt("valid allreduce", [&] {
+      std::vector<float> out(64, 0.0f);
+      comm.allreduce(buf.data(), out.data(), out.size(), f32, sum);
+      if (out != buf) throw std::runtime_error("wrong allreduce result on one rank");
+    });
+  });
+  expect_reports(g, 0, expects);
+  for (const char* label : {"error() after invalid arguments", "valid allreduce"}) {
+    const auto r = g.result(0, label, kReportWait);
+    ASSERT_TRUE(r) << label << ": no report; rank is " << g.status(0);
+    EXPECT_TRUE(r->ok) << "the communicator is unusable after InvalidArgument: " << r->describe();
+  }
+}
+
+TEST(InvalidArguments, TwoRanksRejectBadArgumentsAndStayInStep) {
+  const std::vector<Expect> expects = {
+      {"broadcast root size", ErrorCode::InvalidArgument, "root 2"},
+      {"send to rank size", ErrorCode::InvalidArgument, "peer 2"},
+      {"recv from self", ErrorCode::InvalidArgument, "peer is this rank"},
+      {"recv null buf", ErrorCode::InvalidArgument, "buf is null"},
+      {"reduce null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+  };
+  Group g(2, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    const int me = ctx.rank();
+    const int other = 1 - me;
+    std::vector<float> buf(32, float(me + 1));
+    float* b = buf.data();
+    const auto f32 = DataType::Float32;
+    ctx.attempt("broadcast root size", [&] { comm.broadcast(b, b, 4, f32, 2); });
+    ctx.attempt("send to rank size", [&] { comm.send(b, 4, f32, 2); });
+    ctx.attempt("recv from self", [&] { comm.recv(b, 4, f32, me); });
+    ctx.attempt("recv null buf", [&] { comm.recv(nullptr, 4, f32, other); });
+    ctx.attempt("reduce null sendbuf", [&] { comm.reduce(nullptr, b, 4, f32, ReduceOp::Sum, 0); });
+    // Only rank 1 makes extra rejected calls: a rejected call must not use up
+    // a call number, or the ranks would fall out of step below.
+    if (me == 1) {
+      ctx.attempt("extra bad dtype", [&] { comm.allreduce(b, b, 4, static_cast<DataType>(42), ReduceOp::Sum); });
+      ctx.attempt("extra bad send", [&] { comm.send(b, 4, f32, 7); });
+    }
+    ctx.attempt("valid allreduce", [&] {
+      std::vector<float> out(buf.size(), 0.0f);
+      comm.allreduce(buf.data(), out.data(), out.size(), f32, ReduceOp::Sum);
+      for (float v : out)
+        if (v != 3.0f) throw std::runtime_error("allreduce gave " + std::to_string(v) + ", expected 3");
+    });
+    ctx.attempt("valid send/recv", [&] {
+      float x = float(10 + me);
+      float y = 0;
+      if (me == 0) {
+        comm.send(&x, 1, f32, 1);
+        comm.recv(&y, 1, f32, 1);
+      } else {
+        comm.recv(&y, 1, f32, 0);
+        comm.send(&x, 1, f32, 0);
+      }
+      if (y != float(10 + other)) throw std::runtime_error("send/recv delivered a wrong value");
+    });
+  });
+  for (int r = 0; r < 2; ++r) {
+    expect_reports(g, r, expects);
+    for (const char* label : {"valid allreduce", "valid send/recv"}) {
+      const auto res = g.result(r, label, kReportWait);
+      ASSERT_TRUE(res) << label << ": no report; rank " << r << " is " << g.status(r);
+      EXPECT_TRUE(res->ok) << "rank " << r << ": " << res->describe();
+    }
+  }
+  expect_reports(g, 1, {{"extra bad dtype", ErrorCode::InvalidArgument, "DataType value 42"},
+                        {"extra bad send", ErrorCode::InvalidArgument, "peer 7"}});
+}
+
+TEST(InvalidArguments, EmptyHandleThrowsInvalidUsage) {
+  // No process needed: an empty handle has no state, so nothing here creates
+  // a communicator or a thread in the test process.
+  Communicator comm;
+  EXPECT_FALSE(comm.valid());
+  float x = 0;
+  const std::vector<std::pair<const char*, std::function<void()>>> calls = {
+      {"allreduce", [&] { comm.allreduce(&x, &x, 1, DataType::Float32, ReduceOp::Sum); }},
+      {"allreduce_async", [&] { comm.allreduce_async(&x, &x, 1, DataType::Float32, ReduceOp::Sum); }},
+      {"barrier", [&] { comm.barrier(); }},
+      {"send", [&] { comm.send(&x, 1, DataType::Float32, 1); }},
+      {"rank", [&] { (void)comm.rank(); }},
+      {"size", [&] { (void)comm.size(); }},
+      {"error", [&] { (void)comm.error(); }},
+      {"abort", [&] { comm.abort(); }},
+      {"split", [&] { (void)comm.split(0, 0); }},
+  };
+  for (const auto& [name, call] : calls) {
+    SCOPED_TRACE(name);
+    try {
+      call();
+      ADD_FAILURE() << name << " on an empty handle did not throw";
+    } catch (const chorus::Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::InvalidUsage) << e.what();
+      EXPECT_NE(e.message().find("empty"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(InvalidArguments, CreateRejectsBadRankSizeAndStore) {
+  // Every case must be rejected before any rendezvous (so, at once, and
+  // without creating anything): run them in a child all the same, so that a
+  // library that did create a communicator could not leave threads here.
+  Group g(1, [](RankContext& ctx) {
+    auto store = ctx.store();
+    chorus::Config config;
+    config.timeout = 2s;
+    ctx.attempt("rank == size", [&] { Communicator::create(1, 1, store, config); });
+    ctx.attempt("rank > size", [&] { Communicator::create(5, 2, store, config); });
+    ctx.attempt("rank -1", [&] { Communicator::create(-1, 2, store, config); });
+    ctx.attempt("size 0", [&] { Communicator::create(0, 0, store, config); });
+    ctx.attempt("size -3", [&] { Communicator::create(0, -3, store, config); });
+    ctx.attempt("null store", [&] { Communicator::create(0, 1, nullptr, config); });
+  });
+  expect_reports(g, 0,
+                 {{"rank == size", ErrorCode::InvalidArgument, "rank 1 is outside [0, 1)"},
+                  {"rank > size", ErrorCode::InvalidArgument, "rank 5 is outside [0, 2)"},
+                  {"rank -1", ErrorCode::InvalidArgument, "rank -1"},
+                  {"size 0", ErrorCode::InvalidArgument, "world size 0"},
+                  {"size -3", ErrorCode::InvalidArgument, "world size -3"},
+                  {"null store", ErrorCode::InvalidArgument, "store is null"}});
+}
+
+// ---- 9a. Two processes claiming one rank -----------------------------------------
+
+// Each rank numbers the communicators it creates on a store, so a second
+// process claiming rank 0 lands in the next generation and waits there for a
+// rank 1 that never comes. That cannot be told apart from a slow rank until the
+// deadline; then the Timeout must say why.
+TEST(Rendezvous, TwoProcessesClaimingOneRankAreDiagnosedAtTheDeadline) {
+  static constexpr auto kTimeout = 2s;
+  // Processes 0 and 1 both claim rank 0 of 2; process 2 is rank 1.
+  auto claim = [](int rank) {
+    return [rank](RankContext& ctx) {
+      chorus::Config config;
+      config.timeout = kTimeout;
+      ctx.attempt("create", [&] { Communicator::create(rank, 2, ctx.store(), config); });
+      ctx.hold();  // a successful communicator must outlive the other reports
+    };
+  };
+  Group g(3, std::vector<faults::Body>{claim(0), claim(0), claim(1)});
+  std::vector<Result> claimers;
+  for (int p = 0; p < 3; ++p) {
+    const auto r = g.result(p, "create", kReportWait);
+    ASSERT_TRUE(r) << "create() of process " << p << " did not return (hang?); it is " << g.status(p);
+    std::printf("[ outcome  ] process %d: %s\n", p, r->describe().c_str());
+    EXPECT_LT(r->seconds(), bound_s()) << r->describe();
+    if (p < 2) claimers.push_back(*r);
+  }
+  int diagnosed = 0;
+  int succeeded = 0;
+  for (const Result& r : claimers) {
+    if (r.ok) ++succeeded;
+    else if (r.error_code() == ErrorCode::Timeout && r.has("two processes claim the same rank"))
+      ++diagnosed;
+    else ADD_FAILURE() << "a duplicate claim must be diagnosed as such: " << r.describe();
+  }
+  EXPECT_EQ(succeeded, 1) << "exactly one claimant joins the group with rank 1";
+  EXPECT_EQ(diagnosed, 1) << claimers[0].describe() << " / " << claimers[1].describe();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
