@@ -228,9 +228,9 @@ class TcpTransport final : public Transport {
   void wait(std::span<const Request> reqs, Deadline deadline) override {
     const auto spin_until = Clock::now() + ctx_.spin;
     std::size_t first_pending = 0;
-    bool woke = true;
+    bool woke = false;
     for (unsigned iter = 0;; ++iter) {
-      progress(woke || (iter & 31) == 0);
+      progress(woke || (iter & 31) == 31);
       woke = false;
       while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
       if (first_pending == reqs.size()) return;
