@@ -360,6 +360,8 @@ std::vector<std::string> split_list(const std::vector<std::string>& items) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under chorusrun stdout is a pipe: flush each row as it is measured.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const int env_rank = rank_from_env();
   Options opt;
   CLI::App app{

@@ -25,6 +25,7 @@ inline constexpr std::size_t kMaxStoreValueBytes = 64u << 20;
 /// timeout() and then throw Error(Timeout) naming the keys they waited for.
 class CHORUS_API Store {
  public:
+  /// Destroys the store handle.
   virtual ~Store();
 
   /// Stores `value` under `key`, replacing any previous value.
@@ -100,15 +101,21 @@ class CHORUS_API TcpStore : public Store {
   TcpStore(const std::string& host, std::uint16_t port, const Options& options);
   /// Connects to `host`:`port` as a client with default options.
   TcpStore(const std::string& host, std::uint16_t port);
+  /// Closes the connections (and stops the hosted server, if any).
   ~TcpStore() override;
 
   /// The server's port (useful when is_server and port 0 was given).
   std::uint16_t port() const noexcept;
 
+  /// See Store::set.
   void set(const std::string& key, const std::vector<std::uint8_t>& value) override;
+  /// See Store::get.
   std::vector<std::uint8_t> get(const std::string& key) override;
+  /// See Store::add.
   std::int64_t add(const std::string& key, std::int64_t delta) override;
+  /// See Store::wait.
   void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
+  /// See Store::check.
   bool check(const std::vector<std::string>& keys) override;
   using Store::wait;
 
@@ -123,12 +130,18 @@ class CHORUS_API FileStore : public Store {
  public:
   /// Uses (and creates if needed) the directory `path`.
   explicit FileStore(const std::string& path);
+  /// Leaves the directory and its files in place.
   ~FileStore() override;
 
+  /// See Store::set.
   void set(const std::string& key, const std::vector<std::uint8_t>& value) override;
+  /// See Store::get.
   std::vector<std::uint8_t> get(const std::string& key) override;
+  /// See Store::add.
   std::int64_t add(const std::string& key, std::int64_t delta) override;
+  /// See Store::wait.
   void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
+  /// See Store::check.
   bool check(const std::vector<std::string>& keys) override;
   using Store::wait;
 
@@ -142,12 +155,18 @@ class CHORUS_API PrefixStore : public Store {
  public:
   /// Wraps `base`; keys become prefix + "/" + key.
   PrefixStore(std::string prefix, std::shared_ptr<Store> base);
+  /// Does not affect the wrapped store.
   ~PrefixStore() override;
 
+  /// See Store::set.
   void set(const std::string& key, const std::vector<std::uint8_t>& value) override;
+  /// See Store::get.
   std::vector<std::uint8_t> get(const std::string& key) override;
+  /// See Store::add.
   std::int64_t add(const std::string& key, std::int64_t delta) override;
+  /// See Store::wait.
   void wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) override;
+  /// See Store::check.
   bool check(const std::vector<std::string>& keys) override;
   using Store::wait;
 

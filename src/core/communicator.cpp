@@ -166,7 +166,7 @@ struct CommImpl {
         std::lock_guard<std::mutex> lock(mu);
         if (!error) error = e;
       }
-      CHORUS_WARN("rank " << rank << ": " << e.what());
+      CHORUS_INFO("rank " << rank << ": " << e.what());  // the caller gets it thrown
       transport->broadcast_failure(e);
       throw;
     } catch (const std::bad_alloc&) {

@@ -100,7 +100,8 @@ Fd listen_tcp(const std::string& host, std::uint16_t port, std::uint16_t* bound_
               std::to_string(port));
 }
 
-Fd connect_tcp(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout) {
+Fd connect_tcp(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
+               bool retry) {
   const auto deadline = Clock::now() + timeout;
   std::string last_error = "no attempt";
   auto backoff = std::chrono::milliseconds(5);
@@ -129,8 +130,11 @@ Fd connect_tcp(const std::string& host, std::uint16_t port, std::chrono::millise
         return fd;
       }
       last_error = std::strerror(errno);
+      if (!retry && errno == ECONNREFUSED)
+        throw Error(ErrorCode::PeerFailure, "connection to " + host + ":" + std::to_string(port) +
+                                                " refused: the process listening there has exited");
     }
-    if (Clock::now() >= deadline) break;
+    if (!retry || Clock::now() >= deadline) break;
     std::this_thread::sleep_for(backoff);
     backoff = std::min(backoff * 2, std::chrono::milliseconds(200));
   }

@@ -41,9 +41,11 @@ Fd listen_tcp(const std::string& host, std::uint16_t port, std::uint16_t* bound_
               int backlog = 128);
 
 // Connects to host:port, retrying refused/unreachable connections until
-// `timeout` passes (the server may not be up yet). Returns a blocking socket
-// with TCP_NODELAY. Throws Error(Timeout) naming the address.
-Fd connect_tcp(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout);
+// `timeout` passes (the server may not be up yet) when `retry` is true.
+// Returns a blocking socket with TCP_NODELAY. Throws Error(Timeout) naming the
+// address; without retry, a refused connection throws Error(PeerFailure).
+Fd connect_tcp(const std::string& host, std::uint16_t port, std::chrono::milliseconds timeout,
+               bool retry = true);
 
 void set_nonblocking(int fd, bool on);
 void set_nodelay(int fd);

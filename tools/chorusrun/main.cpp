@@ -263,6 +263,10 @@ class Launcher {
   std::optional<Clock::time_point> settle_until_;   // set while failures_ settles
   bool killed_ = false;      // SIGKILL already sent
   Clock::time_point kill_deadline_{};
+  // After a rank fails, the others get a grace period to notice and report
+  // the failure themselves (Chorus makes survivors fail fast, naming the
+  // culprit); only then SIGTERM, and SIGKILL one grace period later.
+  std::optional<Clock::time_point> term_deadline_;
   std::optional<Clock::time_point> signalled_at_;  // when we were first interrupted
   int exit_code_ = 0;
 };
@@ -366,9 +370,10 @@ void Launcher::signal_ranks(int sig) {
 void Launcher::start_stopping(int exit_code) {
   stopping_ = true;
   exit_code_ = exit_code;
-  kill_deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                      std::chrono::duration<double>(opt_.grace_s));
-  signal_ranks(SIGTERM);
+  const auto grace = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(opt_.grace_s));
+  term_deadline_ = Clock::now() + grace;
+  kill_deadline_ = *term_deadline_ + grace;
 }
 
 void Launcher::reap() {
@@ -500,8 +505,9 @@ int Launcher::run() {
     if (!running) {
       timeout_ms = kDrainIdleMs;
     } else if (stopping_ && !killed_) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(kill_deadline_ - Clock::now());
-      timeout_ms = static_cast<int>(std::max<std::int64_t>(0, left.count()));
+      const auto next = term_deadline_ ? std::min(*term_deadline_, kill_deadline_) : kill_deadline_;
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(next - Clock::now());
+      timeout_ms = static_cast<int>(std::max<std::int64_t>(0, left.count()) + 1);
     } else if (settle_until_) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*settle_until_ - Clock::now());
       timeout_ms = static_cast<int>(std::max<std::int64_t>(0, left.count()) + 1);
@@ -554,6 +560,14 @@ int Launcher::run() {
       }
     }
     reap();
+    if (stopping_ && term_deadline_ && any_running() && Clock::now() >= *term_deadline_) {
+      for (const Rank& r : ranks_)
+        if (r.running)
+          say("rank " + std::to_string(r.rank) + " (pid " + std::to_string(r.pid) +
+              ") is still running " + format_seconds(opt_.grace_s) + " s later; sending SIGTERM");
+      signal_ranks(SIGTERM);
+      term_deadline_.reset();
+    }
     if (stopping_ && !killed_ && any_running() && Clock::now() >= kill_deadline_) {
       for (const Rank& r : ranks_)
         if (r.running)
@@ -600,7 +614,8 @@ int main(int argc, char** argv) {
       "Each rank runs in its own process group and receives SIGTERM if chorusrun\n"
       "dies. SIGINT/SIGTERM/SIGHUP are forwarded to every rank (a second one\n"
       "sends SIGKILL). When a rank exits non-zero or is killed by a signal, the\n"
-      "others get SIGTERM, then SIGKILL after the grace period.\n\n"
+      "others get a grace period to report the failure and exit on their own,\n"
+      "then SIGTERM, then SIGKILL after another grace period.\n\n"
       "Exit status: 0 if every rank exited 0; otherwise that of the first rank\n"
       "to fail (its exit code, or 128+N if killed by signal N); 128+N if chorusrun\n"
       "was interrupted by signal N; 127 if the program is not found; 1 for\n"
@@ -625,7 +640,7 @@ int main(int argc, char** argv) {
   app.add_flag("--tag-output,!--no-tag-output", opt.tag_output,
                "Prefix every line of rank r's stdout/stderr with \"[r] \" (default: on)");
   app.add_option("--grace", opt.grace_s,
-                 "Seconds between SIGTERM and SIGKILL when stopping the ranks")
+                 "Seconds the other ranks get after a failure before SIGTERM, and again before SIGKILL")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   app.add_flag("-v,--verbose", opt.verbose, "Report the store address, pids and every exit");

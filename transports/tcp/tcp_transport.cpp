@@ -222,6 +222,7 @@ class TcpTransport final : public Transport {
       }
       if (p.in && !p.in->closed) read_some(*p.in);
     }
+    settle_losses();
     throw_if_failed();
   }
 
@@ -326,7 +327,19 @@ class TcpTransport final : public Transport {
     Peer& p = peers_[peer];
     if (p.addr.empty()) p.addr = ctx_.store->get_string("tcp/" + std::to_string(peer));
     auto [host, port] = net::parse_host_port(p.addr);
-    net::Fd fd = net::connect_tcp(host, port, timeout);
+    // The peer listened before it published this address, so a refusal
+    // means it has gone: no retrying. Pending notices may say why; they win.
+    net::Fd fd;
+    try {
+      fd = net::connect_tcp(host, port, timeout, /*retry=*/false);
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::PeerFailure) throw;
+      progress(true);
+      fail(Error(ErrorCode::PeerFailure,
+                 "rank " + std::to_string(peer) + " (" + p.addr +
+                     ") refused a connection: it has exited or crashed",
+                 peer));
+    }
     tune_socket(fd.get());
     Hello h{kHelloMagic, ctx_.comm_id, ctx_.rank, kWireVersion};
     net::write_all(fd.get(), &h, sizeof h, Clock::now() + timeout);
@@ -516,6 +529,10 @@ class TcpTransport final : public Transport {
     return false;
   }
 
+  // A peer's socket closed or broke. Its death is only declared at the end
+  // of the progress pass (settle_losses), after every socket has been read:
+  // a notice from another rank, already received, usually says why (a call
+  // mismatch that made that peer exit), and is the better error.
   void lost_peer(Conn& c, const std::string& why) {
     c.closed = true;
     Peer& p = peers_[c.peer];
@@ -535,11 +552,21 @@ class TcpTransport final : public Transport {
       } catch (...) {
       }
     }
-    fail(Error(ErrorCode::PeerFailure,
-               "rank " + std::to_string(c.peer) + " (" + p.addr + ") failed: " + why +
-                   " without a goodbye; the process died or was killed. The communicator is "
-                   "unusable; restart the job.",
-               c.peer));
+    if (!pending_loss_)
+      pending_loss_ = Error(ErrorCode::PeerFailure,
+                            "rank " + std::to_string(c.peer) + " (" + p.addr + ") failed: " + why +
+                                " without a goodbye; the process died or was killed. The "
+                                "communicator is unusable; restart the job.",
+                            c.peer);
+  }
+
+  void settle_losses() {
+    if (!pending_loss_ || error_) return;
+    accept_pending();
+    for (auto& p : peers_)
+      for (Conn* c : {p.out.get(), p.in.get()})
+        if (c != nullptr && !c->closed && !c->parked) read_some(*c);
+    fail(*pending_loss_);
   }
 
   void begin_frame(Conn& c) {
@@ -821,6 +848,7 @@ class TcpTransport final : public Transport {
   std::vector<pollfd> fds_;
   std::map<int, int> waits_for_;  // rank -> rank it timed out waiting for
   bool timeout_reported_ = false;
+  std::optional<Error> pending_loss_;  // a peer's socket broke; declared in settle_losses()
 };
 
 [[maybe_unused]] const bool kRegistered = register_transport("tcp", [](const TransportContext& ctx) {
