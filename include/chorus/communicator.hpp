@@ -185,7 +185,9 @@ class CHORUS_API Communicator {
                       const CallOptions& options = {});
   /// Asynchronous barrier; see barrier().
   Work barrier_async(const CallOptions& options = {});
-  /// Asynchronous send; see send().
+  /// Asynchronous send; see send(). Async calls run one at a time in call
+  /// order, so in a ring exchange post send_async() before recv_async():
+  /// recv-first on every rank waits for a send queued behind it (a Timeout).
   Work send_async(const void* buf, std::size_t count, DataType dtype, int peer,
                   const CallOptions& options = {});
   /// Asynchronous recv; see recv().
