@@ -304,6 +304,15 @@ struct TcpStoreServer::Impl {
   void unpark(Conn& c);
   void answer_parked(Conn& c);
   void expire_parked();
+  void drain_work() {
+    for (std::size_t i = 0; i < work.size(); ++i) {
+      Conn* c = find(work[i]);
+      if (c == nullptr) continue;
+      c->queued = false;
+      if (!c->dead) consume(*c);
+    }
+    work.clear();
+  }
   void reply(Conn& c, std::vector<std::uint8_t> frame);
   void reply_timeout(Conn& c, const std::vector<std::string>& keys);
   void reject(Conn& c, const std::string& why);
@@ -421,22 +430,11 @@ void TcpStoreServer::Impl::loop() {
       }
     }
     // Parsing one connection's frames can wake parked requests of others,
-    // which may then have buffered frames of their own: drain the work list.
-    for (std::size_t i = 0; i < work.size(); ++i) {
-      Conn* c = find(work[i]);
-      if (c == nullptr) continue;
-      c->queued = false;
-      if (!c->dead) consume(*c);
-    }
-    work.clear();
+    // which may then have buffered frames of their own: drain the work list,
+    // before and after expiring timed-out requests (which wakes more).
+    drain_work();
     expire_parked();
-    for (std::size_t i = 0; i < work.size(); ++i) {
-      Conn* c = find(work[i]);
-      if (c == nullptr) continue;
-      c->queued = false;
-      if (!c->dead) consume(*c);
-    }
-    work.clear();
+    drain_work();
     for (auto it = conns.begin(); it != conns.end();) {
       if (it->second->dead) it = conns.erase(it);  // closes the socket
       else ++it;
