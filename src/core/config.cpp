@@ -69,6 +69,7 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
       throw Error(ErrorCode::InvalidArgument,
                   std::string("CHORUS_SPIN_US='") + v + "' must be microseconds in [0, 10000000]");
     s.spin = std::chrono::microseconds(us);
+    s.spin_from_env = true;
   }
   if (const char* v = lookup(getenv, "CHORUS_CHUNK_BYTES")) {
     s.chunk_bytes = parse_bytes(v, "CHORUS_CHUNK_BYTES");

@@ -18,6 +18,7 @@ struct Settings {
   std::string transport = "tcp";                                 // CHORUS_TRANSPORT
   std::string socket_ifname;                                     // CHORUS_SOCKET_IFNAME
   std::chrono::microseconds spin{100};                           // CHORUS_SPIN_US
+  bool spin_from_env = false;  // CHORUS_SPIN_US was set (else adapted to oversubscription)
   std::size_t chunk_bytes = 512 << 10;                           // CHORUS_CHUNK_BYTES
   std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
 };
