@@ -574,7 +574,7 @@ class TcpTransport final : public Transport {
     auto malformed = [&](const std::string& why) {
       fail(Error(ErrorCode::Transport,
                  "malformed message from rank " + std::to_string(c.peer) + ": " + why +
-                     "; the stream is corrupt or the peer is not a Chorus " "peer",
+                     "; the stream is corrupt or the peer is not a Chorus peer",
                  c.peer));
     };
     if (h.magic != kFrameMagic) return malformed("bad magic");
