@@ -5,6 +5,7 @@
 
 #include <chorus/export.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -47,16 +48,20 @@ class CHORUS_API Store {
   std::string get_string(const std::string& key);
 
   /// Default timeout of get() and wait(); 300 s unless set.
-  std::chrono::milliseconds timeout() const noexcept { return timeout_; }
-  /// Changes the default timeout.
-  void set_timeout(std::chrono::milliseconds t) noexcept { timeout_ = t; }
+  std::chrono::milliseconds timeout() const noexcept {
+    return std::chrono::milliseconds(timeout_ms_.load(std::memory_order_relaxed));
+  }
+  /// Changes the default timeout; safe while other threads use the store.
+  void set_timeout(std::chrono::milliseconds t) noexcept {
+    timeout_ms_.store(t.count(), std::memory_order_relaxed);
+  }
 
  protected:
   /// Throws Error(InvalidArgument) if `key` is empty or longer than kMaxStoreKeyBytes.
   static void check_key(const std::string& key);
 
  private:
-  std::chrono::milliseconds timeout_{std::chrono::seconds(300)};
+  std::atomic<std::int64_t> timeout_ms_{300'000};
 };
 
 /// A standalone TCP store server: what `chorus-store` and `chorusrun` run, and
