@@ -56,6 +56,14 @@ inline Nanos now_ns() {
 
 inline double seconds_between(Nanos from, Nanos to) { return static_cast<double>(to - from) / 1e9; }
 
+// The bound: survivors fail within this long. Only ever an upper bound.
+inline constexpr std::chrono::seconds kHangBound{10};
+// How long the parent waits for a report before calling it a hang; longer than
+// kHangBound so that a slow failure shows as a failed bound, not as a missing report.
+inline constexpr std::chrono::seconds kReportWait{15};
+// Timeout of communicators in tests where a Timeout would hide a hang.
+inline constexpr std::chrono::seconds kLongTimeout{30};
+
 // What a child reports about one attempted call.
 struct Result {
   std::string label;

@@ -38,14 +38,9 @@ using faults::Group;
 using faults::Nanos;
 using faults::RankContext;
 using faults::Result;
-
-// The bound: survivors fail within this long. Only ever an upper bound.
-constexpr auto kHangBound = 10s;
-// How long the parent waits for a report before calling it a hang; longer than
-// kHangBound so that a slow failure shows as a failed bound, not as a missing report.
-constexpr auto kReportWait = 15s;
-// Timeout of communicators in tests where a Timeout would hide a hang.
-constexpr auto kLongTimeout = 30s;
+using faults::kHangBound;
+using faults::kLongTimeout;
+using faults::kReportWait;
 
 Nanos after(Nanos t, std::chrono::nanoseconds d) { return t + d.count(); }
 
@@ -69,6 +64,23 @@ void check_sum(const std::vector<float>& out, int size) {
                                ", expected " + std::to_string(want));
 }
 
+// The body the death tests share: one verified allreduce (the fault must land
+// on a working group), "started", then allreduces until one fails ("loop"),
+// then one more call on the failed communicator ("later").
+void allreduce_until_failure(RankContext& ctx, chorus::Communicator& comm, std::size_t count) {
+  const auto in = rank_values(ctx.rank(), count);
+  std::vector<float> out(count);
+  comm.allreduce(in.data(), out.data(), count, DataType::Float32, ReduceOp::Sum);
+  check_sum(out, ctx.size());
+  ctx.started();
+  ctx.attempt("loop", [&] {
+    for (;;) comm.allreduce(in.data(), out.data(), count, DataType::Float32, ReduceOp::Sum);
+  });
+  ctx.attempt("later", [&] {
+    comm.allreduce(in.data(), out.data(), 1, DataType::Float32, ReduceOp::Sum);
+  });
+}
+
 // Reports comm.error() as a Result: ok means "no error recorded".
 void report_error_state(RankContext& ctx, const std::string& label, const chorus::Communicator& comm) {
   ctx.attempt(label, [&] {
@@ -84,18 +96,7 @@ TEST(PeerDeath, SigkillDuringAllreduceFailsSurvivorsWithPeerFailure) {
   static constexpr std::size_t kCount = std::size_t{1} << 20;
   Group g(kRanks, [](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
-    const auto in = rank_values(ctx.rank(), kCount);
-    std::vector<float> out(kCount);
-    // One verified allreduce first: the kill must land on a working group.
-    comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
-    check_sum(out, ctx.size());
-    ctx.started();
-    ctx.attempt("loop", [&] {
-      for (;;) comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
-    });
-    ctx.attempt("later", [&] {
-      comm.allreduce(in.data(), out.data(), 1, DataType::Float32, ReduceOp::Sum);
-    });
+    allreduce_until_failure(ctx, comm, kCount);
     report_error_state(ctx, "error()", comm);
     ctx.hold();
   });
@@ -143,17 +144,7 @@ TEST(PeerDeath, SigstopDuringAllreduceFailsSurvivorsWithTimeout) {
   static constexpr std::size_t kCount = std::size_t{1} << 18;
   Group g(kRanks, [](RankContext& ctx) {
     auto comm = ctx.create(kTimeout);
-    const auto in = rank_values(ctx.rank(), kCount);
-    std::vector<float> out(kCount);
-    comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
-    check_sum(out, ctx.size());
-    ctx.started();
-    ctx.attempt("loop", [&] {
-      for (;;) comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
-    });
-    ctx.attempt("later", [&] {
-      comm.allreduce(in.data(), out.data(), 1, DataType::Float32, ReduceOp::Sum);
-    });
+    allreduce_until_failure(ctx, comm, kCount);
     ctx.hold();
   });
   std::string why;

@@ -31,11 +31,9 @@ using chorus::ReduceOp;
 using faults::Group;
 using faults::RankContext;
 using faults::Result;
-
-constexpr auto kHangBound = 10s;
-constexpr auto kReportWait = 15s;
-// Long enough that a hang shows up as a missed bound, not as a passing Timeout.
-constexpr auto kLongTimeout = 30s;
+using faults::kHangBound;
+using faults::kLongTimeout;
+using faults::kReportWait;
 
 double bound_s() { return std::chrono::duration<double>(kHangBound).count(); }
 
