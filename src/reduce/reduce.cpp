@@ -6,7 +6,8 @@
 //   2. one elementwise loop per (element type, op), always inlined into
 //   3. thin per-ISA wrappers: a baseline x86-64 (SSE2) copy and, on x86, an
 //      AVX2+F16C copy selected once at run time, so that the library runs on
-//      any x86-64 without -march=native yet uses 256-bit vectors where it can;
+//      any x86-64 without -march=native yet uses 256-bit vectors where it can
+//      (CHORUS_CPU_FEATURES=baseline forces the baseline copy);
 //   4. the public entry points, which validate, resolve aliasing and dispatch.
 //
 // Buffers are reached through an aligned(1), may_alias view of the element
@@ -16,9 +17,11 @@
 #include "reduce/reduce.hpp"
 
 #include "core/enforce.hpp"
+#include "core/log.hpp"
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -356,22 +359,43 @@ template <class Codec>
 }
 #endif
 
-// Decided once: the CPU does not change under us. F16C is required alongside
-// AVX2 because the AVX2 copy converts fp16 with it (every AVX2 CPU has it).
+// CHORUS_CPU_FEATURES=baseline forces the portable kernels on any CPU, so that
+// the path of CPUs without AVX2 can be tested (tests/unit/test_reduce.cpp
+// re-runs its kernel tests under it) and measured (bench/micro) on one that
+// has it. auto (the default) takes the best copy the CPU supports. An unknown
+// value is reported and treated as auto, as CHORUS_DEBUG does: the kernels are
+// chosen on a transport's receive path, where an exception would fail a
+// collective rather than the setting.
+bool baseline_forced() {
+  const char* v = std::getenv("CHORUS_CPU_FEATURES");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return false;
+  if (std::strcmp(v, "baseline") == 0) return true;
+  CHORUS_WARN("CHORUS_CPU_FEATURES=" << v << " not understood (auto|baseline); using auto");
+  return false;
+}
+
+// Decided once, with CHORUS_CPU_FEATURES read at the same time: the CPU does
+// not change under us, and every rank must keep the kernels it started with.
+// F16C is required alongside AVX2 because the AVX2 copy converts fp16 with it
+// (every AVX2 CPU has it).
 bool use_avx2() noexcept {
-#if CHORUS_REDUCE_X86
   static const bool kUseAvx2 = [] {
+    const bool forced = baseline_forced();
+    bool avx2 = false;
+#if CHORUS_REDUCE_X86
     __builtin_cpu_init();
     // avx2 via the builtin, which also checks that the OS saves ymm state;
     // F16C via cpuid, because clang's builtin does not know "f16c".
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
-    return __builtin_cpu_supports("avx2") && f16c;
+    avx2 = __builtin_cpu_supports("avx2") && f16c;
+#endif
+    CHORUS_INFO("reduce kernels: " << (avx2 && !forced ? "avx2+f16c"
+                                       : forced        ? "baseline (CHORUS_CPU_FEATURES=baseline)"
+                                                       : "baseline (no AVX2+F16C)"));
+    return avx2 && !forced;
   }();
   return kUseAvx2;
-#else
-  return false;
-#endif
 }
 
 // The kernels for one (dtype, op). The 16-bit float kernels tolerate exact

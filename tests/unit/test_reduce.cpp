@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,7 +26,15 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
 
 namespace {
 
@@ -918,6 +927,79 @@ TEST(Conversions, FloatToBf16RoundsToNearestEven) {
     }
   }
   EXPECT_EQ(bad, 0) << "of " << checked << " inputs";
+}
+
+// ---------------------------------------------------------------------------
+// The portable kernels. On a CPU with AVX2+F16C every test above ran the AVX2
+// copy, but CPUs without it run the baseline one. The copy is chosen once per
+// process, so run the tests again in a child with CHORUS_CPU_FEATURES=baseline,
+// and check from its CHORUS_DEBUG=info log that the choice was taken.
+
+// Runs this binary with `args` and the environment changed by `set` (GTEST_*
+// variables dropped, so that the child cannot overwrite our XML report).
+// Returns the exit status (-1 if it did not exit) and stdout+stderr.
+std::pair<int, std::string> run_self(const std::vector<std::string>& args,
+                                     const std::vector<std::string>& set) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const std::string name = kv.substr(0, kv.find('='));
+    const bool replaced = std::any_of(set.begin(), set.end(), [&](const std::string& s) {
+      return s.compare(0, name.size() + 1, name + "=") == 0;
+    });
+    if (!replaced && name.rfind("GTEST_", 0) != 0) env.push_back(kv);
+  }
+  env.insert(env.end(), set.begin(), set.end());
+  std::vector<std::string> argv_s{"/proc/self/exe"};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv_p, env_p;
+  for (auto& a : argv_s) argv_p.push_back(a.data());
+  for (auto& e : env) env_p.push_back(e.data());
+  argv_p.push_back(nullptr);
+  env_p.push_back(nullptr);
+
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return {-1, "pipe2 failed"};
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], 2);
+  pid_t pid = -1;
+  const int rc =
+      posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, argv_p.data(), env_p.data());
+  posix_spawn_file_actions_destroy(&actions);
+  close(fds[1]);
+  std::string out;
+  if (rc == 0) {
+    char chunk[4096];
+    ssize_t got;
+    while ((got = read(fds[0], chunk, sizeof chunk)) > 0 || (got < 0 && errno == EINTR))
+      if (got > 0) out.append(chunk, static_cast<std::size_t>(got));
+  }
+  close(fds[0]);
+  if (rc != 0) return {-1, "posix_spawn failed: " + std::string(std::strerror(rc))};
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+TEST(PortableKernels, KernelTestsPassOnTheBaselinePath) {
+  const char* forced = std::getenv("CHORUS_CPU_FEATURES");
+  if (forced != nullptr && std::string(forced) == "baseline")
+    GTEST_SKIP() << "this process already runs the baseline kernels";
+  // Everything but the scalar conversions, which do not dispatch (and this test).
+  const auto [status, out] = run_self({"--gtest_filter=-Conversions.*:PortableKernels.*"},
+                                      {"CHORUS_CPU_FEATURES=baseline", "CHORUS_DEBUG=info"});
+  const std::string tail = out.size() > 4000 ? out.substr(out.size() - 4000) : out;
+  EXPECT_NE(out.find("reduce kernels: baseline (CHORUS_CPU_FEATURES=baseline)"), std::string::npos)
+      << "the child did not report the baseline kernels:\n"
+      << tail;
+  // The filter matched the kernel tests (a typo in it would pass vacuously).
+  EXPECT_NE(out.find("[       OK ] AllTypesAndOps/ReduceKernel.CombineMatchesReference/half_sum"),
+            std::string::npos)
+      << tail;
+  EXPECT_EQ(status, 0) << tail;
 }
 
 }  // namespace
