@@ -1,5 +1,9 @@
 #include "transport.hpp"
 
+#include "reduce/reduce.hpp"
+
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -44,6 +48,75 @@ void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, 
      << ". Every rank must issue the same collectives, in the same order, with the same count, "
         "dtype, op and root.";
   throw Error(ErrorCode::InvalidUsage, os.str(), peer);
+}
+
+void combine_into(const Combine& cb, char* dst, std::size_t offset, const char* incoming,
+                  std::size_t bytes) {
+  if (bytes == 0) return;
+  if (cb.kind == Combine::Kind::Copy) {
+    std::memcpy(dst + offset, incoming, bytes);
+    return;
+  }
+  const std::size_t n = bytes / size_of(cb.dtype);
+  if (cb.src == nullptr) {
+    reduce::combine(dst + offset, incoming, n, cb.dtype, cb.op);
+    return;
+  }
+  const char* other = static_cast<const char*>(cb.src) + offset;
+  if (cb.incoming_first) reduce::combine3(dst + offset, incoming, other, n, cb.dtype, cb.op);
+  else reduce::combine3(dst + offset, other, incoming, n, cb.dtype, cb.op);
+}
+
+Error timeout_error(std::span<const Request> reqs) {
+  std::ostringstream os;
+  int blamed = -1;
+  std::vector<int> waiting_recv;
+  std::vector<int> waiting_send;
+  for (const auto& r : reqs) {
+    if (r->done) continue;
+    auto& v = r->is_send ? waiting_send : waiting_recv;
+    if (std::find(v.begin(), v.end(), r->peer) == v.end()) v.push_back(r->peer);
+  }
+  os << "deadline passed";
+  if (!waiting_recv.empty()) {
+    os << " waiting for data from rank";
+    for (int p : waiting_recv) os << ' ' << p;
+    blamed = waiting_recv.front();
+  }
+  if (!waiting_send.empty()) {
+    os << (waiting_recv.empty() ? "" : " and") << " waiting to send to rank";
+    for (int p : waiting_send) os << ' ' << p;
+    if (blamed < 0) blamed = waiting_send.front();
+  }
+  os << "; that rank is stopped, stuck or much slower (raise CHORUS_TIMEOUT if it is only slow)";
+  return Error(ErrorCode::Timeout, os.str(), blamed);
+}
+
+Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank) {
+  int culprit = waits_for.count(my_rank) ? my_rank : -1;
+  if (culprit < 0 && !waits_for.empty()) culprit = waits_for.begin()->first;
+  std::ostringstream chain;
+  std::vector<int> seen;
+  while (culprit >= 0 && waits_for.count(culprit) &&
+         std::find(seen.begin(), seen.end(), culprit) == seen.end()) {
+    seen.push_back(culprit);
+    const int next = waits_for.at(culprit);
+    chain << (seen.size() > 1 ? ", " : "") << "rank " << culprit << " waited for rank " << next;
+    culprit = next;
+  }
+  std::ostringstream os;
+  os << "rank " << culprit << " did not respond within the deadline (" << chain.str()
+     << "); it is stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
+  return Error(ErrorCode::Timeout, os.str(), culprit);
+}
+
+Error notice_error(std::uint64_t code, int blamed, int from, const std::string& text) {
+  auto use = static_cast<ErrorCode>(code);
+  if (code < 1 || code > 9) use = ErrorCode::Internal;
+  // An abort on another rank is a failure of this collective for us.
+  if (use == ErrorCode::Aborted) use = ErrorCode::PeerFailure;
+  return Error(use, "rank " + std::to_string(from) + " failed and reported: " + text,
+               blamed >= 0 ? blamed : from);
 }
 
 namespace {

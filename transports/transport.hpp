@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -113,6 +114,10 @@ class Transport {
 
   virtual std::string name() const = 0;
   virtual Capabilities capabilities(int peer) const = 0;
+  // Whether this transport carries messages to `peer` (a transport that
+  // serves only part of a communicator, like shm for the ranks of one host,
+  // says no for the others).
+  virtual bool reaches(int peer) const { return peer >= 0; }
 
   // Posts a send of `bytes` from `buf` to `peer`. `buf` must stay valid and
   // unmodified until the request is done.
@@ -132,6 +137,10 @@ class Transport {
   // Makes whatever progress is possible without blocking.
   virtual void progress() = 0;
 
+  // Sleeps until something may have arrived, or at most `max`. Lets a
+  // composite transport wait on several at once; returns early at will.
+  virtual void block_for(std::chrono::microseconds max) = 0;
+
   // Thread-safe: makes any blocked wait() throw Error(Aborted) promptly.
   virtual void abort(const std::string& why) noexcept = 0;
 
@@ -140,6 +149,26 @@ class Transport {
   // waiting for their timeout.
   virtual void broadcast_failure(const Error& e) noexcept = 0;
 };
+
+// ---- Shared by the transports -------------------------------------------
+
+// Lands `bytes` of received data (whole elements) at byte `offset` of the
+// receive: copies, or reduces with dst (or with combine.src at the same
+// offset) as `combine` says.
+void combine_into(const Combine& combine, char* dst, std::size_t offset, const char* incoming,
+                  std::size_t bytes);
+
+// The Timeout error of a wait that passed its deadline with `reqs` pending,
+// blaming the first peer it still waits for.
+Error timeout_error(std::span<const Request> reqs);
+
+// Follows the wait chain (rank -> rank it timed out waiting for) from this
+// rank to the rank that reported nothing: the stopped or stuck one.
+Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank);
+
+// The error a rank takes from a failure notice that `from` sent, reporting
+// `code` and blaming `blamed` (or -1).
+Error notice_error(std::uint64_t code, int blamed, int from, const std::string& text);
 
 // Everything a transport factory needs.
 struct TransportContext {
@@ -151,6 +180,12 @@ struct TransportContext {
   std::chrono::microseconds spin{100};  // busy-poll time before blocking
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(300)};
   std::size_t socket_buffer_bytes = 0;  // 0: leave the system default
+  // The ranks on this rank's host (this one included), ascending. A
+  // transport for same-host peers (shm) serves only these.
+  std::vector<int> host_ranks;
+  // shm: serve the host peers it can and report the others through
+  // reaches() (auto mode), instead of failing when one is out of reach.
+  bool partial_ok = false;
 };
 
 using TransportFactory = std::function<std::unique_ptr<Transport>(const TransportContext&)>;
@@ -160,5 +195,9 @@ using TransportFactory = std::function<std::unique_ptr<Transport>(const Transpor
 bool register_transport(const std::string& name, TransportFactory factory);
 std::unique_ptr<Transport> create_transport(const std::string& name, const TransportContext& ctx);
 std::vector<std::string> transport_names();
+
+// The transport(s) of one communicator: `name` from the registry, or "auto":
+// shm for the peers on this host that it reaches, tcp for the others.
+std::unique_ptr<Transport> create_transports(const std::string& name, const TransportContext& ctx);
 
 }  // namespace chorus::transport

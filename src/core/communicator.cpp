@@ -9,6 +9,7 @@
 #include "core/enforce.hpp"
 #include "core/log.hpp"
 #include "core/net.hpp"
+#include "core/topology.hpp"
 #include "transport.hpp"
 
 #include <unistd.h>
@@ -105,18 +106,33 @@ struct CommImpl {
   // Executor: tickets run strictly in submission order. A blocking call runs
   // inline in the caller's thread once its turn comes (no thread hand-off on
   // the latency path); async calls run on a worker thread started on demand.
+  // An async send or recv is only *posted* in its turn: it completes later,
+  // driven by the worker (or by any later call's progress), so a posted send
+  // never holds back the receives queued behind it (a ring of send_async +
+  // recv_async completes on every transport, with or without buffering).
   std::mutex mu;
   std::condition_variable cv;
   std::uint64_t next_ticket = 0;
   std::uint64_t now_serving = 0;
   struct Task {
     std::uint64_t ticket;
-    std::function<void()> fn;
+    std::function<void()> fn;                    // runs to completion, or
+    std::function<transport::Request()> post;  // posts a request that completes later
+    transport::Deadline deadline{};
     std::shared_ptr<WorkState> state;
   };
   std::deque<Task> queue;
   std::thread worker;
   bool stopping = false;
+  // Posted point-to-point requests (worker thread only).
+  struct Inflight {
+    transport::Request req;
+    transport::Deadline deadline;
+    std::shared_ptr<WorkState> state;
+  };
+  std::deque<Inflight> inflight;
+  // One thread drives the transport at a time: a blocking call, or the worker.
+  std::mutex transport_mu;
 
   std::optional<Error> error;  // sticky: set once the communicator is unusable
   std::atomic<bool> aborted{false};
@@ -130,26 +146,101 @@ struct CommImpl {
     if (worker.joinable()) worker.join();
   }
 
+  bool front_runnable() const { return !queue.empty() && queue.front().ticket == now_serving; }
+
   void worker_loop() {
     std::unique_lock<std::mutex> lock(mu);
     while (true) {
-      cv.wait(lock, [&] { return !queue.empty() || stopping; });
-      if (queue.empty()) return;  // stopping and drained
-      Task task = std::move(queue.front());
-      queue.pop_front();
-      cv.wait(lock, [&] { return now_serving == task.ticket; });
-      lock.unlock();
-      std::optional<Error> err;
-      try {
-        run_guarded(task.fn);
-      } catch (const Error& e) {
-        err = e;
+      if (inflight.empty())
+        cv.wait(lock, [&] { return front_runnable() || (stopping && queue.empty()); });
+      if (front_runnable()) {
+        Task task = std::move(queue.front());
+        queue.pop_front();
+        lock.unlock();
+        run_task(task);
+        lock.lock();
+        ++now_serving;
+        cv.notify_all();
+        continue;
       }
-      task.state->finish(std::move(err));
-      lock.lock();
-      ++now_serving;
-      cv.notify_all();
+      if (!inflight.empty() && stopping && queue.empty()) {
+        // The communicator is being destroyed with sends or receives posted
+        // that nobody waited for: they can never complete now.
+        for (auto& f : inflight)
+          if (!f.req->done)
+            f.state->finish(Error(ErrorCode::Aborted,
+                                  "the communicator was destroyed before this operation completed"));
+          else
+            f.state->finish(std::nullopt);
+        inflight.clear();
+        return;
+      }
+      if (!inflight.empty()) {
+        lock.unlock();
+        drive_inflight();
+        lock.lock();
+        continue;
+      }
+      if (stopping && queue.empty()) return;  // drained
     }
+  }
+
+  void run_task(Task& task) {
+    std::lock_guard<std::mutex> t(transport_mu);
+    std::optional<Error> err;
+    try {
+      if (task.post) {
+        transport::Request r;
+        run_guarded([&] { r = task.post(); });
+        inflight.push_back(Inflight{std::move(r), task.deadline, task.state});
+        sweep_inflight();
+        return;
+      }
+      run_guarded(task.fn);
+    } catch (const Error& e) {
+      err = e;
+    }
+    task.state->finish(std::move(err));
+    sweep_inflight();
+  }
+
+  // Finishes the posted requests that are done.
+  void sweep_inflight() {
+    for (auto it = inflight.begin(); it != inflight.end();) {
+      if (it->req->done) {
+        it->state->finish(std::nullopt);
+        it = inflight.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  // Progresses the posted requests for a short while (worker thread).
+  void drive_inflight() {
+    std::lock_guard<std::mutex> t(transport_mu);
+    sweep_inflight();
+    if (inflight.empty()) return;
+    try {
+      run_guarded([&] {
+        const auto now = transport::Clock::now();
+        for (auto& f : inflight)
+          if (!f.req->done && now >= f.deadline)
+            transport->wait({&f.req, 1}, f.deadline);  // throws Timeout, naming the culprit
+        transport->progress();
+        bool any = false;
+        for (auto& f : inflight) any = any || f.req->done;
+        if (!any) {
+          transport->block_for(std::chrono::microseconds(50));
+          transport->progress();
+        }
+      });
+    } catch (const Error& e) {
+      for (auto& f : inflight) f.state->finish(e);
+      inflight.clear();
+      return;
+    }
+    sweep_inflight();
   }
 
   // Runs one operation; any failure during it makes the communicator unusable
@@ -191,7 +282,7 @@ struct CommImpl {
     const std::uint64_t ticket = next_ticket++;
     if (async) {
       auto state = std::make_shared<WorkState>();
-      queue.push_back(Task{ticket, std::move(fn), state});
+      queue.push_back(Task{ticket, std::move(fn), nullptr, {}, state});
       if (!worker.joinable()) worker = std::thread([this] { worker_loop(); });
       cv.notify_all();
       return Work(state);
@@ -206,8 +297,22 @@ struct CommImpl {
         self->cv.notify_all();
       }
     } advance{this};
+    std::lock_guard<std::mutex> t(transport_mu);
     run_guarded(fn);
     return Work();
+  }
+
+  // Submits an async point-to-point operation: `post` runs in its turn on the
+  // worker and returns the request; the Work completes when it is done.
+  Work submit_posted(std::function<transport::Request()> post, transport::Deadline deadline) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (error) throw unusable(*error);
+    const std::uint64_t ticket = next_ticket++;
+    auto state = std::make_shared<WorkState>();
+    queue.push_back(Task{ticket, nullptr, std::move(post), deadline, state});
+    if (!worker.joinable()) worker = std::thread([this] { worker_loop(); });
+    cv.notify_all();
+    return Work(state);
   }
 
   transport::Deadline deadline(const CallOptions& o) const {
@@ -343,6 +448,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
 
   // Where do we listen? One host: loopback. Several: the interface asked for,
   // or the address the route to the store uses.
+  st.set_string("transport/" + std::to_string(rank), settings.transport);
   st.set_string("host/" + std::to_string(rank), host_identity());
   std::vector<std::string> host_keys;
   for (int r = 0; r < size; ++r) host_keys.push_back("host/" + std::to_string(r));
@@ -357,11 +463,27 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
                                         std::to_string(size) + ")" +
                                         diagnose_generations(*base, rank, size));
   }
+  // Every rank must ask for the same transport: mixing "auto" and "tcp" would
+  // leave one side waiting for a shared-memory segment that never comes.
+  for (int r = 0; r < size; ++r) {
+    const std::string theirs = st.get_string("transport/" + std::to_string(r));
+    if (theirs != settings.transport)
+      throw Error(ErrorCode::InvalidUsage,
+                  "ranks disagree on the transport: rank " + std::to_string(r) + " uses '" + theirs +
+                      "' but rank " + std::to_string(rank) + " uses '" + settings.transport +
+                      "' (CHORUS_TRANSPORT or Config::transport must be the same on every rank)",
+                  r);
+  }
   const std::string me = host_identity();
-  int local_ranks = 0;
+  std::vector<int> host_ranks;  // this host's ranks, ascending
   for (int r = 0; r < size; ++r)
-    if (st.get_string("host/" + std::to_string(r)) == me) ++local_ranks;
+    if (st.get_string("host/" + std::to_string(r)) == me) host_ranks.push_back(r);
+  int local_ranks = static_cast<int>(host_ranks.size());
   const bool single_host = local_ranks == size;
+  // CPU binding (CHORUS_CPU_BIND, core/topology.hpp): local index = position among this host's ranks.
+  topo::bind_local_rank(
+      static_cast<int>(std::find(host_ranks.begin(), host_ranks.end(), rank) - host_ranks.begin()),
+      local_ranks, settings.cpu_bind);
   // Busy-polling pays only when every rank of this host has a CPU to itself;
   // with more ranks than CPUs a spinning rank steals time from the one it is
   // waiting for (8 ranks on 2 cores: 8-byte allreduce 830 us spinning, 410 us
@@ -388,15 +510,17 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
     throw Error(ErrorCode::InvalidArgument,
                 "ranks are on several hosts but no network interface is known: set "
                 "CHORUS_SOCKET_IFNAME (e.g. eth0)");
-  impl->transport = transport::create_transport(settings.transport, tc);
+  tc.host_ranks = host_ranks;
+  impl->transport = transport::create_transports(settings.transport, tc);
 
-  // Everyone has published an address: creation is complete on every rank
-  // only when the whole group exists.
-  std::vector<std::string> addr_keys;
-  for (int r = 0; r < size; ++r) addr_keys.push_back(settings.transport + "/" + std::to_string(r));
-  st.wait(addr_keys, settings.timeout);
+  // Creation is complete on every rank only when the whole group exists.
+  st.set_string("ready/" + std::to_string(rank), impl->transport->name());
+  std::vector<std::string> ready_keys;
+  for (int r = 0; r < size; ++r) ready_keys.push_back("ready/" + std::to_string(r));
+  st.wait(ready_keys, settings.timeout);
   CHORUS_INFO("communicator " << prefix << ": rank " << rank << "/" << size << ", transport "
-                              << settings.transport << " on " << tc.listen_host
+                              << impl->transport->name() << " (" << settings.transport << ") on "
+                              << tc.listen_host
                               << (single_host ? " (single host)" : " (multi-host)")
                               << ", chunk " << settings.chunk_bytes << " B, spin "
                               << eff.spin.count() << " us (" << local_ranks << " ranks on "
@@ -669,11 +793,15 @@ Work op_send(CommImpl& c, const void* buf, std::size_t count, DataType t, int pe
     std::lock_guard<std::mutex> lock(c.mu);
     call.seq = c.send_seq[static_cast<std::size_t>(peer)]++;
   }
+  if (async)
+    return c.submit_posted(
+        [&c, call, buf, count, t, peer] { return c.transport->isend(peer, call, buf, count * size_of(t)); },
+        c.deadline(o));
   return c.submit([&c, call, o, buf, count, t, peer] {
     algo::Context ctx = c.context(call, o);
     auto r = ctx.t.isend(peer, call, buf, count * size_of(t));
     ctx.t.wait({&r, 1}, ctx.deadline);
-  }, async);
+  }, false);
 }
 
 Work op_recv(CommImpl& c, void* buf, std::size_t count, DataType t, int peer,
@@ -687,11 +815,17 @@ Work op_recv(CommImpl& c, void* buf, std::size_t count, DataType t, int peer,
     std::lock_guard<std::mutex> lock(c.mu);
     call.seq = c.recv_seq[static_cast<std::size_t>(peer)]++;
   }
+  if (async)
+    return c.submit_posted(
+        [&c, call, buf, count, t, peer] {
+          return c.transport->irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
+        },
+        c.deadline(o));
   return c.submit([&c, call, o, buf, count, t, peer] {
     algo::Context ctx = c.context(call, o);
     auto r = ctx.t.irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
     ctx.t.wait({&r, 1}, ctx.deadline);
-  }, async);
+  }, false);
 }
 
 }  // namespace

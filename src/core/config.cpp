@@ -78,6 +78,7 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
   }
   if (const char* v = lookup(getenv, "CHORUS_SOCKET_BUFFER"))
     s.socket_buffer_bytes = parse_bytes(v, "CHORUS_SOCKET_BUFFER");
+  if (const char* v = lookup(getenv, "CHORUS_CPU_BIND")) s.cpu_bind = v;
   return s;
 }
 

@@ -15,12 +15,13 @@ namespace chorus {
 
 struct Settings {
   std::chrono::milliseconds timeout{std::chrono::seconds(300)};  // CHORUS_TIMEOUT (seconds)
-  std::string transport = "tcp";                                 // CHORUS_TRANSPORT
+  std::string transport = "auto";                                // CHORUS_TRANSPORT (auto: shm within a host, tcp between)
   std::string socket_ifname;                                     // CHORUS_SOCKET_IFNAME
   std::chrono::microseconds spin{100};                           // CHORUS_SPIN_US
   bool spin_from_env = false;  // CHORUS_SPIN_US was set (else adapted to oversubscription)
   std::size_t chunk_bytes = 512 << 10;                           // CHORUS_CHUNK_BYTES
   std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
+  std::string cpu_bind = "auto";                                 // CHORUS_CPU_BIND: auto|none|<cpu list>
 };
 
 using EnvLookup = std::function<const char*(const char*)>;

@@ -155,10 +155,13 @@ class RankContext {
     return std::make_shared<chorus::FileStore>(store_dir_);
   }
 
-  // Creates this rank's communicator on the group's FileStore.
-  chorus::Communicator create(std::chrono::milliseconds timeout) const {
+  // Creates this rank's communicator on the group's FileStore, on the
+  // transport CHORUS_TRANSPORT names unless `transport` is given.
+  chorus::Communicator create(std::chrono::milliseconds timeout,
+                              const std::string& transport = "") const {
     chorus::Config config;
     config.timeout = timeout;
+    config.transport = transport;
     return chorus::Communicator::create(rank_, size_, store(), config);
   }
 

@@ -365,7 +365,7 @@ TEST(Stranger, GarbageAndHttpOnTheTransportPortAreIgnored) {
   static constexpr std::size_t kCount = 4096;
   static constexpr int kRounds = 100;
   Group g(kRanks, [](RankContext& ctx) {
-    auto comm = ctx.create(kLongTimeout);
+    auto comm = ctx.create(kLongTimeout, "tcp");  // these tests speak TCP;
     const auto in = rank_values(ctx.rank(), kCount);
     std::vector<float> out(kCount);
     comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
@@ -507,7 +507,7 @@ TEST_P(MalformedFrame, FailsTheVictimWithTransportErrorNamingTheRank) {
   const BadFrame bad = GetParam();
   Group g(2, std::vector<faults::Body>{
                  [](RankContext& ctx) {
-                   auto comm = ctx.create(kLongTimeout);
+                   auto comm = ctx.create(kLongTimeout, "tcp");
                    ctx.started();
                    std::vector<float> buf(16);
                    ctx.attempt("recv", [&] { comm.recv(buf.data(), buf.size(), DataType::Float32, 1); });
@@ -521,6 +521,7 @@ TEST_P(MalformedFrame, FailsTheVictimWithTransportErrorNamingTheRank) {
                    const std::string prefix =
                        "chorus/c" + std::to_string(store->add("chorus/generation/1", 1));
                    store->add(prefix + "/claim/1", 1);
+                   store->set_string(prefix + "/transport/1", "tcp");
                    store->set_string(prefix + "/host/1", host_identity());
                    const int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
                    sockaddr_in sa{};
@@ -532,6 +533,7 @@ TEST_P(MalformedFrame, FailsTheVictimWithTransportErrorNamingTheRank) {
                        ::getsockname(lfd, reinterpret_cast<sockaddr*>(&sa), &len) != 0)
                      throw std::runtime_error("fake rank: cannot listen");
                    store->set_string(prefix + "/tcp/1", "127.0.0.1:" + std::to_string(ntohs(sa.sin_port)));
+                   store->set_string(prefix + "/ready/1", "tcp");
                    store->wait({prefix + "/tcp/0"}, kLongTimeout);
                    const int fd = connect_raw(store->get_string(prefix + "/tcp/0"));
                    if (fd < 0) throw std::runtime_error("fake rank: cannot connect to rank 0");
@@ -588,7 +590,7 @@ TEST(NormalExit, RankThatDestroysItsCommunicatorDoesNotFailTheOthers) {
   Group g(kRanks, [](RankContext& ctx) {
     std::vector<float> out(kCount);
     {
-      auto comm = ctx.create(kLongTimeout);
+      auto comm = ctx.create(kLongTimeout, "tcp");
       const auto in = rank_values(ctx.rank(), kCount);
       ctx.attempt("allreduces", [&] {
         for (int i = 0; i < 3; ++i) {

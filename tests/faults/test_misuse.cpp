@@ -431,6 +431,30 @@ TEST(Rendezvous, TwoProcessesClaimingOneRankAreDiagnosedAtTheDeadline) {
   EXPECT_EQ(diagnosed, 1) << claimers[0].describe() << " / " << claimers[1].describe();
 }
 
+// Rank 0 asks for tcp, rank 1 for shm: both must fail at creation with
+// InvalidUsage naming the other's choice, not wait for a segment or an
+// address that never comes.
+TEST(Rendezvous, RanksAskingForDifferentTransportsFailAtCreation) {
+  auto with = [](const char* transport) {
+    return [transport](RankContext& ctx) {
+      chorus::Config config;
+      config.timeout = 20s;
+      config.transport = transport;
+      ctx.attempt("create", [&] { Communicator::create(ctx.rank(), 2, ctx.store(), config); });
+      ctx.hold();
+    };
+  };
+  Group g(2, std::vector<faults::Body>{with("tcp"), with("shm")});
+  for (int p = 0; p < 2; ++p) {
+    const auto r = g.result(p, "create", kReportWait);
+    ASSERT_TRUE(r) << "create() of rank " << p << " did not return (hang?); it is " << g.status(p);
+    EXPECT_EQ(r->error_code(), ErrorCode::InvalidUsage) << r->describe();
+    EXPECT_TRUE(r->has("ranks disagree on the transport")) << r->describe();
+    EXPECT_TRUE(r->has(p == 0 ? "'shm'" : "'tcp'")) << r->describe();
+    EXPECT_LT(r->seconds(), 10.0) << r->describe();
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {

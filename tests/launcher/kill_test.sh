@@ -40,5 +40,18 @@ for r in 0 1 3; do
     { echo "FAIL: rank $r did not report PeerFailure naming rank $victim"; fail=1; }
 done
 if (( $(echo "$elapsed > 10" | bc) )); then echo "FAIL: took $elapsed s (> 10 s)"; fail=1; fi
-[[ $fail -eq 0 ]] && echo "PASS: survivors failed with PeerFailure naming rank $victim in $elapsed s"
+# Shared memory (the default transport within a host): nothing of this job
+# may stay in /dev/shm.
+left=$(ls /dev/shm | grep "^chorus-j$launcher-" || true)
+[[ -z "$left" ]] || { echo "FAIL: /dev/shm still holds: $left"; fail=1; }
+
+# A rank that dies between creating its segment and unlinking it: chorusrun
+# removes what it left (segments are named chorus-<CHORUS_JOB_ID>-...).
+"$chorusrun" -n 2 -- sh -c 'touch "/dev/shm/chorus-$CHORUS_JOB_ID-r$CHORUS_RANK"; kill -9 $$' >"$log" 2>&1
+rc=$?
+[[ $rc -ne 0 ]] || { echo "FAIL: chorusrun exited 0 after its ranks were killed"; fail=1; }
+left=$(ls /dev/shm | grep '^chorus-j' | grep -- "-r[01]$" || true)
+[[ -z "$left" ]] || { echo "FAIL: chorusrun left segments of dead ranks: $left"; fail=1; }
+
+[[ $fail -eq 0 ]] && echo "PASS: survivors failed with PeerFailure naming rank $victim in $elapsed s; /dev/shm clean"
 exit $fail

@@ -114,12 +114,13 @@ TEST(Settings, DefaultsAndEnvironment) {
   FakeEnv none;
   auto s = chorus::resolve_settings({}, none.fn());
   EXPECT_EQ(s.timeout, std::chrono::seconds(300));
-  EXPECT_EQ(s.transport, "tcp");
+  EXPECT_EQ(s.transport, "auto");
   EXPECT_EQ(s.spin, std::chrono::microseconds(100));
+  EXPECT_EQ(s.cpu_bind, "auto");
 
   FakeEnv env{{{"CHORUS_TIMEOUT", "2.5"}, {"CHORUS_TRANSPORT", "xyz"}, {"CHORUS_SPIN_US", "7"},
                {"CHORUS_CHUNK_BYTES", "64K"}, {"CHORUS_SOCKET_BUFFER", "4M"},
-               {"CHORUS_SOCKET_IFNAME", "eth9"}}};
+               {"CHORUS_SOCKET_IFNAME", "eth9"}, {"CHORUS_CPU_BIND", "0,1"}}};
   s = chorus::resolve_settings({}, env.fn());
   EXPECT_EQ(s.timeout, std::chrono::milliseconds(2500));
   EXPECT_EQ(s.transport, "xyz");
@@ -127,6 +128,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.chunk_bytes, 64u * 1024u);
   EXPECT_EQ(s.socket_buffer_bytes, 4u << 20);
   EXPECT_EQ(s.socket_ifname, "eth9");
+  EXPECT_EQ(s.cpu_bind, "0,1");
 
   // The Config passed in code wins over the environment.
   chorus::Config cfg;

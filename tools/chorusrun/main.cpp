@@ -11,11 +11,14 @@
 #include <chorus/error.hpp>
 #include <chorus/store.hpp>
 
+#include "core/topology.hpp"
+
 #include <CLI/CLI.hpp>
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <poll.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -68,7 +71,8 @@ struct Options {
   double timeout_s = 0;
   bool tag_output = true;
   double grace_s = 3.0;
-  std::string bind_to = "auto";  // auto | core | none
+  // auto | core | none | CPU list; empty: CHORUS_CPU_BIND, else auto.
+  std::string bind_to;
   bool verbose = false;
   std::vector<std::string> command;
 };
@@ -246,10 +250,12 @@ class Launcher {
   explicit Launcher(Options opt) : opt_(std::move(opt)) {}
 
   int run();
+  void remove_segments();
 
  private:
   bool spawn(Rank& r, const std::string& program, const std::vector<std::string>& base_env,
-             const std::string& store_addr);
+             const std::string& store_addr, const chorus::topo::CpuMask* bind);
+  bool plan_binding(std::vector<std::string>& base_env);
   void reap();
   void signal_ranks(int sig);
   void start_stopping(int exit_code);
@@ -260,6 +266,8 @@ class Launcher {
 
   Options opt_;
   std::vector<Rank> ranks_;
+  // Per rank: the CPUs it is bound to before exec (null: not bound).
+  std::vector<std::unique_ptr<chorus::topo::CpuMask>> bind_masks_;
   bool stopping_ = false;    // a rank failed or we were signalled: tearing down
   std::vector<std::size_t> failures_;               // ranks that failed, not yet blamed
   std::optional<Clock::time_point> settle_until_;   // set while failures_ settles
@@ -271,10 +279,50 @@ class Launcher {
   std::optional<Clock::time_point> term_deadline_;
   std::optional<Clock::time_point> signalled_at_;  // when we were first interrupted
   int exit_code_ = 0;
+  std::string job_id_;  // CHORUS_JOB_ID of the ranks
 };
 
+// Plans the ranks' CPU binding with the library's own topology code
+// (src/core/topology), from --bind-to or else CHORUS_CPU_BIND as the ranks
+// would see it, and tells the ranks it has been decided (CHORUS_CPU_BIND=none),
+// so that their communicators do not bind again. False for a bad spec.
+bool Launcher::plan_binding(std::vector<std::string>& base_env) {
+  std::string spec = opt_.bind_to;
+  std::string source = "--bind-to";
+  if (spec.empty()) {
+    source = "CHORUS_CPU_BIND";
+    for (const std::string& e : base_env)
+      if (e.rfind("CHORUS_CPU_BIND=", 0) == 0) spec = e.substr(std::strlen("CHORUS_CPU_BIND="));
+    if (spec.empty()) spec = "auto";
+  }
+  bind_masks_.clear();
+  bind_masks_.resize(static_cast<std::size_t>(opt_.np));
+  const chorus::topo::Topology topo = chorus::topo::discover();
+  chorus::topo::Plan plan;
+  try {
+    plan = chorus::topo::plan_binding(topo, opt_.np, spec);
+  } catch (const chorus::Error& e) {
+    say(source + ": " + e.message());
+    return false;
+  }
+  if (opt_.verbose) say("topology: " + chorus::topo::describe(topo));
+  if (!plan.bound()) {
+    // An explicit request that cannot be met deserves a word; auto does not.
+    if (spec == "core" || opt_.verbose) say(source + " " + spec + ": " + plan.reason);
+  } else {
+    for (int i = 0; i < opt_.np; ++i) {
+      const auto& cpus = plan.cpus[static_cast<std::size_t>(i)];
+      bind_masks_[static_cast<std::size_t>(i)] = std::make_unique<chorus::topo::CpuMask>(cpus);
+      if (opt_.verbose)
+        say("rank " + std::to_string(i) + " bound to " + chorus::topo::describe_binding(topo, cpus));
+    }
+  }
+  set_env(base_env, "CHORUS_CPU_BIND", "none");
+  return true;
+}
+
 bool Launcher::spawn(Rank& r, const std::string& program, const std::vector<std::string>& base_env,
-                     const std::string& store_addr) {
+                     const std::string& store_addr, const chorus::topo::CpuMask* bind) {
   // Everything the child needs is built before fork(): between fork and exec
   // only async-signal-safe calls are allowed.
   std::vector<std::string> env = base_env;
@@ -301,29 +349,6 @@ bool Launcher::spawn(Rank& r, const std::string& program, const std::vector<std:
       return false;
     }
   }
-  // CPU binding, chosen in the launcher (the child may only call
-  // async-signal-safe functions): rank r gets the r-th allowed CPU.
-  int bind_cpu = -1;
-  {
-    cpu_set_t allowed;
-    CPU_ZERO(&allowed);
-    if (::sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
-      std::vector<int> cpus;
-      for (int c = 0; c < CPU_SETSIZE; ++c)
-        if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
-      // Never two ranks on one core: with more ranks than CPUs, bind nothing
-      // and let the scheduler share them out.
-      const bool fits = static_cast<std::size_t>(opt_.np) <= cpus.size();
-      if (opt_.bind_to == "core" || (opt_.bind_to == "auto" && fits)) {
-        if (fits) bind_cpu = cpus[static_cast<std::size_t>(r.rank)];
-        else if (r.rank == 0)
-          say("--bind-to core: " + std::to_string(opt_.np) + " ranks but only " +
-              std::to_string(cpus.size()) + " CPUs; not binding");
-      }
-    }
-  }
-  if (opt_.verbose && bind_cpu >= 0)
-    say("rank " + std::to_string(r.rank) + " bound to CPU " + std::to_string(bind_cpu));
   const pid_t parent = ::getpid();
   const std::string exec_error = "chorusrun: cannot execute '" + program + "': ";
   const pid_t pid = ::fork();
@@ -345,12 +370,9 @@ bool Launcher::spawn(Rank& r, const std::string& program, const std::vector<std:
     ::setpgid(0, 0);
     // If the launcher dies (even by SIGKILL), the rank is told to stop.
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (bind_cpu >= 0) {
-      cpu_set_t one;
-      CPU_ZERO(&one);
-      CPU_SET(bind_cpu, &one);
-      ::sched_setaffinity(0, sizeof one, &one);
-    }
+    // The mask was built before fork: applying it is one system call, and
+    // before exec it covers every thread the program will start.
+    if (bind != nullptr) (void)bind->apply();
     if (::getppid() != parent) ::_exit(1);  // the launcher died before prctl
     // A background process group reading the terminal would be stopped
     // (SIGTTIN), so no rank gets the launcher's stdin.
@@ -477,6 +499,10 @@ int Launcher::run() {
   for (char** e = environ; *e != nullptr; ++e)
     if (!is_launcher_var(*e)) base_env.emplace_back(*e);
   if (!opt_.transport.empty()) set_env(base_env, "CHORUS_TRANSPORT", opt_.transport);
+  // The job id names the ranks' shared-memory segments, so that what a rank
+  // killed during setup leaves in /dev/shm can be removed below.
+  job_id_ = "j" + std::to_string(::getpid());
+  set_env(base_env, "CHORUS_JOB_ID", job_id_);
   if (opt_.timeout_s > 0) set_env(base_env, "CHORUS_TIMEOUT", format_seconds(opt_.timeout_s));
   for (const std::string& x : opt_.env) {
     const std::size_t eq = x.find('=');
@@ -492,6 +518,7 @@ int Launcher::run() {
       set_env(base_env, x.substr(0, eq), x.substr(eq + 1));
     }
   }
+  if (!plan_binding(base_env)) return 1;
 
   if (::pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
     say(std::string("pipe failed: ") + std::strerror(errno));
@@ -507,7 +534,8 @@ int Launcher::run() {
   ranks_.resize(static_cast<std::size_t>(opt_.np));
   for (int i = 0; i < opt_.np; ++i) {
     ranks_[static_cast<std::size_t>(i)].rank = i;
-    if (!spawn(ranks_[static_cast<std::size_t>(i)], *program, base_env, store_addr)) {
+    if (!spawn(ranks_[static_cast<std::size_t>(i)], *program, base_env, store_addr,
+               bind_masks_[static_cast<std::size_t>(i)].get())) {
       start_stopping(1);
       break;
     }
@@ -620,7 +648,23 @@ int Launcher::run() {
     }
   }
   store->stop();
+  remove_segments();
   return exit_code_;
+}
+
+// Removes the job's shared-memory segments. The ranks unlink theirs once
+// every peer has mapped them, so only a rank that died in between leaves one.
+void Launcher::remove_segments() {
+  const std::string prefix = "chorus-" + job_id_ + "-";
+  DIR* d = ::opendir("/dev/shm");
+  if (d == nullptr) return;
+  while (dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.rfind(prefix, 0) != 0) continue;
+    if (::shm_unlink(("/" + name).c_str()) == 0 && opt_.verbose)
+      say("removed the stale shared-memory segment /dev/shm/" + name);
+  }
+  ::closedir(d);
 }
 
 // CLI11's generated usage line cannot say that a program follows the options.
@@ -675,11 +719,12 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   app.add_option("--bind-to", opt.bind_to,
-                 "Pin each rank to its own CPU: auto (when ranks <= CPUs), core, none. Ranks that "
+                 "Pin each rank to a core of its own, round-robin over NUMA nodes: auto (when "
+                 "2 <= ranks <= cores), core (also a single rank), none, or a CPU list, one entry "
+                 "per rank (0,2,4-7, or 0-3;4-7 for sets). Default: CHORUS_CPU_BIND, else auto. "
+                 "Never two ranks on one core. The ranks get CHORUS_CPU_BIND=none. Ranks that "
                  "busy-poll (Chorus, MPI) lose tens of microseconds per call when the scheduler "
-                 "puts two on one CPU")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "core", "none"}));
+                 "puts two on one CPU");
   app.add_flag("-v,--verbose", opt.verbose, "Report the store address, pids and every exit");
 
   // Split at the first "--" ourselves: what follows is the program and its

@@ -494,17 +494,7 @@ class TcpTransport final : public Transport {
         const std::size_t esize = size_of(c.target->combine.dtype);
         const std::size_t whole = c.staged / esize * esize;
         if (whole > 0) {
-          const Combine& cb = c.target->combine;
-          if (cb.src != nullptr && cb.incoming_first)
-            reduce::combine3(c.target->dst + c.reduced, c.staging.data(),
-                             static_cast<const char*>(cb.src) + c.reduced, whole / esize, cb.dtype,
-                             cb.op);
-          else if (cb.src != nullptr)
-            reduce::combine3(c.target->dst + c.reduced, static_cast<const char*>(cb.src) + c.reduced,
-                             c.staging.data(), whole / esize, cb.dtype, cb.op);
-          else
-            reduce::combine(c.target->dst + c.reduced, c.staging.data(), whole / esize, cb.dtype,
-                            cb.op);
+          combine_into(c.target->combine, c.target->dst, c.reduced, c.staging.data(), whole);
           c.reduced += whole;
           std::memmove(c.staging.data(), c.staging.data() + whole, c.staged - whole);
           c.staged -= whole;
@@ -674,11 +664,10 @@ class TcpTransport final : public Transport {
   }
 
   void on_notice(Conn& c) {
-    const auto code = static_cast<ErrorCode>(c.hdr.seq);
     const int blamed = c.hdr.root;
     std::string text(c.buffer.begin(), c.buffer.end());
     c.buffer = {};
-    if (code == ErrorCode::Timeout && blamed >= 0 && blamed < ctx_.size) {
+    if (c.hdr.seq == static_cast<std::uint64_t>(ErrorCode::Timeout) && blamed >= 0 && blamed < ctx_.size) {
       // "rank c.peer waited for rank blamed": an edge of the wait chain. The
       // waiting call resolves the chain (resolve_timeout) instead of taking
       // the first report at its word.
@@ -686,12 +675,7 @@ class TcpTransport final : public Transport {
       timeout_reported_ = true;
       return;
     }
-    ErrorCode use = code;
-    if (static_cast<int>(code) < 1 || static_cast<int>(code) > 9) use = ErrorCode::Internal;
-    // An abort on another rank is a failure of this collective for us.
-    if (use == ErrorCode::Aborted) use = ErrorCode::PeerFailure;
-    fail(Error(use, "rank " + std::to_string(c.peer) + " failed and reported: " + text,
-               blamed >= 0 ? blamed : c.peer));
+    fail(notice_error(c.hdr.seq, blamed, c.peer, text));
   }
 
   void match_unexpected(int peer) {
@@ -708,24 +692,20 @@ class TcpTransport final : public Transport {
         fail(e);
         return;
       }
-      if (op.combine.kind == Combine::Kind::Copy) {
-        if (!u.data.empty()) std::memcpy(op.dst, u.data.data(), u.data.size());
-      } else if (op.combine.src != nullptr) {
-        const void* a = op.combine.incoming_first ? u.data.data() : op.combine.src;
-        const void* b = op.combine.incoming_first ? op.combine.src : u.data.data();
-        reduce::combine3(op.dst, a, b, u.data.size() / size_of(op.combine.dtype), op.combine.dtype,
-                         op.combine.op);
-      } else {
-        reduce::combine(op.dst, u.data.data(), u.data.size() / size_of(op.combine.dtype),
-                        op.combine.dtype, op.combine.op);
-      }
+      combine_into(op.combine, op.dst, 0, u.data.data(), u.data.size());
       op.req->done = true;
     }
   }
 
   // ---- waiting and failure -----------------------------------------------
 
-  void block(Deadline deadline) {
+ public:
+  void block_for(std::chrono::microseconds max) override {
+    block(Clock::now() + max, /*at_least_1ms=*/false);
+  }
+
+ private:
+  void block(Deadline deadline, bool at_least_1ms = true) {
     fds_.clear();
     fds_.push_back({wake_.get(), POLLIN, 0});
     fds_.push_back({listen_.get(), POLLIN, 0});
@@ -741,7 +721,7 @@ class TcpTransport final : public Transport {
       }
     }
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-    int ms = static_cast<int>(std::clamp<long long>(left + 1, 0, 200));
+    int ms = static_cast<int>(std::clamp<long long>(left + (at_least_1ms ? 1 : 0), 0, 200));
     ::poll(fds_.data(), fds_.size(), ms);
     if (fds_[0].revents & POLLIN) {
       std::uint64_t v;
@@ -786,46 +766,7 @@ class TcpTransport final : public Transport {
       progress(true);  // throws at once on any other failure (a death, a mismatch)
       block(until);
     }
-    int culprit = waits_for_.count(ctx_.rank) ? ctx_.rank : -1;
-    if (culprit < 0 && !waits_for_.empty()) culprit = waits_for_.begin()->first;
-    std::ostringstream chain;
-    std::vector<int> seen;
-    while (culprit >= 0 && waits_for_.count(culprit) &&
-           std::find(seen.begin(), seen.end(), culprit) == seen.end()) {
-      seen.push_back(culprit);
-      const int next = waits_for_[culprit];
-      chain << (seen.size() > 1 ? ", " : "") << "rank " << culprit << " waited for rank " << next;
-      culprit = next;
-    }
-    std::ostringstream os;
-    os << "rank " << culprit << " did not respond within the deadline (" << chain.str()
-       << "); it is stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
-    fail(Error(ErrorCode::Timeout, os.str(), culprit));
-  }
-
-  Error timeout_error(std::span<const Request> reqs) const {
-    std::ostringstream os;
-    int blamed = -1;
-    std::vector<int> waiting_recv;
-    std::vector<int> waiting_send;
-    for (const auto& r : reqs) {
-      if (r->done) continue;
-      auto& v = r->is_send ? waiting_send : waiting_recv;
-      if (std::find(v.begin(), v.end(), r->peer) == v.end()) v.push_back(r->peer);
-    }
-    os << "deadline passed";
-    if (!waiting_recv.empty()) {
-      os << " waiting for data from rank";
-      for (int p : waiting_recv) os << ' ' << p;
-      blamed = waiting_recv.front();
-    }
-    if (!waiting_send.empty()) {
-      os << (waiting_recv.empty() ? "" : " and") << " waiting to send to rank";
-      for (int p : waiting_send) os << ' ' << p;
-      if (blamed < 0) blamed = waiting_send.front();
-    }
-    os << "; that rank is stopped, stuck or much slower (raise CHORUS_TIMEOUT if it is only slow)";
-    return Error(ErrorCode::Timeout, os.str(), blamed);
+    fail(timeout_chain_error(waits_for_, ctx_.rank));
   }
 
   void check_usable(int peer) {

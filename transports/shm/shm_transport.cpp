@@ -1,0 +1,906 @@
+// Shared-memory transport for the ranks of one host.
+//
+// Each rank owns one POSIX shared-memory segment holding its *inbound*
+// channels, one per same-host peer. A channel is a ring of 64-byte slots;
+// every slot starts with an 8-byte flag (its ring position + 1) written last
+// with release order, so the data of a slot and the flag that says it is
+// there travel in one cache line (the idea of NCCL's LL protocol): an 8-byte
+// message is one slot, one cache-line transfer, no system call.
+//
+//   small message (<= kEagerBytes): header slot + ceil(bytes / 56) data slots
+//   large message: one header slot carrying the sender's buffer address; the
+//     receiver reads straight from the sender's memory with process_vm_readv
+//     (CMA), into the destination for a copy, or through a cache-sized
+//     staging buffer for a reduction, then acknowledges. One copy, no FIFO.
+//
+// Receives match in post order per peer, and a message stays in the ring
+// until its receive is posted: the ring is the unexpected queue and its size
+// is the flow control. Waiting spins for CHORUS_SPIN_US, then sleeps on a
+// futex in the owner's segment ("doorbell"), which writers ring only when the
+// owner says it sleeps. A rank watches its peers with pidfds, so a killed
+// peer fails the survivors in milliseconds, and a peer that destroyed its
+// communicator on purpose (state Goodbye) is told apart from a crash.
+//
+// Segments are unlinked as soon as every peer has mapped them (or given up),
+// so nothing stays in /dev/shm even when a rank is killed later; chorusrun
+// removes what a rank killed during setup left behind (names carry the job
+// id, CHORUS_JOB_ID).
+
+#include "transport.hpp"
+
+#include "core/enforce.hpp"
+#include "core/log.hpp"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <signal.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <sstream>
+
+namespace chorus::transport::shm {
+namespace {
+
+constexpr std::uint64_t kSegMagic = 0x314d485353524843ull;  // "CHRSSHM1"
+constexpr std::uint32_t kVersion = 1;
+constexpr std::size_t kSlotBytes = 64;
+constexpr std::size_t kSlotData = 56;
+constexpr std::size_t kSlots = 2048;             // per channel: 128 KiB
+constexpr std::size_t kEagerBytes = 16 << 10;    // larger messages go by CMA
+constexpr std::size_t kInlineBytes = 24;         // fits in the header slot
+constexpr std::size_t kStagingBytes = 128 << 10; // CMA reduce staging (cache-sized)
+constexpr int kNoticesPerSender = 4;
+constexpr std::size_t kNoticeText = 1000;
+constexpr auto kSleepSlice = std::chrono::milliseconds(10);  // liveness check period while asleep
+
+enum class Kind : std::uint8_t { Inline = 1, Rendezvous = 2 };
+enum class State : std::uint32_t { Alive = 0, Goodbye = 1 };
+
+struct alignas(64) SegHeader {
+  std::uint64_t magic;
+  std::uint64_t comm_id;
+  std::uint64_t nonce;
+  std::int64_t pid;
+  std::int32_t rank;
+  std::uint32_t version;
+  std::uint32_t nlocal;
+  std::uint32_t slots;
+  alignas(64) std::atomic<std::uint32_t> doorbell;  // futex word
+  alignas(64) std::atomic<std::uint32_t> sleeping;  // the owner sleeps on doorbell
+  alignas(64) std::atomic<std::uint32_t> state;     // State
+  std::atomic<std::uint32_t> notices;               // notices posted to the owner
+};
+
+struct Notice {
+  std::int32_t code;
+  std::int32_t blamed;
+  std::uint32_t len;
+  char text[kNoticeText];
+};
+
+struct alignas(64) NoticeBox {  // per sender, in the receiver's segment
+  std::atomic<std::uint32_t> count;
+  Notice n[kNoticesPerSender];
+};
+
+struct alignas(64) ChannelCtl {  // per sender, in the receiver's segment
+  std::atomic<std::uint64_t> head;   // receiver: slots consumed
+  alignas(64) std::atomic<std::uint64_t> acked;  // receiver: rendezvous messages completed
+};
+
+struct alignas(64) Slot {
+  std::atomic<std::uint64_t> flag;  // ring position + 1 once written
+  unsigned char data[kSlotData];
+};
+static_assert(sizeof(Slot) == kSlotBytes);
+
+// The header slot's payload.
+struct MsgHeader {
+  std::uint8_t kind;
+  std::uint8_t coll;
+  std::uint8_t dtype;
+  std::uint8_t op;
+  std::int32_t root;
+  std::uint64_t count;
+  std::uint64_t seq;
+  std::uint64_t bytes;
+  unsigned char tail[kInlineBytes];  // Inline: data <= 24 B. Rendezvous: address, id.
+};
+static_assert(sizeof(MsgHeader) == kSlotData);
+
+std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
+
+struct Layout {
+  std::size_t notices = 0, ctl = 0, slots = 0, total = 0;
+  explicit Layout(std::size_t nlocal) {
+    notices = align_up(sizeof(SegHeader), 4096);
+    ctl = align_up(notices + nlocal * sizeof(NoticeBox), 4096);
+    slots = align_up(ctl + nlocal * sizeof(ChannelCtl), 4096);
+    total = align_up(slots + nlocal * kSlots * kSlotBytes, 4096);
+  }
+};
+
+// A mapped segment (ours or a peer's).
+struct Segment {
+  void* base = nullptr;
+  std::size_t bytes = 0;
+  SegHeader* hdr() const { return static_cast<SegHeader*>(base); }
+  NoticeBox* box(std::size_t i, const Layout& l) const {
+    return reinterpret_cast<NoticeBox*>(static_cast<char*>(base) + l.notices) + i;
+  }
+  ChannelCtl* ctl(std::size_t i, const Layout& l) const {
+    return reinterpret_cast<ChannelCtl*>(static_cast<char*>(base) + l.ctl) + i;
+  }
+  Slot* ring(std::size_t i, const Layout& l) const {
+    return reinterpret_cast<Slot*>(static_cast<char*>(base) + l.slots) + i * kSlots;
+  }
+  void unmap() {
+    if (base) munmap(base, bytes);
+    base = nullptr;
+  }
+};
+
+long futex(std::atomic<std::uint32_t>* word, int op, std::uint32_t val, const timespec* ts) {
+  return syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), op, val, ts, nullptr, 0);
+}
+
+int pidfd_open(pid_t pid) { return static_cast<int>(syscall(SYS_pidfd_open, pid, 0)); }
+
+std::string self_ns(const char* which) {
+  char buf[128] = {};
+  const std::string path = std::string("/proc/self/ns/") + which;
+  const ssize_t n = readlink(path.c_str(), buf, sizeof buf - 1);
+  return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("?");
+}
+
+std::string job_id() {
+  if (const char* j = std::getenv("CHORUS_JOB_ID"); j && *j) {
+    std::string s;
+    for (const char* p = j; *p && s.size() < 32; ++p)
+      s += std::isalnum(static_cast<unsigned char>(*p)) ? *p : '_';
+    return s;
+  }
+  return "p" + std::to_string(getpid());
+}
+
+// Copies `n` bytes at `remote` in process `pid` to `local`. Returns 0 or errno.
+int cma_read(pid_t pid, void* local, std::uint64_t remote, std::size_t n) {
+  std::size_t done = 0;
+  while (done < n) {
+    iovec l{static_cast<char*>(local) + done, n - done};
+    iovec r{reinterpret_cast<void*>(remote + done), n - done};
+    const ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (got == 0) return EFAULT;
+    done += static_cast<std::size_t>(got);
+  }
+  return 0;
+}
+
+struct SendOp {
+  Request req;
+  MsgHeader hdr;
+  const char* buf = nullptr;
+};
+
+struct RecvOp {
+  Request req;
+  CallDesc call;
+  char* dst = nullptr;
+  Combine combine;
+};
+
+// Everything about one same-host peer.
+struct Peer {
+  int rank = -1;
+  std::size_t local = 0;  // index among the host's ranks
+  bool used = false;      // shm serves this pair
+  Segment seg;            // the peer's segment (holds our outbound channel)
+  pid_t pid = 0;
+  int pidfd = -1;
+  bool exited = false;
+  // outbound: we write the peer's ring at our index
+  std::uint64_t wpos = 0;         // next slot position to write
+  std::uint64_t cached_head = 0;  // the peer's head, last read
+  std::deque<SendOp> sendq;       // not yet written (ring full)
+  std::deque<Request> rndv;       // written, waiting for the peer's ack, in order
+  std::uint64_t rndv_sent = 0;
+  // inbound: the peer writes our ring at its index
+  std::uint64_t rpos = 0;
+  std::deque<RecvOp> posted;
+  std::uint32_t notices_seen = 0;
+};
+
+class ShmTransport final : public Transport {
+ public:
+  explicit ShmTransport(const TransportContext& ctx) : ctx_(ctx), layout_(ctx.host_ranks.size()) {
+    const auto& hr = ctx.host_ranks;
+    const auto me = std::find(hr.begin(), hr.end(), ctx.rank);
+    CHORUS_ENFORCE(me != hr.end(), Internal, "shm: this rank is not among its host's ranks");
+    my_local_ = static_cast<std::size_t>(me - hr.begin());
+    peer_of_.assign(static_cast<std::size_t>(ctx.size), -1);
+    for (std::size_t i = 0; i < hr.size(); ++i) {
+      if (hr[i] == ctx.rank) continue;
+      peer_of_[static_cast<std::size_t>(hr[i])] = static_cast<int>(peers_.size());
+      Peer p;
+      p.rank = hr[i];
+      p.local = i;
+      peers_.push_back(std::move(p));
+    }
+    staging_.resize(kStagingBytes);
+    std::memset(staging_.data(), 0, staging_.size());  // touch it now, not on the hot path
+    try {
+      setup();
+    } catch (...) {
+      teardown();
+      throw;
+    }
+  }
+
+  ~ShmTransport() override {
+    if (!error_ && own_.base) {
+      own_.hdr()->state.store(static_cast<std::uint32_t>(State::Goodbye), std::memory_order_release);
+      for (auto& p : peers_)
+        if (p.used && p.seg.base) notify(p.seg);
+    }
+    teardown();
+  }
+
+  std::string name() const override { return "shm"; }
+
+  Capabilities capabilities(int peer) const override {
+    Capabilities c;
+    c.same_host = reaches(peer);
+    return c;
+  }
+
+  bool reaches(int peer) const override {
+    const int i = peer >= 0 && peer < ctx_.size ? peer_of_[static_cast<std::size_t>(peer)] : -1;
+    return i >= 0 && peers_[static_cast<std::size_t>(i)].used;
+  }
+
+  Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    Peer& p = usable(peer);
+    auto req = std::make_shared<RequestState>();
+    req->peer = peer;
+    req->is_send = true;
+    req->bytes = bytes;
+    SendOp op;
+    op.req = req;
+    op.hdr = MsgHeader{};
+    op.hdr.kind = static_cast<std::uint8_t>(bytes <= kEagerBytes ? Kind::Inline : Kind::Rendezvous);
+    op.hdr.coll = static_cast<std::uint8_t>(call.coll);
+    op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
+    op.hdr.op = static_cast<std::uint8_t>(call.op);
+    op.hdr.root = call.root;
+    op.hdr.count = call.count;
+    op.hdr.seq = call.seq;
+    op.hdr.bytes = bytes;
+    op.buf = static_cast<const char*>(buf);
+    p.sendq.push_back(op);
+    if (p.sendq.size() == 1) write_sends(p);
+    return req;
+  }
+
+  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
+    Peer& p = usable(peer);
+    auto req = std::make_shared<RequestState>();
+    req->peer = peer;
+    req->bytes = bytes;
+    p.posted.push_back(RecvOp{req, call, static_cast<char*>(dst), combine});
+    read_messages(p);
+    return req;
+  }
+
+  void progress() override { progress_once(); }
+
+  void wait(std::span<const Request> reqs, Deadline deadline) override {
+    const auto spin_until = Clock::now() + ctx_.spin;
+    std::size_t first_pending = 0;
+    for (unsigned iter = 0;; ++iter) {
+      progress_once();
+      while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
+      if (first_pending == reqs.size()) return;
+      if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+      const auto now = Clock::now();
+      if (now >= deadline || timeout_reported_) resolve_timeout(reqs);
+      if ((iter & 1023) == 1023) check_peers();
+      if (now < spin_until) {
+        cpu_relax();
+        if ((iter & 255) == 255) sched_yield();
+        continue;
+      }
+      sleep_until(std::min(deadline, now + kSleepSlice));
+    }
+  }
+
+  void block_for(std::chrono::microseconds max) override {
+    if (own_.base) sleep_until(Clock::now() + max);
+  }
+
+  void abort(const std::string& why) noexcept override {
+    {
+      std::lock_guard<std::mutex> lock(abort_mu_);
+      if (abort_why_.empty()) abort_why_ = why;
+    }
+    aborted_.store(true, std::memory_order_release);
+    if (own_.base) {
+      own_.hdr()->doorbell.fetch_add(1, std::memory_order_seq_cst);
+      futex(&own_.hdr()->doorbell, FUTEX_WAKE, INT_MAX, nullptr);
+    }
+  }
+
+  void broadcast_failure(const Error& e) noexcept override {
+    try {
+      const std::string text = e.message();
+      for (auto& p : peers_) {
+        if (!p.used || !p.seg.base || p.exited) continue;
+        NoticeBox* box = p.seg.box(my_local_, layout_);
+        const std::uint32_t k = box->count.load(std::memory_order_relaxed);
+        if (k >= kNoticesPerSender) continue;
+        Notice& n = box->n[k];
+        n.code = static_cast<std::int32_t>(e.code());
+        n.blamed = e.peer();
+        n.len = static_cast<std::uint32_t>(std::min(text.size(), kNoticeText));
+        std::memcpy(n.text, text.data(), n.len);
+        box->count.store(k + 1, std::memory_order_release);
+        p.seg.hdr()->notices.fetch_add(1, std::memory_order_release);
+        notify(p.seg);
+      }
+    } catch (...) {
+      // best effort by contract
+    }
+  }
+
+ private:
+  // ---- setup -----------------------------------------------------------
+
+  void setup() {
+    try {
+      create_own_segment();
+    } catch (const Error& e) {
+      if (!ctx_.partial_ok) throw;
+      // Tell the host's ranks that we are out of reach, so that they do not
+      // wait for a segment that will never exist; tcp carries our messages.
+      CHORUS_INFO("shm: no segment for rank " << ctx_.rank << ": " << e.message());
+      ctx_.store->set_string("shm/" + std::to_string(ctx_.rank), "- " + e.message());
+      ctx_.store->set_string("shm-ok/" + std::to_string(ctx_.rank),
+                             std::string(ctx_.host_ranks.size(), '0'));
+      return;
+    }
+    std::ostringstream me;
+    me << name_ << ' ' << nonce_ << ' ' << getpid() << ' '
+       << reinterpret_cast<std::uintptr_t>(&probe_) << ' ' << self_ns("pid") << ' '
+       << self_ns("ipc");
+    ctx_.store->set_string("shm/" + std::to_string(ctx_.rank), me.str());
+
+    // Map every host peer's segment and check that we can read its memory.
+    std::string ok(ctx_.host_ranks.size(), '0');
+    for (auto& p : peers_) {
+      const std::string why = attach(p);
+      if (why.empty()) ok[p.local] = '1';
+      else {
+        CHORUS_INFO("shm: rank " << p.rank << " is out of reach: " << why);
+        reasons_ += " rank " + std::to_string(p.rank) + ": " + why + ";";
+      }
+    }
+    ctx_.store->set_string("shm-ok/" + std::to_string(ctx_.rank), ok);
+    // A pair uses shm only when both sides could map and read each other.
+    for (auto& p : peers_) {
+      const std::string theirs = fetch("shm-ok/" + std::to_string(p.rank), p.rank);
+      p.used = ok[p.local] == '1' && theirs.size() == ok.size() && theirs[my_local_] == '1';
+      if (!p.used && ok[p.local] == '1' && reasons_.find("rank " + std::to_string(p.rank)) == std::string::npos)
+        reasons_ += " rank " + std::to_string(p.rank) + ": it cannot map or read this rank;";
+      if (!p.used) release(p);
+    }
+    // Everyone has mapped our segment or given up: the name can go.
+    shm_unlink(name_.c_str());
+    created_ = false;
+    bool all = true;
+    for (const auto& p : peers_) all = all && p.used;
+    if (!all && !ctx_.partial_ok)
+      throw Error(ErrorCode::InvalidArgument,
+                  "CHORUS_TRANSPORT=shm, but shared memory cannot reach every rank of this "
+                  "communicator:" + reasons_ + " (use CHORUS_TRANSPORT=auto or tcp)");
+    if (static_cast<int>(ctx_.host_ranks.size()) < ctx_.size && !ctx_.partial_ok)
+      throw Error(ErrorCode::InvalidArgument,
+                  "CHORUS_TRANSPORT=shm, but the ranks are on " +
+                      std::string("several hosts; shm serves one host (use CHORUS_TRANSPORT=auto)"));
+    CHORUS_INFO("shm transport: rank " << ctx_.rank << " segment " << name_ << " ("
+                                       << own_.bytes / 1024 << " KiB), " << peers_.size()
+                                       << " host peers");
+  }
+
+  std::string fetch(const std::string& key, int rank) {
+    try {
+      ctx_.store->wait({key}, ctx_.connect_timeout);
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::Timeout) throw;
+      throw Error(ErrorCode::Timeout,
+                  "shm setup: rank " + std::to_string(rank) + " did not publish " + key +
+                      " within the timeout (did it die during communicator creation?)",
+                  rank);
+    }
+    return ctx_.store->get_string(key);
+  }
+
+  void create_own_segment() {
+    std::random_device rd;
+    nonce_ = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ static_cast<std::uint64_t>(getpid());
+    char idbuf[32];
+    std::snprintf(idbuf, sizeof idbuf, "%016llx", static_cast<unsigned long long>(ctx_.comm_id));
+    name_ = "/chorus-" + job_id() + "-" + idbuf + "-r" + std::to_string(ctx_.rank);
+    const int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) throw_errno("shm_open(" + name_ + ")");
+    created_ = true;
+    own_.bytes = layout_.total;
+    if (ftruncate(fd, static_cast<off_t>(own_.bytes)) != 0) {
+      const int err = errno;
+      close(fd);
+      errno = err;
+      throw_errno("ftruncate of the shared-memory segment " + name_ +
+                  " (is /dev/shm full? it needs " + std::to_string(own_.bytes) + " bytes)");
+    }
+    own_.base = mmap(nullptr, own_.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (own_.base == MAP_FAILED) {
+      own_.base = nullptr;
+      throw_errno("mmap of " + name_);
+    }
+    // Touch every page now: a first touch costs ~10 us per page here.
+    std::memset(own_.base, 0, own_.bytes);
+    SegHeader* h = new (own_.base) SegHeader{};
+    h->magic = kSegMagic;
+    h->comm_id = ctx_.comm_id;
+    h->nonce = nonce_;
+    h->pid = getpid();
+    h->rank = ctx_.rank;
+    h->version = kVersion;
+    h->nlocal = static_cast<std::uint32_t>(ctx_.host_ranks.size());
+    h->slots = static_cast<std::uint32_t>(kSlots);
+    probe_ = nonce_;
+  }
+
+  // Maps peer p's segment; returns why it cannot be used, or "".
+  std::string attach(Peer& p) {
+    const std::string info = fetch("shm/" + std::to_string(p.rank), p.rank);
+    if (info.rfind("- ", 0) == 0) return "it has no segment (" + info.substr(2) + ")";
+    std::istringstream is(info);
+    std::string name, pidns, ipcns;
+    std::uint64_t nonce = 0, probe_addr = 0;
+    long long pid = 0;
+    is >> name >> nonce >> pid >> probe_addr >> pidns >> ipcns;
+    if (!is) return "malformed segment record";
+    if (pidns != self_ns("pid")) return "another PID namespace";
+    if (name.rfind("/chorus-", 0) != 0 || name.find('/', 1) != std::string::npos) return "bad segment name";
+    const int fd = shm_open(name.c_str(), O_RDWR, 0);
+    if (fd < 0) return "cannot open " + name + " (" + std::strerror(errno) + "): no shared /dev/shm";
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || static_cast<std::size_t>(st.st_size) != layout_.total) {
+      close(fd);
+      return "segment size differs";
+    }
+    void* base = mmap(nullptr, layout_.total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) return std::string("mmap: ") + std::strerror(errno);
+    p.seg.base = base;
+    p.seg.bytes = layout_.total;
+    const SegHeader* h = p.seg.hdr();
+    if (h->magic != kSegMagic || h->nonce != nonce || h->comm_id != ctx_.comm_id ||
+        h->rank != p.rank || h->version != kVersion || h->nlocal != ctx_.host_ranks.size())
+      return "segment " + name + " is not this communicator's (another /dev/shm?)";
+    p.pid = static_cast<pid_t>(pid);
+    std::uint64_t seen = 0;
+    const int err = cma_read(p.pid, &seen, probe_addr, sizeof seen);
+    if (err != 0)
+      return std::string("cannot read its memory with process_vm_readv (") + std::strerror(err) +
+             "; ptrace restrictions or seccomp?)";
+    if (seen != nonce) return "process_vm_readv read the wrong process";
+    p.pidfd = pidfd_open(p.pid);
+    return "";
+  }
+
+  void release(Peer& p) {
+    p.seg.unmap();
+    if (p.pidfd >= 0) close(p.pidfd);
+    p.pidfd = -1;
+  }
+
+  void teardown() noexcept {
+    for (auto& p : peers_) release(p);
+    if (created_) shm_unlink(name_.c_str());
+    created_ = false;
+    own_.unmap();
+  }
+
+  // ---- sending ---------------------------------------------------------
+
+  static std::size_t slots_for(const MsgHeader& h) {
+    if (static_cast<Kind>(h.kind) == Kind::Rendezvous || h.bytes <= kInlineBytes) return 1;
+    return 1 + (h.bytes + kSlotData - 1) / kSlotData;
+  }
+
+  // Writes queued sends into the peer's ring while they fit.
+  bool write_sends(Peer& p) {
+    bool did = false;
+    Slot* ring = p.seg.ring(my_local_, layout_);
+    ChannelCtl* ctl = p.seg.ctl(my_local_, layout_);
+    while (!p.sendq.empty()) {
+      SendOp& op = p.sendq.front();
+      const std::size_t n = slots_for(op.hdr);
+      if (p.wpos + n - p.cached_head > kSlots) {
+        p.cached_head = ctl->head.load(std::memory_order_acquire);
+        if (p.wpos + n - p.cached_head > kSlots) break;  // ring full: later
+      }
+      MsgHeader h = op.hdr;
+      const bool rndv = static_cast<Kind>(h.kind) == Kind::Rendezvous;
+      if (rndv) {
+        const auto addr = reinterpret_cast<std::uint64_t>(op.buf);
+        std::memcpy(h.tail, &addr, sizeof addr);
+      } else if (h.bytes <= kInlineBytes) {
+        if (h.bytes > 0) std::memcpy(h.tail, op.buf, h.bytes);
+      } else {
+        // Data slots first; the header slot's flag, written last, publishes all.
+        std::size_t off = 0;
+        for (std::size_t k = 1; k < n; ++k) {
+          Slot& s = ring[(p.wpos + k) % kSlots];
+          const std::size_t m = std::min<std::size_t>(kSlotData, h.bytes - off);
+          std::memcpy(s.data, op.buf + off, m);
+          s.flag.store(p.wpos + k + 1, std::memory_order_relaxed);
+          off += m;
+        }
+      }
+      Slot& hs = ring[p.wpos % kSlots];
+      std::memcpy(hs.data, &h, sizeof h);
+      hs.flag.store(p.wpos + 1, std::memory_order_release);
+      p.wpos += n;
+      if (rndv) {
+        ++p.rndv_sent;
+        p.rndv.push_back(op.req);
+      } else {
+        op.req->done = true;
+      }
+      p.sendq.pop_front();
+      did = true;
+    }
+    if (did) notify(p.seg);
+    return did;
+  }
+
+  bool collect_acks(Peer& p) {
+    if (p.rndv.empty()) return false;
+    const std::uint64_t acked = p.seg.ctl(my_local_, layout_)->acked.load(std::memory_order_acquire);
+    const std::uint64_t outstanding = p.rndv_sent - acked;
+    bool did = false;
+    while (p.rndv.size() > outstanding) {
+      p.rndv.front()->done = true;
+      p.rndv.pop_front();
+      did = true;
+    }
+    return did;
+  }
+
+  // ---- receiving -------------------------------------------------------
+
+  bool read_messages(Peer& p) {
+    bool did = false;
+    Slot* ring = own_.ring(p.local, layout_);
+    ChannelCtl* ctl = own_.ctl(p.local, layout_);
+    while (!p.posted.empty()) {
+      Slot& hs = ring[p.rpos % kSlots];
+      if (hs.flag.load(std::memory_order_acquire) != p.rpos + 1) break;
+      MsgHeader h;
+      std::memcpy(&h, hs.data, sizeof h);
+      RecvOp op = std::move(p.posted.front());
+      p.posted.pop_front();
+      const auto kind = static_cast<Kind>(h.kind);
+      if (kind != Kind::Inline && kind != Kind::Rendezvous) {
+        op.req->done = true;
+        fail(Error(ErrorCode::Transport,
+                   "malformed message from rank " + std::to_string(p.rank) + ": kind " +
+                       std::to_string(h.kind) + "; the shared segment is corrupt",
+                   p.rank));
+      }
+      check_message(op, h, p.rank);
+      const std::size_t n = slots_for(h);
+      if (kind == Kind::Rendezvous) {
+        std::uint64_t addr = 0;
+        std::memcpy(&addr, h.tail, sizeof addr);
+        // The header slot can be reused at once; the data stays in the sender's buffer.
+        p.rpos += 1;
+        ctl->head.store(p.rpos, std::memory_order_release);
+        pull(p, op, addr, h.bytes);
+        ctl->acked.fetch_add(1, std::memory_order_release);
+      } else if (h.bytes <= kInlineBytes) {
+        combine_into(op.combine, op.dst, 0, reinterpret_cast<const char*>(h.tail), h.bytes);
+        p.rpos += n;
+        ctl->head.store(p.rpos, std::memory_order_release);
+      } else {
+        const bool copy = op.combine.kind == Combine::Kind::Copy;
+        char* out = copy ? op.dst : staging_.data();
+        std::size_t off = 0;
+        for (std::size_t k = 1; k < n; ++k) {
+          const Slot& s = ring[(p.rpos + k) % kSlots];
+          const std::size_t m = std::min<std::size_t>(kSlotData, h.bytes - off);
+          std::memcpy(out + off, s.data, m);
+          off += m;
+        }
+        p.rpos += n;
+        ctl->head.store(p.rpos, std::memory_order_release);
+        if (!copy) combine_into(op.combine, op.dst, 0, staging_.data(), h.bytes);
+      }
+      op.req->done = true;
+      notify(p.seg);  // the sender may wait for ring space or for its ack
+      did = true;
+    }
+    return did;
+  }
+
+  // Reads a rendezvous message from the sender's memory into the receive.
+  void pull(Peer& p, RecvOp& op, std::uint64_t addr, std::size_t bytes) {
+    auto check = [&](int err) {
+      if (err == 0) return;
+      op.req->done = true;
+      if (err == ESRCH)
+        fail(Error(ErrorCode::PeerFailure,
+                   "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
+                       ") died while this rank was reading its message",
+                   p.rank));
+      fail(Error(ErrorCode::Transport,
+                 "reading " + std::to_string(bytes) + " bytes from rank " + std::to_string(p.rank) +
+                     " failed (process_vm_readv: " + std::strerror(err) + ")",
+                 p.rank));
+    };
+    if (op.combine.kind == Combine::Kind::Copy) {
+      check(cma_read(p.pid, op.dst, addr, bytes));
+      return;
+    }
+    const std::size_t esize = size_of(op.combine.dtype);
+    const std::size_t piece = kStagingBytes / esize * esize;
+    for (std::size_t off = 0; off < bytes; off += piece) {
+      const std::size_t m = std::min(piece, bytes - off);
+      check(cma_read(p.pid, staging_.data(), addr + off, m));
+      combine_into(op.combine, op.dst, off, staging_.data(), m);
+    }
+  }
+
+  void check_message(RecvOp& op, const MsgHeader& h, int peer) {
+    CallDesc theirs;
+    theirs.coll = static_cast<Coll>(h.coll);
+    theirs.dtype = static_cast<DataType>(h.dtype);
+    theirs.op = static_cast<ReduceOp>(h.op);
+    theirs.root = h.root;
+    theirs.count = h.count;
+    theirs.seq = h.seq;
+    try {
+      check_same_call(op.call, ctx_.rank, theirs, peer);
+      if (h.bytes != op.req->bytes)
+        throw Error(ErrorCode::Internal,
+                    "message of " + std::to_string(h.bytes) + " bytes from rank " +
+                        std::to_string(peer) + " for a receive of " + std::to_string(op.req->bytes) +
+                        " bytes in " + describe(op.call),
+                    peer);
+    } catch (const Error& e) {
+      op.req->done = true;  // never completes; the error says why
+      fail(e);
+    }
+  }
+
+  // ---- progress, waiting, failure ------------------------------------------
+
+  bool progress_once() {
+    throw_if_failed();
+    if (!own_.base) return false;  // no segment: this transport reaches nobody
+    bool did = false;
+    for (auto& p : peers_) {
+      if (!p.used) continue;
+      if (!p.sendq.empty()) did |= write_sends(p);
+      did |= collect_acks(p);
+      if (!p.posted.empty()) did |= read_messages(p);
+    }
+    read_notices();
+    return did;
+  }
+
+  // Rings the owner of `seg` if it sleeps. The fence orders our writes
+  // before the read of `sleeping` (the owner fences the other way round).
+  static void notify(const Segment& seg) {
+    SegHeader* h = seg.hdr();
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (h->sleeping.load(std::memory_order_relaxed) != 0) {
+      h->doorbell.fetch_add(1, std::memory_order_seq_cst);
+      futex(&h->doorbell, FUTEX_WAKE, INT_MAX, nullptr);
+    }
+  }
+
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  void sleep_until(Deadline until) {
+    SegHeader* h = own_.hdr();
+    const std::uint32_t seen = h->doorbell.load(std::memory_order_acquire);
+    h->sleeping.store(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // Anything that arrived before we said we sleep is seen here.
+    const bool did = progress_once_noexcept();
+    if (!did && !aborted_.load(std::memory_order_acquire) && !error_) {
+      const auto left = until - Clock::now();
+      if (left > Clock::duration::zero()) {
+        const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+        timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+        futex(&h->doorbell, FUTEX_WAIT, seen, &ts);
+      }
+    }
+    h->sleeping.store(0, std::memory_order_relaxed);
+    check_peers();
+    throw_if_failed();
+  }
+
+  bool progress_once_noexcept() {
+    try {
+      return progress_once();
+    } catch (const Error&) {
+      return true;  // error_ is set; the caller throws it
+    }
+  }
+
+  void read_notices() {
+    SegHeader* h = own_.hdr();
+    const std::uint32_t total = h->notices.load(std::memory_order_acquire);
+    if (total == notices_total_) return;
+    notices_total_ = total;
+    for (auto& p : peers_) {
+      if (!p.used) continue;
+      NoticeBox* box = own_.box(p.local, layout_);
+      const std::uint32_t k = std::min<std::uint32_t>(box->count.load(std::memory_order_acquire),
+                                                      kNoticesPerSender);
+      while (p.notices_seen < k) {
+        const Notice& n = box->n[p.notices_seen++];
+        const std::string text(n.text, std::min<std::size_t>(n.len, kNoticeText));
+        if (n.code == static_cast<std::int32_t>(ErrorCode::Timeout) && n.blamed >= 0 &&
+            n.blamed < ctx_.size) {
+          // An edge of the wait chain: see resolve_timeout.
+          waits_for_[p.rank] = n.blamed;
+          timeout_reported_ = true;
+          continue;
+        }
+        fail(notice_error(static_cast<std::uint64_t>(n.code), n.blamed, p.rank, text));
+      }
+    }
+  }
+
+  // Has a peer exited? A goodbye (its communicator was destroyed) is an
+  // error only if we still need it; a death without one always is.
+  void check_peers() {
+    if (error_) return;
+    for (auto& p : peers_) {
+      if (!p.used || p.exited) continue;
+      bool gone = false;
+      if (p.pidfd >= 0) {
+        pollfd f{p.pidfd, POLLIN, 0};
+        gone = ::poll(&f, 1, 0) > 0;
+      } else {
+        gone = ::kill(p.pid, 0) != 0 && errno == ESRCH;
+      }
+      const bool goodbye = p.seg.hdr()->state.load(std::memory_order_acquire) ==
+                           static_cast<std::uint32_t>(State::Goodbye);
+      if (!gone && !goodbye) continue;
+      // What it wrote before leaving is still in our ring: take it first.
+      progress_once();
+      read_notices();
+      if (goodbye) {
+        if (!p.posted.empty() || !p.sendq.empty() || !p.rndv.empty())
+          fail(Error(ErrorCode::InvalidUsage,
+                     "rank " + std::to_string(p.rank) +
+                         " destroyed its communicator while this rank still had messages for it",
+                     p.rank));
+        if (gone) p.exited = true;
+        continue;
+      }
+      p.exited = true;
+      fail(Error(ErrorCode::PeerFailure,
+                 "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
+                     ", same host) died without a goodbye; the process crashed or was killed. "
+                     "The communicator is unusable; restart the job.",
+                 p.rank));
+    }
+  }
+
+  // See the TCP transport: each waiting rank reports whom it waits for,
+  // listens for the others' reports for a grace period, and blames the end
+  // of the chain.
+  [[noreturn]] void resolve_timeout(std::span<const Request> reqs) {
+    const Error mine = timeout_error(reqs);
+    if (mine.peer() >= 0) waits_for_[ctx_.rank] = mine.peer();
+    broadcast_failure(mine);
+    const auto grace = std::clamp<std::chrono::milliseconds>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(ctx_.connect_timeout / 10),
+        std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
+    const auto until = Clock::now() + grace;
+    while (Clock::now() < until) {
+      progress_once();  // throws at once on any other failure
+      check_peers();
+      const auto left = until - Clock::now();
+      if (left > Clock::duration::zero())
+        sleep_until(Clock::now() + std::min<Clock::duration>(left, kSleepSlice));
+    }
+    fail(timeout_chain_error(waits_for_, ctx_.rank));
+  }
+
+  Peer& usable(int peer) {
+    throw_if_failed();
+    if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+    const int i = peer >= 0 && peer < ctx_.size ? peer_of_[static_cast<std::size_t>(peer)] : -1;
+    if (i < 0 || !peers_[static_cast<std::size_t>(i)].used)
+      throw Error(ErrorCode::Internal, "shm transport: rank " + std::to_string(peer) +
+                                           " is not a shared-memory peer of rank " +
+                                           std::to_string(ctx_.rank));
+    return peers_[static_cast<std::size_t>(i)];
+  }
+
+  void throw_if_failed() {
+    if (error_) throw *error_;
+  }
+
+  [[noreturn]] void fail(const Error& e) {
+    if (!error_) {
+      error_ = e;
+      CHORUS_INFO("shm: transport failed: " << e.what());
+    }
+    throw *error_;
+  }
+
+  std::string abort_reason() {
+    std::lock_guard<std::mutex> lock(abort_mu_);
+    return abort_why_.empty() ? std::string("communicator aborted") : abort_why_;
+  }
+
+  TransportContext ctx_;
+  Layout layout_;
+  std::size_t my_local_ = 0;
+  std::vector<int> peer_of_;  // rank -> index in peers_, or -1
+  std::vector<Peer> peers_;
+  Segment own_;
+  std::string name_;
+  bool created_ = false;
+  std::uint64_t nonce_ = 0;
+  volatile std::uint64_t probe_ = 0;  // peers read it with process_vm_readv to test CMA
+  std::string reasons_;
+  std::vector<char> staging_;
+  std::uint32_t notices_total_ = 0;
+  std::optional<Error> error_;
+  std::atomic<bool> aborted_{false};
+  std::mutex abort_mu_;
+  std::string abort_why_;
+  std::map<int, int> waits_for_;
+  bool timeout_reported_ = false;
+};
+
+[[maybe_unused]] const bool kRegistered = register_transport("shm", [](const TransportContext& ctx) {
+  return std::unique_ptr<Transport>(new ShmTransport(ctx));
+});
+
+}  // namespace
+}  // namespace chorus::transport::shm
