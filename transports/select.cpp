@@ -26,6 +26,9 @@ class Composite final : public Transport {
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
     return pick(peer).isend(peer, call, buf, bytes);
   }
+  Request isend_reduced(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    return pick(peer).isend_reduced(peer, call, buf, bytes);
+  }
   Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine c) override {
     return pick(peer).irecv(peer, call, dst, bytes, c);
   }

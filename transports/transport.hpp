@@ -122,6 +122,12 @@ class Transport {
   // Posts a send of `bytes` from `buf` to `peer`. `buf` must stay valid and
   // unmodified until the request is done.
   virtual Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) = 0;
+  // isend, for a message the receiver will reduce (not copy): lets a
+  // transport choose a path that suits a reduction (shm pushes it through a
+  // shared buffer the receiver reduces from). Results never depend on it.
+  virtual Request isend_reduced(int peer, const CallDesc& call, const void* buf, std::size_t bytes) {
+    return isend(peer, call, buf, bytes);
+  }
   // Posts a receive of exactly `bytes` from `peer` into `dst`, combined as
   // `combine` says (copy, or reduce into what is already in dst).
   virtual Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes,

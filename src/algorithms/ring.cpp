@@ -80,7 +80,9 @@ void ring_pass(Context& c, char* work, const char* own, const Segments& seg, std
         c.t.wait({&prev_recv[idx], 1}, c.deadline);
         if (g == reduce_steps) on_final(work + off, m);
       }
-      sends.push_back(c.t.isend(right, c.call, src + off, m * esize));
+      // The right neighbour reduces what it receives at the same step g.
+      sends.push_back(g < reduce_steps ? c.t.isend_reduced(right, c.call, src + off, m * esize)
+                                       : c.t.isend(right, c.call, src + off, m * esize));
     }
     prev_recv.swap(cur_recv);
   }

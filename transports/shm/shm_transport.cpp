@@ -65,11 +65,13 @@ constexpr std::size_t kSlots = 2048;             // per channel: 128 KiB
 constexpr std::size_t kEagerBytes = 16 << 10;    // larger messages go by CMA
 constexpr std::size_t kInlineBytes = 24;         // fits in the header slot
 constexpr std::size_t kStagingBytes = 128 << 10; // CMA reduce staging (cache-sized)
+constexpr std::size_t kBulkBufs = 4;             // per channel: the bulk ring for reductions
+constexpr std::size_t kBulkBytes = 128 << 10;    // one piece (a multiple of every element size)
 constexpr int kNoticesPerSender = 4;
 constexpr std::size_t kNoticeText = 1000;
 constexpr auto kSleepSlice = std::chrono::milliseconds(10);  // liveness check period while asleep
 
-enum class Kind : std::uint8_t { Inline = 1, Rendezvous = 2 };
+enum class Kind : std::uint8_t { Inline = 1, Rendezvous = 2, Bulk = 3 };
 enum class State : std::uint32_t { Alive = 0, Goodbye = 1 };
 
 struct alignas(64) SegHeader {
@@ -102,6 +104,8 @@ struct alignas(64) NoticeBox {  // per sender, in the receiver's segment
 struct alignas(64) ChannelCtl {  // per sender, in the receiver's segment
   std::atomic<std::uint64_t> head;   // receiver: slots consumed
   alignas(64) std::atomic<std::uint64_t> acked;  // receiver: rendezvous messages completed
+  alignas(64) std::atomic<std::uint64_t> bulk_head;  // receiver: bulk pieces consumed
+  alignas(64) std::atomic<std::uint64_t> bulk_flag[kBulkBufs];  // sender: piece number + 1
 };
 
 struct alignas(64) Slot {
@@ -127,12 +131,13 @@ static_assert(sizeof(MsgHeader) == kSlotData);
 std::size_t align_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
 
 struct Layout {
-  std::size_t notices = 0, ctl = 0, slots = 0, total = 0;
+  std::size_t notices = 0, ctl = 0, slots = 0, bulk = 0, total = 0;
   explicit Layout(std::size_t nlocal) {
     notices = align_up(sizeof(SegHeader), 4096);
     ctl = align_up(notices + nlocal * sizeof(NoticeBox), 4096);
     slots = align_up(ctl + nlocal * sizeof(ChannelCtl), 4096);
-    total = align_up(slots + nlocal * kSlots * kSlotBytes, 4096);
+    bulk = align_up(slots + nlocal * kSlots * kSlotBytes, 4096);
+    total = align_up(bulk + nlocal * kBulkBufs * kBulkBytes, 4096);
   }
 };
 
@@ -149,6 +154,9 @@ struct Segment {
   }
   Slot* ring(std::size_t i, const Layout& l) const {
     return reinterpret_cast<Slot*>(static_cast<char*>(base) + l.slots) + i * kSlots;
+  }
+  char* bulk(std::size_t i, std::size_t k, const Layout& l) const {
+    return static_cast<char*>(base) + l.bulk + (i * kBulkBufs + k) * kBulkBytes;
   }
   void unmap() {
     if (base) munmap(base, bytes);
@@ -224,9 +232,16 @@ struct Peer {
   std::deque<SendOp> sendq;       // not yet written (ring full)
   std::deque<Request> rndv;       // written, waiting for the peer's ack, in order
   std::uint64_t rndv_sent = 0;
+  std::optional<SendOp> bulk;     // a bulk message whose pieces are being pushed
+  std::size_t bulk_off = 0;
+  std::uint64_t bulk_wpos = 0;    // pieces written
+  std::uint64_t cached_bulk_head = 0;
   // inbound: the peer writes our ring at its index
   std::uint64_t rpos = 0;
   std::deque<RecvOp> posted;
+  std::optional<RecvOp> bulk_recv;  // a bulk message being reduced piece by piece
+  std::size_t bulk_recv_off = 0;
+  std::uint64_t bulk_rpos = 0;      // pieces consumed
   std::uint32_t notices_seen = 0;
 };
 
@@ -279,6 +294,19 @@ class ShmTransport final : public Transport {
   }
 
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    return post_send(peer, call, buf, bytes, bytes <= kEagerBytes ? Kind::Inline : Kind::Rendezvous);
+  }
+
+  // A large message that the receiver reduces is pushed through the bulk
+  // ring and reduced from there: one copy by the sender (at memcpy speed, on
+  // its own core, overlapping the receiver's reduction) instead of a CMA read
+  // into staging by the receiver (the kernel's copy runs at ~8 GB/s here
+  // against ~20 for memcpy).
+  Request isend_reduced(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    return post_send(peer, call, buf, bytes, bytes <= kEagerBytes ? Kind::Inline : Kind::Bulk);
+  }
+
+  Request post_send(int peer, const CallDesc& call, const void* buf, std::size_t bytes, Kind kind) {
     Peer& p = usable(peer);
     auto req = std::make_shared<RequestState>();
     req->peer = peer;
@@ -287,7 +315,7 @@ class ShmTransport final : public Transport {
     SendOp op;
     op.req = req;
     op.hdr = MsgHeader{};
-    op.hdr.kind = static_cast<std::uint8_t>(bytes <= kEagerBytes ? Kind::Inline : Kind::Rendezvous);
+    op.hdr.kind = static_cast<std::uint8_t>(kind);
     op.hdr.coll = static_cast<std::uint8_t>(call.coll);
     op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
     op.hdr.op = static_cast<std::uint8_t>(call.op);
@@ -453,12 +481,13 @@ class ShmTransport final : public Transport {
     if (fd < 0) throw_errno("shm_open(" + name_ + ")");
     created_ = true;
     own_.bytes = layout_.total;
-    if (ftruncate(fd, static_cast<off_t>(own_.bytes)) != 0) {
-      const int err = errno;
+    // Reserve the pages now: on a full /dev/shm (containers often give it 64
+    // MiB) ftruncate would succeed and the first touch would raise SIGBUS.
+    if (const int err = posix_fallocate(fd, 0, static_cast<off_t>(own_.bytes)); err != 0) {
       close(fd);
       errno = err;
-      throw_errno("ftruncate of the shared-memory segment " + name_ +
-                  " (is /dev/shm full? it needs " + std::to_string(own_.bytes) + " bytes)");
+      throw_errno("reserving " + std::to_string(own_.bytes) + " bytes for the shared-memory segment " +
+                  name_ + " (is /dev/shm full or too small?)");
     }
     own_.base = mmap(nullptr, own_.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
@@ -535,7 +564,7 @@ class ShmTransport final : public Transport {
   // ---- sending ---------------------------------------------------------
 
   static std::size_t slots_for(const MsgHeader& h) {
-    if (static_cast<Kind>(h.kind) == Kind::Rendezvous || h.bytes <= kInlineBytes) return 1;
+    if (static_cast<Kind>(h.kind) != Kind::Inline || h.bytes <= kInlineBytes) return 1;
     return 1 + (h.bytes + kSlotData - 1) / kSlotData;
   }
 
@@ -544,7 +573,15 @@ class ShmTransport final : public Transport {
     bool did = false;
     Slot* ring = p.seg.ring(my_local_, layout_);
     ChannelCtl* ctl = p.seg.ctl(my_local_, layout_);
-    while (!p.sendq.empty()) {
+    while (!p.sendq.empty() || p.bulk) {
+      if (p.bulk) {
+        // Later messages wait until this one's pieces are all written.
+        bool wrote = false;
+        const bool finished = push_bulk(p, &wrote);
+        did |= wrote;
+        if (!finished) break;
+        continue;
+      }
       SendOp& op = p.sendq.front();
       const std::size_t n = slots_for(op.hdr);
       if (p.wpos + n - p.cached_head > kSlots) {
@@ -553,9 +590,12 @@ class ShmTransport final : public Transport {
       }
       MsgHeader h = op.hdr;
       const bool rndv = static_cast<Kind>(h.kind) == Kind::Rendezvous;
-      if (rndv) {
-        const auto addr = reinterpret_cast<std::uint64_t>(op.buf);
-        std::memcpy(h.tail, &addr, sizeof addr);
+      const bool bulk = static_cast<Kind>(h.kind) == Kind::Bulk;
+      if (rndv || bulk) {
+        if (rndv) {
+          const auto addr = reinterpret_cast<std::uint64_t>(op.buf);
+          std::memcpy(h.tail, &addr, sizeof addr);
+        }
       } else if (h.bytes <= kInlineBytes) {
         if (h.bytes > 0) std::memcpy(h.tail, op.buf, h.bytes);
       } else {
@@ -576,6 +616,9 @@ class ShmTransport final : public Transport {
       if (rndv) {
         ++p.rndv_sent;
         p.rndv.push_back(op.req);
+      } else if (bulk) {
+        p.bulk = op;
+        p.bulk_off = 0;
       } else {
         op.req->done = true;
       }
@@ -583,6 +626,57 @@ class ShmTransport final : public Transport {
       did = true;
     }
     if (did) notify(p.seg);
+    return did;
+  }
+
+  // Writes pieces of the current bulk message while the peer's bulk ring has
+  // room. Returns true when the whole message is written (its request is
+  // then done: the user buffer is free again).
+  bool push_bulk(Peer& p, bool* wrote) {
+    ChannelCtl* ctl = p.seg.ctl(my_local_, layout_);
+    const SendOp& op = *p.bulk;
+    const std::size_t bytes = op.hdr.bytes;
+    while (p.bulk_off < bytes) {
+      if (p.bulk_wpos - p.cached_bulk_head >= kBulkBufs) {
+        p.cached_bulk_head = ctl->bulk_head.load(std::memory_order_acquire);
+        if (p.bulk_wpos - p.cached_bulk_head >= kBulkBufs) break;
+      }
+      const std::size_t k = p.bulk_wpos % kBulkBufs;
+      const std::size_t m = std::min(kBulkBytes, bytes - p.bulk_off);
+      std::memcpy(p.seg.bulk(my_local_, k, layout_), op.buf + p.bulk_off, m);
+      ctl->bulk_flag[k].store(p.bulk_wpos + 1, std::memory_order_release);
+      ++p.bulk_wpos;
+      p.bulk_off += m;
+      *wrote = true;
+      notify(p.seg);  // the receiver can reduce this piece while we write the next
+    }
+    if (p.bulk_off < bytes) return false;
+    op.req->done = true;
+    p.bulk.reset();
+    return true;
+  }
+
+  // Reduces the pieces of the current bulk message that have arrived.
+  bool pull_bulk(Peer& p) {
+    ChannelCtl* ctl = own_.ctl(p.local, layout_);
+    RecvOp& op = *p.bulk_recv;
+    const std::size_t bytes = op.req->bytes;
+    bool did = false;
+    while (p.bulk_recv_off < bytes) {
+      const std::size_t k = p.bulk_rpos % kBulkBufs;
+      if (ctl->bulk_flag[k].load(std::memory_order_acquire) != p.bulk_rpos + 1) break;
+      const std::size_t m = std::min(kBulkBytes, bytes - p.bulk_recv_off);
+      combine_into(op.combine, op.dst, p.bulk_recv_off, own_.bulk(p.local, k, layout_), m);
+      ++p.bulk_rpos;
+      p.bulk_recv_off += m;
+      ctl->bulk_head.store(p.bulk_rpos, std::memory_order_release);
+      notify(p.seg);  // the sender may wait for room
+      did = true;
+    }
+    if (p.bulk_recv_off == bytes) {
+      op.req->done = true;
+      p.bulk_recv.reset();
+    }
     return did;
   }
 
@@ -605,7 +699,12 @@ class ShmTransport final : public Transport {
     bool did = false;
     Slot* ring = own_.ring(p.local, layout_);
     ChannelCtl* ctl = own_.ctl(p.local, layout_);
-    while (!p.posted.empty()) {
+    while (!p.posted.empty() || p.bulk_recv) {
+      if (p.bulk_recv) {
+        did |= pull_bulk(p);
+        if (p.bulk_recv) break;  // the rest has not arrived yet
+        continue;
+      }
       Slot& hs = ring[p.rpos % kSlots];
       if (hs.flag.load(std::memory_order_acquire) != p.rpos + 1) break;
       MsgHeader h;
@@ -613,7 +712,7 @@ class ShmTransport final : public Transport {
       RecvOp op = std::move(p.posted.front());
       p.posted.pop_front();
       const auto kind = static_cast<Kind>(h.kind);
-      if (kind != Kind::Inline && kind != Kind::Rendezvous) {
+      if (kind != Kind::Inline && kind != Kind::Rendezvous && kind != Kind::Bulk) {
         op.req->done = true;
         fail(Error(ErrorCode::Transport,
                    "malformed message from rank " + std::to_string(p.rank) + ": kind " +
@@ -622,6 +721,15 @@ class ShmTransport final : public Transport {
       }
       check_message(op, h, p.rank);
       const std::size_t n = slots_for(h);
+      if (kind == Kind::Bulk) {
+        p.rpos += 1;
+        ctl->head.store(p.rpos, std::memory_order_release);
+        p.bulk_recv = std::move(op);
+        p.bulk_recv_off = 0;
+        notify(p.seg);
+        did = true;
+        continue;  // pull_bulk at the top of the loop
+      }
       if (kind == Kind::Rendezvous) {
         std::uint64_t addr = 0;
         std::memcpy(&addr, h.tail, sizeof addr);
@@ -713,9 +821,9 @@ class ShmTransport final : public Transport {
     bool did = false;
     for (auto& p : peers_) {
       if (!p.used) continue;
-      if (!p.sendq.empty()) did |= write_sends(p);
+      if (!p.sendq.empty() || p.bulk) did |= write_sends(p);
       did |= collect_acks(p);
-      if (!p.posted.empty()) did |= read_messages(p);
+      if (!p.posted.empty() || p.bulk_recv) did |= read_messages(p);
     }
     read_notices();
     return did;
@@ -811,7 +919,7 @@ class ShmTransport final : public Transport {
       progress_once();
       read_notices();
       if (goodbye) {
-        if (!p.posted.empty() || !p.sendq.empty() || !p.rndv.empty())
+        if (!p.posted.empty() || !p.sendq.empty() || !p.rndv.empty() || p.bulk || p.bulk_recv)
           fail(Error(ErrorCode::InvalidUsage,
                      "rank " + std::to_string(p.rank) +
                          " destroyed its communicator while this rank still had messages for it",
