@@ -192,6 +192,9 @@ struct TransportContext {
   // shm: serve the host peers it can and report the others through
   // reaches() (auto mode), instead of failing when one is out of reach.
   bool partial_ok = false;
+  // shm: move large copy-received messages with process_vm_readv (one copy,
+  // by the kernel) instead of pipelined copies through a shared ring.
+  bool shm_cma = false;
 };
 
 using TransportFactory = std::function<std::unique_ptr<Transport>(const TransportContext&)>;

@@ -511,6 +511,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
                 "ranks are on several hosts but no network interface is known: set "
                 "CHORUS_SOCKET_IFNAME (e.g. eth0)");
   tc.host_ranks = host_ranks;
+  tc.shm_cma = settings.shm_large == "cma";
   impl->transport = transport::create_transports(settings.transport, tc);
 
   // Creation is complete on every rank only when the whole group exists.

@@ -79,6 +79,12 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
   if (const char* v = lookup(getenv, "CHORUS_SOCKET_BUFFER"))
     s.socket_buffer_bytes = parse_bytes(v, "CHORUS_SOCKET_BUFFER");
   if (const char* v = lookup(getenv, "CHORUS_CPU_BIND")) s.cpu_bind = v;
+  if (const char* v = lookup(getenv, "CHORUS_SHM_LARGE")) {
+    s.shm_large = v;
+    if (s.shm_large != "copy" && s.shm_large != "cma")
+      throw Error(ErrorCode::InvalidArgument,
+                  std::string("CHORUS_SHM_LARGE='") + v + "' must be 'copy' or 'cma'");
+  }
   return s;
 }
 

@@ -21,6 +21,7 @@ struct Settings {
   bool spin_from_env = false;  // CHORUS_SPIN_US was set (else adapted to oversubscription)
   std::size_t chunk_bytes = 512 << 10;                           // CHORUS_CHUNK_BYTES
   std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
+  std::string shm_large = "copy";                                // CHORUS_SHM_LARGE: copy|cma
   std::string cpu_bind = "auto";                                 // CHORUS_CPU_BIND: auto|none|<cpu list>
 };
 

@@ -117,6 +117,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.transport, "auto");
   EXPECT_EQ(s.spin, std::chrono::microseconds(100));
   EXPECT_EQ(s.cpu_bind, "auto");
+  EXPECT_EQ(s.shm_large, "copy");
 
   FakeEnv env{{{"CHORUS_TIMEOUT", "2.5"}, {"CHORUS_TRANSPORT", "xyz"}, {"CHORUS_SPIN_US", "7"},
                {"CHORUS_CHUNK_BYTES", "64K"}, {"CHORUS_SOCKET_BUFFER", "4M"},
@@ -143,7 +144,7 @@ TEST(Settings, Malformed) {
   const std::map<std::string, std::string> bad[] = {
       {{"CHORUS_TIMEOUT", "soon"}}, {{"CHORUS_TIMEOUT", "-3"}},     {{"CHORUS_TIMEOUT", "0"}},
       {{"CHORUS_SPIN_US", "-1"}},   {{"CHORUS_SPIN_US", "12abc"}},  {{"CHORUS_CHUNK_BYTES", "8"}},
-      {{"CHORUS_CHUNK_BYTES", "1T"}}, {{"CHORUS_SOCKET_BUFFER", "-5"}},
+      {{"CHORUS_CHUNK_BYTES", "1T"}}, {{"CHORUS_SOCKET_BUFFER", "-5"}}, {{"CHORUS_SHM_LARGE", "xpmem"}},
   };
   for (const auto& vars : bad) {
     FakeEnv env{vars};

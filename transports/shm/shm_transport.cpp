@@ -294,14 +294,18 @@ class ShmTransport final : public Transport {
   }
 
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    return post_send(peer, call, buf, bytes, bytes <= kEagerBytes ? Kind::Inline : Kind::Rendezvous);
+    if (bytes <= kEagerBytes) return post_send(peer, call, buf, bytes, Kind::Inline);
+    return post_send(peer, call, buf, bytes, ctx_.shm_cma ? Kind::Rendezvous : Kind::Bulk);
   }
 
-  // A large message that the receiver reduces is pushed through the bulk
-  // ring and reduced from there: one copy by the sender (at memcpy speed, on
-  // its own core, overlapping the receiver's reduction) instead of a CMA read
-  // into staging by the receiver (the kernel's copy runs at ~8 GB/s here
-  // against ~20 for memcpy).
+  // A large message is pushed through the channel's bulk ring in 128 KiB
+  // pieces (the sender copies in at memcpy speed on its core while the
+  // receiver copies or reduces the previous piece out on its own) unless
+  // CHORUS_SHM_LARGE=cma asks for a rendezvous read with process_vm_readv.
+  // The ring stays in cache, so each byte costs DRAM traffic only at its
+  // source and its destination; the kernel's CMA copy runs at ~8 GB/s here
+  // against ~20 for memcpy (docs/benchmarks.md). A message the receiver
+  // reduces always takes the ring: it is reduced straight from it.
   Request isend_reduced(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
     return post_send(peer, call, buf, bytes, bytes <= kEagerBytes ? Kind::Inline : Kind::Bulk);
   }
@@ -540,10 +544,13 @@ class ShmTransport final : public Transport {
     p.pid = static_cast<pid_t>(pid);
     std::uint64_t seen = 0;
     const int err = cma_read(p.pid, &seen, probe_addr, sizeof seen);
-    if (err != 0)
+    if (err != 0 && !ctx_.shm_cma) {
+      CHORUS_INFO("shm: process_vm_readv on rank " << p.rank << " fails (" << std::strerror(err)
+                                                    << "); fine, CHORUS_SHM_LARGE=copy does not use it");
+    } else if (err != 0)
       return std::string("cannot read its memory with process_vm_readv (") + std::strerror(err) +
              "; ptrace restrictions or seccomp?)";
-    if (seen != nonce) return "process_vm_readv read the wrong process";
+    else if (seen != nonce) return "process_vm_readv read the wrong process";
     p.pidfd = pidfd_open(p.pid);
     return "";
   }
