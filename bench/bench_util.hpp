@@ -5,6 +5,8 @@
 // into the library's internals), and the input patterns whose expected results
 // are exact in every type, so that verification compares for equality.
 
+#include "bench_common.hpp"
+
 #include <chorus/communicator.hpp>
 #include <chorus/types.hpp>
 
@@ -103,24 +105,5 @@ void fill_send(void* buf, std::size_t n, const Collective& coll, const CheckCont
 // Number of elements in [0, n) of `buf` that differ from coll.expected.
 std::uint64_t count_wrong(const void* buf, std::size_t n, const Collective& coll,
                           const CheckContext& ctx);
-
-// --- buffers ----------------------------------------------------------------
-
-struct FreeDeleter {
-  void operator()(void* p) const noexcept;
-};
-using Buffer = std::unique_ptr<unsigned char[], FreeDeleter>;
-// Page-aligned buffer of `bytes`, every page written once: first-touch page
-// faults would otherwise land inside the first timed iterations.
-Buffer allocate_touched(std::size_t bytes);
-
-// --- sizes and table ----------------------------------------------------------
-
-// Parses "8", "64K", "1M", "2G" (binary multiples, like nccl-tests; an
-// optional trailing "B" or "iB" is accepted). Throws std::invalid_argument.
-std::size_t parse_size(const std::string& text);
-
-// The time column as nccl-tests prints it (fewer decimals for longer times).
-std::string format_time_us(double us);
 
 }  // namespace chorus::bench

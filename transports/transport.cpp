@@ -1,5 +1,6 @@
 #include "transport.hpp"
 
+#include "core/log.hpp"
 #include "reduce/reduce.hpp"
 
 #include <algorithm>
@@ -108,6 +109,43 @@ Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank) {
   os << "rank " << culprit << " did not respond within the deadline (" << chain.str()
      << "); it is stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
   return Error(ErrorCode::Timeout, os.str(), culprit);
+}
+
+void FailureState::fail(const Error& e) {
+  if (!error_) {
+    error_ = e;
+    CHORUS_INFO(transport_ << ": transport failed: " << e.what());
+  }
+  throw *error_;
+}
+
+void FailureState::request_abort(const std::string& why) noexcept {
+  {
+    std::lock_guard<std::mutex> lock(abort_mu_);
+    if (abort_why_.empty()) abort_why_ = why;
+  }
+  aborted_.store(true, std::memory_order_release);
+}
+
+void FailureState::throw_if_aborted() {
+  if (!aborted()) return;
+  std::string why;
+  {
+    std::lock_guard<std::mutex> lock(abort_mu_);
+    why = abort_why_.empty() ? std::string("communicator aborted") : abort_why_;
+  }
+  fail(Error(ErrorCode::Aborted, why));
+}
+
+Error FailureState::own_timeout(std::span<const Request> reqs, int my_rank) {
+  Error mine = timeout_error(reqs);
+  if (mine.peer() >= 0) waits_for_[my_rank] = mine.peer();
+  return mine;
+}
+
+std::chrono::milliseconds FailureState::grace(std::chrono::milliseconds timeout) {
+  return std::clamp<std::chrono::milliseconds>(timeout / 10, std::chrono::milliseconds(100),
+                                               std::chrono::milliseconds(1000));
 }
 
 Error notice_error(std::uint64_t code, int blamed, int from, const std::string& text) {

@@ -19,9 +19,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <atomic>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -175,6 +178,49 @@ Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank);
 // The error a rank takes from a failure notice that `from` sent, reporting
 // `code` and blaming `blamed` (or -1).
 Error notice_error(std::uint64_t code, int blamed, int from, const std::string& text);
+
+// The failure bookkeeping of one transport endpoint: the sticky error, the
+// abort request (from any thread) and the wait-chain edges that timeout
+// reports carry (see resolve_timeout in the transports).
+class FailureState {
+ public:
+  explicit FailureState(const char* transport) : transport_(transport) {}
+
+  bool failed() const { return error_.has_value(); }
+  void throw_if_failed() const {
+    if (error_) throw *error_;
+  }
+  // Records `e` unless an error is recorded already, then throws the first.
+  [[noreturn]] void fail(const Error& e);
+
+  // Thread-safe. The first reason wins.
+  void request_abort(const std::string& why) noexcept;
+  bool aborted() const noexcept { return aborted_.load(std::memory_order_acquire); }
+  // fail(Aborted) once abort() was requested.
+  void throw_if_aborted();
+
+  // "rank `waiter` timed out waiting for rank `blamed`", reported by a peer.
+  void note_reported_wait(int waiter, int blamed) {
+    waits_for_[waiter] = blamed;
+    timeout_reported_ = true;
+  }
+  bool timeout_reported() const { return timeout_reported_; }
+  // This rank's own timeout: records its edge and returns the error to tell the peers.
+  Error own_timeout(std::span<const Request> reqs, int my_rank);
+  // After the grace period: fails with the end of the wait chain.
+  [[noreturn]] void fail_timeout_chain(int my_rank) { fail(timeout_chain_error(waits_for_, my_rank)); }
+  // How long to listen for the other ranks' reports: a tenth of the timeout, 0.1 to 1 s.
+  static std::chrono::milliseconds grace(std::chrono::milliseconds timeout);
+
+ private:
+  const char* transport_;
+  std::optional<Error> error_;
+  std::atomic<bool> aborted_{false};
+  std::mutex abort_mu_;
+  std::string abort_why_;
+  std::map<int, int> waits_for_;  // rank -> rank it timed out waiting for
+  bool timeout_reported_ = false;
+};
 
 // Everything a transport factory needs.
 struct TransportContext {

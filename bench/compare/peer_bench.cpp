@@ -1,5 +1,7 @@
 #include "peer_bench.hpp"
 
+#include "bench_common.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <unistd.h>
@@ -87,63 +89,10 @@ float plain_value(int rank, std::size_t i) {
   return static_cast<float>((i * 7 + static_cast<std::size_t>(rank) * 13) % 97 + 1);
 }
 
-struct FreeDeleter {
-  void operator()(void* p) const noexcept { std::free(p); }
-};
-using Buffer = std::unique_ptr<float[], FreeDeleter>;
-
-// Page-aligned and written once: first-touch faults stay out of the timed loop.
-Buffer allocate_touched(std::size_t bytes) {
-  constexpr std::size_t kPage = 4096;
-  const std::size_t rounded = std::max(kPage, (bytes + kPage - 1) / kPage * kPage);
-  void* p = nullptr;
-  if (::posix_memalign(&p, kPage, rounded) != 0) throw std::bad_alloc();
-  std::memset(p, 0, rounded);
-  return Buffer(static_cast<float*>(p));
-}
-
-std::size_t parse_size(const std::string& text) {
-  std::size_t pos = 0;
-  unsigned long long value = 0;
-  try {
-    if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0])))
-      throw std::invalid_argument("");
-    value = std::stoull(text, &pos, 10);
-  } catch (const std::exception&) {
-    throw std::invalid_argument("'" + text + "' is not a size (examples: 8, 64K, 1M, 2G)");
-  }
-  std::string suffix = text.substr(pos);
-  for (char& c : suffix) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  if (suffix.size() >= 2 && suffix.substr(suffix.size() - 2) == "ib")
-    suffix.resize(suffix.size() - 2);
-  else if (suffix.size() >= 2 && suffix.back() == 'b')
-    suffix.pop_back();
-  int shift = 0;
-  if (suffix.empty() || suffix == "b")
-    shift = 0;
-  else if (suffix == "k")
-    shift = 10;
-  else if (suffix == "m")
-    shift = 20;
-  else if (suffix == "g")
-    shift = 30;
-  else
-    throw std::invalid_argument("'" + text + "': unknown size suffix (use K, M or G)");
-  if (shift > 0 && value > (std::numeric_limits<std::size_t>::max() >> shift))
-    throw std::invalid_argument("'" + text + "' is too large");
-  return static_cast<std::size_t>(value) << shift;
-}
-
-std::string format_time_us(double us) {
-  char buf[32];
-  if (us >= 10000.0)
-    std::snprintf(buf, sizeof buf, "%7.0f", us);
-  else if (us >= 100.0)
-    std::snprintf(buf, sizeof buf, "%7.1f", us);
-  else
-    std::snprintf(buf, sizeof buf, "%7.2f", us);
-  return buf;
-}
+using chorus::bench::allocate_touched;
+using chorus::bench::Buffer;
+using chorus::bench::format_time_us;
+using chorus::bench::parse_size;
 
 struct Result {
   bool ran = false;
@@ -365,7 +314,8 @@ std::uint64_t Runner::count_wrong(Coll coll, const Counts& cc, const float* resu
 
 Result Runner::measure(Coll coll, const Counts& cc, std::size_t size_bytes, bool in_place) {
   Result res;
-  const Layout lay = layout(coll, cc, rank_, send_.get(), recv_.get(), in_place);
+  const Layout lay = layout(coll, cc, rank_, reinterpret_cast<float*>(send_.get()),
+                           reinterpret_cast<float*>(recv_.get()), in_place);
   // Zeros are valid input and stay zero however often they are summed.
   std::memset(send_.get(), 0, cc.send * sizeof(float));
   std::memset(recv_.get(), 0, std::max(cc.send, cc.recv) * sizeof(float));

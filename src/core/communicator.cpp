@@ -280,13 +280,7 @@ struct CommImpl {
     std::unique_lock<std::mutex> lock(mu);
     if (error) throw unusable(*error);
     const std::uint64_t ticket = next_ticket++;
-    if (async) {
-      auto state = std::make_shared<WorkState>();
-      queue.push_back(Task{ticket, std::move(fn), nullptr, {}, state});
-      if (!worker.joinable()) worker = std::thread([this] { worker_loop(); });
-      cv.notify_all();
-      return Work(state);
-    }
+    if (async) return enqueue(Task{ticket, std::move(fn), nullptr, {}, nullptr});
     cv.wait(lock, [&] { return now_serving == ticket; });
     lock.unlock();
     struct Advance {
@@ -305,14 +299,19 @@ struct CommImpl {
   // Submits an async point-to-point operation: `post` runs in its turn on the
   // worker and returns the request; the Work completes when it is done.
   Work submit_posted(std::function<transport::Request()> post, transport::Deadline deadline) {
-    std::unique_lock<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(mu);
     if (error) throw unusable(*error);
-    const std::uint64_t ticket = next_ticket++;
-    auto state = std::make_shared<WorkState>();
-    queue.push_back(Task{ticket, nullptr, std::move(post), deadline, state});
+    return enqueue(Task{next_ticket++, nullptr, std::move(post), deadline, nullptr});
+  }
+
+  // Queues an async task for the worker (mu held).
+  Work enqueue(Task task) {
+    task.state = std::make_shared<WorkState>();
+    Work w(task.state);
+    queue.push_back(std::move(task));
     if (!worker.joinable()) worker = std::thread([this] { worker_loop(); });
     cv.notify_all();
-    return Work(state);
+    return w;
   }
 
   transport::Deadline deadline(const CallOptions& o) const {

@@ -272,7 +272,7 @@ class ShmTransport final : public Transport {
   }
 
   ~ShmTransport() override {
-    if (!error_ && own_.base) {
+    if (!fs_.failed() && own_.base) {
       own_.hdr()->state.store(static_cast<std::uint32_t>(State::Goodbye), std::memory_order_release);
       for (auto& p : peers_)
         if (p.used && p.seg.base) notify(p.seg);
@@ -352,9 +352,9 @@ class ShmTransport final : public Transport {
       progress_once();
       while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
       if (first_pending == reqs.size()) return;
-      if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+      fs_.throw_if_aborted();
       const auto now = Clock::now();
-      if (now >= deadline || timeout_reported_) resolve_timeout(reqs);
+      if (now >= deadline || fs_.timeout_reported()) resolve_timeout(reqs);
       if ((iter & 1023) == 1023) check_peers();
       if (now < spin_until) {
         cpu_relax();
@@ -370,11 +370,7 @@ class ShmTransport final : public Transport {
   }
 
   void abort(const std::string& why) noexcept override {
-    {
-      std::lock_guard<std::mutex> lock(abort_mu_);
-      if (abort_why_.empty()) abort_why_ = why;
-    }
-    aborted_.store(true, std::memory_order_release);
+    fs_.request_abort(why);
     if (own_.base) {
       own_.hdr()->doorbell.fetch_add(1, std::memory_order_seq_cst);
       futex(&own_.hdr()->doorbell, FUTEX_WAKE, INT_MAX, nullptr);
@@ -860,7 +856,7 @@ class ShmTransport final : public Transport {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     // Anything that arrived before we said we sleep is seen here.
     const bool did = progress_once_noexcept();
-    if (!did && !aborted_.load(std::memory_order_acquire) && !error_) {
+    if (!did && !fs_.aborted() && !fs_.failed()) {
       const auto left = until - Clock::now();
       if (left > Clock::duration::zero()) {
         const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
@@ -897,8 +893,7 @@ class ShmTransport final : public Transport {
         if (n.code == static_cast<std::int32_t>(ErrorCode::Timeout) && n.blamed >= 0 &&
             n.blamed < ctx_.size) {
           // An edge of the wait chain: see resolve_timeout.
-          waits_for_[p.rank] = n.blamed;
-          timeout_reported_ = true;
+          fs_.note_reported_wait(p.rank, n.blamed);
           continue;
         }
         fail(notice_error(static_cast<std::uint64_t>(n.code), n.blamed, p.rank, text));
@@ -909,7 +904,7 @@ class ShmTransport final : public Transport {
   // Has a peer exited? A goodbye (its communicator was destroyed) is an
   // error only if we still need it; a death without one always is.
   void check_peers() {
-    if (error_) return;
+    if (fs_.failed()) return;
     for (auto& p : peers_) {
       if (!p.used || p.exited) continue;
       bool gone = false;
@@ -947,13 +942,8 @@ class ShmTransport final : public Transport {
   // listens for the others' reports for a grace period, and blames the end
   // of the chain.
   [[noreturn]] void resolve_timeout(std::span<const Request> reqs) {
-    const Error mine = timeout_error(reqs);
-    if (mine.peer() >= 0) waits_for_[ctx_.rank] = mine.peer();
-    broadcast_failure(mine);
-    const auto grace = std::clamp<std::chrono::milliseconds>(
-        std::chrono::duration_cast<std::chrono::milliseconds>(ctx_.connect_timeout / 10),
-        std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
-    const auto until = Clock::now() + grace;
+    broadcast_failure(fs_.own_timeout(reqs, ctx_.rank));
+    const auto until = Clock::now() + FailureState::grace(ctx_.connect_timeout);
     while (Clock::now() < until) {
       progress_once();  // throws at once on any other failure
       check_peers();
@@ -961,12 +951,12 @@ class ShmTransport final : public Transport {
       if (left > Clock::duration::zero())
         sleep_until(Clock::now() + std::min<Clock::duration>(left, kSleepSlice));
     }
-    fail(timeout_chain_error(waits_for_, ctx_.rank));
+    fs_.fail_timeout_chain(ctx_.rank);
   }
 
   Peer& usable(int peer) {
     throw_if_failed();
-    if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+    fs_.throw_if_aborted();
     const int i = peer >= 0 && peer < ctx_.size ? peer_of_[static_cast<std::size_t>(peer)] : -1;
     if (i < 0 || !peers_[static_cast<std::size_t>(i)].used)
       throw Error(ErrorCode::Internal, "shm transport: rank " + std::to_string(peer) +
@@ -975,22 +965,8 @@ class ShmTransport final : public Transport {
     return peers_[static_cast<std::size_t>(i)];
   }
 
-  void throw_if_failed() {
-    if (error_) throw *error_;
-  }
-
-  [[noreturn]] void fail(const Error& e) {
-    if (!error_) {
-      error_ = e;
-      CHORUS_INFO("shm: transport failed: " << e.what());
-    }
-    throw *error_;
-  }
-
-  std::string abort_reason() {
-    std::lock_guard<std::mutex> lock(abort_mu_);
-    return abort_why_.empty() ? std::string("communicator aborted") : abort_why_;
-  }
+  void throw_if_failed() const { fs_.throw_if_failed(); }
+  [[noreturn]] void fail(const Error& e) { fs_.fail(e); }
 
   TransportContext ctx_;
   Layout layout_;
@@ -1005,12 +981,7 @@ class ShmTransport final : public Transport {
   std::string reasons_;
   std::vector<char> staging_;
   std::uint32_t notices_total_ = 0;
-  std::optional<Error> error_;
-  std::atomic<bool> aborted_{false};
-  std::mutex abort_mu_;
-  std::string abort_why_;
-  std::map<int, int> waits_for_;
-  bool timeout_reported_ = false;
+  FailureState fs_{"shm"};
 };
 
 [[maybe_unused]] const bool kRegistered = register_transport("shm", [](const TransportContext& ctx) {

@@ -154,7 +154,7 @@ class TcpTransport final : public Transport {
 
   ~TcpTransport() override {
     // Tell peers we are leaving on purpose, so they do not take our EOF for a crash.
-    if (!error_) {
+    if (!fs_.failed()) {
       FrameHeader g = make_header(FrameKind::Goodbye);
       for (auto& p : peers_) {
         for (Conn* c : {p.out.get(), p.in.get()})
@@ -235,9 +235,9 @@ class TcpTransport final : public Transport {
       woke = false;
       while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
       if (first_pending == reqs.size()) return;
-      if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+      fs_.throw_if_aborted();
       const auto now = Clock::now();
-      if (now >= deadline || timeout_reported_) resolve_timeout(reqs);
+      if (now >= deadline || fs_.timeout_reported()) resolve_timeout(reqs);
       if (now < spin_until) {
         // Busy-poll briefly: on an idle core this saves the cost of a
         // sleep/wake-up; the yield keeps oversubscribed ranks moving.
@@ -250,11 +250,7 @@ class TcpTransport final : public Transport {
   }
 
   void abort(const std::string& why) noexcept override {
-    {
-      std::lock_guard<std::mutex> lock(abort_mu_);
-      if (abort_why_.empty()) abort_why_ = why;
-    }
-    aborted_.store(true, std::memory_order_release);
+    fs_.request_abort(why);
     std::uint64_t one = 1;
     [[maybe_unused]] auto r = ::write(wake_.get(), &one, sizeof one);
   }
@@ -551,7 +547,7 @@ class TcpTransport final : public Transport {
   }
 
   void settle_losses() {
-    if (!pending_loss_ || error_) return;
+    if (!pending_loss_ || fs_.failed()) return;
     accept_pending();
     for (auto& p : peers_)
       for (Conn* c : {p.out.get(), p.in.get()})
@@ -671,8 +667,7 @@ class TcpTransport final : public Transport {
       // "rank c.peer waited for rank blamed": an edge of the wait chain. The
       // waiting call resolves the chain (resolve_timeout) instead of taking
       // the first report at its word.
-      waits_for_[c.peer] = blamed;
-      timeout_reported_ = true;
+      fs_.note_reported_wait(c.peer, blamed);
       return;
     }
     fail(notice_error(c.hdr.seq, blamed, c.peer, text));
@@ -729,24 +724,9 @@ class TcpTransport final : public Transport {
     }
   }
 
-  bool failed() const { return error_.has_value(); }
-
-  void throw_if_failed() {
-    if (error_) throw *error_;
-  }
-
-  [[noreturn]] void fail(const Error& e) {
-    if (!error_) {
-      error_ = e;
-      CHORUS_INFO("tcp: transport failed: " << e.what());
-    }
-    throw *error_;
-  }
-
-  std::string abort_reason() {
-    std::lock_guard<std::mutex> lock(abort_mu_);
-    return abort_why_.empty() ? std::string("communicator aborted") : abort_why_;
-  }
+  bool failed() const { return fs_.failed(); }
+  void throw_if_failed() const { fs_.throw_if_failed(); }
+  [[noreturn]] void fail(const Error& e) { fs_.fail(e); }
 
   // A deadline passed here, or another rank reported one. Every rank that
   // times out waits for a neighbour, which may itself be waiting: the first
@@ -755,23 +735,18 @@ class TcpTransport final : public Transport {
   // period, and follows the chain to the rank that reported nothing: the one
   // that is stopped or stuck.
   [[noreturn]] void resolve_timeout(std::span<const Request> reqs) {
-    const Error mine = timeout_error(reqs);
-    if (mine.peer() >= 0) waits_for_[ctx_.rank] = mine.peer();
-    broadcast_failure(mine);
-    const auto grace = std::clamp<std::chrono::milliseconds>(
-        std::chrono::duration_cast<std::chrono::milliseconds>(ctx_.connect_timeout / 10),
-        std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
-    const auto until = Clock::now() + grace;
+    broadcast_failure(fs_.own_timeout(reqs, ctx_.rank));
+    const auto until = Clock::now() + FailureState::grace(ctx_.connect_timeout);
     while (Clock::now() < until) {
       progress(true);  // throws at once on any other failure (a death, a mismatch)
       block(until);
     }
-    fail(timeout_chain_error(waits_for_, ctx_.rank));
+    fs_.fail_timeout_chain(ctx_.rank);
   }
 
   void check_usable(int peer) {
     throw_if_failed();
-    if (aborted_.load(std::memory_order_acquire)) fail(Error(ErrorCode::Aborted, abort_reason()));
+    fs_.throw_if_aborted();
     if (peer < 0 || peer >= ctx_.size || peer == ctx_.rank)
       throw Error(ErrorCode::Internal, "transport: bad peer " + std::to_string(peer));
   }
@@ -782,13 +757,8 @@ class TcpTransport final : public Transport {
   net::Fd listen_;
   net::Fd wake_;
   std::string my_addr_;
-  std::optional<Error> error_;
-  std::atomic<bool> aborted_{false};
-  std::mutex abort_mu_;
-  std::string abort_why_;
+  FailureState fs_{"tcp"};
   std::vector<pollfd> fds_;
-  std::map<int, int> waits_for_;  // rank -> rank it timed out waiting for
-  bool timeout_reported_ = false;
   std::optional<Error> pending_loss_;  // a peer's socket broke; declared in settle_losses()
 };
 

@@ -1,0 +1,32 @@
+#pragma once
+
+// What every benchmark program here needs, chorus-bench and the peers of
+// bench/compare alike (which do not link Chorus): touched buffers, sizes
+// as nccl-tests writes them, the time column.
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+namespace chorus::bench {
+
+// --- buffers ----------------------------------------------------------------
+
+struct FreeDeleter {
+  void operator()(void* p) const noexcept;
+};
+using Buffer = std::unique_ptr<unsigned char[], FreeDeleter>;
+// Page-aligned buffer of `bytes`, every page written once: first-touch page
+// faults would otherwise land inside the first timed iterations.
+Buffer allocate_touched(std::size_t bytes);
+
+// --- sizes and table ----------------------------------------------------------
+
+// Parses "8", "64K", "1M", "2G" (binary multiples, like nccl-tests; an
+// optional trailing "B" or "iB" is accepted). Throws std::invalid_argument.
+std::size_t parse_size(const std::string& text);
+
+// The time column as nccl-tests prints it (fewer decimals for longer times).
+std::string format_time_us(double us);
+
+}  // namespace chorus::bench
