@@ -16,6 +16,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <stdexcept>
@@ -42,7 +43,8 @@ struct Options {
   int root = 0;
   std::vector<std::string> colls{"allreduce"};
   std::string json;
-  std::string algorithm;
+  std::string algorithm;  // a name, "all" (one column group per algorithm), or empty
+  std::string calibrate;  // write a tuning file here instead of the tables
 };
 
 // One table row's measurement of one mode (out-of-place or in-place).
@@ -90,7 +92,7 @@ class Bench {
       : comm_(comm), opt_(opt), sizes_(std::move(sizes)), colls_(std::move(colls)),
         dtypes_(std::move(dtypes)), ops_(std::move(ops)), out_(out), rank_(comm.rank()),
         nranks_(comm.size()) {
-    call_options_.algorithm = opt_.algorithm;
+    if (opt_.algorithm != "all") call_options_.algorithm = opt_.algorithm;
   }
 
   // Runs every table; returns the JSON report (meaningful on rank 0).
@@ -100,6 +102,9 @@ class Bench {
  private:
   void print_header();
   void run_table(const bench::Collective& coll, DataType dtype, ReduceOp op);
+  // --algo all: one column group (time, busbw) per algorithm, out-of-place,
+  // and the selector's pick for each size.
+  void run_algo_table(const bench::Collective& coll, DataType dtype, ReduceOp op);
   Result measure(const bench::Collective& coll, DataType dtype, ReduceOp op,
                  const bench::CollCounts& cc, std::size_t size_bytes, bool in_place);
   // printf to the table's stream, on rank 0 only.
@@ -115,6 +120,7 @@ class Bench {
   int rank_;
   int nranks_;
   chorus::CallOptions call_options_;
+  chorus::CallOptions plain_options_;  // the harness's own barrier and reductions
   bench::Buffer send_;
   bench::Buffer recv_;
   nlohmann::json records_ = nlohmann::json::array();
@@ -142,7 +148,7 @@ void Bench::print_header() {
   mine.pid = ::getpid();
   ::gethostname(mine.host, sizeof mine.host - 1);
   std::vector<RankInfo> all(static_cast<std::size_t>(nranks_));
-  comm_.allgather(&mine, all.data(), sizeof(RankInfo), DataType::UInt8, call_options_);
+  comm_.allgather(&mine, all.data(), sizeof(RankInfo), DataType::UInt8, plain_options_);
 
   std::string colls;
   for (const auto* c : colls_) colls += (colls.empty() ? "" : ",") + std::string(c->name);
@@ -173,10 +179,14 @@ nlohmann::json Bench::run() {
 
   for (const auto* coll : colls_) {
     for (DataType dtype : dtypes_) {
+      auto table = [&](ReduceOp op) {
+        if (opt_.algorithm == "all") run_algo_table(*coll, dtype, op);
+        else run_table(*coll, dtype, op);
+      };
       if (coll->reduces) {
-        for (ReduceOp op : ops_) run_table(*coll, dtype, op);
+        for (ReduceOp op : ops_) table(op);
       } else {
-        run_table(*coll, dtype, ReduceOp::Sum);
+        table(ReduceOp::Sum);
       }
     }
   }
@@ -268,6 +278,7 @@ void Bench::run_table(const bench::Collective& coll, DataType dtype, ReduceOp op
       rec["time_us"] = res.time_us;
       rec["algbw"] = res.algbw;
       rec["busbw"] = res.busbw;
+      rec["algorithm"] = opt_.algorithm.empty() ? comm_.algorithm_for(coll.name, cc.param_count, dtype, op, root < 0 ? 0 : root) : opt_.algorithm;
       if (res.checked) {
         rec["wrong"] = res.wrong;
       } else {
@@ -275,6 +286,72 @@ void Bench::run_table(const bench::Collective& coll, DataType dtype, ReduceOp op
       }
       records_.push_back(std::move(rec));
     }
+    print("%s\n", line.c_str());
+    if (rank_ == 0) std::fflush(out_);
+  }
+}
+
+void Bench::run_algo_table(const bench::Collective& coll, DataType dtype, ReduceOp op) {
+  const std::string type_name(chorus::to_string(dtype));
+  const std::string op_name = coll.reduces ? std::string(chorus::to_string(op)) : "none";
+  const int root = coll.rooted ? opt_.root : -1;
+  const std::vector<std::string> algos = chorus::algorithm_names(coll.name);
+  print("# Collective: %s, every algorithm forced in turn (out-of-place), and the selector's pick\n",
+        coll.name);
+  print("#\n# %10s  %12s  %8s  %6s", "size", "count", "type", "redop");
+  for (const auto& a : algos) print("  %20s", (a + " us  GB/s").c_str());
+  print("  %-20s  %s\n", "pick", "pick/best");
+  const std::size_t ws = chorus::size_of(dtype);
+  for (std::size_t size : sizes_) {
+    const bench::CollCounts cc = coll.counts(size / ws, nranks_);
+    const std::size_t size_bytes = std::max(cc.send_count, cc.recv_count) * ws;
+    char cell[128];
+    std::snprintf(cell, sizeof cell, "  %12zu  %12zu  %8s  %6s", size_bytes, cc.param_count,
+                  type_name.c_str(), op_name.c_str());
+    std::string line = cell;
+    const std::string pick =
+        comm_.algorithm_for(coll.name, cc.param_count, dtype, op, root < 0 ? 0 : root);
+    double best = 0, pick_us = 0;
+    for (const auto& a : algos) {
+      call_options_.algorithm = a;
+      Result res;
+      try {
+        res = measure(coll, dtype, op, cc, size_bytes, false);
+      } catch (const chorus::Error& e) {
+        // Outside the algorithm's constraints: every rank throws the same
+        // error at submission, before anything is sent.
+        if (e.code() != chorus::ErrorCode::InvalidArgument) throw;
+        res.ran = false;
+      }
+      if (!res.ran) {
+        std::snprintf(cell, sizeof cell, "  %20s", "N/A");
+      } else {
+        const std::string t = bench::format_time_us(res.time_us);
+        std::snprintf(cell, sizeof cell, "  %11s %8.2f", t.c_str(), res.busbw);
+        total_wrong_ += res.wrong;
+        if (best == 0 || res.time_us < best) best = res.time_us;
+        if (a == pick) pick_us = res.time_us;
+        nlohmann::json rec;
+        rec["coll"] = coll.name;
+        rec["datatype"] = type_name;
+        rec["op"] = op_name;
+        rec["root"] = root;
+        rec["size"] = size_bytes;
+        rec["count"] = cc.param_count;
+        rec["inplace"] = false;
+        rec["algorithm"] = a;
+        rec["picked"] = a == pick;
+        rec["time_us"] = res.time_us;
+        rec["algbw"] = res.algbw;
+        rec["busbw"] = res.busbw;
+        if (res.checked) rec["wrong"] = res.wrong;
+        records_.push_back(std::move(rec));
+      }
+      line += cell;
+    }
+    call_options_.algorithm.clear();
+    std::snprintf(cell, sizeof cell, "  %-20s  %.2f", pick.c_str(), best > 0 ? pick_us / best : 0.0);
+    line += cell;
     print("%s\n", line.c_str());
     if (rank_ == 0) std::fflush(out_);
   }
@@ -304,14 +381,14 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
   std::memset(recv_.get(), 0, std::max(cc.send_count, cc.recv_count) * ws);
 
   for (int i = 0; i < opt_.warmup_iters; ++i) call();
-  comm_.barrier(call_options_);
+  comm_.barrier(plain_options_);
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < opt_.iters; ++i) call();
   const auto t1 = std::chrono::steady_clock::now();
   const double my_us = std::chrono::duration<double, std::micro>(t1 - t0).count() / opt_.iters;
   // The slowest rank defines the collective's time.
   double max_us = 0;
-  comm_.allreduce(&my_us, &max_us, 1, DataType::Float64, ReduceOp::Max, call_options_);
+  comm_.allreduce(&my_us, &max_us, 1, DataType::Float64, ReduceOp::Max, plain_options_);
   res.time_us = max_us;
   const double sec = max_us * 1e-6;
   res.algbw = sec > 0 ? static_cast<double>(size_bytes) / 1e9 / sec : 0.0;
@@ -335,11 +412,105 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
       wrong += bench::count_wrong(recv, cc.recv_count, coll, ctx);
     }
     std::uint64_t all_wrong = 0;
-    comm_.allreduce(&wrong, &all_wrong, 1, DataType::UInt64, ReduceOp::Sum, call_options_);
+    comm_.allreduce(&wrong, &all_wrong, 1, DataType::UInt64, ReduceOp::Sum, plain_options_);
     res.checked = true;
     res.wrong = all_wrong;
   }
   return res;
+}
+
+// --calibrate: fits the selector's alpha-beta model (docs/algorithms.md) to
+// this machine by timing the ring allreduce, whose cost the model states
+// exactly: 2(n-1) steps of alpha, 2(n-1)/n of the bytes over the link, and
+// (n-1)/n of them reduced. A tiny message gives alpha; a large one, after
+// alpha and the reduction rate (timed here with a plain a += b loop), gives
+// the link's bandwidth. Ranks spread over several hosts measure the network
+// (a flat ring crosses it); ranks of one host measure the local link.
+int calibrate(Communicator& comm, const std::string& path) {
+  const int n = comm.size();
+  const int rank = comm.rank();
+  if (n < 2) {
+    if (rank == 0) std::fprintf(stderr, "chorus-bench --calibrate: needs at least 2 ranks\n");
+    return 2;
+  }
+  chorus::CallOptions ring, plain;
+  ring.algorithm = "ring";
+  const std::size_t big_count = std::size_t{16} << 20;  // 64 MiB of float
+  bench::Buffer a = bench::allocate_touched(big_count * 4), b = bench::allocate_touched(big_count * 4);
+  auto timed = [&](std::size_t count, int iters) {
+    // Best of five batches: the smallest time is the least disturbed.
+    double best = 0;
+    for (int rep = 0; rep < 5; ++rep) {
+      for (int i = 0; i < 2; ++i) comm.allreduce(a.get(), b.get(), count, DataType::Float32, ReduceOp::Sum, ring);
+      comm.barrier(plain);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i)
+        comm.allreduce(a.get(), b.get(), count, DataType::Float32, ReduceOp::Sum, ring);
+      const double mine = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+      double slowest = 0;
+      comm.allreduce(&mine, &slowest, 1, DataType::Float64, ReduceOp::Max, plain);
+      if (rep == 0 || slowest < best) best = slowest;
+    }
+    return best;
+  };
+  std::memset(a.get(), 0, big_count * 4);
+  const double t_small = timed(2, 500);
+  const double t_big = timed(big_count, 3);
+  // Reduction rate: bytes of one operand per second of dst += src.
+  auto* x = reinterpret_cast<float*>(a.get());
+  auto* y = reinterpret_cast<float*>(b.get());
+  double t_red = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i < big_count; ++i) y[i] += x[i];
+    const double t = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    if (rep == 0 || t < t_red) t_red = t;
+  }
+  double t_red_all = 0;  // the slowest rank's
+  comm.allreduce(&t_red, &t_red_all, 1, DataType::Float64, ReduceOp::Max, plain);
+  const double bytes = static_cast<double>(big_count) * 4;
+  const double f = static_cast<double>(n - 1) / n;
+  const double alpha = t_small / (2.0 * (n - 1));
+  const double reduce_gbps = bytes / t_red_all / 1e3;
+  const double t_link = std::max(1e-3, t_big - 2.0 * (n - 1) * alpha - f * bytes / (reduce_gbps * 1e3));
+  const double gbps = 2 * f * bytes / t_link / 1e3;
+  // One host or several: compare each rank's host identity (name + network namespace).
+  char id[64] = {};
+  std::string who(64, '\0');
+  ::gethostname(who.data(), 32);
+  who.resize(std::strlen(who.c_str()));
+  char ns[64] = {};
+  if (::readlink("/proc/self/ns/net", ns, sizeof ns - 1) > 0) who += ns;
+  std::memcpy(id, who.data(), std::min(who.size(), sizeof id - 1));
+  std::vector<char> ids(64 * static_cast<std::size_t>(n));
+  comm.allgather(id, ids.data(), 64, DataType::UInt8, plain);
+  bool one_host = true;
+  for (int r = 1; r < n; ++r)
+    one_host = one_host && std::memcmp(ids.data(), ids.data() + 64 * static_cast<std::size_t>(r), 64) == 0;
+  const std::string link = one_host ? "local" : "net";
+  if (rank == 0) {
+    std::ofstream out(path);
+    const std::time_t now = std::time(nullptr);
+    char date[32];
+    std::strftime(date, sizeof date, "%Y-%m-%d %H:%M", std::localtime(&now));
+    out << "# Chorus tuning file: chorus-bench --calibrate on " << n << " ranks ("
+        << (one_host ? "one host" : "several hosts") << ", transport " << comm.transport_name()
+        << "), " << date << "\n"
+        << "# ring allreduce: 8 B in " << t_small << " us, 64 MiB in " << t_big
+        << " us; float a += b over 64 MiB in " << t_red_all << " us\n"
+        << "# Read with CHORUS_TUNING_FILE=" << path << " (rank 0's file decides for all ranks).\n"
+        << link << ".alpha_us = " << alpha << "\n"
+        << link << ".gbps = " << gbps << "\n"
+        << "reduce_gbps = " << reduce_gbps << "\n";
+    if (!out) {
+      std::fprintf(stderr, "chorus-bench: cannot write %s\n", path.c_str());
+      return 2;
+    }
+    std::printf("# calibrated on %d ranks (%s): %s.alpha_us = %.3g, %s.gbps = %.3g, reduce_gbps = %.3g -> %s\n",
+                n, one_host ? "one host" : "several hosts", link.c_str(), alpha, link.c_str(), gbps,
+                reduce_gbps, path.c_str());
+  }
+  return 0;
 }
 
 std::vector<std::string> split_list(const std::vector<std::string>& items) {
@@ -405,7 +576,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--json", opt.json,
                  "Also write the results as JSON to FILE ('-': stdout, the table then goes to stderr)");
-  app.add_option("-A,--algorithm", opt.algorithm, "Force an algorithm by name (e.g. ring)");
+  app.add_option("-A,--algo,--algorithm", opt.algorithm,
+                 "Force an algorithm by name (e.g. ring; see docs/algorithms.md), or 'all': one "
+                 "column group per algorithm plus the selector's pick");
+  app.add_option("--calibrate", opt.calibrate,
+                 "Measure the alpha-beta model's parameters on these ranks and write them to "
+                 "FILE (read it back with CHORUS_TUNING_FILE)");
 
   try {
     app.parse(argc, argv);
@@ -458,6 +634,7 @@ int main(int argc, char** argv) {
                      comm.size() - 1);
       return 2;
     }
+    if (!opt.calibrate.empty()) return calibrate(comm, opt.calibrate);
     Bench bench_run(comm, opt, sizes, colls, dtypes, ops, out);
     const nlohmann::json report = bench_run.run();
     if (rank == 0 && !opt.json.empty()) {

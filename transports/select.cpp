@@ -38,6 +38,12 @@ class Composite final : public Transport {
     far_->progress();
   }
 
+  std::vector<Traffic> traffic() const override {
+    auto t = near_->traffic();
+    for (auto& f : far_->traffic()) t.push_back(std::move(f));
+    return t;
+  }
+
   void wait(std::span<const Request> reqs, Deadline deadline) override {
     const auto spin_until = Clock::now() + spin_;
     std::size_t first_pending = 0;

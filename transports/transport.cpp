@@ -37,6 +37,7 @@ std::string describe(const CallDesc& d) {
   const bool reduces = d.coll == Coll::Allreduce || d.coll == Coll::ReduceScatter || d.coll == Coll::Reduce;
   if (reduces) os << ", " << (is_valid(d.op) ? std::string(chorus::to_string(d.op)) : "op ?");
   if (d.root >= 0) os << ", root " << d.root;
+  if (d.algo != 0) os << ", algorithm #" << static_cast<int>(d.algo);
   os << ")";
   return os.str();
 }
@@ -47,7 +48,11 @@ void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, 
   os << "ranks disagree on the call: rank " << peer << " called " << describe(theirs) << " but rank "
      << my_rank << " called " << describe(mine)
      << ". Every rank must issue the same collectives, in the same order, with the same count, "
-        "dtype, op and root.";
+        "dtype, op and root"
+     << (mine.algo != theirs.algo && mine.coll == theirs.coll
+             ? ", and pick the same algorithm (CHORUS_ALGO or CallOptions::algorithm differ "
+               "between ranks)."
+             : ".");
   throw Error(ErrorCode::InvalidUsage, os.str(), peer);
 }
 

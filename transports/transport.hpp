@@ -60,9 +60,21 @@ struct CallDesc {
   std::int32_t root = -1;     // root rank, or -1
   std::uint64_t count = 0;    // the count argument of the call
   std::uint64_t seq = 0;      // collective call number (or per-pair number for send/recv)
+  std::uint8_t algo = 0;      // algorithm id within the collective (0: none), 1..15
 
   bool operator==(const CallDesc&) const = default;
 };
+
+// The wire's collective byte: the Coll in the low 4 bits, CallDesc::algo in
+// the high 4, so that ranks running different algorithms for one call fail
+// with InvalidUsage instead of exchanging data they misread.
+inline std::uint8_t encode_coll(const CallDesc& d) {
+  return static_cast<std::uint8_t>(static_cast<unsigned>(d.coll) | (static_cast<unsigned>(d.algo) << 4));
+}
+inline void decode_coll(std::uint8_t byte, CallDesc& d) {
+  d.coll = static_cast<Coll>(byte & 0x0f);
+  d.algo = static_cast<std::uint8_t>(byte >> 4);
+}
 
 // "allreduce #5 (count 1000, float, sum)".
 std::string describe(const CallDesc& d);
@@ -157,6 +169,31 @@ class Transport {
   // that ranks not directly connected to the culprit fail fast instead of
   // waiting for their timeout.
   virtual void broadcast_failure(const Error& e) noexcept = 0;
+
+  // Payload bytes this endpoint posted to and from each peer (by global
+  // rank): the byte counters that CHORUS_DEBUG=info prints when a
+  // communicator is destroyed. A composite reports each part separately.
+  struct Traffic {
+    std::string transport;
+    std::vector<std::uint64_t> sent, received;  // indexed by peer rank
+  };
+  virtual std::vector<Traffic> traffic() const {
+    Traffic t = traffic_;
+    t.transport = name();
+    return {t};
+  }
+
+ protected:
+  void count_sent(int peer, std::size_t bytes) { bump(traffic_.sent, peer, bytes); }
+  void count_received(int peer, std::size_t bytes) { bump(traffic_.received, peer, bytes); }
+
+ private:
+  static void bump(std::vector<std::uint64_t>& v, int peer, std::size_t bytes) {
+    if (peer < 0) return;
+    if (v.size() <= static_cast<std::size_t>(peer)) v.resize(static_cast<std::size_t>(peer) + 1, 0);
+    v[static_cast<std::size_t>(peer)] += bytes;
+  }
+  Traffic traffic_;
 };
 
 // ---- Shared by the transports -------------------------------------------

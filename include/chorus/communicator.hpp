@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace chorus {
 
@@ -64,6 +65,11 @@ struct LaunchInfo {
 /// Error(InvalidUsage) when no convention is present.
 CHORUS_API LaunchInfo launch_info_from_env(
     const std::function<const char*(const char*)>& getenv = nullptr);
+
+/// Names of the algorithms Chorus has for `collective` (as algorithm_for()
+/// names collectives), in a fixed order; empty for an unknown collective.
+/// Any of them may be forced with CallOptions::algorithm or CHORUS_ALGO.
+CHORUS_API std::vector<std::string> algorithm_names(const std::string& collective);
 
 /// Handle to an asynchronous operation. Operations of one communicator run in
 /// the order they were submitted.
@@ -117,6 +123,16 @@ class CHORUS_API Communicator {
   int size() const;
   /// Name of the transport in use ("tcp").
   std::string transport_name() const;
+  /// The algorithm this communicator would run for a call of `collective`
+  /// ("allreduce", "broadcast", "allgather", "reduce_scatter", "reduce",
+  /// "gather", "scatter", "alltoall", "barrier") with `count` elements of
+  /// `dtype`: the one CHORUS_ALGO forces, else the cheapest under the
+  /// selector's cost model (docs/algorithms.md). Every rank gets the same
+  /// answer. Throws Error(InvalidArgument) for an unknown collective, or when
+  /// the forced algorithm cannot run such a call.
+  std::string algorithm_for(const std::string& collective, std::size_t count,
+                            DataType dtype = DataType::Float32, ReduceOp op = ReduceOp::Sum,
+                            int root = 0) const;
 
   /// Elementwise reduction of every rank's `sendbuf` into every rank's `recvbuf`.
   void allreduce(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,

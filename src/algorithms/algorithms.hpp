@@ -1,17 +1,90 @@
 #pragma once
 
-// Collective algorithms over the transport interface. Each function runs one
-// call on one rank; every rank runs the same function with the same
-// arguments (checked on the wire through `call`).
+// Collective algorithms over the transport interface.
+//
+// Each algorithm is one file in this folder that defines an `Algorithm`
+// descriptor: its name, the collective it implements, its constraints (when
+// it can run a call at all), its alpha-beta cost estimate, and the function
+// that runs one call on one rank. Every rank runs the same algorithm with the
+// same arguments (the selector guarantees it; the wire header checks the
+// call). selector.hpp chooses among the descriptors; docs/algorithms.md
+// explains each one with its steps and cost.
 
 #include "transport.hpp"
 
 #include <chorus/types.hpp>
 
 #include <cstddef>
+#include <span>
+#include <string>
 #include <vector>
 
 namespace chorus::algo {
+
+using transport::Coll;
+
+// Where the ranks of a communicator live: agreed at creation (identical on
+// every rank), never read from a clock or a local file at call time.
+struct Layout {
+  int size = 1;
+  std::vector<int> host_of;  // host index of each rank; hosts numbered in order of their lowest rank
+  int hosts = 1;             // number of distinct hosts
+  int max_per_host = 1;      // most ranks on one host
+  // Same-host peers talk through shared memory (not a socket): one-shot
+  // "everyone reads everyone" algorithms pay off only then.
+  bool local_shm = false;
+
+  bool single_host() const { return hosts <= 1; }
+  // A rank's peers on its own host, ascending (including itself).
+  std::vector<int> host_ranks(int host) const;
+  // Builds a layout from the host index of every rank.
+  static Layout from_hosts(std::vector<int> host_of, bool local_shm);
+};
+
+// Alpha-beta parameters of the links and the reduction (docs/algorithms.md).
+// A message of b bytes over a link costs alpha_us + b / (gbps * 1e3) us; a
+// reduction of b bytes (per operand) costs b / (reduce_gbps * 1e3) us.
+struct Model {
+  struct Link {
+    double alpha_us = 10.0;  // per message (latency, software overhead)
+    double gbps = 1.0;       // per-byte bandwidth, GB/s
+    double us_per_byte() const { return 1e-3 / gbps; }
+  };
+  Link local;                // between ranks of one host
+  Link net;                  // between hosts
+  double reduce_gbps = 8.0;  // combine-on-receive reduction rate
+  std::string source = "built-in defaults";  // where the numbers came from (logged)
+
+  double reduce_us_per_byte() const { return 1e-3 / reduce_gbps; }
+  // The link a flat (topology-unaware) algorithm is bounded by: the network
+  // when the ranks span hosts, the local link otherwise.
+  const Link& flat(const Layout& l) const { return l.single_host() ? local : net; }
+
+  // Built-in defaults for a transport name ("tcp", "shm", "auto", ...).
+  static Model defaults_for(const std::string& transport, const Layout& layout);
+};
+
+// The call being placed, as the selector sees it.
+struct Call {
+  Coll coll = Coll::None;
+  std::size_t count = 0;  // the count argument of the API call
+  DataType dtype = DataType::Float32;
+  ReduceOp op = ReduceOp::Sum;
+  int root = -1;
+  std::size_t bytes() const { return count * size_of(dtype); }
+};
+
+// Arguments of one call (root and op where the collective has them).
+struct Args {
+  const void* send = nullptr;
+  void* recv = nullptr;
+  std::size_t count = 0;
+  DataType dtype = DataType::Float32;
+  ReduceOp op = ReduceOp::Sum;
+  int root = -1;
+};
+
+struct Hierarchy;  // sub-communicator contexts of a multi-host job (hierarchical.cpp)
 
 struct Context {
   transport::Transport& t;
@@ -21,41 +94,104 @@ struct Context {
   transport::Deadline deadline;
   std::size_t chunk_bytes;       // pipeline granularity
   std::vector<char>& scratch;    // per-communicator, reused across calls
+  const Layout* layout = nullptr;
+  Hierarchy* hierarchy = nullptr;  // set for multi-host jobs with shared hosts
 };
 
-// Allreduce as ring reduce-scatter + ring allgather, chunked and pipelined:
-// the send of chunk k in step s starts as soon as chunk k of step s-1 has
-// been reduced, so sending and reducing overlap.
+struct Algorithm {
+  const char* name;         // what CHORUS_ALGO and CallOptions::algorithm name
+  Coll coll;                // the collective it implements
+  const char* summary;      // one line for logs and --help
+  // Empty when the algorithm can run `call` on `layout`; otherwise why not
+  // (a sentence, used in the error of a forced algorithm).
+  std::string (*constraint)(const Layout& layout, const Call& call);
+  // Estimated time of the call in microseconds under `model`.
+  double (*cost)(const Layout& layout, const Model& model, const Call& call);
+  void (*run)(Context& c, const Args& a);
+};
+
+// Every algorithm, in a fixed order (ties in cost go to the earlier one).
+std::span<const Algorithm* const> all_algorithms();
+// The algorithm `name` for `coll`, or nullptr.
+const Algorithm* find_algorithm(Coll coll, const std::string& name);
+
+// ---- descriptors, one per file ---------------------------------------------
+extern const Algorithm kRingAllreduce;               // ring.cpp
+extern const Algorithm kRecursiveDoublingAllreduce;  // recursive_doubling.cpp
+extern const Algorithm kRabenseifnerAllreduce;       // rabenseifner.cpp
+extern const Algorithm kTreeAllreduce;               // tree.cpp
+extern const Algorithm kOneShotAllreduce;            // one_shot.cpp
+extern const Algorithm kHierarchicalAllreduce;       // hierarchical.cpp
+extern const Algorithm kChainBroadcast;              // broadcast.cpp
+extern const Algorithm kBinomialBroadcast;           // binomial_broadcast.cpp
+extern const Algorithm kScatterAllgatherBroadcast;   // scatter_allgather_broadcast.cpp
+extern const Algorithm kRingAllgather;               // ring.cpp
+extern const Algorithm kBruckAllgather;              // bruck_allgather.cpp
+extern const Algorithm kRingReduceScatter;           // ring.cpp
+extern const Algorithm kHalvingReduceScatter;        // recursive_halving.cpp
+extern const Algorithm kRingReduce;                  // ring.cpp
+extern const Algorithm kLinearGather;                // rooted.cpp
+extern const Algorithm kLinearScatter;               // rooted.cpp
+extern const Algorithm kPairwiseAlltoall;            // rooted.cpp
+extern const Algorithm kDisseminationBarrier;        // rooted.cpp
+
+// ---- building blocks shared by several algorithms --------------------------
+
+// Ring allreduce as ring reduce-scatter + ring allgather, chunked and
+// pipelined: the send of chunk k in step s starts as soon as chunk k of step
+// s-1 has been reduced, so sending and reducing overlap.
 void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
                     ReduceOp op);
-// Recursive doubling (power-of-two sizes): log2(n) rounds of pairwise swaps.
-// Best for small messages; throws InvalidArgument for other sizes.
-void recursive_doubling_allreduce(Context& c, const void* send, void* recv, std::size_t count,
-                                  DataType dtype, ReduceOp op);
-bool recursive_doubling_fits(int size);
-// Largest message (bytes) for which allreduce picks recursive doubling when
-// the world size allows it. The cost-model selector (issue 4) replaces this.
-inline constexpr std::size_t kRecursiveDoublingMaxBytes = 16 << 10;
-
 // Ring reduce-scatter: rank r ends with block r (count elements) of the sum.
 void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
                          DataType dtype, ReduceOp op);
 // Ring allgather: block r of every recv comes from rank r.
 void ring_allgather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype);
-// Reduce to root: ring reduce-scatter, then every rank sends its block to root.
-void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
-                 ReduceOp op, int root);
-// Pipelined chain broadcast: root -> root+1 -> ... in chunks.
-void chain_broadcast(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
-                     int root);
-void linear_gather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
-                   int root);
-void linear_scatter(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
-                    int root);
-// Pairwise exchange: step s sends to rank+s and receives from rank-s.
-void pairwise_alltoall(Context& c, const void* send, void* recv, std::size_t count,
-                       DataType dtype);
-// Dissemination barrier: ceil(log2 n) rounds of empty messages.
-void dissemination_barrier(Context& c);
+
+// A subset of the communicator's ranks in ring order (e.g. the ranks of one
+// host); `me` is this rank's index in `ranks`.
+struct Group {
+  std::vector<int> ranks;
+  int me = 0;
+  int size() const { return static_cast<int>(ranks.size()); }
+  static Group all(const Context& c);
+};
+// Ring reduce-scatter over a group on balanced parts of `count` elements:
+// afterwards member i holds part (i + 1) % n, reduced over the group, in
+// `work` at that part's offset (other parts hold partial results). `own` is
+// this rank's input (== work for in-place).
+void group_ring_reduce_scatter(Context& c, const Group& g, char* work, const char* own,
+                               std::size_t count, DataType dtype, ReduceOp op);
+// Ring allgather over a group: member i contributes part (i + 1) % n of `work`
+// (the layout group_ring_reduce_scatter leaves); afterwards all parts are everywhere.
+void group_ring_allgather(Context& c, const Group& g, char* work, std::size_t count,
+                          DataType dtype);
+// Ring allreduce over a group (no Avg division: the caller divides once).
+void group_ring_allreduce(Context& c, const Group& g, char* work, const char* own,
+                          std::size_t count, DataType dtype, ReduceOp op);
+
+// Near-equal split of `count` elements into `n` parts (the first count % n
+// parts get one more): offset and length of part i.
+inline std::size_t part_offset(std::size_t count, int n, int i) {
+  const auto q = count / static_cast<std::size_t>(n), r = count % static_cast<std::size_t>(n);
+  const auto k = static_cast<std::size_t>(i);
+  return k * q + (k < r ? k : r);
+}
+inline std::size_t part_length(std::size_t count, int n, int i) {
+  return count / static_cast<std::size_t>(n) + (static_cast<std::size_t>(i) < count % static_cast<std::size_t>(n) ? 1 : 0);
+}
+
+// Makes c.scratch at least `bytes` long and returns it.
+char* ensure_scratch(Context& c, std::size_t bytes);
+
+// The copy that size-1 and count-0 calls reduce to; applies Avg's division.
+// Returns true when the call is complete (n == 1 or nothing to move).
+bool trivial_allreduce(Context& c, const Args& a);
+
+// Cost helpers: ceil(log2(n)), and the number of rounds of a power-of-two
+// algorithm on n ranks with the fold-in for the remainder (2 extra steps when
+// n is not a power of two).
+int ceil_log2(int n);
+int floor_pow2(int n);
 
 }  // namespace chorus::algo

@@ -49,18 +49,21 @@ struct Segments {
 // input first. The segment sent at step g is the one received at step g - 1,
 // so each chunk is forwarded as soon as it has arrived. `on_final` runs on
 // each chunk of the fully reduced segment (received at step reduce_steps - 1).
+// The ring runs over `grp` (the whole communicator, or a subgroup such as
+// the ranks of one host); positions are indices into grp.ranks.
 template <typename OnFinal>
-void ring_pass(Context& c, char* work, const char* own, const Segments& seg, std::size_t esize,
-               int shift, int steps, int reduce_steps, DataType dtype, ReduceOp op,
-               OnFinal on_final) {
-  const int n = c.size;
-  const int right = mod(c.rank + 1, n);
-  const int left = mod(c.rank - 1, n);
+void ring_pass(Context& c, const Group& grp, char* work, const char* own, const Segments& seg,
+               std::size_t esize, int shift, int steps, int reduce_steps, DataType dtype,
+               ReduceOp op, OnFinal on_final) {
+  const int n = grp.size();
+  const int me = grp.me;
+  const int right = grp.ranks[static_cast<std::size_t>(mod(me + 1, n))];
+  const int left = grp.ranks[static_cast<std::size_t>(mod(me - 1, n))];
   const std::size_t chunk = std::max<std::size_t>(1, c.chunk_bytes / esize);
   std::vector<Request> prev_recv, cur_recv, sends;
   for (int g = 0; g < steps; ++g) {
-    const int s = mod(c.rank + shift - g, n);
-    const int r = mod(c.rank + shift - g - 1, n);
+    const int s = mod(me + shift - g, n);
+    const int r = mod(me + shift - g - 1, n);
     // Post every receive of this step first, so arriving data lands in place.
     cur_recv.clear();
     for (std::size_t k = 0; k < seg.len[r]; k += chunk) {
@@ -88,19 +91,53 @@ void ring_pass(Context& c, char* work, const char* own, const Segments& seg, std
   }
   c.t.wait(prev_recv, c.deadline);
   if (steps == reduce_steps && steps > 0) {
-    const int last = mod(c.rank + shift - steps, n);
+    const int last = mod(me + shift - steps, n);
     for (std::size_t k = 0; k < seg.len[last]; k += chunk)
       on_final(work + (seg.off[last] + k) * esize, std::min(chunk, seg.len[last] - k));
   }
   c.t.wait(sends, c.deadline);
 }
 
-char* ensure_scratch(Context& c, std::size_t bytes) {
-  if (c.scratch.size() < bytes) c.scratch.resize(bytes);
-  return c.scratch.data();
+}  // namespace
+
+Group Group::all(const Context& c) {
+  Group g;
+  g.ranks.resize(static_cast<std::size_t>(c.size));
+  for (int r = 0; r < c.size; ++r) g.ranks[static_cast<std::size_t>(r)] = r;
+  g.me = c.rank;
+  return g;
 }
 
-}  // namespace
+void group_ring_reduce_scatter(Context& c, const Group& g, char* work, const char* own,
+                               std::size_t count, DataType dtype, ReduceOp op) {
+  if (g.size() == 1 || count == 0) {
+    if (own != work && count > 0) std::memcpy(work, own, count * size_of(dtype));
+    return;
+  }
+  const int n = g.size();
+  ring_pass(c, g, work, own, Segments::balanced(count, n), size_of(dtype), 0, n - 1, n - 1, dtype,
+            op, [](char*, std::size_t) {});
+}
+
+void group_ring_allgather(Context& c, const Group& g, char* work, std::size_t count,
+                          DataType dtype) {
+  if (g.size() == 1 || count == 0) return;
+  const int n = g.size();
+  // Member i starts with part (i + 1) % n, which it sends first.
+  ring_pass(c, g, work, work, Segments::balanced(count, n), size_of(dtype), 1, n - 1, 0, dtype,
+            ReduceOp::Sum, [](char*, std::size_t) {});
+}
+
+void group_ring_allreduce(Context& c, const Group& g, char* work, const char* own,
+                          std::size_t count, DataType dtype, ReduceOp op) {
+  if (g.size() == 1 || count == 0) {
+    if (own != work && count > 0) std::memcpy(work, own, count * size_of(dtype));
+    return;
+  }
+  const int n = g.size();
+  ring_pass(c, g, work, own, Segments::balanced(count, n), size_of(dtype), 0, 2 * (n - 1), n - 1,
+            dtype, op, [](char*, std::size_t) {});
+}
 
 void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
                     ReduceOp op) {
@@ -118,7 +155,7 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
   };
   // Every segment but this rank's own is received (reduced) in the first
   // half, and its own comes back in the second: recv is fully written.
-  ring_pass(c, buf, static_cast<const char*>(send), seg, esize, 0, 2 * (n - 1), n - 1, dtype, op,
+  ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, 0, 2 * (n - 1), n - 1, dtype, op,
             finalize);
 }
 
@@ -138,7 +175,7 @@ void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t c
   // last received, fully reduced segment this rank's own block.
   char* buf = ensure_scratch(c, total * esize);
   const auto seg = Segments::blocks(count, n);
-  ring_pass(c, buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
+  ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
             [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
@@ -153,10 +190,11 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   if (send != mine) std::memmove(mine, send, count * esize);
   if (c.size == 1) return;
   const auto seg = Segments::blocks(count, c.size);
-  ring_pass(c, buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum,
+  ring_pass(c, Group::all(c), buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum,
             [](char*, std::size_t) {});
 }
 
+namespace {
 void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
                  ReduceOp op, int root) {
   const std::size_t esize = size_of(dtype);
@@ -170,7 +208,7 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
   char* buf = ensure_scratch(c, count * esize);
   const auto seg = Segments::balanced(count, n);
   // After a reduce-scatter pass (shift -1), rank r holds segment r reduced.
-  ring_pass(c, buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
+  ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
             [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
@@ -189,5 +227,75 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
     c.t.wait({&r, 1}, c.deadline);
   }
 }
+}  // namespace
+
+// ---- descriptors -----------------------------------------------------------
+//
+// Costs (n ranks, B bytes of the call's buffer, alpha/beta of the flat link,
+// gamma per byte reduced): each of the 2(n-1) ring steps moves B/n bytes and
+// the first n-1 reduce them. Chunking pipelines a step's send with the
+// previous step's reduction, so per step only the slower of the two counts
+// once the pipeline is full; the model keeps the simple sum (an upper bound).
+
+namespace {
+std::string anything(const Layout&, const Call&) { return {}; }
+
+double ring_allreduce_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  const double b = static_cast<double>(call.bytes());
+  const double f = static_cast<double>(n - 1) / n;
+  return 2 * (n - 1) * L.alpha_us + 2 * f * b * L.us_per_byte() + f * b * m.reduce_us_per_byte();
+}
+
+// Reduce-scatter and allgather: the call's count is one rank's block, so the
+// whole buffer is n blocks.
+double ring_reduce_scatter_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  const double b = static_cast<double>(call.bytes());
+  return (n - 1) * (L.alpha_us + b * L.us_per_byte() + b * m.reduce_us_per_byte());
+}
+
+double ring_allgather_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  return (n - 1) * (L.alpha_us + static_cast<double>(call.bytes()) * L.us_per_byte());
+}
+
+double ring_reduce_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  const double b = static_cast<double>(call.bytes());
+  const double f = static_cast<double>(n - 1) / n;
+  // Reduce-scatter, then the root receives n-1 blocks.
+  return n * L.alpha_us + 2 * f * b * L.us_per_byte() + f * b * m.reduce_us_per_byte();
+}
+}  // namespace
+
+const Algorithm kRingAllreduce = {
+    "ring", Coll::Allreduce,
+    "ring reduce-scatter + ring allgather, chunked and pipelined; bandwidth-optimal",
+    anything, ring_allreduce_cost,
+    [](Context& c, const Args& a) { ring_allreduce(c, a.send, a.recv, a.count, a.dtype, a.op); }};
+
+const Algorithm kRingReduceScatter = {
+    "ring", Coll::ReduceScatter, "n-1 ring steps, reducing on receive", anything,
+    ring_reduce_scatter_cost,
+    [](Context& c, const Args& a) { ring_reduce_scatter(c, a.send, a.recv, a.count, a.dtype, a.op); }};
+
+const Algorithm kRingAllgather = {
+    "ring", Coll::Allgather, "n-1 ring steps, each forwarding the block received last", anything,
+    ring_allgather_cost,
+    [](Context& c, const Args& a) { ring_allgather(c, a.send, a.recv, a.count, a.dtype); }};
+
+const Algorithm kRingReduce = {
+    "ring", Coll::Reduce, "ring reduce-scatter, then every rank sends its block to the root",
+    anything, ring_reduce_cost,
+    [](Context& c, const Args& a) { ring_reduce(c, a.send, a.recv, a.count, a.dtype, a.op, a.root); }};
 
 }  // namespace chorus::algo

@@ -1,11 +1,13 @@
 // Gather and scatter: the root talks to every rank directly. Simple and
-// correct; tree variants come with the selector (issue 4).
+// correct; the root's link carries n-1 blocks either way.
+// Alltoall by pairwise exchange and the dissemination barrier live here too.
 
 #include "algorithms/algorithms.hpp"
 
 #include <cstring>
 
 namespace chorus::algo {
+namespace {
 
 void linear_gather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
                    int root) {
@@ -76,5 +78,44 @@ void dissemination_barrier(Context& c) {
     c.t.wait(reqs, c.deadline);
   }
 }
+
+std::string anything(const Layout&, const Call&) { return {}; }
+
+// The root moves n-1 blocks through its own link, one message each.
+double linear_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  return L.alpha_us + (n - 1) * static_cast<double>(call.bytes()) * L.us_per_byte();
+}
+
+double alltoall_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  const Model::Link& L = m.flat(l);
+  return (n - 1) * (L.alpha_us + static_cast<double>(call.bytes()) * L.us_per_byte());
+}
+
+double barrier_cost(const Layout& l, const Model& m, const Call&) {
+  return ceil_log2(l.size) * m.flat(l).alpha_us;
+}
+
+}  // namespace
+
+const Algorithm kLinearGather = {
+    "linear", Coll::Gather, "every rank sends its block straight to the root", anything, linear_cost,
+    [](Context& c, const Args& a) { linear_gather(c, a.send, a.recv, a.count, a.dtype, a.root); }};
+
+const Algorithm kLinearScatter = {
+    "linear", Coll::Scatter, "the root sends each rank its block", anything, linear_cost,
+    [](Context& c, const Args& a) { linear_scatter(c, a.send, a.recv, a.count, a.dtype, a.root); }};
+
+const Algorithm kPairwiseAlltoall = {
+    "pairwise", Coll::Alltoall, "step s sends to rank+s and receives from rank-s", anything,
+    alltoall_cost,
+    [](Context& c, const Args& a) { pairwise_alltoall(c, a.send, a.recv, a.count, a.dtype); }};
+
+const Algorithm kDisseminationBarrier = {
+    "dissemination", Coll::Barrier, "ceil(log2 n) rounds of empty messages", anything, barrier_cost,
+    [](Context& c, const Args&) { dissemination_barrier(c); }};
 
 }  // namespace chorus::algo

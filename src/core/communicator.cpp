@@ -5,6 +5,7 @@
 #include <chorus/communicator.hpp>
 
 #include "algorithms/algorithms.hpp"
+#include "algorithms/selector.hpp"
 #include "core/config.hpp"
 #include "core/enforce.hpp"
 #include "core/log.hpp"
@@ -15,6 +16,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -97,6 +100,8 @@ struct CommImpl {
   std::string store_host;
   std::unique_ptr<transport::Transport> transport;
   std::vector<char> scratch;
+  algo::Layout layout;
+  std::optional<algo::Selector> selector;  // set once creation is complete
 
   // Sequence numbers, assigned at submission so that they follow call order.
   std::uint64_t coll_seq = 0;
@@ -144,6 +149,33 @@ struct CommImpl {
     }
     cv.notify_all();
     if (worker.joinable()) worker.join();
+    if (transport && static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info))
+      log_traffic();
+  }
+
+  // "traffic of chorus/c0 rank 1: shm sent 12582912 B (to 0: ...), received ...;
+  // tcp sent ..." - per transport, per peer; what the hosts harness counts.
+  void log_traffic() const {
+    std::ostringstream os;
+    os << "traffic of " << prefix << " rank " << rank << ":";
+    for (const auto& t : transport->traffic()) {
+      auto list = [&](const char* what, const std::vector<std::uint64_t>& v) {
+        std::uint64_t total = 0;
+        std::ostringstream per;
+        for (std::size_t p = 0; p < v.size(); ++p)
+          if (v[p] > 0) {
+            total += v[p];
+            per << (per.tellp() > 0 ? ", " : "") << p << ": " << v[p];
+          }
+        os << what << " " << total << " B";
+        if (total > 0) os << " (to/from rank " << per.str() << ")";
+      };
+      os << " [" << t.transport;
+      list(" sent", t.sent);
+      list("; received", t.received);
+      os << "]";
+    }
+    log::write(log::Level::Info, os.str());
   }
 
   bool front_runnable() const { return !queue.empty() && queue.front().ticket == now_serving; }
@@ -320,7 +352,8 @@ struct CommImpl {
   }
 
   algo::Context context(const CallDesc& call, const CallOptions& o) {
-    return algo::Context{*transport, rank, size, call, deadline(o), settings.chunk_bytes, scratch};
+    return algo::Context{*transport,          rank,    size,    call, deadline(o),
+                         settings.chunk_bytes, scratch, &layout, nullptr};
   }
 };
 
@@ -421,6 +454,63 @@ std::string diagnose_generations(Store& base, int rank, int size) {
   }
 }
 
+// The selector's inputs, agreed by every rank (algorithms/selector.hpp):
+// the layout from the host keys and transports every rank published, the
+// model that rank 0 read (its CHORUS_TUNING_FILE or the built-in defaults),
+// and CHORUS_ALGO, which must be the same everywhere.
+void setup_selector(CommImpl& c, Store& st) {
+  const int size = c.size;
+  std::vector<int> host_of(static_cast<std::size_t>(size));
+  std::vector<std::string> hosts;
+  bool local_shm = true;
+  for (int r = 0; r < size; ++r) {
+    const std::string h = st.get_string("host/" + std::to_string(r));
+    auto it = std::find(hosts.begin(), hosts.end(), h);
+    host_of[static_cast<std::size_t>(r)] = static_cast<int>(it - hosts.begin());
+    if (it == hosts.end()) hosts.push_back(h);
+    // "shm", or a composite of shm and tcp: same-host peers use shared memory.
+    if (st.get_string("ready/" + std::to_string(r)).find("shm") == std::string::npos) local_shm = false;
+  }
+  algo::Layout layout = algo::Layout::from_hosts(std::move(host_of), local_shm && size > 1);
+  if (c.rank == 0) {
+    algo::Model m = algo::Model::defaults_for(c.settings.transport, layout);
+    if (!c.settings.tuning_file.empty()) {
+      std::ifstream in(c.settings.tuning_file);
+      if (!in)
+        throw Error(ErrorCode::InvalidArgument, "CHORUS_TUNING_FILE='" + c.settings.tuning_file +
+                                                    "' cannot be read: " + std::strerror(errno));
+      std::stringstream text;
+      text << in.rdbuf();
+      m = algo::model_from_text(text.str(), m, c.settings.tuning_file);
+    }
+    st.set_string("algo/model", algo::model_to_text(m) + "#source " + m.source);
+  }
+  st.set_string("algo/forced/" + std::to_string(c.rank), c.settings.algo);
+  std::vector<std::string> keys = {"algo/model"};
+  for (int r = 0; r < size; ++r) keys.push_back("algo/forced/" + std::to_string(r));
+  st.wait(keys, c.settings.timeout);
+  for (int r = 0; r < size; ++r) {
+    const std::string theirs = st.get_string("algo/forced/" + std::to_string(r));
+    if (theirs != c.settings.algo)
+      throw Error(ErrorCode::InvalidUsage,
+                  "ranks disagree on CHORUS_ALGO: rank " + std::to_string(r) + " has '" + theirs +
+                      "' but rank " + std::to_string(c.rank) + " has '" + c.settings.algo +
+                      "' (every rank must force the same algorithms)",
+                  r);
+  }
+  const std::string text = st.get_string("algo/model");
+  algo::Model m = algo::model_from_text(text, algo::Model{}, "rank 0's model");
+  if (auto at = text.find("#source "); at != std::string::npos) m.source = text.substr(at + 8);
+  c.layout = layout;
+  c.selector.emplace(std::move(layout), std::move(m),
+                     algo::parse_algo_overrides(c.settings.algo, "CHORUS_ALGO"));
+  CHORUS_INFO("algorithm selection: " << c.layout.hosts << " host(s), up to "
+                                      << c.layout.max_per_host << " ranks per host, "
+                                      << (c.layout.local_shm ? "shared memory" : "sockets")
+                                      << " within a host; model from " << c.selector->model().source
+                                      << (c.settings.algo.empty() ? "" : "; CHORUS_ALGO=" + c.settings.algo));
+}
+
 std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> base,
                                     const std::string& prefix, const Settings& settings,
                                     const std::string& store_host) {
@@ -518,6 +608,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   std::vector<std::string> ready_keys;
   for (int r = 0; r < size; ++r) ready_keys.push_back("ready/" + std::to_string(r));
   st.wait(ready_keys, settings.timeout);
+  setup_selector(*impl, st);
   CHORUS_INFO("communicator " << prefix << ": rank " << rank << "/" << size << ", transport "
                               << impl->transport->name() << " (" << settings.transport << ") on "
                               << tc.listen_host
@@ -584,6 +675,35 @@ int Communicator::rank() const { return need(impl_).rank; }
 int Communicator::size() const { return need(impl_).size; }
 std::string Communicator::transport_name() const { return need(impl_).transport->name(); }
 
+namespace {
+std::optional<Coll> coll_from_name(const std::string& name) {
+  for (Coll c : {Coll::Allreduce, Coll::Broadcast, Coll::Allgather, Coll::ReduceScatter, Coll::Reduce,
+                 Coll::Gather, Coll::Scatter, Coll::Alltoall, Coll::Barrier})
+    if (name == algo::coll_key(c)) return c;
+  return std::nullopt;
+}
+}  // namespace
+
+std::vector<std::string> algorithm_names(const std::string& collective) {
+  std::vector<std::string> out;
+  const auto coll = coll_from_name(collective);
+  if (!coll) return out;
+  for (const algo::Algorithm* a : algo::all_algorithms())
+    if (a->coll == *coll) out.emplace_back(a->name);
+  return out;
+}
+
+std::string Communicator::algorithm_for(const std::string& collective, std::size_t count,
+                                        DataType dtype, ReduceOp op, int root) const {
+  auto& c = need(impl_);
+  const auto coll = coll_from_name(collective);
+  if (!coll)
+    throw Error(ErrorCode::InvalidArgument, "algorithm_for: unknown collective '" + collective + "'");
+  const bool rooted = *coll == Coll::Broadcast || *coll == Coll::Reduce || *coll == Coll::Gather ||
+                      *coll == Coll::Scatter;
+  return c.selector->choose(algo::Call{*coll, count, dtype, op, rooted ? root : -1}).name;
+}
+
 std::optional<Error> Communicator::error() const {
   auto& c = need(impl_);
   std::lock_guard<std::mutex> lock(c.mu);
@@ -616,30 +736,29 @@ CallDesc make_call(CommImpl& /*c*/, Coll coll, DataType t, ReduceOp op, int root
   return d;
 }
 
-// Assigns the collective sequence number at submission time (under the
-// executor lock via submit's ordering) and runs `body` with a context.
-template <typename Body>
-Work run_collective(CommImpl& c, CallDesc call, const CallOptions& o, bool async, Body body) {
-  // Each collective has one algorithm in this version except allreduce,
-  // which checks its own choice; an explicit name must match.
-  static constexpr const char* kOnly[] = {"", "", "chain", "ring", "ring", "ring", "linear",
-                                          "linear", "pairwise", "dissemination", "", ""};
-  const char* only = kOnly[static_cast<int>(call.coll)];
-  if (!o.algorithm.empty() && call.coll != Coll::Allreduce && o.algorithm != only)
-    throw Error(ErrorCode::InvalidArgument,
-                "unknown algorithm '" + o.algorithm + "' for " + transport::to_string(call.coll) +
-                    (*only ? std::string(" (available: ") + only + ")" : std::string()));
+// Chooses the algorithm (in the caller's thread, so that a forced algorithm
+// that cannot run the call fails here), assigns the collective sequence
+// number at submission time, and runs the algorithm in the call's turn.
+Work run_collective(CommImpl& c, CallDesc call, algo::Args args, const CallOptions& o, bool async) {
   if (o.stream != nullptr)
     throw Error(ErrorCode::Cuda, "a CUDA stream was given but this build has no CUDA support");
+  const algo::Call shape{call.coll, static_cast<std::size_t>(call.count), call.dtype, call.op, call.root};
+  const algo::Algorithm& a = c.selector->choose(shape, o.algorithm);
+  call.algo = algo::Selector::wire_id(a);
+  args.count = static_cast<std::size_t>(call.count);
+  args.dtype = call.dtype;
+  args.op = call.op;
+  args.root = call.root;
   // Sequence numbers must follow submission order; take one under the lock.
   {
     std::lock_guard<std::mutex> lock(c.mu);
     call.seq = c.coll_seq++;
   }
-  CHORUS_TRACE(transport::describe(call));
-  return c.submit([&c, call, o, body]() mutable {
+  CHORUS_TRACE(transport::describe(call) << " with " << a.name);
+  const algo::Algorithm* algorithm = &a;
+  return c.submit([&c, call, o, args, algorithm]() mutable {
     algo::Context ctx = c.context(call, o);
-    body(ctx);
+    algorithm->run(ctx, args);
   }, async);
 }
 
@@ -657,23 +776,7 @@ Work op_allreduce(CommImpl& c, const void* s, void* r, std::size_t count, DataTy
   const std::size_t bytes = count * size_of(t);
   if (s != r && overlaps(s, bytes, r, bytes))
     throw Error(ErrorCode::InvalidArgument, "allreduce: sendbuf and recvbuf overlap but are not equal");
-  bool rd;
-  if (o.algorithm.empty())
-    rd = algo::recursive_doubling_fits(c.size) && bytes <= algo::kRecursiveDoublingMaxBytes;
-  else if (o.algorithm == "ring")
-    rd = false;
-  else if (o.algorithm == "recursive_doubling" && algo::recursive_doubling_fits(c.size))
-    rd = true;
-  else
-    throw Error(ErrorCode::InvalidArgument,
-                "unknown algorithm '" + o.algorithm + "' for allreduce (available: ring; "
-                "recursive_doubling for power-of-two world sizes)");
-  CHORUS_TRACE("allreduce of " << bytes << " B: " << (rd ? "recursive_doubling" : "ring"));
-  return run_collective(c, make_call(c, Coll::Allreduce, t, op, -1, count), o, async,
-                        [=](algo::Context& ctx) {
-                          if (rd) algo::recursive_doubling_allreduce(ctx, s, r, count, t, op);
-                          else algo::ring_allreduce(ctx, s, r, count, t, op);
-                        });
+  return run_collective(c, make_call(c, Coll::Allreduce, t, op, -1, count), {s, r}, o, async);
 }
 
 Work op_broadcast(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,
@@ -683,8 +786,7 @@ Work op_broadcast(CommImpl& c, const void* s, void* r, std::size_t count, DataTy
   check_count(count, 1, t, "broadcast");
   if (c.rank == root) check_buffer(s, count, "sendbuf", "broadcast");
   check_buffer(r, count, "recvbuf", "broadcast");
-  return run_collective(c, make_call(c, Coll::Broadcast, t, ReduceOp::Sum, root, count), o, async,
-                        [=](algo::Context& ctx) { algo::chain_broadcast(ctx, s, r, count, t, root); });
+  return run_collective(c, make_call(c, Coll::Broadcast, t, ReduceOp::Sum, root, count), {s, r}, o, async);
 }
 
 Work op_allgather(CommImpl& c, const void* s, void* r, std::size_t count, DataType t,
@@ -698,8 +800,7 @@ Work op_allgather(CommImpl& c, const void* s, void* r, std::size_t count, DataTy
   if (s != mine && overlaps(s, bytes, r, bytes * static_cast<std::size_t>(c.size)))
     throw Error(ErrorCode::InvalidArgument,
                 "allgather: sendbuf overlaps recvbuf; in-place means sendbuf == recvbuf + rank*count");
-  return run_collective(c, make_call(c, Coll::Allgather, t, ReduceOp::Sum, -1, count), o, async,
-                        [=](algo::Context& ctx) { algo::ring_allgather(ctx, s, r, count, t); });
+  return run_collective(c, make_call(c, Coll::Allgather, t, ReduceOp::Sum, -1, count), {s, r}, o, async);
 }
 
 Work op_reduce_scatter(CommImpl& c, const void* s, void* r, std::size_t count, DataType t,
@@ -714,8 +815,7 @@ Work op_reduce_scatter(CommImpl& c, const void* s, void* r, std::size_t count, D
   if (r != mine && overlaps(r, bytes, s, bytes * static_cast<std::size_t>(c.size)))
     throw Error(ErrorCode::InvalidArgument,
                 "reduce_scatter: recvbuf overlaps sendbuf; in-place means recvbuf == sendbuf + rank*count");
-  return run_collective(c, make_call(c, Coll::ReduceScatter, t, op, -1, count), o, async,
-                        [=](algo::Context& ctx) { algo::ring_reduce_scatter(ctx, s, r, count, t, op); });
+  return run_collective(c, make_call(c, Coll::ReduceScatter, t, op, -1, count), {s, r}, o, async);
 }
 
 Work op_reduce(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, ReduceOp op,
@@ -726,8 +826,7 @@ Work op_reduce(CommImpl& c, const void* s, void* r, std::size_t count, DataType 
   check_count(count, 1, t, "reduce");
   check_buffer(s, count, "sendbuf", "reduce");
   if (c.rank == root) check_buffer(r, count, "recvbuf", "reduce");
-  return run_collective(c, make_call(c, Coll::Reduce, t, op, root, count), o, async,
-                        [=](algo::Context& ctx) { algo::ring_reduce(ctx, s, r, count, t, op, root); });
+  return run_collective(c, make_call(c, Coll::Reduce, t, op, root, count), {s, r}, o, async);
 }
 
 Work op_gather(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,
@@ -737,8 +836,7 @@ Work op_gather(CommImpl& c, const void* s, void* r, std::size_t count, DataType 
   check_count(count, static_cast<std::size_t>(c.size), t, "gather");
   check_buffer(s, count, "sendbuf", "gather");
   if (c.rank == root) check_buffer(r, count, "recvbuf", "gather");
-  return run_collective(c, make_call(c, Coll::Gather, t, ReduceOp::Sum, root, count), o, async,
-                        [=](algo::Context& ctx) { algo::linear_gather(ctx, s, r, count, t, root); });
+  return run_collective(c, make_call(c, Coll::Gather, t, ReduceOp::Sum, root, count), {s, r}, o, async);
 }
 
 Work op_scatter(CommImpl& c, const void* s, void* r, std::size_t count, DataType t, int root,
@@ -748,8 +846,7 @@ Work op_scatter(CommImpl& c, const void* s, void* r, std::size_t count, DataType
   check_count(count, static_cast<std::size_t>(c.size), t, "scatter");
   if (c.rank == root) check_buffer(s, count, "sendbuf", "scatter");
   check_buffer(r, count, "recvbuf", "scatter");
-  return run_collective(c, make_call(c, Coll::Scatter, t, ReduceOp::Sum, root, count), o, async,
-                        [=](algo::Context& ctx) { algo::linear_scatter(ctx, s, r, count, t, root); });
+  return run_collective(c, make_call(c, Coll::Scatter, t, ReduceOp::Sum, root, count), {s, r}, o, async);
 }
 
 Work op_alltoall(CommImpl& c, const void* s, void* r, std::size_t count, DataType t,
@@ -761,13 +858,11 @@ Work op_alltoall(CommImpl& c, const void* s, void* r, std::size_t count, DataTyp
   const std::size_t total = count * size_of(t) * static_cast<std::size_t>(c.size);
   if (overlaps(s, total, r, total))
     throw Error(ErrorCode::InvalidArgument, "alltoall: sendbuf and recvbuf must not overlap");
-  return run_collective(c, make_call(c, Coll::Alltoall, t, ReduceOp::Sum, -1, count), o, async,
-                        [=](algo::Context& ctx) { algo::pairwise_alltoall(ctx, s, r, count, t); });
+  return run_collective(c, make_call(c, Coll::Alltoall, t, ReduceOp::Sum, -1, count), {s, r}, o, async);
 }
 
 Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {
-  return run_collective(c, make_call(c, Coll::Barrier, DataType::UInt8, ReduceOp::Sum, -1, 0), o,
-                        async, [](algo::Context& ctx) { algo::dissemination_barrier(ctx); });
+  return run_collective(c, make_call(c, Coll::Barrier, DataType::UInt8, ReduceOp::Sum, -1, 0), {}, o, async);
 }
 
 void check_peer(CommImpl& c, int peer, const char* call) {

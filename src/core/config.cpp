@@ -1,5 +1,7 @@
 #include "core/config.hpp"
 
+#include "algorithms/selector.hpp"
+
 #include "core/enforce.hpp"
 
 #include <cerrno>
@@ -85,6 +87,11 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
       throw Error(ErrorCode::InvalidArgument,
                   std::string("CHORUS_SHM_LARGE='") + v + "' must be 'copy' or 'cma'");
   }
+  if (const char* v = lookup(getenv, "CHORUS_ALGO")) {
+    algo::parse_algo_overrides(v, "CHORUS_ALGO");  // names checked now, not at the first call
+    s.algo = v;
+  }
+  if (const char* v = lookup(getenv, "CHORUS_TUNING_FILE")) s.tuning_file = v;
   return s;
 }
 

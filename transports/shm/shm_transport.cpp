@@ -320,7 +320,7 @@ class ShmTransport final : public Transport {
     op.req = req;
     op.hdr = MsgHeader{};
     op.hdr.kind = static_cast<std::uint8_t>(kind);
-    op.hdr.coll = static_cast<std::uint8_t>(call.coll);
+    op.hdr.coll = encode_coll(call);
     op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
     op.hdr.op = static_cast<std::uint8_t>(call.op);
     op.hdr.root = call.root;
@@ -328,6 +328,7 @@ class ShmTransport final : public Transport {
     op.hdr.seq = call.seq;
     op.hdr.bytes = bytes;
     op.buf = static_cast<const char*>(buf);
+    count_sent(peer, bytes);
     p.sendq.push_back(op);
     if (p.sendq.size() == 1) write_sends(p);
     return req;
@@ -335,6 +336,7 @@ class ShmTransport final : public Transport {
 
   Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
     Peer& p = usable(peer);
+    count_received(peer, bytes);
     auto req = std::make_shared<RequestState>();
     req->peer = peer;
     req->bytes = bytes;
@@ -796,7 +798,7 @@ class ShmTransport final : public Transport {
 
   void check_message(RecvOp& op, const MsgHeader& h, int peer) {
     CallDesc theirs;
-    theirs.coll = static_cast<Coll>(h.coll);
+    decode_coll(h.coll, theirs);
     theirs.dtype = static_cast<DataType>(h.dtype);
     theirs.op = static_cast<ReduceOp>(h.op);
     theirs.root = h.root;

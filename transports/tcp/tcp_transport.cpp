@@ -177,7 +177,7 @@ class TcpTransport final : public Transport {
     SendOp op;
     op.req = req;
     op.hdr = make_header(FrameKind::Data);
-    op.hdr.coll = static_cast<std::uint8_t>(call.coll);
+    op.hdr.coll = encode_coll(call);
     op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
     op.hdr.op = static_cast<std::uint8_t>(call.op);
     op.hdr.root = call.root;
@@ -186,6 +186,7 @@ class TcpTransport final : public Transport {
     op.hdr.payload = bytes;
     op.buf = static_cast<const char*>(buf);
     op.bytes = bytes;
+    count_sent(peer, bytes);
     c.sendq.push_back(op);
     // Start writing right away: small messages usually complete here, which
     // saves a trip through the wait loop.
@@ -195,6 +196,7 @@ class TcpTransport final : public Transport {
 
   Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
     check_usable(peer);
+    count_received(peer, bytes);
     auto req = std::make_shared<RequestState>();
     req->peer = peer;
     req->bytes = bytes;
@@ -624,7 +626,7 @@ class TcpTransport final : public Transport {
 
   void check_frame(const RecvOp& op, const FrameHeader& h, int peer) {
     CallDesc theirs;
-    theirs.coll = static_cast<Coll>(h.coll);
+    decode_coll(h.coll, theirs);
     theirs.dtype = static_cast<DataType>(h.dtype);
     theirs.op = static_cast<ReduceOp>(h.op);
     theirs.root = h.root;

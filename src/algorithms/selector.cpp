@@ -1,0 +1,218 @@
+#include "algorithms/selector.hpp"
+
+#include "core/log.hpp"
+
+#include <chorus/error.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdlib>
+#include <iomanip>
+#include <limits>
+#include <sstream>
+
+namespace chorus::algo {
+namespace {
+
+constexpr Coll kColls[] = {Coll::Allreduce, Coll::Broadcast, Coll::Allgather, Coll::ReduceScatter,
+                           Coll::Reduce,    Coll::Gather,    Coll::Scatter,   Coll::Alltoall,
+                           Coll::Barrier};
+
+std::string names_of(Coll c) {
+  std::string out;
+  for (const Algorithm* a : all_algorithms())
+    if (a->coll == c) out += (out.empty() ? "" : ", ") + std::string(a->name);
+  return out;
+}
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return {};
+  const auto e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+std::string human_bytes(std::size_t b) {
+  std::ostringstream os;
+  if (b >= (1u << 20) && b % (1u << 20) == 0) os << (b >> 20) << " MiB";
+  else if (b >= 1024 && b % 1024 == 0) os << (b >> 10) << " KiB";
+  else os << b << " B";
+  return os.str();
+}
+
+}  // namespace
+
+const char* coll_key(Coll c) {
+  switch (c) {
+    case Coll::Allreduce: return "allreduce";
+    case Coll::Broadcast: return "broadcast";
+    case Coll::Allgather: return "allgather";
+    case Coll::ReduceScatter: return "reduce_scatter";
+    case Coll::Reduce: return "reduce";
+    case Coll::Gather: return "gather";
+    case Coll::Scatter: return "scatter";
+    case Coll::Alltoall: return "alltoall";
+    case Coll::Barrier: return "barrier";
+    default: return "?";
+  }
+}
+
+std::map<Coll, std::string> parse_algo_overrides(const std::string& text, const char* what) {
+  std::map<Coll, std::string> out;
+  std::istringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    item = trim(item);
+    if (item.empty()) continue;
+    const auto colon = item.find(':');
+    if (colon == std::string::npos)
+      throw Error(ErrorCode::InvalidArgument,
+                  std::string(what) + ": '" + item +
+                      "' is not collective:algorithm (e.g. allreduce:ring,broadcast:binomial)");
+    const std::string coll = trim(item.substr(0, colon)), name = trim(item.substr(colon + 1));
+    const Coll* c = std::find_if(std::begin(kColls), std::end(kColls),
+                                 [&](Coll k) { return coll == coll_key(k); });
+    if (c == std::end(kColls)) {
+      std::string all;
+      for (Coll k : kColls) all += (all.empty() ? "" : ", ") + std::string(coll_key(k));
+      throw Error(ErrorCode::InvalidArgument,
+                  std::string(what) + ": unknown collective '" + coll + "' (one of: " + all + ")");
+    }
+    if (!find_algorithm(*c, name))
+      throw Error(ErrorCode::InvalidArgument, std::string(what) + ": unknown algorithm '" + name +
+                                                  "' for " + coll + " (available: " +
+                                                  names_of(*c) + ")");
+    out[*c] = name;
+  }
+  return out;
+}
+
+std::string model_to_text(const Model& m) {
+  std::ostringstream os;
+  os << std::setprecision(6);
+  os << "local.alpha_us = " << m.local.alpha_us << "\n"
+     << "local.gbps = " << m.local.gbps << "\n"
+     << "net.alpha_us = " << m.net.alpha_us << "\n"
+     << "net.gbps = " << m.net.gbps << "\n"
+     << "reduce_gbps = " << m.reduce_gbps << "\n";
+  return os.str();
+}
+
+Model model_from_text(const std::string& text, Model m, const std::string& what) {
+  std::istringstream in(text);
+  std::string line;
+  int lineno = 0;
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (const auto hash = line.find('#'); hash != std::string::npos) line.resize(hash);
+    line = trim(line);
+    if (line.empty()) continue;
+    const auto eq = line.find('=');
+    const std::string where = what + ":" + std::to_string(lineno);
+    if (eq == std::string::npos)
+      throw Error(ErrorCode::InvalidArgument, where + ": expected 'key = value', got '" + line + "'");
+    const std::string key = trim(line.substr(0, eq)), val = trim(line.substr(eq + 1));
+    char* end = nullptr;
+    const double v = std::strtod(val.c_str(), &end);
+    if (val.empty() || *end != '\0' || !std::isfinite(v) || v <= 0)
+      throw Error(ErrorCode::InvalidArgument,
+                  where + ": '" + key + "' needs a positive number, got '" + val + "'");
+    if (key == "local.alpha_us") m.local.alpha_us = v;
+    else if (key == "local.gbps") m.local.gbps = v;
+    else if (key == "net.alpha_us") m.net.alpha_us = v;
+    else if (key == "net.gbps") m.net.gbps = v;
+    else if (key == "reduce_gbps") m.reduce_gbps = v;
+    else
+      throw Error(ErrorCode::InvalidArgument,
+                  where + ": unknown key '" + key +
+                      "' (local.alpha_us, local.gbps, net.alpha_us, net.gbps, reduce_gbps)");
+  }
+  m.source = what;
+  return m;
+}
+
+Selector::Selector(Layout layout, Model model, std::map<Coll, std::string> forced)
+    : layout_(std::move(layout)), model_(std::move(model)), forced_(std::move(forced)) {}
+
+std::vector<Selector::Estimate> Selector::estimates(const Call& call) const {
+  std::vector<Estimate> out;
+  for (const Algorithm* a : all_algorithms()) {
+    if (a->coll != call.coll) continue;
+    Estimate e;
+    e.algo = a;
+    e.excluded = a->constraint(layout_, call);
+    if (e.excluded.empty()) e.us = a->cost(layout_, model_, call);
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+std::uint8_t Selector::wire_id(const Algorithm& a) {
+  std::uint8_t id = 0;
+  for (const Algorithm* x : all_algorithms()) {
+    if (x->coll != a.coll) continue;
+    ++id;
+    if (x == &a) return id;
+  }
+  return 0;
+}
+
+const Algorithm& Selector::choose(const Call& call, const std::string& per_call) {
+  std::string forced = per_call;
+  const char* why = "per-call option";
+  if (forced.empty()) {
+    if (auto it = forced_.find(call.coll); it != forced_.end()) {
+      forced = it->second;
+      why = "CHORUS_ALGO";
+    }
+  }
+  const Algorithm* pick = nullptr;
+  const auto est = estimates(call);
+  if (!forced.empty()) {
+    pick = find_algorithm(call.coll, forced);
+    if (!pick)
+      throw Error(ErrorCode::InvalidArgument, "unknown algorithm '" + forced + "' for " +
+                                                  coll_key(call.coll) + " (available: " +
+                                                  names_of(call.coll) + ")");
+    const std::string no = pick->constraint(layout_, call);
+    if (!no.empty())
+      throw Error(ErrorCode::InvalidArgument, std::string(why) + " forces " + coll_key(call.coll) +
+                                                  ":" + forced + ", which cannot run this call: " +
+                                                  no);
+  } else {
+    double best = std::numeric_limits<double>::infinity();
+    for (const auto& e : est)
+      if (e.excluded.empty() && e.us < best) best = e.us, pick = e.algo;
+    if (!pick)
+      throw Error(ErrorCode::Internal,
+                  std::string("no algorithm can run this ") + coll_key(call.coll) + " call");
+  }
+  if (static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info)) {
+    const std::size_t bytes = call.bytes();
+    const int bucket = bytes == 0 ? -1 : static_cast<int>(std::bit_width(bytes));
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      first = logged_.emplace(static_cast<int>(call.coll), bucket, forced).second;
+    }
+    if (first) {
+      std::ostringstream os;
+      os << std::fixed << std::setprecision(1);
+      os << "algorithm: " << coll_key(call.coll) << " " << human_bytes(bytes) << " on "
+         << layout_.size << " ranks / " << layout_.hosts << " host(s): " << pick->name
+         << (forced.empty() ? " (cheapest)" : std::string(" (forced by ") + why + ")")
+         << "; estimates:";
+      for (const auto& e : est) {
+        os << " " << e.algo->name;
+        if (e.excluded.empty()) os << " " << e.us << " us";
+        else os << " n/a";
+      }
+      os << " [model: " << model_.source << "]";
+      log::write(log::Level::Info, os.str());
+    }
+  }
+  return *pick;
+}
+
+}  // namespace chorus::algo

@@ -1,0 +1,68 @@
+#pragma once
+
+// The selector: for each call, estimate every eligible algorithm's time with
+// the alpha-beta model and take the cheapest, unless CHORUS_ALGO or the call
+// forces one. Its inputs (layout, model, overrides) are fixed when the
+// communicator is created and identical on every rank (the communicator
+// agrees on them through the store), so every rank picks the same algorithm
+// for the same call; nothing is measured at call time.
+
+#include "algorithms/algorithms.hpp"
+
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace chorus::algo {
+
+// CHORUS_ALGO: "allreduce:ring,broadcast:binomial". Throws InvalidArgument
+// naming `what` (the variable) for unknown collectives or algorithms.
+std::map<Coll, std::string> parse_algo_overrides(const std::string& text, const char* what);
+// Collective names as CHORUS_ALGO spells them ("allreduce", "reduce_scatter", ...).
+const char* coll_key(Coll c);
+
+// Model <-> tuning file text ("key = value" lines, '#' comments):
+//   local.alpha_us, local.gbps, net.alpha_us, net.gbps, reduce_gbps.
+std::string model_to_text(const Model& m);
+// Fills the keys present in `text` over `base`. Throws InvalidArgument naming
+// `what` (the file) for unknown keys or malformed values.
+Model model_from_text(const std::string& text, Model base, const std::string& what);
+
+class Selector {
+ public:
+  Selector() = default;
+  Selector(Layout layout, Model model, std::map<Coll, std::string> forced);
+
+  struct Estimate {
+    const Algorithm* algo = nullptr;
+    double us = 0;         // estimated time (valid when eligible)
+    std::string excluded;  // why it cannot run this call (empty: eligible)
+  };
+  // Every algorithm of call.coll with its estimate or the reason it is excluded.
+  std::vector<Estimate> estimates(const Call& call) const;
+  // The algorithm to run: `per_call` (CallOptions::algorithm) if set, else
+  // CHORUS_ALGO's entry for the collective, else the cheapest eligible one.
+  // A forced algorithm that cannot run the call throws InvalidArgument with
+  // the reason. Logs each distinct (collective, size bucket, forced) decision
+  // once at CHORUS_DEBUG=info.
+  const Algorithm& choose(const Call& call, const std::string& per_call = {});
+  // 1 + the algorithm's position among its collective's algorithms: carried
+  // in every message so that ranks running different algorithms for one call
+  // fail with InvalidUsage instead of exchanging garbage.
+  static std::uint8_t wire_id(const Algorithm& a);
+
+  const Layout& layout() const { return layout_; }
+  const Model& model() const { return model_; }
+
+ private:
+  Layout layout_;
+  Model model_;
+  std::map<Coll, std::string> forced_;
+  std::mutex mu_;
+  std::set<std::tuple<int, int, std::string>> logged_;  // (coll, log2 size bucket, forced name)
+};
+
+}  // namespace chorus::algo
