@@ -21,10 +21,10 @@ namespace {
 constexpr std::size_t kMaxBytes = 64 << 10;
 
 std::string one_shot_constraint(const Layout& l, const Call& call) {
-  if (!l.single_host() || !l.local_shm)
+  if (l.size > 1 && (!l.single_host() || !l.local_shm))
     return "one_shot needs every rank on one host, talking through shared memory";
   if (call.bytes() > kMaxBytes)
-    return "one_shot is for messages up to " + std::to_string(kMaxBytes) + " bytes (this one has " +
+    return "one_shot is for messages up to " + std::to_string(kMaxBytes >> 10) + " KiB (this one has " +
            std::to_string(call.bytes()) + "); every rank would receive n-1 copies";
   return {};
 }

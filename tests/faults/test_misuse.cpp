@@ -87,6 +87,14 @@ const Mismatch kMismatches[] = {
                       rank == 0 ? ReduceOp::Max : ReduceOp::Sum);
      },
      "max", "sum"},
+    {"Algorithm",
+     [](Communicator& comm, int rank, std::vector<float>& buf) {
+       // Everything equal but the algorithm, forced differently per call.
+       chorus::CallOptions o;
+       o.algorithm = rank == 1 ? "ring" : "recursive_doubling";
+       comm.allreduce(buf.data(), buf.data(), kCount, DataType::Float32, ReduceOp::Sum, o);
+     },
+     "algorithm #1", "algorithm #2"},
 };
 
 // gtest prints a parameter of a failed case; the name says it all.
@@ -451,6 +459,74 @@ TEST(Rendezvous, RanksAskingForDifferentTransportsFailAtCreation) {
     EXPECT_EQ(r->error_code(), ErrorCode::InvalidUsage) << r->describe();
     EXPECT_TRUE(r->has("ranks disagree on the transport")) << r->describe();
     EXPECT_TRUE(r->has(p == 0 ? "'shm'" : "'tcp'")) << r->describe();
+    EXPECT_LT(r->seconds(), 10.0) << r->describe();
+  }
+}
+
+// Forcing an algorithm that cannot run a call fails at submission on every
+// rank alike (the constraint depends only on agreed inputs), before anything
+// is sent, so the communicator stays usable.
+TEST(Algorithms, ForcedOutsideItsConstraintsFailsClearlyAndLeavesTheCommunicatorUsable) {
+  Group g(2, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> buf(1 << 16, 1.0f), out(1 << 16, 0.0f);
+    auto forced = [&](const char* name, std::size_t count) {
+      chorus::CallOptions o;
+      o.algorithm = name;
+      comm.allreduce(buf.data(), out.data(), count, DataType::Float32, ReduceOp::Sum, o);
+    };
+    ctx.attempt("hierarchical", [&] { forced("hierarchical", 16); });
+    ctx.attempt("one_shot_big", [&] { forced("one_shot", 1 << 16); });
+    ctx.attempt("unknown", [&] { forced("quantum", 16); });
+    ctx.attempt("broadcast_ring", [&] {
+      chorus::CallOptions o;
+      o.algorithm = "ring";
+      comm.broadcast(buf.data(), out.data(), 16, DataType::Float32, 0, o);
+    });
+    ctx.attempt("after", [&] {
+      comm.allreduce(buf.data(), out.data(), 1 << 16, DataType::Float32, ReduceOp::Sum);
+      if (out[12345] != 2.0f) throw std::runtime_error("wrong sum after the refused calls");
+    });
+    ctx.hold();
+  });
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const struct {
+      const char* step;
+      const char* says;
+    } refused[] = {{"hierarchical", "more than one host"},
+                   {"one_shot_big", "64 KiB"},
+                   {"unknown", "available: ring"},
+                   {"broadcast_ring", "available: chain"}};
+    for (const auto& x : refused) {
+      const auto res = g.result(r, x.step, kReportWait);
+      ASSERT_TRUE(res) << x.step << " did not return; rank is " << g.status(r);
+      EXPECT_EQ(res->error_code(), ErrorCode::InvalidArgument) << res->describe();
+      EXPECT_TRUE(res->has(x.says)) << res->describe();
+    }
+    const auto after = g.result(r, "after", kReportWait);
+    ASSERT_TRUE(after) << "the call after the refused ones did not return";
+    EXPECT_TRUE(after->ok) << after->describe();
+  }
+}
+
+TEST(Rendezvous, RanksDisagreeingOnChorusAlgoFailAtCreation) {
+  auto with = [](const char* algo) {
+    return [algo](RankContext& ctx) {
+      ::setenv("CHORUS_ALGO", algo, 1);  // this rank's process only
+      chorus::Config config;
+      config.timeout = 20s;
+      ctx.attempt("create", [&] { Communicator::create(ctx.rank(), 2, ctx.store(), config); });
+      ctx.hold();
+    };
+  };
+  Group g(2, std::vector<faults::Body>{with("allreduce:ring"), with("allreduce:tree")});
+  for (int p = 0; p < 2; ++p) {
+    const auto r = g.result(p, "create", kReportWait);
+    ASSERT_TRUE(r) << "create() of rank " << p << " did not return (hang?); it is " << g.status(p);
+    EXPECT_EQ(r->error_code(), ErrorCode::InvalidUsage) << r->describe();
+    EXPECT_TRUE(r->has("ranks disagree on CHORUS_ALGO")) << r->describe();
+    EXPECT_TRUE(r->has(p == 0 ? "allreduce:tree" : "allreduce:ring")) << r->describe();
     EXPECT_LT(r->seconds(), 10.0) << r->describe();
   }
 }

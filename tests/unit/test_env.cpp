@@ -145,6 +145,8 @@ TEST(Settings, Malformed) {
       {{"CHORUS_TIMEOUT", "soon"}}, {{"CHORUS_TIMEOUT", "-3"}},     {{"CHORUS_TIMEOUT", "0"}},
       {{"CHORUS_SPIN_US", "-1"}},   {{"CHORUS_SPIN_US", "12abc"}},  {{"CHORUS_CHUNK_BYTES", "8"}},
       {{"CHORUS_CHUNK_BYTES", "1T"}}, {{"CHORUS_SOCKET_BUFFER", "-5"}}, {{"CHORUS_SHM_LARGE", "xpmem"}},
+      {{"CHORUS_ALGO", "allreduce:nonsense"}}, {{"CHORUS_ALGO", "allreduce"}},
+      {{"CHORUS_ALGO", "frobnicate:ring"}},
   };
   for (const auto& vars : bad) {
     FakeEnv env{vars};

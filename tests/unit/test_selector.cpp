@@ -1,0 +1,214 @@
+// The selector and the algorithm descriptors (src/algorithms/): CHORUS_ALGO
+// and tuning-file parsing, constraints, the alpha-beta costs against the
+// formulas of docs/algorithms.md written out again here, and the choices the
+// model implies at the extremes (tiny messages: few steps; huge messages:
+// bandwidth-optimal; several hosts: hierarchical).
+
+#include "algorithms/algorithms.hpp"
+#include "algorithms/selector.hpp"
+
+#include <chorus/error.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+#include <string>
+
+namespace {
+
+using chorus::DataType;
+using chorus::Error;
+using chorus::ErrorCode;
+using chorus::ReduceOp;
+using namespace chorus::algo;
+
+Layout one_host(int n, bool shm = true) { return Layout::from_hosts(std::vector<int>(static_cast<std::size_t>(n), 7), shm); }
+
+Layout hosts(std::vector<int> host_of) { return Layout::from_hosts(std::move(host_of), true); }
+
+Model model(double local_alpha, double local_gbps, double net_alpha, double net_gbps, double red) {
+  Model m;
+  m.local = {local_alpha, local_gbps};
+  m.net = {net_alpha, net_gbps};
+  m.reduce_gbps = red;
+  return m;
+}
+
+Call allreduce(std::size_t bytes) { return Call{Coll::Allreduce, bytes / 4, DataType::Float32, ReduceOp::Sum, -1}; }
+
+TEST(Layout, HostsAreNumberedByLowestRankAndCounted) {
+  const Layout l = hosts({5, 5, 9, 9, 5});
+  EXPECT_EQ(l.hosts, 2);
+  EXPECT_EQ(l.max_per_host, 3);
+  EXPECT_EQ(l.host_of, (std::vector<int>{0, 0, 1, 1, 0}));
+  EXPECT_EQ(l.host_ranks(0), (std::vector<int>{0, 1, 4}));
+  EXPECT_FALSE(l.single_host());
+  EXPECT_TRUE(one_host(4).single_host());
+}
+
+TEST(Registry, EveryCollectiveHasUniqueNamesAndWireIds) {
+  std::set<std::pair<int, std::string>> names;
+  std::set<std::pair<int, int>> ids;
+  for (const Algorithm* a : all_algorithms()) {
+    EXPECT_TRUE(names.emplace(static_cast<int>(a->coll), a->name).second) << a->name;
+    const int id = Selector::wire_id(*a);
+    EXPECT_GE(id, 1) << a->name;
+    EXPECT_LE(id, 15) << a->name << ": the wire keeps 4 bits for it";
+    EXPECT_TRUE(ids.emplace(static_cast<int>(a->coll), id).second) << a->name;
+    EXPECT_EQ(find_algorithm(a->coll, a->name), a);
+  }
+  EXPECT_EQ(find_algorithm(Coll::Allreduce, "nonsense"), nullptr);
+  EXPECT_EQ(find_algorithm(Coll::Broadcast, "rabenseifner"), nullptr);  // an allreduce algorithm
+}
+
+TEST(Overrides, ParsesCollectiveAlgorithmPairs) {
+  const auto o = parse_algo_overrides(" allreduce:tree , broadcast:binomial,", "CHORUS_ALGO");
+  ASSERT_EQ(o.size(), 2u);
+  EXPECT_EQ(o.at(Coll::Allreduce), "tree");
+  EXPECT_EQ(o.at(Coll::Broadcast), "binomial");
+  EXPECT_TRUE(parse_algo_overrides("", "CHORUS_ALGO").empty());
+  for (const char* bad : {"allreduce", "allreduce:", "gossip:ring", "allreduce:chain", "broadcast:ring"}) {
+    try {
+      parse_algo_overrides(bad, "CHORUS_ALGO");
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::InvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("CHORUS_ALGO"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(TuningFile, RoundTripsAndRejectsNonsense) {
+  const Model m = model(1.5, 9.25, 40, 1.1, 12);
+  const Model back = model_from_text(model_to_text(m), Model{}, "t");
+  EXPECT_DOUBLE_EQ(back.local.alpha_us, 1.5);
+  EXPECT_DOUBLE_EQ(back.local.gbps, 9.25);
+  EXPECT_DOUBLE_EQ(back.net.alpha_us, 40);
+  EXPECT_DOUBLE_EQ(back.net.gbps, 1.1);
+  EXPECT_DOUBLE_EQ(back.reduce_gbps, 12);
+  // Keys absent from the file keep the base's values; comments are ignored.
+  const Model partial = model_from_text("# calibrated\nlocal.alpha_us = 3 # us\n\n", m, "f.txt");
+  EXPECT_DOUBLE_EQ(partial.local.alpha_us, 3);
+  EXPECT_DOUBLE_EQ(partial.net.gbps, 1.1);
+  EXPECT_EQ(partial.source, "f.txt");
+  for (const char* bad : {"local.alpha_us = fast", "local.alpha_us = -1", "speed = 3", "local.gbps 3",
+                          "net.gbps = 0", "reduce_gbps = nan"}) {
+    try {
+      model_from_text(bad, m, "f.txt");
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::InvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("f.txt:1"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(Costs, RingAllreduceMatchesTheFormula) {
+  const Model m = model(2, 10, 30, 1, 5);
+  for (int n : {2, 3, 8}) {
+    for (std::size_t bytes : {std::size_t{8}, std::size_t{1} << 20}) {
+      const double b = static_cast<double>(bytes), f = (n - 1.0) / n;
+      // 2(n-1) alpha + 2 (n-1)/n B / bw + (n-1)/n B / reduce rate, in us (GB/s = 1e3 B/us).
+      const double local = 2 * (n - 1) * 2.0 + 2 * f * b / 10e3 + f * b / 5e3;
+      EXPECT_NEAR(kRingAllreduce.cost(one_host(n), m, allreduce(bytes)), local, 1e-9 * local);
+      std::vector<int> two_hosts(static_cast<std::size_t>(n));
+      for (int r = 0; r < n; ++r) two_hosts[static_cast<std::size_t>(r)] = r % 2;
+      const double net = 2 * (n - 1) * 30.0 + 2 * f * b / 1e3 + f * b / 5e3;
+      EXPECT_NEAR(kRingAllreduce.cost(hosts(two_hosts), m, allreduce(bytes)), net, 1e-9 * net);
+    }
+  }
+}
+
+TEST(Costs, EveryEligibleAlgorithmHasAFiniteCostGrowingWithSize) {
+  const Model m = model(1, 9, 30, 1.2, 10);
+  const Layout layouts[] = {one_host(1), one_host(2), one_host(5), one_host(8, false),
+                            hosts({0, 0, 1, 1}), hosts({0, 1, 2, 0, 1, 2})};
+  for (const Layout& l : layouts) {
+    for (const Algorithm* a : all_algorithms()) {
+      double prev = -1;
+      for (std::size_t bytes = 8; bytes <= (std::size_t{1} << 28); bytes *= 8) {
+        Call c{a->coll, bytes / 4, DataType::Float32, ReduceOp::Sum, 0};
+        if (!a->constraint(l, c).empty()) continue;
+        const double t = a->cost(l, m, c);
+        EXPECT_TRUE(std::isfinite(t) && t >= 0) << a->name << " at " << bytes << " B: " << t;
+        EXPECT_GE(t, prev) << a->name << " got cheaper with more bytes at " << bytes << " B";
+        prev = t;
+      }
+    }
+  }
+}
+
+TEST(Constraints, OneShotAndHierarchicalSayWhyNot) {
+  const Call tiny = allreduce(64);
+  EXPECT_EQ(kOneShotAllreduce.constraint(one_host(4), tiny), "");
+  EXPECT_NE(kOneShotAllreduce.constraint(one_host(4, false), tiny), "");  // sockets
+  EXPECT_NE(kOneShotAllreduce.constraint(hosts({0, 0, 1, 1}), tiny), "");
+  EXPECT_NE(kOneShotAllreduce.constraint(one_host(4), allreduce(1 << 20)).find("64"), std::string::npos);
+  EXPECT_NE(kHierarchicalAllreduce.constraint(one_host(4), tiny), "");
+  EXPECT_NE(kHierarchicalAllreduce.constraint(hosts({0, 1, 2}), tiny), "");        // one rank per host
+  EXPECT_NE(kHierarchicalAllreduce.constraint(hosts({0, 0, 1}), tiny), "");        // unequal hosts
+  EXPECT_EQ(kHierarchicalAllreduce.constraint(hosts({0, 0, 1, 1}), tiny), "");
+  EXPECT_EQ(kHierarchicalAllreduce.constraint(hosts({0, 1, 0, 1}), tiny), "");    // interleaved ranks
+}
+
+TEST(Selector, ForcedAlgorithmOutsideItsConstraintsIsAnError) {
+  Selector s(one_host(4, false), Model::defaults_for("tcp", one_host(4, false)), {});
+  try {
+    s.choose(allreduce(64), "one_shot");
+    ADD_FAILURE() << "one_shot over sockets was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("shared memory"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(s.choose(allreduce(64), "bogus"), Error);
+  Selector forced(one_host(4), Model{}, {{Coll::Allreduce, "tree"}});
+  EXPECT_STREQ(forced.choose(allreduce(64)).name, "tree");
+  EXPECT_STREQ(forced.choose(allreduce(64), "ring").name, "ring");  // the call beats the variable
+}
+
+TEST(Selector, TinyMessagesTakeFewStepsHugeOnesTakeABandwidthOptimalAlgorithm) {
+  // Expensive steps, fast links: at 8 B the 2(n-1) ring steps dominate.
+  const Layout l = one_host(8, false);
+  Selector s(l, model(20, 10, 20, 10, 10), {});
+  const std::string tiny = s.choose(allreduce(8)).name;
+  EXPECT_NE(tiny, "ring");
+  EXPECT_NE(tiny, "one_shot");  // sockets
+  // At 256 MiB per-byte terms dominate: ring or Rabenseifner move 2(n-1)/n B.
+  const std::string huge = s.choose(allreduce(std::size_t{1} << 28)).name;
+  EXPECT_TRUE(huge == "ring" || huge == "rabenseifner") << huge;
+  // The choice is the minimum of the published estimates.
+  for (std::size_t bytes = 8; bytes <= (std::size_t{1} << 28); bytes *= 4) {
+    const auto est = s.estimates(allreduce(bytes));
+    double best = 1e300;
+    for (const auto& e : est)
+      if (e.excluded.empty()) best = std::min(best, e.us);
+    const Algorithm& pick = s.choose(allreduce(bytes));
+    EXPECT_DOUBLE_EQ(pick.cost(l, s.model(), allreduce(bytes)), best) << bytes;
+  }
+}
+
+TEST(Selector, SeveralHostsWithSharedHostsPickHierarchicalForLargeMessages) {
+  const Layout l = hosts({0, 0, 1, 1});
+  Selector s(l, Model::defaults_for("auto", l), {});
+  EXPECT_STREQ(s.choose(allreduce(16 << 20)).name, "hierarchical");
+}
+
+TEST(Selector, SameInputsSameChoicesEverywhere) {
+  // Two ranks' selectors built from the agreed inputs: identical picks.
+  const Layout l = one_host(5);
+  const Model m = model(1.3, 7, 30, 1, 9);
+  Selector a(l, m, {}), b(l, m, {});
+  for (const Algorithm* alg : all_algorithms())
+    for (std::size_t bytes = 0; bytes <= (std::size_t{1} << 26); bytes = bytes ? bytes * 2 : 1) {
+      const Call c{alg->coll, bytes, DataType::UInt8, ReduceOp::Max, 1};
+      EXPECT_EQ(&a.choose(c), &b.choose(c));
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
