@@ -38,6 +38,11 @@ class Composite final : public Transport {
     far_->progress();
   }
 
+  void group_ready() override {
+    near_->group_ready();
+    far_->group_ready();
+  }
+
   std::vector<Traffic> traffic() const override {
     auto t = near_->traffic();
     for (auto& f : far_->traffic()) t.push_back(std::move(f));

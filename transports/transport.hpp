@@ -170,6 +170,12 @@ class Transport {
   // waiting for their timeout.
   virtual void broadcast_failure(const Error& e) noexcept = 0;
 
+  // Called once every rank of the group has created its transports (all
+  // have published what peers need): the last moment the store is known to
+  // be up. A transport reads here whatever it would otherwise fetch lazily
+  // later, when the rank hosting the store may already have exited.
+  virtual void group_ready() {}
+
   // Payload bytes this endpoint posted to and from each peer (by global
   // rank): the byte counters that CHORUS_DEBUG=info prints when a
   // communicator is destroyed. A composite reports each part separately.

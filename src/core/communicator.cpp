@@ -608,6 +608,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   std::vector<std::string> ready_keys;
   for (int r = 0; r < size; ++r) ready_keys.push_back("ready/" + std::to_string(r));
   st.wait(ready_keys, settings.timeout);
+  impl->transport->group_ready();
   setup_selector(*impl, st);
   CHORUS_INFO("communicator " << prefix << ": rank " << rank << "/" << size << ", transport "
                               << impl->transport->name() << " (" << settings.transport << ") on "

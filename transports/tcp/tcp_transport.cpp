@@ -321,6 +321,18 @@ class TcpTransport final : public Transport {
     return connect_out(peer, ctx_.connect_timeout);
   }
 
+  // Connections are made lazily, but the addresses are read now: a first
+  // send after rank 0 (the usual store host) has finished and exited must
+  // not need the store.
+  void group_ready() override {
+    for (int r = 0; r < ctx_.size; ++r) {
+      if (r == ctx_.rank) continue;
+      Peer& p = peers_[r];
+      const std::string key = "tcp/" + std::to_string(r);
+      if (p.addr.empty() && ctx_.store->check({key})) p.addr = ctx_.store->get_string(key);
+    }
+  }
+
   Conn& connect_out(int peer, std::chrono::milliseconds timeout) {
     Peer& p = peers_[peer];
     if (p.addr.empty()) p.addr = ctx_.store->get_string("tcp/" + std::to_string(peer));
