@@ -1,58 +1,122 @@
-// Recursive-doubling allreduce for small messages on power-of-two groups:
-// log2(n) rounds, in each of which partners (rank ^ mask) swap their partial
-// results and combine them. One latency per round instead of the ring's
-// 2(n-1) steps; each rank sends the whole buffer every round, so it only
-// pays for small messages.
+// Recursive-doubling allreduce for small messages: log2(p) rounds in which
+// partners (rank ^ mask) swap their partial results and combine them. One
+// latency per round instead of the ring's 2(n-1) steps; each rank sends the
+// whole buffer every round, so it only pays for small messages.
+//
+// Any world size, by the usual fold: with p the largest power of two <= n
+// and rem = n - p, the first 2*rem ranks pair up (2i, 2i+1). The even one
+// hands its whole vector to the odd one, which reduces it in and stands for
+// both in the recursive doubling among p ranks; at the end it hands the
+// result back. So a non-power-of-two size costs two extra steps.
+//
+// Determinism: every combination takes its operands in rank order (the
+// lower rank's partial first), and both partners of a round combine the same
+// two values in the same order, so every rank ends with the same bits (min
+// and max of -0 and +0, NaN payloads) and every run with the same ones.
 
 #include "algorithms/algorithms.hpp"
 
-#include "core/enforce.hpp"
 #include "reduce/reduce.hpp"
 
 #include <cstring>
 
 namespace chorus::algo {
+namespace {
 
-bool recursive_doubling_fits(int size) { return size > 1 && (size & (size - 1)) == 0; }
+using transport::Combine;
+using transport::Request;
 
-void recursive_doubling_allreduce(Context& c, const void* send, void* recv, std::size_t count,
-                                  DataType dtype, ReduceOp op) {
-  const std::size_t bytes = count * size_of(dtype);
-  const int n = c.size;
-  if (n == 1 || bytes == 0) {
-    if (send != recv && bytes > 0) std::memcpy(recv, send, bytes);
-    if (op == ReduceOp::Avg) reduce::finalize_avg(recv, count, dtype, n);
+void recursive_doubling_allreduce(Context& c, const Args& a) {
+  if (trivial_allreduce(c, a)) return;
+  const int n = c.size, rank = c.rank;
+  const std::size_t bytes = a.count * size_of(a.dtype);
+  const char* send = static_cast<const char*>(a.send);
+  char* recv = static_cast<char*>(a.recv);
+  const int p = floor_pow2(n), rem = n - p;
+
+  if (rank < 2 * rem && rank % 2 == 0) {
+    // Folded out: the odd partner reduces our vector in and returns the
+    // (already Avg-divided) result. In-place is safe: the result is sent only
+    // after the partner has received all of our buffer.
+    Request reqs[2] = {c.t.isend_reduced(rank + 1, c.call, send, bytes),
+                       c.t.irecv(rank + 1, c.call, recv, bytes, Combine::copy())};
+    c.t.wait(reqs, c.deadline);
     return;
   }
-  if (!recursive_doubling_fits(n))
-    throw Error(ErrorCode::InvalidArgument,
-                "recursive_doubling needs a power-of-two world size, not " + std::to_string(n));
-  int rounds = 0;
-  for (int m = 1; m < n; m <<= 1) ++rounds;
-  // A round reads the buffer it sends from and writes another one: rounds
-  // alternate between two scratch halves and the last one writes recv.
-  if (c.scratch.size() < 3 * bytes) c.scratch.resize(3 * bytes);
-  char* tmp[2] = {c.scratch.data(), c.scratch.data() + bytes};
-  const char* src = static_cast<const char*>(send);
-  if (send == recv) {
-    std::memcpy(c.scratch.data() + 2 * bytes, send, bytes);
-    src = c.scratch.data() + 2 * bytes;
+  const bool folded = rank < 2 * rem;             // the odd rank of a pair: stands for both
+  const int me = folded ? rank / 2 : rank - rem;  // index among the p active ranks
+  // The active index -> rank map is increasing, so index order is rank order.
+  auto active_rank = [rem](int i) { return i < rem ? 2 * i + 1 : i + rem; };
+  const int rounds = ceil_log2(p);
+
+  // Each step writes a buffer other than the one it sends from (a send reads
+  // its buffer until it completes, while the receive combines into the
+  // destination). Steps alternate between recv and scratch so that the last
+  // one writes recv: step j of `steps` writes recv when steps - j is even.
+  const int steps = rounds + (folded ? 1 : 0);
+  char* scratch = ensure_scratch(c, 2 * bytes);
+  char* spare = scratch + bytes;
+  auto dst_of = [&](int j) { return (steps - j) % 2 == 0 ? recv : scratch; };
+  const char* src = send;
+  int step = 1;
+  if (folded) {
+    // Nothing is sent in this step, so it may combine in place (in-place
+    // call, dst == recv == send): dst = partner's vector (lower rank, first) op ours.
+    char* dst = dst_of(step++);
+    Request r = c.t.irecv(rank - 1, c.call, dst, bytes,
+                          Combine::reduce_from(src, a.dtype, a.op, /*incoming_first=*/true));
+    c.t.wait({&r, 1}, c.deadline);
+    src = dst;
+  } else if (send == recv && dst_of(1) == recv) {
+    // In-place, and the first round would send and combine into the same
+    // buffer: send from a copy instead (a small message, by this algorithm's use).
+    std::memcpy(spare, send, bytes);
+    src = spare;
   }
-  int round = 0;
-  for (int mask = 1; mask < n; mask <<= 1, ++round) {
-    const int partner = c.rank ^ mask;
-    char* dst = round == rounds - 1 ? static_cast<char*>(recv) : tmp[round & 1];
-    // Operands in rank order (lower group's partial first) on both sides, so
-    // that partners compute bitwise identical results.
-    const bool incoming_first = partner < c.rank;
-    transport::Request reqs[2] = {
+  for (int mask = 1; mask < p; mask <<= 1) {
+    const int partner_idx = me ^ mask;
+    const int partner = active_rank(partner_idx);
+    char* dst = dst_of(step++);
+    Request reqs[2] = {
         c.t.irecv(partner, c.call, dst, bytes,
-                  transport::Combine::reduce_from(src, dtype, op, incoming_first)),
-        c.t.isend(partner, c.call, src, bytes)};
+                  Combine::reduce_from(src, a.dtype, a.op, /*incoming_first=*/partner_idx < me)),
+        c.t.isend_reduced(partner, c.call, src, bytes)};
     c.t.wait(reqs, c.deadline);
     src = dst;
   }
-  if (op == ReduceOp::Avg) reduce::finalize_avg(recv, count, dtype, n);
+  // The last step wrote recv. Divide once, before the result goes back to a
+  // folded-out partner, so that it gets the divided bits too.
+  if (a.op == ReduceOp::Avg) reduce::finalize_avg(recv, a.count, a.dtype, n);
+  if (folded) {
+    Request r = c.t.isend(rank - 1, c.call, recv, bytes);
+    c.t.wait({&r, 1}, c.deadline);
+  }
 }
+
+std::string anything(const Layout&, const Call&) { return {}; }
+
+// log2(p) rounds of one whole-buffer message and one reduction each, plus,
+// when n is not a power of two, the fold (a message and a reduction) and the
+// hand-back (a message):
+//   (log2 p + (rem ? 2 : 0)) * (alpha + B*beta) + (log2 p + (rem ? 1 : 0)) * B*gamma.
+double recursive_doubling_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  const double b = static_cast<double>(call.bytes());
+  const int p = floor_pow2(n);
+  const int log2p = ceil_log2(p);
+  const bool fold = p != n;
+  return (log2p + (fold ? 2 : 0)) * (L.alpha_us + b * L.us_per_byte()) +
+         (log2p + (fold ? 1 : 0)) * b * m.reduce_us_per_byte();
+}
+
+}  // namespace
+
+const Algorithm kRecursiveDoublingAllreduce = {
+    "recursive_doubling", Coll::Allreduce,
+    "log2(n) rounds of whole-buffer exchange with rank ^ 2^k (fold for non-powers of two); "
+    "small messages",
+    anything, recursive_doubling_cost, recursive_doubling_allreduce};
 
 }  // namespace chorus::algo

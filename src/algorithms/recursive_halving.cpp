@@ -1,0 +1,140 @@
+// Reduce-scatter by recursive halving: log2(p) rounds (the ring needs n-1).
+// In the round with distance d (p/2, p/4, ..., 1) a rank keeps half of its
+// current range of blocks and sends the other half to its partner (index ^
+// d), which keeps that half and sends this one; each side reduces what it
+// receives into the half it keeps. The data sent halves every round, so the
+// total is (p-1)/p of the buffer, as for the ring.
+//
+// Any world size: with p the largest power of two <= n and rem = n - p, the
+// first 2*rem ranks pair up (2i, 2i+1) and the even one hands its whole
+// input to the odd one, which reduces it in (as in recursive_doubling.cpp).
+// Active rank i then stands for the blocks of its ranks: blocks 2i and 2i+1
+// for i < rem, block i + rem after that. That map is increasing, so a group
+// of active ranks always stands for a contiguous range of blocks, and the
+// halving splits the group. At the end the odd ranks send the even ones their
+// block.
+//
+// Every block is reduced on one rank only; operands go in rank order (lower
+// first) all the same, so results do not depend on the run.
+
+#include "algorithms/algorithms.hpp"
+
+#include "reduce/reduce.hpp"
+
+#include <cstring>
+#include <vector>
+
+namespace chorus::algo {
+namespace {
+
+using transport::Combine;
+using transport::Request;
+
+void halving_reduce_scatter(Context& c, const Args& a) {
+  const std::size_t esize = size_of(a.dtype);
+  const std::size_t block = a.count * esize;
+  const int n = c.size, rank = c.rank;
+  const char* send = static_cast<const char*>(a.send);
+  char* recv = static_cast<char*>(a.recv);
+  if (block == 0) return;
+  if (n == 1) {
+    if (a.send != a.recv) std::memcpy(recv, send, block);
+    if (a.op == ReduceOp::Avg) reduce::finalize_avg(recv, a.count, a.dtype, n);
+    return;
+  }
+  const std::size_t total = block * static_cast<std::size_t>(n);
+  const int p = floor_pow2(n), rem = n - p;
+
+  if (rank < 2 * rem && rank % 2 == 0) {
+    // Folded out: the partner returns our block, reduced and divided. In
+    // place, recv lies inside send; it is written only after the partner has
+    // received all of send.
+    Request reqs[2] = {c.t.isend_reduced(rank + 1, c.call, send, total),
+                       c.t.irecv(rank + 1, c.call, recv, block, Combine::copy())};
+    c.t.wait(reqs, c.deadline);
+    return;
+  }
+  const bool folded = rank < 2 * rem;
+  const int me = folded ? rank / 2 : rank - rem;
+  auto active_rank = [rem](int i) { return i < rem ? 2 * i + 1 : i + rem; };
+  // Byte offset of the first block active rank i stands for (i == p: the end).
+  auto at = [&](int i) { return static_cast<std::size_t>(i < rem ? 2 * i : i + rem) * block; };
+
+  // Partial results go to scratch (send is const, recv holds one block); the
+  // last round of a rank that stands for its own block only reduces straight
+  // into recv. `own` is the current partial: send until scratch is written.
+  char* work = ensure_scratch(c, total);
+  const char* own = send;
+  if (folded) {
+    Request r = c.t.irecv(rank - 1, c.call, work, total,
+                          Combine::reduce_from(own, a.dtype, a.op, /*incoming_first=*/true));
+    c.t.wait({&r, 1}, c.deadline);
+    own = work;
+  }
+  std::vector<Request> reqs;
+  reqs.reserve(2);
+  for (int d = p / 2; d >= 1; d /= 2) {
+    const int partner_idx = me ^ d;
+    const int partner = active_rank(partner_idx);
+    const int base = me & ~(2 * d - 1);
+    const bool lower = (me & d) == 0;
+    const int keep = lower ? base : base + d;
+    const int give = lower ? base + d : base;
+    const std::size_t keep_off = at(keep), keep_len = at(keep + d) - keep_off;
+    const std::size_t give_off = at(give), give_len = at(give + d) - give_off;
+    // In the last round the kept range is this rank's own blocks. In place,
+    // recv is own's block when own is still send: combining into it is fine
+    // (the same bytes as the operand, and never part of what is sent).
+    char* dst = d == 1 && !folded ? recv : work + keep_off;
+    reqs.clear();
+    reqs.push_back(c.t.irecv(partner, c.call, dst, keep_len,
+                             Combine::reduce_from(own + keep_off, a.dtype, a.op,
+                                                  /*incoming_first=*/partner_idx < me)));
+    reqs.push_back(c.t.isend_reduced(partner, c.call, own + give_off, give_len));
+    c.t.wait(reqs, c.deadline);
+    own = work;
+  }
+
+  if (!folded) {
+    if (a.op == ReduceOp::Avg) reduce::finalize_avg(recv, a.count, a.dtype, n);
+    return;
+  }
+  // Blocks rank-1 (the partner's) and rank (ours) are final in work.
+  char* theirs = work + static_cast<std::size_t>(rank - 1) * block;
+  char* ours = work + static_cast<std::size_t>(rank) * block;
+  if (a.op == ReduceOp::Avg) reduce::finalize_avg(theirs, 2 * a.count, a.dtype, n);
+  Request r = c.t.isend(rank - 1, c.call, theirs, block);
+  std::memcpy(recv, ours, block);
+  c.t.wait({&r, 1}, c.deadline);
+}
+
+std::string anything(const Layout&, const Call&) { return {}; }
+
+// With T = n blocks of the call: log2(p) rounds moving and reducing (p-1)/p
+// of T in all; the fold adds a whole-buffer message and reduction, and a
+// block going back:
+//   log2(p) alpha + (p-1)/p T (beta + gamma)
+//   + (rem ? 2 alpha + T beta + block beta + T gamma : 0).
+double halving_cost(const Layout& l, const Model& m, const Call& call) {
+  const int n = l.size;
+  if (n == 1) return 0;
+  const Model::Link& L = m.flat(l);
+  const double block = static_cast<double>(call.bytes());
+  const double total = block * n;
+  const int p = floor_pow2(n);
+  const double f = static_cast<double>(p - 1) / p;
+  double t = ceil_log2(p) * L.alpha_us + f * total * (L.us_per_byte() + m.reduce_us_per_byte());
+  if (p != n)
+    t += 2 * L.alpha_us + (total + block) * L.us_per_byte() + total * m.reduce_us_per_byte();
+  return t;
+}
+
+}  // namespace
+
+const Algorithm kHalvingReduceScatter = {
+    "recursive_halving", Coll::ReduceScatter,
+    "log2(n) rounds, each sending half of the remaining blocks to rank ^ 2^k (fold for "
+    "non-powers of two)",
+    anything, halving_cost, halving_reduce_scatter};
+
+}  // namespace chorus::algo
