@@ -16,6 +16,9 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <cmath>
+#include <limits>
+#include <sstream>
 #include <ctime>
 #include <fstream>
 #include <iostream>
@@ -488,6 +491,70 @@ int calibrate(Communicator& comm, const std::string& path) {
   for (int r = 1; r < n; ++r)
     one_host = one_host && std::memcmp(ids.data(), ids.data() + 64 * static_cast<std::size_t>(r), 64) == 0;
   const std::string link = one_host ? "local" : "net";
+  std::ostringstream base;
+  base << link << ".alpha_us = " << alpha << "\n" << link << ".gbps = " << gbps << "\n"
+       << "reduce_gbps = " << reduce_gbps << "\n";
+
+  // Then each algorithm of the collectives with several, timed at one
+  // element and at a large size (16 MiB, or the largest it takes), against
+  // the base model's estimates at the same sizes: the latency and bandwidth
+  // scales that make the model match this implementation on this machine.
+  std::ostringstream fits;
+  const bench::Collective* colls[] = {&bench::allreduce_collective(), &bench::broadcast_collective(),
+                                      &bench::allgather_collective(), &bench::reduce_scatter_collective()};
+  for (const bench::Collective* coll : colls) {
+    const auto names = chorus::algorithm_names(coll->name);
+    if (names.size() < 2) continue;
+    auto counts_for = [&](std::size_t total_elems) { return coll->counts(total_elems, n); };
+    const std::size_t small_total = static_cast<std::size_t>(coll == colls[0] || coll == colls[1] ? 1 : n);
+    for (const std::string& name : names) {
+      auto est = [&](std::size_t count) {
+        for (const auto& [alg, us] : comm.algorithm_estimates(coll->name, count, DataType::Float32,
+                                                              ReduceOp::Sum, 0, base.str()))
+          if (alg == name) return us;
+        return std::numeric_limits<double>::quiet_NaN();
+      };
+      const bench::CollCounts small = counts_for(small_total);
+      if (!std::isfinite(est(small.param_count))) continue;
+      bench::CollCounts large{};
+      bool found = false;
+      for (std::size_t total : {big_count, std::size_t{16} << 10}) {  // 16 MiB, else 16 KiB
+        large = counts_for(total / 4);
+        if (std::isfinite(est(large.param_count))) {
+          found = true;
+          break;
+        }
+      }
+      if (!found) continue;
+      chorus::CallOptions forced;
+      forced.algorithm = name;
+      auto time_of = [&](const bench::CollCounts& cc, int iters, int reps) {
+        double best = 0;
+        for (int rep = 0; rep < reps; ++rep) {
+          coll->run(comm, a.get(), b.get(), cc.param_count, DataType::Float32, ReduceOp::Sum, 0, forced);
+          comm.barrier(plain);
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int i = 0; i < iters; ++i)
+            coll->run(comm, a.get(), b.get(), cc.param_count, DataType::Float32, ReduceOp::Sum, 0, forced);
+          const double mine = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+          double slowest = 0;
+          comm.allreduce(&mine, &slowest, 1, DataType::Float64, ReduceOp::Max, plain);
+          if (rep == 0 || slowest < best) best = slowest;
+        }
+        return best;
+      };
+      const double e1 = est(small.param_count), e2 = est(large.param_count);
+      // Tiny calls take a few microseconds and jitter by as much: many of
+      // them, best of seven batches.
+      const double t1 = time_of(small, 300, 7);
+      const double t2 = time_of(large, large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50, 3);
+      const double lat = e1 > 0 ? std::clamp(t1 / e1, 0.05, 50.0) : 1.0;
+      const double bw = e2 > e1 ? std::clamp((t2 - t1) / (e2 - e1), 0.05, 50.0) : 1.0;
+      fits << "fit." << coll->name << "." << name << " = " << lat << " " << bw << "   # "
+           << t1 << " us at " << small.param_count << ", " << t2 << " us at " << large.param_count
+           << " (model " << e1 << ", " << e2 << ")\n";
+    }
+  }
   if (rank == 0) {
     std::ofstream out(path);
     const std::time_t now = std::time(nullptr);
@@ -499,9 +566,7 @@ int calibrate(Communicator& comm, const std::string& path) {
         << "# ring allreduce: 8 B in " << t_small << " us, 64 MiB in " << t_big
         << " us; float a += b over 64 MiB in " << t_red_all << " us\n"
         << "# Read with CHORUS_TUNING_FILE=" << path << " (rank 0's file decides for all ranks).\n"
-        << link << ".alpha_us = " << alpha << "\n"
-        << link << ".gbps = " << gbps << "\n"
-        << "reduce_gbps = " << reduce_gbps << "\n";
+        << base.str() << fits.str();
     if (!out) {
       std::fprintf(stderr, "chorus-bench: cannot write %s\n", path.c_str());
       return 2;

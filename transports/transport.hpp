@@ -273,6 +273,9 @@ struct TransportContext {
   std::shared_ptr<Store> store;  // already prefixed for this communicator
   std::string listen_host = "127.0.0.1";  // address to listen on (chosen by the communicator)
   std::chrono::microseconds spin{100};  // busy-poll time before blocking
+  // More ranks than CPUs on this host: poll with a sched_yield() after every
+  // look, so that the rank being waited for gets the CPU at once.
+  bool oversubscribed = false;
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(300)};
   std::size_t socket_buffer_bytes = 0;  // 0: leave the system default
   // The ranks on this rank's host (this one included), ascending. A

@@ -15,6 +15,7 @@
 #include <chorus/types.hpp>
 
 #include <cstddef>
+#include <map>
 #include <span>
 #include <string>
 #include <vector>
@@ -54,6 +55,15 @@ struct Model {
   Link net;                  // between hosts
   double reduce_gbps = 8.0;  // combine-on-receive reduction rate
   std::string source = "built-in defaults";  // where the numbers came from (logged)
+  // Per-algorithm corrections measured by `chorus-bench --calibrate`
+  // ("allreduce.tree" -> scales): what the formulas cannot know about an
+  // implementation (how well it overlaps, what its pipeline costs). An
+  // estimate becomes lat x cost(1 element) + bw x (cost(B) - cost(1 element)).
+  struct Fit {
+    double lat = 1.0;
+    double bw = 1.0;
+  };
+  std::map<std::string, Fit> fits;
 
   double reduce_us_per_byte() const { return 1e-3 / reduce_gbps; }
   // The link a flat (topology-unaware) algorithm is bounded by: the network

@@ -96,6 +96,7 @@ std::string model_to_text(const Model& m) {
      << "net.alpha_us = " << m.net.alpha_us << "\n"
      << "net.gbps = " << m.net.gbps << "\n"
      << "reduce_gbps = " << m.reduce_gbps << "\n";
+  for (const auto& [name, f] : m.fits) os << "fit." << name << " = " << f.lat << " " << f.bw << "\n";
   return os.str();
 }
 
@@ -113,6 +114,26 @@ Model model_from_text(const std::string& text, Model m, const std::string& what)
     if (eq == std::string::npos)
       throw Error(ErrorCode::InvalidArgument, where + ": expected 'key = value', got '" + line + "'");
     const std::string key = trim(line.substr(0, eq)), val = trim(line.substr(eq + 1));
+    if (key.rfind("fit.", 0) == 0) {
+      // fit.<collective>.<algorithm> = <latency scale> <bandwidth scale>
+      const std::string name = key.substr(4);
+      const auto dot = name.find('.');
+      const Coll* c = std::find_if(std::begin(kColls), std::end(kColls), [&](Coll k) {
+        return dot != std::string::npos && name.substr(0, dot) == coll_key(k);
+      });
+      if (c == std::end(kColls) || !find_algorithm(*c, name.substr(dot + 1)))
+        throw Error(ErrorCode::InvalidArgument,
+                    where + ": '" + key + "' names no algorithm (fit.<collective>.<algorithm>)");
+      std::istringstream nums(val);
+      Model::Fit f;
+      std::string rest;
+      if (!(nums >> f.lat >> f.bw) || (nums >> rest) || !std::isfinite(f.lat) || !std::isfinite(f.bw) ||
+          f.lat <= 0 || f.bw <= 0)
+        throw Error(ErrorCode::InvalidArgument,
+                    where + ": '" + key + "' needs two positive numbers (latency and bandwidth scales), got '" + val + "'");
+      m.fits[name] = f;
+      continue;
+    }
     char* end = nullptr;
     const double v = std::strtod(val.c_str(), &end);
     if (val.empty() || *end != '\0' || !std::isfinite(v) || v <= 0)
@@ -132,6 +153,16 @@ Model model_from_text(const std::string& text, Model m, const std::string& what)
   return m;
 }
 
+double estimate(const Algorithm& a, const Layout& layout, const Model& model, const Call& call) {
+  const double c = a.cost(layout, model, call);
+  const auto fit = model.fits.find(std::string(coll_key(a.coll)) + "." + a.name);
+  if (fit == model.fits.end() || call.count == 0) return c;
+  Call one = call;
+  one.count = 1;
+  const double c1 = a.cost(layout, model, one);
+  return fit->second.lat * c1 + fit->second.bw * std::max(0.0, c - c1);
+}
+
 Selector::Selector(Layout layout, Model model, std::map<Coll, std::string> forced)
     : layout_(std::move(layout)), model_(std::move(model)), forced_(std::move(forced)) {}
 
@@ -142,7 +173,7 @@ std::vector<Selector::Estimate> Selector::estimates(const Call& call) const {
     Estimate e;
     e.algo = a;
     e.excluded = a->constraint(layout_, call);
-    if (e.excluded.empty()) e.us = a->cost(layout_, model_, call);
+    if (e.excluded.empty()) e.us = estimate(*a, layout_, model_, call);
     out.push_back(std::move(e));
   }
   return out;

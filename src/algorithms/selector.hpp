@@ -25,11 +25,16 @@ std::map<Coll, std::string> parse_algo_overrides(const std::string& text, const 
 const char* coll_key(Coll c);
 
 // Model <-> tuning file text ("key = value" lines, '#' comments):
-//   local.alpha_us, local.gbps, net.alpha_us, net.gbps, reduce_gbps.
+//   local.alpha_us, local.gbps, net.alpha_us, net.gbps, reduce_gbps, and
+//   fit.<collective>.<algorithm> = <latency scale> <bandwidth scale>.
 std::string model_to_text(const Model& m);
 // Fills the keys present in `text` over `base`. Throws InvalidArgument naming
 // `what` (the file) for unknown keys or malformed values.
 Model model_from_text(const std::string& text, Model base, const std::string& what);
+
+// An algorithm's estimated time for a call: its cost under `model`,
+// corrected by the model's fit for it when calibration measured one.
+double estimate(const Algorithm& a, const Layout& layout, const Model& model, const Call& call);
 
 class Selector {
  public:

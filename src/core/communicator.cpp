@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <deque>
 #include <fstream>
+#include <limits>
 #include <functional>
 #include <mutex>
 #include <sstream>
@@ -573,15 +574,18 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   topo::bind_local_rank(
       static_cast<int>(std::find(host_ranks.begin(), host_ranks.end(), rank) - host_ranks.begin()),
       local_ranks, settings.cpu_bind);
-  // Busy-polling pays only when every rank of this host has a CPU to itself;
-  // with more ranks than CPUs a spinning rank steals time from the one it is
-  // waiting for (8 ranks on 2 cores: 8-byte allreduce 830 us spinning, 410 us
-  // blocking at once).
+  // With more ranks than CPUs a rank that busy-polls steals time from the
+  // one it waits for, and one that blocks at once pays a futex wake-up per
+  // step; polling with a sched_yield() after every look hands the CPU
+  // straight to a runnable peer (8-byte allreduce on 2 cores, 4 ranks: 111
+  // us blocking at once, 27 us polling 200 us with a yield every 256 looks,
+  // 18 us with a yield after each; 8 ranks: 115, 74 with yields).
   Settings eff = settings;
   // The host's CPUs, not this process's affinity mask: a launcher that pins
   // each rank to one CPU is the case where spinning pays most.
   const int ncpu = std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
-  if (!settings.spin_from_env && local_ranks > ncpu) eff.spin = std::chrono::microseconds(0);
+  const bool oversubscribed = local_ranks > ncpu;
+  if (!settings.spin_from_env && oversubscribed) eff.spin = std::chrono::microseconds(200);
   impl->settings = eff;
 
   transport::TransportContext tc;
@@ -590,6 +594,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   tc.comm_id = impl->comm_id;
   tc.store = impl->store;
   tc.spin = eff.spin;
+  tc.oversubscribed = oversubscribed;
   tc.connect_timeout = settings.timeout;
   tc.socket_buffer_bytes = settings.socket_buffer_bytes;
   if (!settings.socket_ifname.empty()) tc.listen_host = net::interface_address(settings.socket_ifname);
@@ -703,6 +708,31 @@ std::string Communicator::algorithm_for(const std::string& collective, std::size
   const bool rooted = *coll == Coll::Broadcast || *coll == Coll::Reduce || *coll == Coll::Gather ||
                       *coll == Coll::Scatter;
   return c.selector->choose(algo::Call{*coll, count, dtype, op, rooted ? root : -1}).name;
+}
+
+std::vector<std::pair<std::string, double>> Communicator::algorithm_estimates(
+    const std::string& collective, std::size_t count, DataType dtype, ReduceOp op, int root,
+    const std::string& tuning) const {
+  auto& c = need(impl_);
+  const auto coll = coll_from_name(collective);
+  if (!coll)
+    throw Error(ErrorCode::InvalidArgument,
+                "algorithm_estimates: unknown collective '" + collective + "'");
+  const bool rooted = *coll == Coll::Broadcast || *coll == Coll::Reduce || *coll == Coll::Gather ||
+                      *coll == Coll::Scatter;
+  algo::Model model = c.selector->model();
+  if (!tuning.empty()) {
+    model = algo::model_from_text(tuning, model, "tuning text");
+    model.fits.clear();
+    for (const auto& [k, f] : algo::model_from_text(tuning, algo::Model{}, "tuning text").fits)
+      model.fits[k] = f;
+  }
+  const algo::Selector what_if(c.layout, model, {});
+  std::vector<std::pair<std::string, double>> out;
+  for (const auto& e : what_if.estimates(algo::Call{*coll, count, dtype, op, rooted ? root : -1}))
+    out.emplace_back(e.algo->name,
+                     e.excluded.empty() ? e.us : std::numeric_limits<double>::quiet_NaN());
+  return out;
 }
 
 std::optional<Error> Communicator::error() const {

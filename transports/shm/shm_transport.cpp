@@ -360,7 +360,7 @@ class ShmTransport final : public Transport {
       if ((iter & 1023) == 1023) check_peers();
       if (now < spin_until) {
         cpu_relax();
-        if ((iter & 255) == 255) sched_yield();
+        if (ctx_.oversubscribed || (iter & 255) == 255) sched_yield();
         continue;
       }
       sleep_until(std::min(deadline, now + kSleepSlice));

@@ -243,7 +243,7 @@ class TcpTransport final : public Transport {
       if (now < spin_until) {
         // Busy-poll briefly: on an idle core this saves the cost of a
         // sleep/wake-up; the yield keeps oversubscribed ranks moving.
-        if ((iter & 15) == 15) sched_yield();
+        if (ctx_.oversubscribed || (iter & 15) == 15) sched_yield();
         continue;
       }
       block(deadline);
