@@ -229,9 +229,14 @@ double tree_cost(const Layout& l, const Model& m, const Call& call) {
   const double half = b / 2;
   const double cb = std::min(kModelChunkBytes, half);
   const double k = cb > 0 ? std::ceil(half / cb) : 0;
+  // Two ranks: each is the root of one tree with a single child, so per
+  // chunk it sends c down in one tree and c up in the other (2c, not 4c),
+  // and reduces one chunk (B/2 in all).
+  const double per_chunk = n == 2 ? 2 : 4;
+  const double reduced = n == 2 ? b / 2 : b;
   return 2 * h * (L.alpha_us + 2 * cb * L.us_per_byte()) +
-         std::max(0.0, k - 1) * (L.alpha_us + 4 * cb * L.us_per_byte()) +
-         b * m.reduce_us_per_byte();
+         std::max(0.0, k - 1) * (L.alpha_us + per_chunk * cb * L.us_per_byte()) +
+         reduced * m.reduce_us_per_byte();
 }
 
 }  // namespace
