@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace chorus {
@@ -133,6 +134,14 @@ class CHORUS_API Communicator {
   std::string algorithm_for(const std::string& collective, std::size_t count,
                             DataType dtype = DataType::Float32, ReduceOp op = ReduceOp::Sum,
                             int root = 0) const;
+  /// Every algorithm of `collective` with the selector's estimate for such a
+  /// call in microseconds (NaN where the algorithm cannot run it), in
+  /// algorithm_names() order. `tuning`, when not empty, is tuning-file text
+  /// (docs/algorithms.md) evaluated instead of the communicator's model, on
+  /// this communicator's layout: what chorus-bench --calibrate fits against.
+  std::vector<std::pair<std::string, double>> algorithm_estimates(
+      const std::string& collective, std::size_t count, DataType dtype = DataType::Float32,
+      ReduceOp op = ReduceOp::Sum, int root = 0, const std::string& tuning = {}) const;
 
   /// Elementwise reduction of every rank's `sendbuf` into every rank's `recvbuf`.
   void allreduce(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,
