@@ -191,6 +191,29 @@ inline std::size_t part_length(std::size_t count, int n, int i) {
   return count / static_cast<std::size_t>(n) + (static_cast<std::size_t>(i) < count % static_cast<std::size_t>(n) ? 1 : 0);
 }
 
+int ceil_log2(int n);
+int floor_pow2(int n);
+
+// The constraint of an algorithm that can run every call.
+std::string no_constraint(const Layout&, const Call&);
+
+// The standard fix for power-of-two algorithms on n ranks (recursive
+// doubling, Rabenseifner, recursive halving): with p the largest power of
+// two <= n and rem = n - p, the first 2 rem ranks pair up (2i, 2i+1); the
+// even one hands its data to the odd one and sits out, the odd one stands
+// for both among the p active ranks, and hands the result back at the end.
+struct Fold {
+  int p = 1, rem = 0;
+  bool sits_out = false;        // even rank < 2 rem
+  bool stands_for_two = false;  // odd rank < 2 rem
+  int me = 0;                   // index among the p active ranks (when active)
+  Fold(int rank, int n)
+      : p(floor_pow2(n)), rem(n - floor_pow2(n)), sits_out(rank < 2 * rem && rank % 2 == 0),
+        stands_for_two(rank < 2 * rem && rank % 2 == 1), me(rank < 2 * rem ? rank / 2 : rank - rem) {}
+  // The rank of active index i; increasing, so index order is rank order.
+  int rank_of(int i) const { return i < rem ? 2 * i + 1 : i + rem; }
+};
+
 // Makes c.scratch at least `bytes` long and returns it.
 char* ensure_scratch(Context& c, std::size_t bytes);
 

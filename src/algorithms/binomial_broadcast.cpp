@@ -64,8 +64,6 @@ void binomial_broadcast(Context& c, const Args& a) {
   c.t.wait(sends, c.deadline);
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // ceil(log2 n) rounds of a whole-buffer message (chunking overlaps the
 // levels, but the root still sends the buffer once per round, so the
 // unpipelined figure is the honest one for large messages too):
@@ -82,6 +80,6 @@ double binomial_cost(const Layout& l, const Model& m, const Call& call) {
 const Algorithm kBinomialBroadcast = {
     "binomial", Coll::Broadcast,
     "binomial tree from the root, ceil(log2 n) rounds; small messages",
-    anything, binomial_cost, binomial_broadcast};
+    no_constraint, binomial_cost, binomial_broadcast};
 
 }  // namespace chorus::algo

@@ -56,7 +56,7 @@ double chain_cost(const Layout& l, const Model& m, const Call& call) {
 
 const Algorithm kChainBroadcast = {
     "chain", Coll::Broadcast, "pipelined chain root -> root+1 -> ...; bandwidth-optimal for large messages",
-    [](const Layout&, const Call&) { return std::string(); }, chain_cost,
+    no_constraint, chain_cost,
     [](Context& c, const Args& a) { chain_broadcast(c, a.send, a.recv, a.count, a.dtype, a.root); }};
 
 }  // namespace chorus::algo

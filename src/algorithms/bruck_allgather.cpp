@@ -57,8 +57,6 @@ void bruck_allgather(Context& c, const Args& a) {
   }
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // ceil(log2 n) rounds (a round whose range wraps sends two messages back to
 // back to the same peer: one latency); the rounds move n-1 blocks in all;
 // the out-of-place copy of the own block, costed like a reduction of it:
@@ -78,6 +76,6 @@ double bruck_cost(const Layout& l, const Model& m, const Call& call) {
 const Algorithm kBruckAllgather = {
     "bruck", Coll::Allgather,
     "Bruck's algorithm: ceil(log2 n) rounds of doubling block ranges; small blocks",
-    anything, bruck_cost, bruck_allgather};
+    no_constraint, bruck_cost, bruck_allgather};
 
 }  // namespace chorus::algo

@@ -75,6 +75,8 @@ Model Model::defaults_for(const std::string& transport, const Layout& layout) {
   return m;
 }
 
+std::string no_constraint(const Layout&, const Call&) { return {}; }
+
 char* ensure_scratch(Context& c, std::size_t bytes) {
   if (c.scratch.size() < bytes) c.scratch.resize(bytes);
   return c.scratch.data();

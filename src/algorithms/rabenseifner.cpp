@@ -41,9 +41,10 @@ void rabenseifner_allreduce(Context& c, const Args& a) {
   const std::size_t bytes = count * esize;
   const char* send = static_cast<const char*>(a.send);
   char* recv = static_cast<char*>(a.recv);
-  const int p = floor_pow2(n), rem = n - p;
+  const Fold fold(rank, n);
+  const int p = fold.p;
 
-  if (rank < 2 * rem && rank % 2 == 0) {
+  if (fold.sits_out) {
     // Folded out (see recursive_doubling.cpp): the odd partner returns the
     // finished, Avg-divided vector after it has received all of ours.
     Request reqs[2] = {c.t.isend_reduced(rank + 1, c.call, send, bytes),
@@ -51,9 +52,9 @@ void rabenseifner_allreduce(Context& c, const Args& a) {
     c.t.wait(reqs, c.deadline);
     return;
   }
-  const bool folded = rank < 2 * rem;
-  const int me = folded ? rank / 2 : rank - rem;
-  auto active_rank = [rem](int i) { return i < rem ? 2 * i + 1 : i + rem; };
+  const bool folded = fold.stands_for_two;
+  const int me = fold.me;
+  auto active_rank = [&fold](int i) { return fold.rank_of(i); };
   // Byte offset of part i (i == p: the end of the buffer).
   auto at = [&](int i) { return part_offset(count, p, i) * esize; };
 
@@ -120,8 +121,6 @@ void rabenseifner_allreduce(Context& c, const Args& a) {
   }
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // Halving and doubling: log2(p) messages each; each moves (p-1)/p of B in
 // all, and the halving reduces (p-1)/p of B. The fold adds a whole-buffer
 // message and reduction and the hand-back another whole-buffer message:
@@ -145,6 +144,6 @@ double rabenseifner_cost(const Layout& l, const Model& m, const Call& call) {
 const Algorithm kRabenseifnerAllreduce = {
     "rabenseifner", Coll::Allreduce,
     "reduce-scatter by recursive halving + allgather by recursive doubling; medium messages",
-    anything, rabenseifner_cost, rabenseifner_allreduce};
+    no_constraint, rabenseifner_cost, rabenseifner_allreduce};
 
 }  // namespace chorus::algo

@@ -32,9 +32,10 @@ void recursive_doubling_allreduce(Context& c, const Args& a) {
   const std::size_t bytes = a.count * size_of(a.dtype);
   const char* send = static_cast<const char*>(a.send);
   char* recv = static_cast<char*>(a.recv);
-  const int p = floor_pow2(n), rem = n - p;
+  const Fold fold(rank, n);
+  const int p = fold.p;
 
-  if (rank < 2 * rem && rank % 2 == 0) {
+  if (fold.sits_out) {
     // Folded out: the odd partner reduces our vector in and returns the
     // (already Avg-divided) result. In-place is safe: the result is sent only
     // after the partner has received all of our buffer.
@@ -43,10 +44,9 @@ void recursive_doubling_allreduce(Context& c, const Args& a) {
     c.t.wait(reqs, c.deadline);
     return;
   }
-  const bool folded = rank < 2 * rem;             // the odd rank of a pair: stands for both
-  const int me = folded ? rank / 2 : rank - rem;  // index among the p active ranks
-  // The active index -> rank map is increasing, so index order is rank order.
-  auto active_rank = [rem](int i) { return i < rem ? 2 * i + 1 : i + rem; };
+  const bool folded = fold.stands_for_two;
+  const int me = fold.me;
+  auto active_rank = [&fold](int i) { return fold.rank_of(i); };
   const int rounds = ceil_log2(p);
 
   // Each step writes a buffer other than the one it sends from (a send reads
@@ -93,8 +93,6 @@ void recursive_doubling_allreduce(Context& c, const Args& a) {
   }
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // log2(p) rounds of one whole-buffer message and one reduction each, plus,
 // when n is not a power of two, the fold (a message and a reduction) and the
 // hand-back (a message):
@@ -117,6 +115,6 @@ const Algorithm kRecursiveDoublingAllreduce = {
     "recursive_doubling", Coll::Allreduce,
     "log2(n) rounds of whole-buffer exchange with rank ^ 2^k (fold for non-powers of two); "
     "small messages",
-    anything, recursive_doubling_cost, recursive_doubling_allreduce};
+    no_constraint, recursive_doubling_cost, recursive_doubling_allreduce};
 
 }  // namespace chorus::algo

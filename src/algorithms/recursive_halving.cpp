@@ -43,9 +43,10 @@ void halving_reduce_scatter(Context& c, const Args& a) {
     return;
   }
   const std::size_t total = block * static_cast<std::size_t>(n);
-  const int p = floor_pow2(n), rem = n - p;
+  const Fold fold(rank, n);
+  const int p = fold.p;
 
-  if (rank < 2 * rem && rank % 2 == 0) {
+  if (fold.sits_out) {
     // Folded out: the partner returns our block, reduced and divided. In
     // place, recv lies inside send; it is written only after the partner has
     // received all of send.
@@ -54,10 +55,11 @@ void halving_reduce_scatter(Context& c, const Args& a) {
     c.t.wait(reqs, c.deadline);
     return;
   }
-  const bool folded = rank < 2 * rem;
-  const int me = folded ? rank / 2 : rank - rem;
-  auto active_rank = [rem](int i) { return i < rem ? 2 * i + 1 : i + rem; };
+  const bool folded = fold.stands_for_two;
+  const int me = fold.me;
+  auto active_rank = [&fold](int i) { return fold.rank_of(i); };
   // Byte offset of the first block active rank i stands for (i == p: the end).
+  const int rem = fold.rem;
   auto at = [&](int i) { return static_cast<std::size_t>(i < rem ? 2 * i : i + rem) * block; };
 
   // Partial results go to scratch (send is const, recv holds one block); the
@@ -108,8 +110,6 @@ void halving_reduce_scatter(Context& c, const Args& a) {
   c.t.wait({&r, 1}, c.deadline);
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // With T = n blocks of the call: log2(p) rounds moving and reducing (p-1)/p
 // of T in all; the fold adds a whole-buffer message and reduction, and a
 // block going back:
@@ -135,6 +135,6 @@ const Algorithm kHalvingReduceScatter = {
     "recursive_halving", Coll::ReduceScatter,
     "log2(n) rounds, each sending half of the remaining blocks to rank ^ 2^k (fold for "
     "non-powers of two)",
-    anything, halving_cost, halving_reduce_scatter};
+    no_constraint, halving_cost, halving_reduce_scatter};
 
 }  // namespace chorus::algo

@@ -238,8 +238,6 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
 // once the pipeline is full; the model keeps the simple sum (an upper bound).
 
 namespace {
-std::string anything(const Layout&, const Call&) { return {}; }
-
 double ring_allreduce_cost(const Layout& l, const Model& m, const Call& call) {
   const int n = l.size;
   if (n == 1) return 0;
@@ -280,22 +278,22 @@ double ring_reduce_cost(const Layout& l, const Model& m, const Call& call) {
 const Algorithm kRingAllreduce = {
     "ring", Coll::Allreduce,
     "ring reduce-scatter + ring allgather, chunked and pipelined; bandwidth-optimal",
-    anything, ring_allreduce_cost,
+    no_constraint, ring_allreduce_cost,
     [](Context& c, const Args& a) { ring_allreduce(c, a.send, a.recv, a.count, a.dtype, a.op); }};
 
 const Algorithm kRingReduceScatter = {
-    "ring", Coll::ReduceScatter, "n-1 ring steps, reducing on receive", anything,
+    "ring", Coll::ReduceScatter, "n-1 ring steps, reducing on receive", no_constraint,
     ring_reduce_scatter_cost,
     [](Context& c, const Args& a) { ring_reduce_scatter(c, a.send, a.recv, a.count, a.dtype, a.op); }};
 
 const Algorithm kRingAllgather = {
-    "ring", Coll::Allgather, "n-1 ring steps, each forwarding the block received last", anything,
+    "ring", Coll::Allgather, "n-1 ring steps, each forwarding the block received last", no_constraint,
     ring_allgather_cost,
     [](Context& c, const Args& a) { ring_allgather(c, a.send, a.recv, a.count, a.dtype); }};
 
 const Algorithm kRingReduce = {
     "ring", Coll::Reduce, "ring reduce-scatter, then every rank sends its block to the root",
-    anything, ring_reduce_cost,
+    no_constraint, ring_reduce_cost,
     [](Context& c, const Args& a) { ring_reduce(c, a.send, a.recv, a.count, a.dtype, a.op, a.root); }};
 
 }  // namespace chorus::algo

@@ -79,8 +79,6 @@ void dissemination_barrier(Context& c) {
   }
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // The root moves n-1 blocks through its own link, one message each.
 double linear_cost(const Layout& l, const Model& m, const Call& call) {
   const int n = l.size;
@@ -102,20 +100,20 @@ double barrier_cost(const Layout& l, const Model& m, const Call&) {
 }  // namespace
 
 const Algorithm kLinearGather = {
-    "linear", Coll::Gather, "every rank sends its block straight to the root", anything, linear_cost,
+    "linear", Coll::Gather, "every rank sends its block straight to the root", no_constraint, linear_cost,
     [](Context& c, const Args& a) { linear_gather(c, a.send, a.recv, a.count, a.dtype, a.root); }};
 
 const Algorithm kLinearScatter = {
-    "linear", Coll::Scatter, "the root sends each rank its block", anything, linear_cost,
+    "linear", Coll::Scatter, "the root sends each rank its block", no_constraint, linear_cost,
     [](Context& c, const Args& a) { linear_scatter(c, a.send, a.recv, a.count, a.dtype, a.root); }};
 
 const Algorithm kPairwiseAlltoall = {
-    "pairwise", Coll::Alltoall, "step s sends to rank+s and receives from rank-s", anything,
+    "pairwise", Coll::Alltoall, "step s sends to rank+s and receives from rank-s", no_constraint,
     alltoall_cost,
     [](Context& c, const Args& a) { pairwise_alltoall(c, a.send, a.recv, a.count, a.dtype); }};
 
 const Algorithm kDisseminationBarrier = {
-    "dissemination", Coll::Barrier, "ceil(log2 n) rounds of empty messages", anything, barrier_cost,
+    "dissemination", Coll::Barrier, "ceil(log2 n) rounds of empty messages", no_constraint, barrier_cost,
     [](Context& c, const Args&) { dissemination_barrier(c); }};
 
 }  // namespace chorus::algo

@@ -98,8 +98,6 @@ void scatter_allgather_broadcast(Context& c, const Args& a) {
   c.t.wait(sends, c.deadline);
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // ceil(log2 n) scatter rounds moving (n-1)/n of B in all, then n-1 ring
 // steps of B/n each (the parts a rank got in the scatter are skipped, so this
 // is an upper bound):
@@ -118,6 +116,6 @@ double scatter_allgather_cost(const Layout& l, const Model& m, const Call& call)
 const Algorithm kScatterAllgatherBroadcast = {
     "scatter_allgather", Coll::Broadcast,
     "binomial scatter of n parts + ring allgather; large messages, many ranks",
-    anything, scatter_allgather_cost, scatter_allgather_broadcast};
+    no_constraint, scatter_allgather_cost, scatter_allgather_broadcast};
 
 }  // namespace chorus::algo

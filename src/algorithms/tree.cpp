@@ -203,8 +203,6 @@ void tree_allreduce(Context& c, const Args& a) {
   c.t.wait(sends, c.deadline);
 }
 
-std::string anything(const Layout&, const Call&) { return {}; }
-
 // The model's chunk size: the default of CHORUS_CHUNK_BYTES (the cost
 // function does not see the communicator's setting).
 constexpr double kModelChunkBytes = 512 << 10;
@@ -244,6 +242,6 @@ double tree_cost(const Layout& l, const Model& m, const Call& call) {
 const Algorithm kTreeAllreduce = {
     "tree", Coll::Allreduce,
     "double binary tree (NCCL): each half reduced up one tree and broadcast down, pipelined",
-    anything, tree_cost, tree_allreduce};
+    no_constraint, tree_cost, tree_allreduce};
 
 }  // namespace chorus::algo
