@@ -543,16 +543,25 @@ int calibrate(Communicator& comm, const std::string& path) {
         }
         return best;
       };
+      // And a middle point (256 KiB), where pipelines are still filling.
+      const bench::CollCounts mid = counts_for((std::size_t{256} << 10) / 4);
+      const bool use_mid = mid.param_count < large.param_count && std::isfinite(est(mid.param_count));
       const double e1 = est(small.param_count), e2 = est(large.param_count);
+      const double em = use_mid ? est(mid.param_count) : e1;
       // Tiny calls take a few microseconds and jitter by as much: many of
       // them, best of seven batches.
       const double t1 = time_of(small, 300, 7);
+      const double tm = use_mid ? time_of(mid, 30, 5) : t1;
       const double t2 = time_of(large, large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50, 3);
+      auto scale = [](double dt, double de) { return de > 0 ? std::clamp(dt / de, 0.05, 50.0) : 1.0; };
       const double lat = e1 > 0 ? std::clamp(t1 / e1, 0.05, 50.0) : 1.0;
-      const double bw = e2 > e1 ? std::clamp((t2 - t1) / (e2 - e1), 0.05, 50.0) : 1.0;
-      fits << "fit." << coll->name << "." << name << " = " << lat << " " << bw << "   # "
-           << t1 << " us at " << small.param_count << ", " << t2 << " us at " << large.param_count
-           << " (model " << e1 << ", " << e2 << ")\n";
+      fits << "fit." << coll->name << "." << name << " = " << lat << " " << scale(t2 - tm, e2 - em);
+      if (use_mid) fits << " " << mid.param_count * 4 << " " << scale(tm - t1, em - e1);
+      fits << "   # " << t1 << " us at " << small.param_count;
+      if (use_mid) fits << ", " << tm << " us at " << mid.param_count;
+      fits << ", " << t2 << " us at " << large.param_count << " (model " << e1;
+      if (use_mid) fits << ", " << em;
+      fits << ", " << e2 << ")\n";
     }
   }
   if (rank == 0) {

@@ -96,7 +96,11 @@ std::string model_to_text(const Model& m) {
      << "net.alpha_us = " << m.net.alpha_us << "\n"
      << "net.gbps = " << m.net.gbps << "\n"
      << "reduce_gbps = " << m.reduce_gbps << "\n";
-  for (const auto& [name, f] : m.fits) os << "fit." << name << " = " << f.lat << " " << f.bw << "\n";
+  for (const auto& [name, f] : m.fits) {
+    os << "fit." << name << " = " << f.lat << " " << f.bw;
+    if (f.mid_bytes > 0) os << " " << f.mid_bytes << " " << f.mid_bw;
+    os << "\n";
+  }
   return os.str();
 }
 
@@ -127,10 +131,23 @@ Model model_from_text(const std::string& text, Model m, const std::string& what)
       std::istringstream nums(val);
       Model::Fit f;
       std::string rest;
-      if (!(nums >> f.lat >> f.bw) || (nums >> rest) || !std::isfinite(f.lat) || !std::isfinite(f.bw) ||
-          f.lat <= 0 || f.bw <= 0)
+      std::vector<double> v;
+      bool numeric = true;
+      while (nums >> rest) {
+        char* end = nullptr;
+        v.push_back(std::strtod(rest.c_str(), &end));
+        numeric = numeric && *end == '\0' && std::isfinite(v.back()) && v.back() > 0;
+      }
+      if (numeric && (v.size() == 2 || v.size() == 4)) {
+        f.lat = v[0];
+        f.bw = v[1];
+        if (v.size() == 4) f.mid_bytes = v[2], f.mid_bw = v[3];
+      }
+      if (!numeric || (v.size() != 2 && v.size() != 4))
         throw Error(ErrorCode::InvalidArgument,
-                    where + ": '" + key + "' needs two positive numbers (latency and bandwidth scales), got '" + val + "'");
+                    where + ": '" + key +
+                        "' needs positive numbers: latency scale, bandwidth scale[, middle size "
+                        "in bytes, bandwidth scale up to it], got '" + val + "'");
       m.fits[name] = f;
       continue;
     }
@@ -157,10 +174,15 @@ double estimate(const Algorithm& a, const Layout& layout, const Model& model, co
   const double c = a.cost(layout, model, call);
   const auto fit = model.fits.find(std::string(coll_key(a.coll)) + "." + a.name);
   if (fit == model.fits.end() || call.count == 0) return c;
+  const Model::Fit& f = fit->second;
   Call one = call;
   one.count = 1;
   const double c1 = a.cost(layout, model, one);
-  return fit->second.lat * c1 + fit->second.bw * std::max(0.0, c - c1);
+  if (f.mid_bytes <= 0) return f.lat * c1 + f.bw * std::max(0.0, c - c1);
+  Call mid = call;
+  mid.count = std::max<std::size_t>(1, static_cast<std::size_t>(f.mid_bytes) / size_of(call.dtype));
+  const double cm = std::max(c1, a.cost(layout, model, mid));
+  return f.lat * c1 + f.mid_bw * std::max(0.0, std::min(c, cm) - c1) + f.bw * std::max(0.0, c - cm);
 }
 
 Selector::Selector(Layout layout, Model model, std::map<Coll, std::string> forced)

@@ -104,6 +104,39 @@ TEST(TuningFile, RoundTripsAndRejectsNonsense) {
   }
 }
 
+TEST(TuningFile, FitsScaleTheEstimatePiecewise) {
+  const Model m = model_from_text(
+      "local.alpha_us = 2\nlocal.gbps = 10\nreduce_gbps = 5\n"
+      "fit.allreduce.ring = 0.5 2\nfit.allreduce.tree = 1.5 0.25 4096 3\n",
+      Model{}, "t");
+  ASSERT_EQ(m.fits.size(), 2u);
+  const Layout l = one_host(4);
+  const Model raw = model_from_text("", [&] { Model r = m; r.fits.clear(); return r; }(), "raw");
+  auto cost = [&](const Algorithm& a, std::size_t bytes) { return a.cost(l, raw, allreduce(bytes)); };
+  // ring: 0.5 x cost(1 element) + 2 x (cost(B) - cost(1 element)).
+  const double r1 = cost(kRingAllreduce, 4), rb = cost(kRingAllreduce, 1 << 20);
+  EXPECT_NEAR(estimate(kRingAllreduce, l, m, allreduce(1 << 20)), 0.5 * r1 + 2 * (rb - r1), 1e-9 * rb);
+  // tree: 3 x the bandwidth part up to 4 KiB, 0.25 x beyond it.
+  const double t1 = cost(kTreeAllreduce, 4), tm = cost(kTreeAllreduce, 4096), tb = cost(kTreeAllreduce, 1 << 20);
+  EXPECT_NEAR(estimate(kTreeAllreduce, l, m, allreduce(1 << 20)),
+              1.5 * t1 + 3 * (tm - t1) + 0.25 * (tb - tm), 1e-9 * tb);
+  EXPECT_NEAR(estimate(kTreeAllreduce, l, m, allreduce(1024)),
+              1.5 * t1 + 3 * (cost(kTreeAllreduce, 1024) - t1), 1e-9 * tm);
+  // Without a fit the estimate is the formula's.
+  EXPECT_DOUBLE_EQ(estimate(kRabenseifnerAllreduce, l, m, allreduce(1 << 20)),
+                   cost(kRabenseifnerAllreduce, 1 << 20));
+  for (const char* bad : {"fit.allreduce.ring = 0.5", "fit.allreduce.ring = 0.5 2 3",
+                          "fit.allreduce.ring = 0.5 -2", "fit.allreduce.quantum = 1 1",
+                          "fit.allreduce.ring = 1 x", "fit.gossip.ring = 1 1"}) {
+    EXPECT_THROW(model_from_text(bad, Model{}, "f"), Error) << bad;
+  }
+  // Round trip keeps the fits.
+  const Model back = model_from_text(model_to_text(m), Model{}, "t");
+  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.tree").mid_bytes, 4096);
+  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.tree").mid_bw, 3);
+  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.ring").bw, 2);
+}
+
 TEST(Costs, RingAllreduceMatchesTheFormula) {
   const Model m = model(2, 10, 30, 1, 5);
   for (int n : {2, 3, 8}) {
