@@ -534,6 +534,7 @@ TEST_P(MalformedFrame, FailsTheVictimWithTransportErrorNamingTheRank) {
                      throw std::runtime_error("fake rank: cannot listen");
                    store->set_string(prefix + "/tcp/1", "127.0.0.1:" + std::to_string(ntohs(sa.sin_port)));
                    store->set_string(prefix + "/ready/1", "tcp");
+                   store->set_string(prefix + "/algo/forced/1", "");  // no CHORUS_ALGO
                    store->wait({prefix + "/tcp/0"}, kLongTimeout);
                    const int fd = connect_raw(store->get_string(prefix + "/tcp/0"));
                    if (fd < 0) throw std::runtime_error("fake rank: cannot connect to rank 0");
