@@ -108,6 +108,10 @@ class Bench {
   // --algo all: one column group (time, busbw) per algorithm, out-of-place,
   // and the selector's pick for each size.
   void run_algo_table(const bench::Collective& coll, DataType dtype, ReduceOp op);
+  // One JSON record of a measured row.
+  nlohmann::json record(const bench::Collective& coll, DataType dtype, ReduceOp op, int root,
+                        std::size_t size_bytes, const bench::CollCounts& cc, bool in_place,
+                        const std::string& algorithm, const Result& res) const;
   Result measure(const bench::Collective& coll, DataType dtype, ReduceOp op,
                  const bench::CollCounts& cc, std::size_t size_bytes, bool in_place);
   // printf to the table's stream, on rank 0 only.
@@ -270,28 +274,36 @@ void Bench::run_table(const bench::Collective& coll, DataType dtype, ReduceOp op
       busbw_sum_ += res.busbw;
       ++busbw_count_;
       total_wrong_ += res.wrong;
-      nlohmann::json rec;
-      rec["coll"] = coll.name;
-      rec["datatype"] = type_name;
-      rec["op"] = op_name;
-      rec["root"] = root;
-      rec["size"] = size_bytes;
-      rec["count"] = cc.param_count;
-      rec["inplace"] = in_place;
-      rec["time_us"] = res.time_us;
-      rec["algbw"] = res.algbw;
-      rec["busbw"] = res.busbw;
-      rec["algorithm"] = opt_.algorithm.empty() ? comm_.algorithm_for(coll.name, cc.param_count, dtype, op, root < 0 ? 0 : root) : opt_.algorithm;
-      if (res.checked) {
-        rec["wrong"] = res.wrong;
-      } else {
-        rec["wrong"] = nullptr;
-      }
-      records_.push_back(std::move(rec));
+      records_.push_back(record(coll, dtype, op, root, size_bytes, cc, in_place,
+                                opt_.algorithm.empty()
+                                    ? comm_.algorithm_for(coll.name, cc.param_count, dtype, op,
+                                                          root < 0 ? 0 : root)
+                                    : opt_.algorithm,
+                                res));
     }
     print("%s\n", line.c_str());
     if (rank_ == 0) std::fflush(out_);
   }
+}
+
+nlohmann::json Bench::record(const bench::Collective& coll, DataType dtype, ReduceOp op, int root,
+                             std::size_t size_bytes, const bench::CollCounts& cc, bool in_place,
+                             const std::string& algorithm, const Result& res) const {
+  nlohmann::json rec;
+  rec["coll"] = coll.name;
+  rec["datatype"] = std::string(chorus::to_string(dtype));
+  rec["op"] = coll.reduces ? std::string(chorus::to_string(op)) : "none";
+  rec["root"] = root;
+  rec["size"] = size_bytes;
+  rec["count"] = cc.param_count;
+  rec["inplace"] = in_place;
+  rec["time_us"] = res.time_us;
+  rec["algbw"] = res.algbw;
+  rec["busbw"] = res.busbw;
+  rec["algorithm"] = algorithm;
+  if (res.checked) rec["wrong"] = res.wrong;
+  else rec["wrong"] = nullptr;
+  return rec;
 }
 
 void Bench::run_algo_table(const bench::Collective& coll, DataType dtype, ReduceOp op) {
@@ -334,20 +346,8 @@ void Bench::run_algo_table(const bench::Collective& coll, DataType dtype, Reduce
         total_wrong_ += res.wrong;
         if (best == 0 || res.time_us < best) best = res.time_us;
         if (a == pick) pick_us = res.time_us;
-        nlohmann::json rec;
-        rec["coll"] = coll.name;
-        rec["datatype"] = type_name;
-        rec["op"] = op_name;
-        rec["root"] = root;
-        rec["size"] = size_bytes;
-        rec["count"] = cc.param_count;
-        rec["inplace"] = false;
-        rec["algorithm"] = a;
+        nlohmann::json rec = record(coll, dtype, op, root, size_bytes, cc, false, a, res);
         rec["picked"] = a == pick;
-        rec["time_us"] = res.time_us;
-        rec["algbw"] = res.algbw;
-        rec["busbw"] = res.busbw;
-        if (res.checked) rec["wrong"] = res.wrong;
         records_.push_back(std::move(rec));
       }
       line += cell;

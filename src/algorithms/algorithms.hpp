@@ -226,6 +226,11 @@ char* ensure_scratch(Context& c, std::size_t bytes);
 // Returns true when the call is complete (n == 1 or nothing to move).
 bool trivial_allreduce(Context& c, const Args& a);
 
+// The root's copy of send into recv (out-of-place) that every broadcast
+// starts with. Returns true when the call is then complete (n == 1 or
+// nothing to move).
+bool trivial_broadcast(Context& c, const Args& a);
+
 // Cost helpers: ceil(log2(n)), and the number of rounds of a power-of-two
 // algorithm on n ranks with the fold-in for the remainder (2 extra steps when
 // n is not a power of two).

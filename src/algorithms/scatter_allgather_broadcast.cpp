@@ -32,12 +32,10 @@ using transport::Request;
 void scatter_allgather_broadcast(Context& c, const Args& a) {
   const std::size_t esize = size_of(a.dtype);
   const std::size_t count = a.count;
-  const std::size_t bytes = count * esize;
   const int n = c.size, root = a.root;
   char* out = static_cast<char*>(a.recv);
   const bool is_root = c.rank == root;
-  if (is_root && a.send != a.recv && bytes > 0) std::memcpy(out, a.send, bytes);
-  if (n == 1 || bytes == 0) return;
+  if (trivial_broadcast(c, a)) return;
 
   const int v = (c.rank - root + n) % n;
   auto real = [&](int rel) { return (rel + root) % n; };
