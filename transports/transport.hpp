@@ -287,6 +287,11 @@ struct TransportContext {
   // shm: move large copy-received messages with process_vm_readv (one copy,
   // by the kernel) instead of pipelined copies through a shared ring.
   bool shm_cma = false;
+  // libfabric: the provider to use (CHORUS_FI_PROVIDER; empty: the best
+  // offered), and whether to register memory even when the provider does not
+  // ask for it ("always", CHORUS_FI_MR) rather than only when it does ("auto").
+  std::string fi_provider;
+  std::string fi_mr = "auto";
 };
 
 using TransportFactory = std::function<std::unique_ptr<Transport>(const TransportContext&)>;

@@ -606,6 +606,8 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
                 "CHORUS_SOCKET_IFNAME (e.g. eth0)");
   tc.host_ranks = host_ranks;
   tc.shm_cma = settings.shm_large == "cma";
+  tc.fi_provider = settings.fi_provider;
+  tc.fi_mr = settings.fi_mr;
   impl->transport = transport::create_transports(settings.transport, tc);
 
   // Creation is complete on every rank only when the whole group exists.

@@ -92,6 +92,13 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
     s.algo = v;
   }
   if (const char* v = lookup(getenv, "CHORUS_TUNING_FILE")) s.tuning_file = v;
+  if (const char* v = lookup(getenv, "CHORUS_FI_PROVIDER")) s.fi_provider = v;
+  if (const char* v = lookup(getenv, "CHORUS_FI_MR")) {
+    s.fi_mr = v;
+    if (s.fi_mr != "auto" && s.fi_mr != "always")
+      throw Error(ErrorCode::InvalidArgument,
+                  std::string("CHORUS_FI_MR='") + v + "' must be 'auto' or 'always'");
+  }
   return s;
 }
 

@@ -25,6 +25,8 @@ struct Settings {
   std::string cpu_bind = "auto";                                 // CHORUS_CPU_BIND: auto|none|<cpu list>
   std::string algo;          // CHORUS_ALGO: "allreduce:ring,broadcast:binomial" (validated)
   std::string tuning_file;   // CHORUS_TUNING_FILE: alpha-beta model from chorus-bench --calibrate
+  std::string fi_provider;   // CHORUS_FI_PROVIDER: libfabric provider (empty: the best offered)
+  std::string fi_mr = "auto";  // CHORUS_FI_MR: auto|always (register memory only when the provider asks)
 };
 
 using EnvLookup = std::function<const char*(const char*)>;

@@ -1,0 +1,324 @@
+// libfabric transport: an RDM endpoint with tagged messages (FI_EP_RDM,
+// FI_TAGGED) under the tagged-fabric transport (../tagged.hpp).
+//
+// Provider: CHORUS_FI_PROVIDER, or the best that fi_getinfo offers for the
+// job: "shm" when every rank is on this host, else the first other RDM
+// provider (here tcp;ofi_rxm), on the interface whose address the
+// communicator chose (CHORUS_SOCKET_IFNAME or the route to the store).
+// Addresses go through the store (fi_getname -> store -> fi_av_insert);
+// completions are read from one completion queue by the progress loop;
+// memory is registered only when the provider's mr_mode asks for it
+// (FI_MR_LOCAL), or when CHORUS_FI_MR=always, through a cache of
+// registrations keyed by address range.
+
+#include "tagged.hpp"
+
+#include "core/log.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <rdma/fabric.h>
+#include <rdma/fi_cm.h>
+#include <rdma/fi_domain.h>
+#include <rdma/fi_endpoint.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_tagged.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+
+namespace chorus::transport::libfabric {
+namespace {
+
+constexpr std::size_t kMaxRegistrations = 256;
+
+[[noreturn]] void fail_call(const char* what, int rc) {
+  throw Error(ErrorCode::Transport, std::string("libfabric: ") + what + " failed: " + fi_strerror(-rc) +
+                                        " (" + std::to_string(rc) + ")");
+}
+
+std::string ipv4_of(const void* addr, std::size_t len) {
+  if (addr == nullptr || len < sizeof(sockaddr_in)) return "";
+  const auto* sa = static_cast<const sockaddr_in*>(addr);
+  if (sa->sin_family != AF_INET) return "";
+  char buf[INET_ADDRSTRLEN] = {};
+  inet_ntop(AF_INET, &sa->sin_addr, buf, sizeof buf);
+  return buf;
+}
+
+// fi_getinfo's list, filtered for the job: see the file comment.
+fi_info* choose(fi_info* list, const TransportContext& ctx, std::string* why) {
+  const bool one_host = static_cast<int>(ctx.host_ranks.size()) == ctx.size;
+  const std::string want = ctx.fi_provider;
+  fi_info* first_fit = nullptr;
+  for (fi_info* i = list; i != nullptr; i = i->next) {
+    const std::string prov = i->fabric_attr->prov_name ? i->fabric_attr->prov_name : "";
+    if (!want.empty() && prov != want) continue;
+    if (want.empty() && one_host && prov == "shm") {
+      *why = "every rank is on this host";
+      return i;
+    }
+    if (want.empty() && prov == "shm") continue;  // cannot reach other hosts
+    if (!want.empty() && prov == "shm") return i;
+    // A network provider: the entry on the communicator's interface.
+    if (ipv4_of(i->src_addr, i->src_addrlen) == ctx.listen_host) {
+      *why = want.empty() ? "first network provider on " + ctx.listen_host : "CHORUS_FI_PROVIDER";
+      return i;
+    }
+    if (first_fit == nullptr) first_fit = i;
+  }
+  if (first_fit) *why = want.empty() ? "first provider offered" : "CHORUS_FI_PROVIDER";
+  return first_fit;
+}
+
+class LibfabricFabric final : public TagFabric {
+ public:
+  explicit LibfabricFabric(const TransportContext& ctx) {
+    fi_info* hints = fi_allocinfo();
+    if (hints == nullptr) throw Error(ErrorCode::Transport, "libfabric: fi_allocinfo failed");
+    hints->caps = FI_TAGGED;
+    hints->mode = FI_CONTEXT | FI_CONTEXT2;
+    hints->ep_attr->type = FI_EP_RDM;
+    hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
+    hints->domain_attr->threading = FI_THREAD_DOMAIN;
+    if (!ctx.fi_provider.empty()) hints->fabric_attr->prov_name = strdup(ctx.fi_provider.c_str());
+    fi_info* list = nullptr;
+    const int rc = fi_getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0, hints, &list);
+    fi_freeinfo(hints);
+    if (rc != 0 || list == nullptr)
+      throw Error(ErrorCode::Transport,
+                  std::string("libfabric: no provider offers reliable tagged messages (FI_EP_RDM, FI_TAGGED)") +
+                      (ctx.fi_provider.empty() ? "" : " by the name CHORUS_FI_PROVIDER='" + ctx.fi_provider + "'") +
+                      ": " + fi_strerror(-rc) + "; `fi_info -t FI_EP_RDM` lists what this host has");
+    std::string why;
+    fi_info* pick = choose(list, ctx, &why);
+    if (pick == nullptr) {
+      fi_freeinfo(list);
+      throw Error(ErrorCode::Transport, "libfabric: no usable provider for this job (CHORUS_FI_PROVIDER='" +
+                                            ctx.fi_provider + "'); `fi_info -t FI_EP_RDM` lists what this host has");
+    }
+    info_ = fi_dupinfo(pick);
+    fi_freeinfo(list);
+    provider_ = info_->fabric_attr->prov_name ? info_->fabric_attr->prov_name : "?";
+    const auto mr_mode = info_->domain_attr->mr_mode;
+    register_ = (mr_mode & FI_MR_LOCAL) != 0 || ctx.fi_mr == "always";
+    mr_endpoint_ = (mr_mode & FI_MR_ENDPOINT) != 0;
+    prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
+    how_ = "libfabric " + std::to_string(FI_MAJOR(fi_version())) + "." + std::to_string(FI_MINOR(fi_version())) +
+           ", provider " + provider_ + ", domain " +
+           (info_->domain_attr->name ? info_->domain_attr->name : "?") + " (" + why + ")" +
+           (register_ ? ", registering memory" : "");
+
+    int r = fi_fabric(info_->fabric_attr, &fabric_, nullptr);
+    if (r) fail_call("fi_fabric", r);
+    r = fi_domain(fabric_, info_, &domain_, nullptr);
+    if (r) fail_call("fi_domain", r);
+    fi_cq_attr cq{};
+    cq.format = FI_CQ_FORMAT_TAGGED;
+    cq.wait_obj = FI_WAIT_NONE;
+    r = fi_cq_open(domain_, &cq, &cq_, nullptr);
+    if (r) fail_call("fi_cq_open", r);
+    fi_av_attr av{};
+    av.type = info_->domain_attr->av_type == FI_AV_UNSPEC ? FI_AV_TABLE : info_->domain_attr->av_type;
+    r = fi_av_open(domain_, &av, &av_, nullptr);
+    if (r) fail_call("fi_av_open", r);
+    r = fi_endpoint(domain_, info_, &ep_, nullptr);
+    if (r) fail_call("fi_endpoint", r);
+    r = fi_ep_bind(ep_, &av_->fid, 0);
+    if (r) fail_call("fi_ep_bind(av)", r);
+    r = fi_ep_bind(ep_, &cq_->fid, FI_TRANSMIT | FI_RECV);
+    if (r) fail_call("fi_ep_bind(cq)", r);
+    r = fi_enable(ep_);
+    if (r) fail_call("fi_enable", r);
+    std::size_t len = 0;
+    r = fi_getname(&ep_->fid, nullptr, &len);
+    if (r != -FI_ETOOSMALL && r != 0) fail_call("fi_getname", r);
+    address_.resize(len);
+    r = fi_getname(&ep_->fid, address_.data(), &len);
+    if (r) fail_call("fi_getname", r);
+    address_.resize(len);
+    peers_.assign(static_cast<std::size_t>(ctx.size), FI_ADDR_NOTAVAIL);
+  }
+
+  ~LibfabricFabric() override { close(false); }
+
+  std::string describe() const override { return how_; }
+
+  std::vector<std::uint8_t> address() const override {
+    // The provider's name first: ranks that chose different providers would
+    // otherwise insert addresses their provider cannot parse.
+    std::vector<std::uint8_t> out(provider_.begin(), provider_.end());
+    out.push_back(0);
+    out.insert(out.end(), address_.begin(), address_.end());
+    return out;
+  }
+
+  void add_peer(int peer, const std::vector<std::uint8_t>& a) override {
+    const auto nul = std::find(a.begin(), a.end(), std::uint8_t{0});
+    const std::string theirs(a.begin(), nul);
+    if (nul == a.end() || theirs != provider_)
+      throw Error(ErrorCode::InvalidUsage,
+                  "libfabric: rank " + std::to_string(peer) + " uses provider '" + theirs + "' but this rank uses '" +
+                      provider_ + "'; set the same CHORUS_FI_PROVIDER on every rank",
+                  peer);
+    std::vector<std::uint8_t> raw(nul + 1, a.end());
+    fi_addr_t fa = FI_ADDR_NOTAVAIL;
+    const int n = fi_av_insert(av_, raw.data(), 1, &fa, 0, nullptr);
+    if (n != 1)
+      throw Error(ErrorCode::Transport, "libfabric: fi_av_insert of rank " + std::to_string(peer) +
+                                            "'s address failed (" + std::to_string(n) + ")",
+                  peer);
+    peers_[static_cast<std::size_t>(peer)] = fa;
+  }
+
+  bool send(int peer, std::uint64_t tag, const void* buf, std::size_t len, FabricOp& op) override {
+    void* desc = describe_memory(buf, len);
+    const ssize_t r = fi_tsend(ep_, buf, len, desc, peers_[static_cast<std::size_t>(peer)], tag, &op);
+    return posted(r, op, "fi_tsend");
+  }
+
+  bool recv(std::uint64_t tag, void* buf, std::size_t len, FabricOp& op) override {
+    void* desc = describe_memory(buf, len);
+    const ssize_t r = fi_trecv(ep_, buf, len, desc, FI_ADDR_UNSPEC, tag, 0, &op);
+    return posted(r, op, "fi_trecv");
+  }
+
+  unsigned progress() override {
+    unsigned events = 0;
+    fi_cq_tagged_entry e[16];
+    for (;;) {
+      const ssize_t n = fi_cq_read(cq_, e, 16);
+      if (n == -FI_EAGAIN) break;
+      if (n == -FI_EAVAIL) {
+        fi_cq_err_entry err{};
+        if (fi_cq_readerr(cq_, &err, 0) != 1) break;
+        auto* op = static_cast<FabricOp*>(err.op_context);
+        if (op) {
+          finish(*op);
+          op->received = err.len;
+          op->truncated = err.err == FI_ETRUNC;
+          const char* prov = fi_cq_strerror(cq_, err.prov_errno, err.err_data, nullptr, 0);
+          op->error = std::string(fi_strerror(err.err)) + (prov && *prov ? std::string(" (") + prov + ")" : "");
+        }
+        ++events;
+        continue;
+      }
+      if (n < 0) fail_call("fi_cq_read", static_cast<int>(n));
+      for (ssize_t i = 0; i < n; ++i) {
+        auto* op = static_cast<FabricOp*>(e[i].op_context);
+        finish(*op);
+        if (e[i].flags & FI_RECV) op->received = e[i].len;
+      }
+      events += static_cast<unsigned>(n);
+      if (n < 16) break;
+    }
+    return events;
+  }
+
+  void cancel(FabricOp& op) override {
+    if (ep_) fi_cancel(&ep_->fid, &op);
+  }
+
+  void close(bool /*flush*/) override {
+    // Sends complete once the provider no longer needs their buffers and will
+    // deliver them (FI_TRANSMIT_COMPLETE), so there is nothing to flush.
+    if (register_ && info_)
+      CHORUS_INFO("libfabric: " << registrations_ << " memory registrations made (cache of up to "
+                                << kMaxRegistrations << ")");
+    for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
+    mrs_.clear();
+    if (ep_) fi_close(&ep_->fid);
+    if (av_) fi_close(&av_->fid);
+    if (cq_) fi_close(&cq_->fid);
+    if (domain_) fi_close(&domain_->fid);
+    if (fabric_) fi_close(&fabric_->fid);
+    if (info_) fi_freeinfo(info_);
+    ep_ = nullptr;
+    av_ = nullptr;
+    cq_ = nullptr;
+    domain_ = nullptr;
+    fabric_ = nullptr;
+    info_ = nullptr;
+  }
+
+ private:
+  bool posted(ssize_t r, FabricOp& op, const char* what) {
+    if (r == -FI_EAGAIN) return false;
+    if (r != 0) fail_call(what, static_cast<int>(r));
+    op.posted = true;
+    ++inflight_;
+    return true;
+  }
+
+  void finish(FabricOp& op) {
+    op.posted = false;
+    op.done = true;
+    if (inflight_ > 0) --inflight_;
+  }
+
+  struct Registration {
+    std::uintptr_t end = 0;
+    fid_mr* mr = nullptr;
+  };
+
+  // The registration covering [buf, buf+len), made (whole pages) on a miss.
+  // Entries are keyed by address: memory freed and reallocated at the same
+  // address keeps its old entry, which the software providers here ignore
+  // but an RDMA NIC would not (docs/transports.md).
+  void* describe_memory(const void* buf, std::size_t len) {
+    if (!register_ || len == 0) return nullptr;
+    const auto p = reinterpret_cast<std::uintptr_t>(buf);
+    auto it = mrs_.upper_bound(p);
+    if (it != mrs_.begin()) {
+      --it;
+      if (it->first <= p && p + len <= it->second.end) return fi_mr_desc(it->second.mr);
+    }
+    // Full: start over, but only when nothing in flight can use an entry.
+    if (mrs_.size() >= kMaxRegistrations && inflight_ == 0) {
+      for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
+      mrs_.clear();
+    }
+    static const std::uintptr_t page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+    const std::uintptr_t lo = p / page * page;
+    const std::uintptr_t hi = (p + len + page - 1) / page * page;
+    fid_mr* mr = nullptr;
+    const int r = fi_mr_reg(domain_, reinterpret_cast<void*>(lo), hi - lo, FI_SEND | FI_RECV, 0,
+                            prov_key_ ? 0 : next_key_++, 0, &mr, nullptr);
+    if (r) fail_call("fi_mr_reg", r);
+    if (mr_endpoint_) {
+      int b = fi_mr_bind(mr, &ep_->fid, 0);
+      if (b == 0) b = fi_mr_enable(mr);
+      if (b) {
+        fi_close(&mr->fid);
+        fail_call("fi_mr_bind/enable", b);
+      }
+    }
+    ++registrations_;
+    mrs_[lo] = Registration{hi, mr};
+    return fi_mr_desc(mr);
+  }
+
+  fi_info* info_ = nullptr;
+  fid_fabric* fabric_ = nullptr;
+  fid_domain* domain_ = nullptr;
+  fid_cq* cq_ = nullptr;
+  fid_av* av_ = nullptr;
+  fid_ep* ep_ = nullptr;
+  std::string provider_, how_;
+  std::vector<std::uint8_t> address_;
+  std::vector<fi_addr_t> peers_;
+  bool register_ = false, mr_endpoint_ = false, prov_key_ = false;
+  std::map<std::uintptr_t, Registration> mrs_;
+  std::uint64_t next_key_ = 1;
+  std::size_t inflight_ = 0;
+  std::size_t registrations_ = 0;
+};
+
+[[maybe_unused]] const bool kRegistered = register_transport("libfabric", [](const TransportContext& ctx) {
+  return make_tagged_transport("libfabric", ctx, std::make_unique<LibfabricFabric>(ctx));
+});
+
+}  // namespace
+}  // namespace chorus::transport::libfabric

@@ -1,0 +1,535 @@
+// The transport over a tag-matching fabric library: see tagged.hpp.
+//
+// Tags: bits 63..48 the sender's rank, 47..20 the message number of the
+// pair (mod 2^28: only messages in flight at once need distinct numbers),
+// 19..0 the part: 0 for the header, 1..n for the payload's chunks. A
+// receive asks for one exact tag, so nothing depends on the library's
+// ordering guarantees.
+
+#include "tagged.hpp"
+
+#include "core/log.hpp"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cstring>
+#include <list>
+#include <thread>
+
+namespace chorus::transport {
+namespace {
+
+constexpr std::uint32_t kMagic = 0x46524843;  // "CHRF"
+constexpr std::uint8_t kVersion = 1;
+// Payloads up to this size travel packed behind the header.
+constexpr std::size_t kEagerBytes = 8 << 10;
+// Larger payloads travel in chunks of this size (a wire constant: both sides
+// must cut the same way). Every element size divides it.
+constexpr std::size_t kChunkBytes = 1 << 20;
+constexpr std::uint32_t kMaxParts = (1u << 20) - 1;
+// Chunks in flight per send or copy-receive, and staging buffers per reduce-receive.
+constexpr std::size_t kCopyWindow = 8;
+constexpr std::size_t kReduceWindow = 4;
+constexpr int kMaxRanks = 1 << 16;
+
+struct WireHeader {
+  std::uint32_t magic;
+  std::uint8_t version;
+  std::uint8_t coll;
+  std::uint8_t dtype;
+  std::uint8_t op;
+  std::int32_t root;
+  std::uint32_t pad;
+  std::uint64_t seq;
+  std::uint64_t count;
+  std::uint64_t comm_id;
+  std::uint64_t payload;
+};
+static_assert(sizeof(WireHeader) == 48, "wire header must be 48 bytes");
+
+std::uint64_t make_tag(int src, std::uint32_t msg, std::uint32_t part) {
+  return (static_cast<std::uint64_t>(src) << 48) | (static_cast<std::uint64_t>(msg & 0x0fffffffu) << 20) |
+         part;
+}
+
+std::uint32_t parts_of(std::size_t bytes) {
+  return bytes <= kEagerBytes ? 0 : static_cast<std::uint32_t>((bytes + kChunkBytes - 1) / kChunkBytes);
+}
+
+// One chunk in flight.
+struct Slot {
+  FabricOp op;
+  std::uint32_t part = 0;    // 0: free
+  char* staging = nullptr;   // reduce receives: where the chunk lands
+};
+
+struct SendTask {
+  Request req;
+  int peer = -1;
+  std::uint32_t msg = 0;
+  const char* buf = nullptr;
+  std::size_t bytes = 0;
+  std::vector<char> head;  // header (+ packed payload)
+  FabricOp head_op;
+  std::uint32_t parts = 0, next_part = 1, parts_done = 0;
+  std::vector<Slot> slots;
+};
+
+struct RecvTask {
+  Request req;
+  CallDesc call;
+  int peer = -1;
+  std::uint32_t msg = 0;
+  char* dst = nullptr;
+  std::size_t bytes = 0;
+  Combine combine;
+  std::vector<char> head;  // sized for any header + packed payload
+  FabricOp head_op;
+  bool head_checked = false;
+  std::string chunk_error;  // a chunk failed before the header was checked
+  std::uint32_t parts = 0, next_part = 1, parts_done = 0;
+  std::vector<Slot> slots;
+};
+
+class TaggedTransport final : public Transport {
+ public:
+  TaggedTransport(const std::string& name, const TransportContext& ctx, std::unique_ptr<TagFabric> fabric)
+      : name_(name), ctx_(ctx), fabric_(std::move(fabric)), fs_(name_.c_str()),
+        send_msg_(static_cast<std::size_t>(ctx.size), 0), recv_msg_(static_cast<std::size_t>(ctx.size), 0),
+        touched_(static_cast<std::size_t>(ctx.size), false), known_(static_cast<std::size_t>(ctx.size), false),
+        addresses_(static_cast<std::size_t>(ctx.size)) {
+    if (ctx.size > kMaxRanks)
+      throw Error(ErrorCode::InvalidArgument, name_ + " transport: at most " + std::to_string(kMaxRanks) +
+                                                  " ranks (the tag holds 16 bits of rank)");
+    // Control traffic and liveness: a TCP transport of its own, under its own store prefix.
+    TransportContext cc = ctx;
+    cc.store = std::make_shared<PrefixStore>("ctl", ctx.store);
+    control_ = create_transport("tcp", cc);
+    ctx_.store->set(key(ctx.rank), fabric_->address());
+    CHORUS_INFO(name_ << " transport: rank " << ctx.rank << " on " << fabric_->describe());
+  }
+
+  ~TaggedTransport() override {
+    // Only ops that never completed are still posted; the library must let
+    // go of them before their memory goes.
+    const bool clean = !fs_.failed() && sends_.empty() && recvs_.empty();
+    if (!clean) {
+      for (auto& t : sends_) cancel_all(t->head_op, t->slots);
+      for (auto& t : recvs_) cancel_all(t->head_op, t->slots);
+    }
+    try {
+      fabric_->close(clean);
+    } catch (...) {
+    }
+    fabric_.reset();
+    control_.reset();  // says goodbye to the peers (unless failed)
+  }
+
+  std::string name() const override { return name_; }
+  Capabilities capabilities(int) const override { return {}; }
+
+  Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    check_usable(peer);
+    check_size(bytes);
+    reach(peer);
+    auto t = std::make_unique<SendTask>();
+    t->req = std::make_shared<RequestState>();
+    t->req->peer = peer;
+    t->req->is_send = true;
+    t->req->bytes = bytes;
+    t->peer = peer;
+    t->msg = send_msg_[static_cast<std::size_t>(peer)]++;
+    t->buf = static_cast<const char*>(buf);
+    t->bytes = bytes;
+    t->parts = parts_of(bytes);
+    WireHeader h{};
+    h.magic = kMagic;
+    h.version = kVersion;
+    h.coll = encode_coll(call);
+    h.dtype = static_cast<std::uint8_t>(call.dtype);
+    h.op = static_cast<std::uint8_t>(call.op);
+    h.root = call.root;
+    h.seq = call.seq;
+    h.count = call.count;
+    h.comm_id = ctx_.comm_id;
+    h.payload = bytes;
+    t->head.resize(sizeof h + (t->parts == 0 ? bytes : 0));
+    std::memcpy(t->head.data(), &h, sizeof h);
+    if (t->parts == 0 && bytes > 0) std::memcpy(t->head.data() + sizeof h, buf, bytes);
+    t->slots.resize(std::min<std::size_t>(t->parts, kCopyWindow));
+    count_sent(peer, bytes);
+    Request r = t->req;
+    sends_.push_back(std::move(t));
+    step(*sends_.back());  // small messages usually leave here
+    if (sends_.back()->req->done) sends_.pop_back();
+    return r;
+  }
+
+  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
+    check_usable(peer);
+    check_size(bytes);
+    reach(peer);
+    auto t = std::make_unique<RecvTask>();
+    t->req = std::make_shared<RequestState>();
+    t->req->peer = peer;
+    t->req->bytes = bytes;
+    t->call = call;
+    t->peer = peer;
+    t->msg = recv_msg_[static_cast<std::size_t>(peer)]++;
+    t->dst = static_cast<char*>(dst);
+    t->bytes = bytes;
+    t->combine = combine;
+    t->parts = parts_of(bytes);
+    t->head = take_head_buffer();
+    const bool reduce = combine.kind == Combine::Kind::Reduce;
+    t->slots.resize(std::min<std::size_t>(t->parts, reduce ? kReduceWindow : kCopyWindow));
+    count_received(peer, bytes);
+    Request r = t->req;
+    recvs_.push_back(std::move(t));
+    step(*recvs_.back());
+    return r;
+  }
+
+  void progress() override { progress(true); }
+
+  void wait(std::span<const Request> reqs, Deadline deadline) override {
+    auto spin_until = Clock::now() + ctx_.spin;
+    auto nap = std::chrono::microseconds(2);
+    std::size_t first_pending = 0;
+    for (unsigned iter = 0;; ++iter) {
+      const bool moved = progress((iter & 63) == 63);
+      while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
+      if (first_pending == reqs.size()) return;
+      fs_.throw_if_aborted();
+      const auto now = Clock::now();
+      if (now >= deadline) resolve_timeout(reqs, deadline);
+      // Keep polling while data moves: the libraries move bytes only when
+      // driven (UCX's tcp transport, libfabric's rxm), so sleeping during
+      // a transfer would stall it.
+      if (moved) {
+        spin_until = std::max(spin_until, now + ctx_.spin);
+        nap = std::chrono::microseconds(2);
+      }
+      if (now < spin_until) {
+        if (ctx_.oversubscribed || (iter & 15) == 15) sched_yield();
+        continue;
+      }
+      // Idle: nap, a little longer each time, and look at the control
+      // sockets (a dead peer, a failure notice) after each nap.
+      std::this_thread::sleep_for(nap);
+      nap = std::min(nap * 2, std::chrono::microseconds(500));
+      progress(true);
+    }
+  }
+
+  void block_for(std::chrono::microseconds max) override {
+    std::this_thread::sleep_for(std::min(max, std::chrono::microseconds(100)));
+  }
+
+  void abort(const std::string& why) noexcept override {
+    fs_.request_abort(why);
+    control_->abort(why);
+  }
+
+  void broadcast_failure(const Error& e) noexcept override { control_->broadcast_failure(e); }
+
+  void group_ready() override {
+    control_->group_ready();
+    // Read every address now: the rank hosting the store may be gone by the
+    // time a first message to some peer is sent.
+    for (int r = 0; r < ctx_.size; ++r)
+      if (r != ctx_.rank && ctx_.store->check({key(r)})) addresses_[static_cast<std::size_t>(r)] = ctx_.store->get(key(r));
+  }
+
+  std::vector<Traffic> traffic() const override { return Transport::traffic(); }
+
+ private:
+  std::string key(int r) const { return name_ + "/" + std::to_string(r); }
+
+  void check_usable(int peer) {
+    fs_.throw_if_failed();
+    fs_.throw_if_aborted();
+    if (peer < 0 || peer >= ctx_.size || peer == ctx_.rank)
+      throw Error(ErrorCode::Internal, name_ + " transport: bad peer " + std::to_string(peer));
+  }
+
+  void check_size(std::size_t bytes) {
+    if (bytes > kChunkBytes * kMaxParts)
+      throw Error(ErrorCode::InvalidArgument, name_ + " transport: a message of " + std::to_string(bytes) +
+                                                  " bytes is larger than the 1 TiB a message may carry");
+  }
+
+  // First contact with a peer: its fabric address, and a control connection
+  // (one zero-byte message) so that each side's death closes a socket the
+  // other one reads.
+  void reach(int peer) {
+    const auto p = static_cast<std::size_t>(peer);
+    if (!known_[p]) {
+      if (addresses_[p].empty()) addresses_[p] = ctx_.store->get(key(peer));
+      try {
+        fabric_->add_peer(peer, addresses_[p]);
+      } catch (const Error& e) {
+        fs_.fail(e);
+      }
+      known_[p] = true;
+    }
+    if (!touched_[p]) {
+      touched_[p] = true;
+      guarded([&] { control_->isend(peer, CallDesc{}, nullptr, 0); });
+    }
+  }
+
+  template <class F>
+  void guarded(F&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      fs_.fail(e);
+    }
+  }
+
+  std::vector<char> take_head_buffer() {
+    if (heads_.empty()) return std::vector<char>(sizeof(WireHeader) + kEagerBytes);
+    std::vector<char> b = std::move(heads_.back());
+    heads_.pop_back();
+    return b;
+  }
+
+  char* take_staging() {
+    if (staging_free_.empty()) {
+      staging_.push_back(std::make_unique<char[]>(kChunkBytes));
+      return staging_.back().get();
+    }
+    char* b = staging_free_.back();
+    staging_free_.pop_back();
+    return b;
+  }
+
+  std::size_t chunk_length(std::size_t bytes, std::uint32_t part) const {
+    const std::size_t off = static_cast<std::size_t>(part - 1) * kChunkBytes;
+    return std::min(kChunkBytes, bytes - off);
+  }
+
+  // ---- progress ----------------------------------------------------------
+
+  // Returns whether anything moved. `control` also reads the control sockets.
+  bool progress(bool control) {
+    fs_.throw_if_failed();
+    if (control) guarded([&] { control_->progress(); });
+    unsigned events = 0;
+    guarded([&] { events = fabric_->progress(); });
+    check_peer_errors();
+    bool moved = events > 0;
+    for (auto it = sends_.begin(); it != sends_.end();) {
+      moved |= step(**it);
+      if ((*it)->req->done) it = sends_.erase(it);
+      else ++it;
+    }
+    for (auto it = recvs_.begin(); it != recvs_.end();) {
+      moved |= step(**it);
+      if ((*it)->req->done) {
+        heads_.push_back(std::move((*it)->head));
+        it = recvs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return moved;
+  }
+
+  bool post_send(SendTask& t, FabricOp& op, std::uint32_t part, const void* buf, std::size_t len) {
+    op.reset();
+    bool ok = false;
+    guarded([&] { ok = fabric_->send(t.peer, make_tag(ctx_.rank, t.msg, part), buf, len, op); });
+    return ok;
+  }
+
+  bool post_recv(RecvTask& t, FabricOp& op, std::uint32_t part, void* buf, std::size_t len) {
+    op.reset();
+    bool ok = false;
+    guarded([&] { ok = fabric_->recv(make_tag(t.peer, t.msg, part), buf, len, op); });
+    return ok;
+  }
+
+  [[noreturn]] void op_failed(int peer, bool is_send, const FabricOp& op) {
+    // A dead peer usually shows on the control socket too, with a better
+    // message (its address, "killed"); give that the first word.
+    guarded([&] { control_->progress(); });
+    fs_.fail(Error(ErrorCode::PeerFailure,
+                   name_ + ": " + (is_send ? "send to" : "receive from") + " rank " + std::to_string(peer) +
+                       " failed: " + op.error,
+                   peer));
+  }
+
+  bool step(SendTask& t) {
+    bool moved = false;
+    if (!t.head_op.posted && !t.head_op.done) moved |= post_send(t, t.head_op, 0, t.head.data(), t.head.size());
+    if (t.head_op.done && !t.head_op.error.empty()) op_failed(t.peer, true, t.head_op);
+    for (Slot& s : t.slots) {
+      if (s.part != 0 && s.op.done) {
+        if (!s.op.error.empty()) op_failed(t.peer, true, s.op);
+        ++t.parts_done;
+        s.part = 0;
+        moved = true;
+      }
+      if (s.part == 0 && t.next_part <= t.parts) {
+        const std::uint32_t part = t.next_part;
+        const std::size_t off = static_cast<std::size_t>(part - 1) * kChunkBytes;
+        if (!post_send(t, s.op, part, t.buf + off, chunk_length(t.bytes, part))) break;
+        s.part = part;
+        ++t.next_part;
+        moved = true;
+      }
+    }
+    if (t.head_op.done && t.parts_done == t.parts) t.req->done = true;
+    return moved;
+  }
+
+  bool step(RecvTask& t) {
+    bool moved = false;
+    if (!t.head_op.posted && !t.head_op.done) moved |= post_recv(t, t.head_op, 0, t.head.data(), t.head.size());
+    if (t.head_op.done && !t.head_checked) {
+      check_head(t);
+      moved = true;
+    }
+    const bool reduce = t.combine.kind == Combine::Kind::Reduce;
+    for (Slot& s : t.slots) {
+      if (s.part != 0 && s.op.done) {
+        if (!s.op.error.empty() || s.op.received != chunk_length(t.bytes, s.part)) {
+          if (s.op.truncated || s.op.error.empty()) {
+            // Sizes disagree: the header (sent first) names the other call.
+            t.chunk_error = "chunk " + std::to_string(s.part) + " of a " + std::to_string(t.bytes) +
+                            "-byte message arrived with a different size";
+            s.part = 0;
+            continue;
+          }
+          op_failed(t.peer, false, s.op);
+        }
+        if (reduce) {
+          const std::size_t off = static_cast<std::size_t>(s.part - 1) * kChunkBytes;
+          combine_into(t.combine, t.dst, off, s.staging, s.op.received);
+          staging_free_.push_back(s.staging);
+          s.staging = nullptr;
+        }
+        ++t.parts_done;
+        s.part = 0;
+        moved = true;
+      }
+      if (s.part == 0 && t.next_part <= t.parts && t.chunk_error.empty()) {
+        const std::uint32_t part = t.next_part;
+        const std::size_t len = chunk_length(t.bytes, part);
+        char* where = t.dst + static_cast<std::size_t>(part - 1) * kChunkBytes;
+        if (reduce) {
+          if (s.staging == nullptr) s.staging = take_staging();
+          where = s.staging;
+        }
+        if (!post_recv(t, s.op, part, where, len)) break;
+        s.part = part;
+        ++t.next_part;
+        moved = true;
+      }
+    }
+    if (!t.chunk_error.empty() && t.head_checked)
+      fs_.fail(Error(ErrorCode::Transport, name_ + ": message from rank " + std::to_string(t.peer) + " in " +
+                                               describe(t.call) + ": " + t.chunk_error, t.peer));
+    if (t.head_checked && t.parts_done == t.parts) t.req->done = true;
+    return moved;
+  }
+
+  void check_head(RecvTask& t) {
+    const FabricOp& op = t.head_op;
+    auto malformed = [&](const std::string& why) {
+      fs_.fail(Error(ErrorCode::Transport,
+                     "malformed message from rank " + std::to_string(t.peer) + " (" + name_ + "): " + why +
+                         "; the peer is not a Chorus peer of this build or the data is corrupt",
+                     t.peer));
+    };
+    if (!op.error.empty() && !op.truncated) op_failed(t.peer, false, op);
+    if (op.truncated) malformed("a header larger than any header");
+    if (op.received < sizeof(WireHeader)) malformed("a header of " + std::to_string(op.received) + " bytes");
+    WireHeader h;
+    std::memcpy(&h, t.head.data(), sizeof h);
+    if (h.magic != kMagic) malformed("bad magic");
+    if (h.version != kVersion) malformed("wire version " + std::to_string(h.version));
+    if (h.comm_id != ctx_.comm_id) malformed("message for another communicator");
+    CallDesc theirs;
+    decode_coll(h.coll, theirs);
+    theirs.dtype = static_cast<DataType>(h.dtype);
+    theirs.op = static_cast<ReduceOp>(h.op);
+    theirs.root = h.root;
+    theirs.count = h.count;
+    theirs.seq = h.seq;
+    guarded([&] { check_same_call(t.call, ctx_.rank, theirs, t.peer); });
+    if (h.payload != t.bytes)
+      fs_.fail(Error(ErrorCode::Internal,
+                     "message of " + std::to_string(h.payload) + " bytes from rank " + std::to_string(t.peer) +
+                         " for a receive of " + std::to_string(t.bytes) + " bytes in " + describe(t.call),
+                     t.peer));
+    if (t.parts == 0) {
+      if (op.received != sizeof h + t.bytes) malformed("packed payload of the wrong length");
+      combine_into(t.combine, t.dst, 0, t.head.data() + sizeof h, t.bytes);
+    }
+    t.head_checked = true;
+  }
+
+  void check_peer_errors() {
+    for (auto& [peer, why] : fabric_->take_peer_errors()) {
+      dead_[peer] = why;
+    }
+    if (dead_.empty()) return;
+    // Only an error while something is outstanding with that peer: a peer
+    // that closed its endpoint after a clean finish also looks lost.
+    for (const auto& [peer, why] : dead_) {
+      bool busy = false;
+      for (const auto& t : sends_) busy |= t->peer == peer;
+      for (const auto& t : recvs_) busy |= t->peer == peer;
+      if (!busy) continue;
+      guarded([&] { control_->progress(); });
+      fs_.fail(Error(ErrorCode::PeerFailure,
+                     "rank " + std::to_string(peer) + " is unreachable (" + name_ + ": " + why +
+                         "); the process died or was killed. The communicator is unusable; restart the job.",
+                     peer));
+    }
+  }
+
+  // The deadline passed: the control transport follows the wait chain among
+  // the ranks (see the TCP transport) and throws the resulting Timeout.
+  [[noreturn]] void resolve_timeout(std::span<const Request> reqs, Deadline deadline) {
+    guarded([&] { control_->wait(reqs, deadline); });
+    fs_.fail(Error(ErrorCode::Internal, name_ + ": timeout resolution returned"));
+  }
+
+  void cancel_all(FabricOp& head, std::vector<Slot>& slots) noexcept {
+    try {
+      if (head.posted) fabric_->cancel(head);
+      for (Slot& s : slots)
+        if (s.op.posted) fabric_->cancel(s.op);
+    } catch (...) {
+    }
+  }
+
+  std::string name_;
+  TransportContext ctx_;
+  std::unique_ptr<TagFabric> fabric_;
+  std::unique_ptr<Transport> control_;
+  FailureState fs_;
+  std::vector<std::uint32_t> send_msg_, recv_msg_;
+  std::vector<bool> touched_, known_;
+  std::vector<std::vector<std::uint8_t>> addresses_;
+  std::list<std::unique_ptr<SendTask>> sends_;
+  std::list<std::unique_ptr<RecvTask>> recvs_;
+  std::vector<std::vector<char>> heads_;
+  std::vector<std::unique_ptr<char[]>> staging_;
+  std::vector<char*> staging_free_;
+  std::map<int, std::string> dead_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_tagged_transport(const std::string& name, const TransportContext& ctx,
+                                                 std::unique_ptr<TagFabric> fabric) {
+  return std::make_unique<TaggedTransport>(name, ctx, std::move(fabric));
+}
+
+}  // namespace chorus::transport
