@@ -72,6 +72,11 @@ CHORUS_API LaunchInfo launch_info_from_env(
 /// Any of them may be forced with CallOptions::algorithm or CHORUS_ALGO.
 CHORUS_API std::vector<std::string> algorithm_names(const std::string& collective);
 
+/// Names of the transports this build has ("tcp", "shm", and "libfabric" and
+/// "ucx" when built with them), sorted; any of them, or "auto", may be set as
+/// Config::transport or CHORUS_TRANSPORT.
+CHORUS_API std::vector<std::string> transport_names();
+
 /// Handle to an asynchronous operation. Operations of one communicator run in
 /// the order they were submitted.
 class CHORUS_API Work {

@@ -692,6 +692,8 @@ std::optional<Coll> coll_from_name(const std::string& name) {
 }
 }  // namespace
 
+std::vector<std::string> transport_names() { return transport::transport_names(); }
+
 std::vector<std::string> algorithm_names(const std::string& collective) {
   std::vector<std::string> out;
   const auto coll = coll_from_name(collective);

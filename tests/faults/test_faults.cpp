@@ -12,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include "transport_probe.hpp"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -664,5 +666,6 @@ TEST(Rendezvous, MissingRankMakesCreateTimeOutNamingIt) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
+  if (chorus_test::skip_unavailable_transport()) return 77;
   return RUN_ALL_TESTS();
 }

@@ -62,10 +62,17 @@ class UcxFabric final : public TagFabric {
     address_.assign(b, b + len);
     ucp_worker_release_address(worker_, addr);
     for (std::size_t i = 0; i < args_.size(); ++i) args_[i] = EpArg{this, static_cast<int>(i)};
+    // Peer error handling makes a broken connection complete our requests
+    // with an error, but UCX 1.13's shared-memory transports (posix, sysv)
+    // do not offer it, and asking for it then leaves no transport between
+    // the ranks of one host. So: between hosts only; within one, a dead peer
+    // is noticed by the control connection (tagged.hpp).
+    peer_errors_ = static_cast<int>(ctx.host_ranks.size()) != ctx.size;
     const char* tls = std::getenv("UCX_TLS");
     const char* dev = std::getenv("UCX_NET_DEVICES");
     how_ = std::string("UCX ") + ucp_get_version_string() + ", UCX_TLS=" + (tls ? tls : "(all)") +
-           ", UCX_NET_DEVICES=" + (dev ? dev : "(all)");
+           ", UCX_NET_DEVICES=" + (dev ? dev : "(all)") +
+           (peer_errors_ ? ", peer error handling" : "");
   }
 
   ~UcxFabric() override { close(false); }
@@ -78,7 +85,7 @@ class UcxFabric final : public TagFabric {
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.address = reinterpret_cast<const ucp_address_t*>(a.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_mode = peer_errors_ ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
     ep.err_handler.cb = &UcxFabric::on_ep_error;
     ep.err_handler.arg = &args_[static_cast<std::size_t>(peer)];
     ucp_ep_h h = nullptr;
@@ -216,6 +223,7 @@ class UcxFabric final : public TagFabric {
   std::vector<ucp_ep_h> eps_;
   std::vector<bool> ep_failed_;
   std::vector<EpArg> args_;
+  bool peer_errors_ = false;
   std::string how_;
 };
 
