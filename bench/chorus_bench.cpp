@@ -3,6 +3,7 @@
 // that numbers compare column for column with all_reduce_perf and friends.
 
 #include "bench_util.hpp"
+#include "p2p.hpp"
 
 #include <chorus/chorus.hpp>
 
@@ -48,6 +49,10 @@ struct Options {
   std::string json;
   std::string algorithm;  // a name, "all" (one column group per algorithm), or empty
   std::string calibrate;  // write a tuning file here instead of the tables
+  bool p2p = false;       // --p2p: the point-to-point matrix (bench/p2p.cpp) instead
+  std::string p2p_bytes = "4M";
+  int p2p_window = 8;
+  std::string p2p_lat_bytes = "8";
 };
 
 // One table row's measurement of one mode (out-of-place or in-place).
@@ -653,9 +658,24 @@ int main(int argc, char** argv) {
   app.add_option("-A,--algo,--algorithm", opt.algorithm,
                  "Force an algorithm by name (e.g. ring; see docs/algorithms.md), or 'all': one "
                  "column group per algorithm plus the selector's pick");
-  app.add_option("--calibrate", opt.calibrate,
-                 "Measure the alpha-beta model's parameters on these ranks and write them to "
-                 "FILE (read it back with CHORUS_TUNING_FILE)");
+  auto* calibrate_opt =
+      app.add_option("--calibrate", opt.calibrate,
+                     "Measure the alpha-beta model's parameters on these ranks and write them to "
+                     "FILE (read it back with CHORUS_TUNING_FILE)");
+  app.add_flag("--p2p", opt.p2p,
+               "Point-to-point bandwidth and latency of every ordered pair of ranks, one pair at "
+               "a time (matrices: rows sender, columns receiver); -n, -w, -c and --json apply")
+      ->excludes(calibrate_opt);
+  app.add_option("--p2p-bytes", opt.p2p_bytes, "--p2p bandwidth message size (K/M/G suffixes)")
+      ->capture_default_str();
+  app.add_option("--p2p-window", opt.p2p_window,
+                 "--p2p messages in flight per bandwidth iteration (the receiver holds this many "
+                 "buffers of --p2p-bytes)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--p2p-lat-bytes", opt.p2p_lat_bytes,
+                 "--p2p latency (ping-pong) message size (K/M/G suffixes)")
+      ->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -671,7 +691,18 @@ int main(int argc, char** argv) {
   std::vector<const bench::Collective*> colls;
   std::vector<DataType> dtypes;
   std::vector<ReduceOp> ops;
+  bench::P2POptions p2p_opt;
   try {
+    if (opt.p2p) {
+      p2p_opt.bytes = bench::parse_size(opt.p2p_bytes);
+      p2p_opt.lat_bytes = bench::parse_size(opt.p2p_lat_bytes);
+      if (p2p_opt.bytes == 0 || p2p_opt.lat_bytes == 0)
+        throw std::invalid_argument("--p2p-bytes and --p2p-lat-bytes must be at least 1");
+      p2p_opt.window = opt.p2p_window;
+      p2p_opt.iters = opt.iters;
+      p2p_opt.warmup_iters = opt.warmup_iters;
+      p2p_opt.check = opt.check;
+    }
     sizes = make_sizes(bench::parse_size(opt.minbytes), bench::parse_size(opt.maxbytes),
                        opt.stepfactor, bench::parse_size(opt.stepbytes));
     for (const std::string& name : split_list(opt.colls)) {
@@ -709,8 +740,17 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (!opt.calibrate.empty()) return calibrate(comm, opt.calibrate);
-    Bench bench_run(comm, opt, sizes, colls, dtypes, ops, out);
-    const nlohmann::json report = bench_run.run();
+    nlohmann::json report;
+    std::uint64_t wrong = 0;
+    if (opt.p2p) {
+      bench::P2PResult res = bench::run_p2p(comm, p2p_opt, out);
+      report = std::move(res.report);
+      wrong = res.wrong;
+    } else {
+      Bench bench_run(comm, opt, sizes, colls, dtypes, ops, out);
+      report = bench_run.run();
+      wrong = bench_run.total_wrong();
+    }
     if (rank == 0 && !opt.json.empty()) {
       if (opt.json == "-") {
         std::cout << report.dump(2) << std::endl;
@@ -723,7 +763,7 @@ int main(int argc, char** argv) {
         }
       }
     }
-    return bench_run.total_wrong() > 0 ? 1 : 0;
+    return wrong > 0 ? 1 : 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "chorus-bench: rank %d: %s\n", rank, e.what());
     return 2;
