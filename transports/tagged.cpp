@@ -10,6 +10,7 @@
 
 #include "core/log.hpp"
 
+#include <poll.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -26,7 +27,7 @@ constexpr std::uint8_t kVersion = 1;
 constexpr std::size_t kEagerBytes = 8 << 10;
 // Larger payloads travel in chunks of this size (a wire constant: both sides
 // must cut the same way). Every element size divides it.
-constexpr std::size_t kChunkBytes = 1 << 20;
+constexpr std::size_t kChunkBytes = 4 << 20;
 constexpr std::uint32_t kMaxParts = (1u << 20) - 1;
 // Chunks in flight per send or copy-receive, and staging buffers per reduce-receive.
 constexpr std::size_t kCopyWindow = 8;
@@ -195,7 +196,9 @@ class TaggedTransport final : public Transport {
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
     auto spin_until = Clock::now() + ctx_.spin;
-    auto nap = std::chrono::microseconds(2);
+    auto last_moved = Clock::now();
+    auto nap = std::chrono::microseconds(20);
+    const bool can_sleep = fabric_->wait_fd() >= 0;
     std::size_t first_pending = 0;
     for (unsigned iter = 0;; ++iter) {
       const bool moved = progress((iter & 63) == 63);
@@ -209,22 +212,35 @@ class TaggedTransport final : public Transport {
       // a transfer would stall it.
       if (moved) {
         spin_until = std::max(spin_until, now + ctx_.spin);
-        nap = std::chrono::microseconds(2);
+        last_moved = now;
+        nap = std::chrono::microseconds(20);
       }
       if (now < spin_until) {
         if (ctx_.oversubscribed || (iter & 15) == 15) sched_yield();
         continue;
       }
-      // Idle: nap, a little longer each time, and look at the control
-      // sockets (a dead peer, a failure notice) after each nap.
-      std::this_thread::sleep_for(nap);
-      nap = std::min(nap * 2, std::chrono::microseconds(500));
-      progress(true);
+      if (can_sleep) {
+        // Until the library has an event; the control sockets (a dead
+        // peer, a failure notice) are read after each wake-up.
+        sleep(deadline);
+        progress(true);
+      } else if (now - last_moved < std::chrono::milliseconds(10)) {
+        // No descriptor to sleep on (libfabric's shm provider): poll,
+        // yielding the CPU between looks, as MPI libraries do on shared
+        // memory; napping would add its length to every message's latency.
+        sched_yield();
+      } else {
+        // A long wait (a slow peer): nap, a little longer each time.
+        std::this_thread::sleep_for(nap);
+        nap = std::min(nap * 2, std::chrono::microseconds(200));
+        progress(true);
+      }
     }
   }
 
   void block_for(std::chrono::microseconds max) override {
-    std::this_thread::sleep_for(std::min(max, std::chrono::microseconds(100)));
+    if (fabric_->wait_fd() >= 0) sleep(Clock::now() + max);
+    else std::this_thread::sleep_for(std::min(max, std::chrono::microseconds(50)));
   }
 
   void abort(const std::string& why) noexcept override {
@@ -257,7 +273,7 @@ class TaggedTransport final : public Transport {
   void check_size(std::size_t bytes) {
     if (bytes > kChunkBytes * kMaxParts)
       throw Error(ErrorCode::InvalidArgument, name_ + " transport: a message of " + std::to_string(bytes) +
-                                                  " bytes is larger than the 1 TiB a message may carry");
+                                                  " bytes is larger than the 4 TiB a message may carry");
   }
 
   // First contact with a peer: its fabric address, and a control connection
@@ -309,6 +325,17 @@ class TaggedTransport final : public Transport {
   std::size_t chunk_length(std::size_t bytes, std::uint32_t part) const {
     const std::size_t off = static_cast<std::size_t>(part - 1) * kChunkBytes;
     return std::min(kChunkBytes, bytes - off);
+  }
+
+  // Sleeps until the fabric signals an event, at most 10 ms (then the
+  // control sockets are read) and never past `until`.
+  void sleep(Deadline until) {
+    bool armed = false;
+    guarded([&] { armed = fabric_->arm(); });
+    if (!armed) return;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count();
+    pollfd p{fabric_->wait_fd(), POLLIN, 0};
+    ::poll(&p, 1, static_cast<int>(std::clamp<long long>(left + 1, 0, 10)));
   }
 
   // ---- progress ----------------------------------------------------------

@@ -13,7 +13,7 @@
 //    asks for exactly that tag.
 //  - The call-checking header (the CallDesc of the call, as on the other
 //    transports): small payloads travel packed behind it in one message; a
-//    large payload follows as 1 MiB chunks, each its own message, straight
+//    large payload follows as 4 MiB chunks, each its own message, straight
 //    from the send buffer and, for a copy, straight into the destination.
 //  - Combine-on-receive: a reduce receive lands chunks in a few staging
 //    buffers and folds each into the destination as it arrives, overlapping
@@ -76,6 +76,13 @@ class TagFabric {
   // Drives the library; marks completed ops done. Returns how many events
   // it saw (0: nothing moved).
   virtual unsigned progress() = 0;
+
+  // Sleeping until something happens: a file descriptor that becomes
+  // readable when the library has events (-1: none; the transport then naps
+  // briefly instead), and arm(), which prepares it and says whether sleeping
+  // on it is safe now (false: events are pending, progress() first).
+  virtual int wait_fd() { return -1; }
+  virtual bool arm() { return false; }
 
   // Asks the library to complete a posted op early (it then completes with
   // an error, after some progress()). Best effort.

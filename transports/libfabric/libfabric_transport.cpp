@@ -61,7 +61,10 @@ fi_info* choose(fi_info* list, const TransportContext& ctx, std::string* why) {
       return i;
     }
     if (want.empty() && prov == "shm") continue;  // cannot reach other hosts
-    if (!want.empty() && prov == "shm") return i;
+    if (!want.empty() && prov == "shm") {
+      *why = "CHORUS_FI_PROVIDER";
+      return i;
+    }
     // A network provider: the entry on the communicator's interface.
     if (ipv4_of(i->src_addr, i->src_addrlen) == ctx.listen_host) {
       *why = want.empty() ? "first network provider on " + ctx.listen_host : "CHORUS_FI_PROVIDER";
@@ -117,9 +120,17 @@ class LibfabricFabric final : public TagFabric {
     if (r) fail_call("fi_domain", r);
     fi_cq_attr cq{};
     cq.format = FI_CQ_FORMAT_TAGGED;
-    cq.wait_obj = FI_WAIT_NONE;
+    // A completion queue with a file descriptor to sleep on, where the
+    // provider offers one; otherwise the transport naps between polls.
+    cq.wait_obj = FI_WAIT_FD;
     r = fi_cq_open(domain_, &cq, &cq_, nullptr);
+    if (r == 0 && fi_control(&cq_->fid, FI_GETWAIT, &wait_fd_) != 0) wait_fd_ = -1;
+    if (r != 0) {
+      cq.wait_obj = FI_WAIT_NONE;
+      r = fi_cq_open(domain_, &cq, &cq_, nullptr);
+    }
     if (r) fail_call("fi_cq_open", r);
+    how_ += wait_fd_ >= 0 ? ", sleeps on the completion queue's fd" : ", polls (no wait fd)";
     fi_av_attr av{};
     av.type = info_->domain_attr->av_type == FI_AV_UNSPEC ? FI_AV_TABLE : info_->domain_attr->av_type;
     r = fi_av_open(domain_, &av, &av_, nullptr);
@@ -215,6 +226,12 @@ class LibfabricFabric final : public TagFabric {
       if (n < 16) break;
     }
     return events;
+  }
+
+  int wait_fd() override { return wait_fd_; }
+  bool arm() override {
+    fid* f = &cq_->fid;
+    return fi_trywait(fabric_, &f, 1) == FI_SUCCESS;
   }
 
   void cancel(FabricOp& op) override {
@@ -314,6 +331,7 @@ class LibfabricFabric final : public TagFabric {
   std::uint64_t next_key_ = 1;
   std::size_t inflight_ = 0;
   std::size_t registrations_ = 0;
+  int wait_fd_ = -1;
 };
 
 [[maybe_unused]] const bool kRegistered = register_transport("libfabric", [](const TransportContext& ctx) {

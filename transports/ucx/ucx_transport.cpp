@@ -44,7 +44,7 @@ class UcxFabric final : public TagFabric {
     if (s != UCS_OK) fail_status("ucp_config_read", s);
     ucp_params_t p{};
     p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-    p.features = UCP_FEATURE_TAG;
+    p.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
     p.mt_workers_shared = 0;
     s = ucp_init(&p, config, &context_);
     ucp_config_release(config);
@@ -58,6 +58,8 @@ class UcxFabric final : public TagFabric {
     std::size_t len = 0;
     s = ucp_worker_get_address(worker_, &addr, &len);
     if (s != UCS_OK) fail_status("ucp_worker_get_address", s);
+    s = ucp_worker_get_efd(worker_, &efd_);
+    if (s != UCS_OK) efd_ = -1;  // nap instead
     const auto* b = reinterpret_cast<const std::uint8_t*>(addr);
     address_.assign(b, b + len);
     ucp_worker_release_address(worker_, addr);
@@ -155,6 +157,9 @@ class UcxFabric final : public TagFabric {
     return events;
   }
 
+  int wait_fd() override { return efd_; }
+  bool arm() override { return ucp_worker_arm(worker_) == UCS_OK; }
+
   void cancel(FabricOp& op) override {
     if (op.posted && op.handle) ucp_request_cancel(worker_, op.handle);
   }
@@ -224,6 +229,7 @@ class UcxFabric final : public TagFabric {
   std::vector<bool> ep_failed_;
   std::vector<EpArg> args_;
   bool peer_errors_ = false;
+  int efd_ = -1;
   std::string how_;
 };
 
