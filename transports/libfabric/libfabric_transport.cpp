@@ -11,6 +11,7 @@
 // (FI_MR_LOCAL), or when CHORUS_FI_MR=always, through a cache of
 // registrations keyed by address range.
 
+#include "dynload.hpp"
 #include "tagged.hpp"
 
 #include "core/log.hpp"
@@ -34,8 +35,31 @@ namespace {
 
 constexpr std::size_t kMaxRegistrations = 256;
 
+// The exported functions this file calls (everything else in libfabric's
+// API is inline, through the objects' operation tables); see dynload.hpp.
+struct Fi {
+  decltype(&::fi_getinfo) getinfo;
+  decltype(&::fi_freeinfo) freeinfo;
+  decltype(&::fi_dupinfo) dupinfo;
+  decltype(&::fi_fabric) fabric;
+  decltype(&::fi_strerror) strerror;
+  decltype(&::fi_version) version;
+};
+
+const Fi& fi() {
+  static const Fi api = [] {
+    static const DynamicLibrary lib({"libfabric.so.1", "libfabric.so"},
+                                    "libfabric (Debian package libfabric1)");
+    return Fi{lib.get(&::fi_getinfo, "fi_getinfo"), lib.get(&::fi_freeinfo, "fi_freeinfo"),
+              lib.get(&::fi_dupinfo, "fi_dupinfo"),   lib.get(&::fi_fabric, "fi_fabric"),
+              lib.get(&::fi_strerror, "fi_strerror"), lib.get(&::fi_version, "fi_version")};
+  }();
+  return api;
+}
+
+
 [[noreturn]] void fail_call(const char* what, int rc) {
-  throw Error(ErrorCode::Transport, std::string("libfabric: ") + what + " failed: " + fi_strerror(-rc) +
+  throw Error(ErrorCode::Transport, std::string("libfabric: ") + what + " failed: " + fi().strerror(-rc) +
                                         " (" + std::to_string(rc) + ")");
 }
 
@@ -79,7 +103,7 @@ fi_info* choose(fi_info* list, const TransportContext& ctx, std::string* why) {
 class LibfabricFabric final : public TagFabric {
  public:
   explicit LibfabricFabric(const TransportContext& ctx) {
-    fi_info* hints = fi_allocinfo();
+    fi_info* hints = fi().dupinfo(nullptr);
     if (hints == nullptr) throw Error(ErrorCode::Transport, "libfabric: fi_allocinfo failed");
     hints->caps = FI_TAGGED;
     hints->mode = FI_CONTEXT | FI_CONTEXT2;
@@ -88,33 +112,33 @@ class LibfabricFabric final : public TagFabric {
     hints->domain_attr->threading = FI_THREAD_DOMAIN;
     if (!ctx.fi_provider.empty()) hints->fabric_attr->prov_name = strdup(ctx.fi_provider.c_str());
     fi_info* list = nullptr;
-    const int rc = fi_getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0, hints, &list);
-    fi_freeinfo(hints);
+    const int rc = fi().getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0, hints, &list);
+    fi().freeinfo(hints);
     if (rc != 0 || list == nullptr)
       throw Error(ErrorCode::Transport,
                   std::string("libfabric: no provider offers reliable tagged messages (FI_EP_RDM, FI_TAGGED)") +
                       (ctx.fi_provider.empty() ? "" : " by the name CHORUS_FI_PROVIDER='" + ctx.fi_provider + "'") +
-                      ": " + fi_strerror(-rc) + "; `fi_info -t FI_EP_RDM` lists what this host has");
+                      ": " + fi().strerror(-rc) + "; `fi_info -t FI_EP_RDM` lists what this host has");
     std::string why;
     fi_info* pick = choose(list, ctx, &why);
     if (pick == nullptr) {
-      fi_freeinfo(list);
+      fi().freeinfo(list);
       throw Error(ErrorCode::Transport, "libfabric: no usable provider for this job (CHORUS_FI_PROVIDER='" +
                                             ctx.fi_provider + "'); `fi_info -t FI_EP_RDM` lists what this host has");
     }
-    info_ = fi_dupinfo(pick);
-    fi_freeinfo(list);
+    info_ = fi().dupinfo(pick);
+    fi().freeinfo(list);
     provider_ = info_->fabric_attr->prov_name ? info_->fabric_attr->prov_name : "?";
     const auto mr_mode = info_->domain_attr->mr_mode;
     register_ = (mr_mode & FI_MR_LOCAL) != 0 || ctx.fi_mr == "always";
     mr_endpoint_ = (mr_mode & FI_MR_ENDPOINT) != 0;
     prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
-    how_ = "libfabric " + std::to_string(FI_MAJOR(fi_version())) + "." + std::to_string(FI_MINOR(fi_version())) +
+    how_ = "libfabric " + std::to_string(FI_MAJOR(fi().version())) + "." + std::to_string(FI_MINOR(fi().version())) +
            ", provider " + provider_ + ", domain " +
            (info_->domain_attr->name ? info_->domain_attr->name : "?") + " (" + why + ")" +
            (register_ ? ", registering memory" : "");
 
-    int r = fi_fabric(info_->fabric_attr, &fabric_, nullptr);
+    int r = fi().fabric(info_->fabric_attr, &fabric_, nullptr);
     if (r) fail_call("fi_fabric", r);
     r = fi_domain(fabric_, info_, &domain_, nullptr);
     if (r) fail_call("fi_domain", r);
@@ -211,7 +235,7 @@ class LibfabricFabric final : public TagFabric {
           op->received = err.len;
           op->truncated = err.err == FI_ETRUNC;
           const char* prov = fi_cq_strerror(cq_, err.prov_errno, err.err_data, nullptr, 0);
-          op->error = std::string(fi_strerror(err.err)) + (prov && *prov ? std::string(" (") + prov + ")" : "");
+          op->error = std::string(fi().strerror(err.err)) + (prov && *prov ? std::string(" (") + prov + ")" : "");
         }
         ++events;
         continue;
@@ -251,7 +275,7 @@ class LibfabricFabric final : public TagFabric {
     if (cq_) fi_close(&cq_->fid);
     if (domain_) fi_close(&domain_->fid);
     if (fabric_) fi_close(&fabric_->fid);
-    if (info_) fi_freeinfo(info_);
+    if (info_) fi().freeinfo(info_);
     ep_ = nullptr;
     av_ = nullptr;
     cq_ = nullptr;

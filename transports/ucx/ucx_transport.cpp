@@ -10,6 +10,7 @@
 // go by UCX's rendezvous protocol, zero-copy where the transport allows
 // (cma, tcp's zcopy), with UCX's own registration cache.
 
+#include "dynload.hpp"
 #include "tagged.hpp"
 
 #include "core/log.hpp"
@@ -23,8 +24,61 @@
 namespace chorus::transport::ucx {
 namespace {
 
+// The exported functions this file calls, resolved when the first UCX
+// communicator is made (dynload.hpp: linking UCX would install its signal
+// handlers in every process that uses Chorus).
+struct Ucx {
+  decltype(&::ucp_cleanup) cleanup;
+  decltype(&::ucp_config_read) config_read;
+  decltype(&::ucp_config_release) config_release;
+  decltype(&::ucp_ep_close_nbx) ep_close_nbx;
+  decltype(&::ucp_ep_create) ep_create;
+  decltype(&::ucp_get_version_string) get_version_string;
+  decltype(&::ucp_init_version) init_version;
+  decltype(&::ucp_request_cancel) request_cancel;
+  decltype(&::ucp_request_check_status) request_check_status;
+  decltype(&::ucp_request_free) request_free;
+  decltype(&::ucp_tag_recv_nbx) tag_recv_nbx;
+  decltype(&::ucp_tag_send_nbx) tag_send_nbx;
+  decltype(&::ucp_worker_arm) worker_arm;
+  decltype(&::ucp_worker_create) worker_create;
+  decltype(&::ucp_worker_destroy) worker_destroy;
+  decltype(&::ucp_worker_get_address) worker_get_address;
+  decltype(&::ucp_worker_get_efd) worker_get_efd;
+  decltype(&::ucp_worker_progress) worker_progress;
+  decltype(&::ucp_worker_release_address) worker_release_address;
+  decltype(&::ucs_status_string) status_string;
+};
+
+const Ucx& ucx() {
+  static const Ucx api = [] {
+    static const DynamicLibrary lib({"libucp.so.0", "libucp.so"}, "UCX (Debian package libucx0)");
+    return Ucx{lib.get(&::ucp_cleanup, "ucp_cleanup"),
+              lib.get(&::ucp_config_read, "ucp_config_read"),
+              lib.get(&::ucp_config_release, "ucp_config_release"),
+              lib.get(&::ucp_ep_close_nbx, "ucp_ep_close_nbx"),
+              lib.get(&::ucp_ep_create, "ucp_ep_create"),
+              lib.get(&::ucp_get_version_string, "ucp_get_version_string"),
+              lib.get(&::ucp_init_version, "ucp_init_version"),
+              lib.get(&::ucp_request_cancel, "ucp_request_cancel"),
+              lib.get(&::ucp_request_check_status, "ucp_request_check_status"),
+              lib.get(&::ucp_request_free, "ucp_request_free"),
+              lib.get(&::ucp_tag_recv_nbx, "ucp_tag_recv_nbx"),
+              lib.get(&::ucp_tag_send_nbx, "ucp_tag_send_nbx"),
+              lib.get(&::ucp_worker_arm, "ucp_worker_arm"),
+              lib.get(&::ucp_worker_create, "ucp_worker_create"),
+              lib.get(&::ucp_worker_destroy, "ucp_worker_destroy"),
+              lib.get(&::ucp_worker_get_address, "ucp_worker_get_address"),
+              lib.get(&::ucp_worker_get_efd, "ucp_worker_get_efd"),
+              lib.get(&::ucp_worker_progress, "ucp_worker_progress"),
+              lib.get(&::ucp_worker_release_address, "ucp_worker_release_address"),
+              lib.get(&::ucs_status_string, "ucs_status_string")};
+  }();
+  return api;
+}
+
 [[noreturn]] void fail_status(const char* what, ucs_status_t s) {
-  throw Error(ErrorCode::Transport, std::string("UCX: ") + what + " failed: " + ucs_status_string(s));
+  throw Error(ErrorCode::Transport, std::string("UCX: ") + what + " failed: " + ucx().status_string(s));
 }
 
 class UcxFabric;
@@ -40,29 +94,29 @@ class UcxFabric final : public TagFabric {
       : eps_(static_cast<std::size_t>(ctx.size), nullptr), ep_failed_(static_cast<std::size_t>(ctx.size), false),
         args_(static_cast<std::size_t>(ctx.size)) {
     ucp_config_t* config = nullptr;
-    ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
+    ucs_status_t s = ucx().config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) fail_status("ucp_config_read", s);
     ucp_params_t p{};
     p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
     p.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
     p.mt_workers_shared = 0;
-    s = ucp_init(&p, config, &context_);
-    ucp_config_release(config);
+    s = ucx().init_version(UCP_API_MAJOR, UCP_API_MINOR, &p, config, &context_);
+    ucx().config_release(config);
     if (s != UCS_OK) fail_status("ucp_init", s);
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
     wp.thread_mode = UCS_THREAD_MODE_SINGLE;
-    s = ucp_worker_create(context_, &wp, &worker_);
+    s = ucx().worker_create(context_, &wp, &worker_);
     if (s != UCS_OK) fail_status("ucp_worker_create", s);
     ucp_address_t* addr = nullptr;
     std::size_t len = 0;
-    s = ucp_worker_get_address(worker_, &addr, &len);
+    s = ucx().worker_get_address(worker_, &addr, &len);
     if (s != UCS_OK) fail_status("ucp_worker_get_address", s);
-    s = ucp_worker_get_efd(worker_, &efd_);
+    s = ucx().worker_get_efd(worker_, &efd_);
     if (s != UCS_OK) efd_ = -1;  // nap instead
     const auto* b = reinterpret_cast<const std::uint8_t*>(addr);
     address_.assign(b, b + len);
-    ucp_worker_release_address(worker_, addr);
+    ucx().worker_release_address(worker_, addr);
     for (std::size_t i = 0; i < args_.size(); ++i) args_[i] = EpArg{this, static_cast<int>(i)};
     // Peer error handling makes a broken connection complete our requests
     // with an error, but UCX 1.13's shared-memory transports (posix, sysv)
@@ -72,7 +126,7 @@ class UcxFabric final : public TagFabric {
     peer_errors_ = static_cast<int>(ctx.host_ranks.size()) != ctx.size;
     const char* tls = std::getenv("UCX_TLS");
     const char* dev = std::getenv("UCX_NET_DEVICES");
-    how_ = std::string("UCX ") + ucp_get_version_string() + ", UCX_TLS=" + (tls ? tls : "(all)") +
+    how_ = std::string("UCX ") + ucx().get_version_string() + ", UCX_TLS=" + (tls ? tls : "(all)") +
            ", UCX_NET_DEVICES=" + (dev ? dev : "(all)") +
            (peer_errors_ ? ", peer error handling" : "");
   }
@@ -91,11 +145,11 @@ class UcxFabric final : public TagFabric {
     ep.err_handler.cb = &UcxFabric::on_ep_error;
     ep.err_handler.arg = &args_[static_cast<std::size_t>(peer)];
     ucp_ep_h h = nullptr;
-    const ucs_status_t s = ucp_ep_create(worker_, &ep, &h);
+    const ucs_status_t s = ucx().ep_create(worker_, &ep, &h);
     if (s != UCS_OK)
       throw Error(ErrorCode::Transport,
                   std::string("UCX: cannot create an endpoint to rank ") + std::to_string(peer) + ": " +
-                      ucs_status_string(s) + " (do both ranks share a transport in UCX_TLS?)",
+                      ucx().status_string(s) + " (do both ranks share a transport in UCX_TLS?)",
                   peer);
     eps_[static_cast<std::size_t>(peer)] = h;
   }
@@ -111,12 +165,12 @@ class UcxFabric final : public TagFabric {
     rp.cb.send = &UcxFabric::on_send;
     rp.user_data = &op;
     rp.datatype = ucp_dt_make_contig(1);
-    ucs_status_ptr_t r = ucp_tag_send_nbx(eps_[static_cast<std::size_t>(peer)], buf, len, tag, &rp);
+    ucs_status_ptr_t r = ucx().tag_send_nbx(eps_[static_cast<std::size_t>(peer)], buf, len, tag, &rp);
     if (r == nullptr) {
       op.done = true;
     } else if (UCS_PTR_IS_ERR(r)) {
       op.done = true;
-      op.error = ucs_status_string(UCS_PTR_STATUS(r));
+      op.error = ucx().status_string(UCS_PTR_STATUS(r));
     } else {
       op.posted = true;
       op.handle = r;
@@ -133,7 +187,7 @@ class UcxFabric final : public TagFabric {
     rp.cb.recv = &UcxFabric::on_recv;
     rp.user_data = &op;
     rp.datatype = ucp_dt_make_contig(1);
-    ucs_status_ptr_t r = ucp_tag_recv_nbx(worker_, buf, len, tag, ~std::uint64_t{0}, &rp);
+    ucs_status_ptr_t r = ucx().tag_recv_nbx(worker_, buf, len, tag, ~std::uint64_t{0}, &rp);
     if (r == nullptr) {
       op.done = true;
       op.error = "UCX completed a receive without reporting its length";
@@ -150,7 +204,7 @@ class UcxFabric final : public TagFabric {
   unsigned progress() override {
     unsigned events = 0;
     for (int i = 0; i < 4; ++i) {
-      const unsigned n = ucp_worker_progress(worker_);
+      const unsigned n = ucx().worker_progress(worker_);
       events += n;
       if (n == 0) break;
     }
@@ -158,10 +212,10 @@ class UcxFabric final : public TagFabric {
   }
 
   int wait_fd() override { return efd_; }
-  bool arm() override { return ucp_worker_arm(worker_) == UCS_OK; }
+  bool arm() override { return ucx().worker_arm(worker_) == UCS_OK; }
 
   void cancel(FabricOp& op) override {
-    if (op.posted && op.handle) ucp_request_cancel(worker_, op.handle);
+    if (op.posted && op.handle) ucx().request_cancel(worker_, op.handle);
   }
 
   void close(bool flush) override {
@@ -175,25 +229,25 @@ class UcxFabric final : public TagFabric {
       ucp_request_param_t p{};
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = (flush && !ep_failed_[i]) ? 0 : UCP_EP_CLOSE_FLAG_FORCE;
-      ucs_status_ptr_t r = ucp_ep_close_nbx(eps_[i], &p);
+      ucs_status_ptr_t r = ucx().ep_close_nbx(eps_[i], &p);
       if (r != nullptr && UCS_PTR_IS_PTR(r)) closing.push_back(r);
       eps_[i] = nullptr;
     }
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     for (void* r : closing) {
-      while (ucp_request_check_status(r) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
-        ucp_worker_progress(worker_);
-      ucp_request_free(r);
+      while (ucx().request_check_status(r) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
+        ucx().worker_progress(worker_);
+      ucx().request_free(r);
     }
-    ucp_worker_destroy(worker_);
+    ucx().worker_destroy(worker_);
     worker_ = nullptr;
-    ucp_cleanup(context_);
+    ucx().cleanup(context_);
     context_ = nullptr;
   }
 
  private:
   static void set_error(FabricOp& op, ucs_status_t s) {
-    op.error = ucs_status_string(s);
+    op.error = ucx().status_string(s);
     op.truncated = s == UCS_ERR_MESSAGE_TRUNCATED;
   }
 
@@ -203,7 +257,7 @@ class UcxFabric final : public TagFabric {
     op->done = true;
     op->handle = nullptr;
     if (status != UCS_OK) set_error(*op, status);
-    ucp_request_free(request);
+    ucx().request_free(request);
   }
 
   static void on_recv(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info, void* user_data) {
@@ -213,13 +267,13 @@ class UcxFabric final : public TagFabric {
     op->handle = nullptr;
     if (status == UCS_OK && info) op->received = info->length;
     if (status != UCS_OK) set_error(*op, status);
-    ucp_request_free(request);
+    ucx().request_free(request);
   }
 
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
     auto* a = static_cast<EpArg*>(arg);
     a->self->ep_failed_[static_cast<std::size_t>(a->peer)] = true;
-    a->self->report_peer_error(a->peer, std::string("endpoint error: ") + ucs_status_string(status));
+    a->self->report_peer_error(a->peer, std::string("endpoint error: ") + ucx().status_string(status));
   }
 
   ucp_context_h context_ = nullptr;
