@@ -112,25 +112,30 @@ class TaggedTransport final : public Transport {
   }
 
   ~TaggedTransport() override {
-    // Only ops that never completed are still posted; the library must let
-    // go of them before their memory goes.
-    const bool clean = !fs_.failed() && sends_.empty() && recvs_.empty();
-    if (!clean) {
-      for (auto& t : sends_) cancel_all(t->head_op, t->slots);
-      for (auto& t : recvs_) cancel_all(t->head_op, t->slots);
-    }
-    try {
-      fabric_->close(clean);
-    } catch (...) {
-    }
-    fabric_.reset();
+    release_fabric(!fs_.failed() && sends_.empty() && recvs_.empty());
     control_.reset();  // says goodbye to the peers (unless failed)
   }
 
   std::string name() const override { return name_; }
   Capabilities capabilities(int) const override { return {}; }
 
+  // Every entry point lets go of the fabric when the transport fails:
+  // the library writes into posted receive buffers whenever it progresses,
+  // and once the error reaches the caller those buffers may be freed.
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
+    return on_failure_release([&] { return do_isend(peer, call, buf, bytes); });
+  }
+  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
+    return on_failure_release([&] { return do_irecv(peer, call, dst, bytes, combine); });
+  }
+  void progress() override {
+    on_failure_release([&] { progress(true); });
+  }
+  void wait(std::span<const Request> reqs, Deadline deadline) override {
+    on_failure_release([&] { do_wait(reqs, deadline); });
+  }
+
+  Request do_isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) {
     check_usable(peer);
     check_size(bytes);
     reach(peer);
@@ -167,7 +172,7 @@ class TaggedTransport final : public Transport {
     return r;
   }
 
-  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
+  Request do_irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) {
     check_usable(peer);
     check_size(bytes);
     reach(peer);
@@ -192,9 +197,7 @@ class TaggedTransport final : public Transport {
     return r;
   }
 
-  void progress() override { progress(true); }
-
-  void wait(std::span<const Request> reqs, Deadline deadline) override {
+  void do_wait(std::span<const Request> reqs, Deadline deadline) {
     auto spin_until = Clock::now() + ctx_.spin;
     auto last_moved = Clock::now();
     auto nap = std::chrono::microseconds(20);
@@ -239,7 +242,7 @@ class TaggedTransport final : public Transport {
   }
 
   void block_for(std::chrono::microseconds max) override {
-    if (fabric_->wait_fd() >= 0) sleep(Clock::now() + max);
+    if (fabric_ && fabric_->wait_fd() >= 0) sleep(Clock::now() + max);
     else std::this_thread::sleep_for(std::min(max, std::chrono::microseconds(50)));
   }
 
@@ -262,6 +265,32 @@ class TaggedTransport final : public Transport {
 
  private:
   std::string key(int r) const { return name_ + "/" + std::to_string(r); }
+
+  template <class F>
+  auto on_failure_release(F&& f) -> decltype(f()) {
+    try {
+      return f();
+    } catch (...) {
+      if (fs_.failed()) release_fabric(false);
+      throw;
+    }
+  }
+
+  // Closes the endpoint (once): after a clean run with a flush; otherwise
+  // cancelling what is posted, and at once. Either way the library touches
+  // no buffer of ours afterwards.
+  void release_fabric(bool clean) noexcept {
+    if (!fabric_) return;
+    if (!clean) {
+      for (auto& t : sends_) cancel_all(t->head_op, t->slots);
+      for (auto& t : recvs_) cancel_all(t->head_op, t->slots);
+    }
+    try {
+      fabric_->close(clean);
+    } catch (...) {
+    }
+    fabric_.reset();
+  }
 
   void check_usable(int peer) {
     fs_.throw_if_failed();
