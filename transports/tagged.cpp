@@ -119,21 +119,14 @@ class TaggedTransport final : public Transport {
   std::string name() const override { return name_; }
   Capabilities capabilities(int) const override { return {}; }
 
-  // Every entry point lets go of the fabric when the transport fails:
-  // the library writes into posted receive buffers whenever it progresses,
-  // and once the error reaches the caller those buffers may be freed.
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    return on_failure_release([&] { return do_isend(peer, call, buf, bytes); });
+    return do_isend(peer, call, buf, bytes);
   }
   Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
-    return on_failure_release([&] { return do_irecv(peer, call, dst, bytes, combine); });
+    return do_irecv(peer, call, dst, bytes, combine);
   }
-  void progress() override {
-    on_failure_release([&] { progress(true); });
-  }
-  void wait(std::span<const Request> reqs, Deadline deadline) override {
-    on_failure_release([&] { do_wait(reqs, deadline); });
-  }
+  void progress() override { progress(true); }
+  void wait(std::span<const Request> reqs, Deadline deadline) override { do_wait(reqs, deadline); }
 
   Request do_isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) {
     check_usable(peer);
@@ -266,19 +259,12 @@ class TaggedTransport final : public Transport {
  private:
   std::string key(int r) const { return name_ + "/" + std::to_string(r); }
 
-  template <class F>
-  auto on_failure_release(F&& f) -> decltype(f()) {
-    try {
-      return f();
-    } catch (...) {
-      if (fs_.failed()) release_fabric(false);
-      throw;
-    }
-  }
-
-  // Closes the endpoint (once): after a clean run with a flush; otherwise
-  // cancelling what is posted, and at once. Either way the library touches
-  // no buffer of ours afterwards.
+  // Closes the endpoint: after a clean run with a flush; otherwise
+  // cancelling what is posted, and at once, without driving the library
+  // again. The libraries place data only when driven (here: progress()), and
+  // a failed transport is never driven again, so the receive buffers of a
+  // failed call, which the caller may free once the error reaches it, are
+  // not written after the throw.
   void release_fabric(bool clean) noexcept {
     if (!fabric_) return;
     if (!clean) {
@@ -315,7 +301,10 @@ class TaggedTransport final : public Transport {
       try {
         fabric_->add_peer(peer, addresses_[p]);
       } catch (const Error& e) {
-        fs_.fail(e);
+        // A peer that failed lets go of its endpoint at once; its failure
+        // notice, on the way, is the better error.
+        if (e.code() == ErrorCode::InvalidUsage) fs_.fail(e);
+        fail_peer(peer, e.what());
       }
       known_[p] = true;
     }
@@ -409,13 +398,22 @@ class TaggedTransport final : public Transport {
   }
 
   [[noreturn]] void op_failed(int peer, bool is_send, const FabricOp& op) {
-    // A dead peer usually shows on the control socket too, with a better
-    // message (its address, "killed"); give that the first word.
-    guarded([&] { control_->progress(); });
+    fail_peer(peer, name_ + ": " + (is_send ? "send to" : "receive from") + " rank " + std::to_string(peer) +
+                        " failed: " + op.error);
+  }
+
+  // The fabric says `peer` is out of reach. The control connection usually
+  // explains why within moments, better (a failure notice from a peer that
+  // failed and let go of its endpoint, or the death of its process, with its
+  // address): listen to it briefly, then fail with `what`.
+  [[noreturn]] void fail_peer(int peer, const std::string& what) {
+    const auto until = Clock::now() + std::chrono::milliseconds(500);
+    while (Clock::now() < until) {
+      guarded([&] { control_->progress(); });
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     fs_.fail(Error(ErrorCode::PeerFailure,
-                   name_ + ": " + (is_send ? "send to" : "receive from") + " rank " + std::to_string(peer) +
-                       " failed: " + op.error,
-                   peer));
+                   what + "; the rank is unreachable (its process died, or its communicator failed)", peer));
   }
 
   bool step(SendTask& t) {
@@ -541,11 +539,7 @@ class TaggedTransport final : public Transport {
       for (const auto& t : sends_) busy |= t->peer == peer;
       for (const auto& t : recvs_) busy |= t->peer == peer;
       if (!busy) continue;
-      guarded([&] { control_->progress(); });
-      fs_.fail(Error(ErrorCode::PeerFailure,
-                     "rank " + std::to_string(peer) + " is unreachable (" + name_ + ": " + why +
-                         "); the process died or was killed. The communicator is unusable; restart the job.",
-                     peer));
+      fail_peer(peer, name_ + " reports rank " + std::to_string(peer) + " lost (" + why + ")");
     }
   }
 

@@ -220,9 +220,10 @@ class UcxFabric final : public TagFabric {
 
   void close(bool flush) override {
     if (worker_ == nullptr) return;
-    // Let cancelled requests finish first, then close each endpoint: with a
-    // flush after a clean run (what was sent has left), by force otherwise.
-    progress();
+    // Close each endpoint: with a flush after a clean run (what was sent has
+    // left), by force otherwise, and then without progressing the worker:
+    // after a failure, progress could still land rendezvous data in receive
+    // buffers the caller has freed (tagged.cpp).
     std::vector<void*> closing;
     for (std::size_t i = 0; i < eps_.size(); ++i) {
       if (eps_[i] == nullptr) continue;
@@ -235,7 +236,7 @@ class UcxFabric final : public TagFabric {
     }
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     for (void* r : closing) {
-      while (ucx().request_check_status(r) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
+      while (flush && ucx().request_check_status(r) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
         ucx().worker_progress(worker_);
       ucx().request_free(r);
     }
