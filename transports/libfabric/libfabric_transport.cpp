@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -48,6 +49,12 @@ struct Fi {
 
 const Fi& fi() {
   static const Fi api = [] {
+    // Debian's libfabric loads libinfinipath (for its psm provider), which
+    // at load time installs a SIGABRT handler that calls exit() and writes
+    // *.btr files into the working directory, and may pin the process to a
+    // CPU; these variables (unless the user set them) keep it from both.
+    setenv("IPATH_NO_BACKTRACE", "1", 0);
+    setenv("IPATH_NO_CPUAFFINITY", "1", 0);
     static const DynamicLibrary lib({"libfabric.so.1", "libfabric.so"},
                                     "libfabric (Debian package libfabric1)");
     return Fi{lib.get(&::fi_getinfo, "fi_getinfo"), lib.get(&::fi_freeinfo, "fi_freeinfo"),
