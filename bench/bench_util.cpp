@@ -1,5 +1,9 @@
 #include "bench_util.hpp"
 
+#include <unistd.h>
+
+#include <cstdio>
+
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
@@ -260,6 +264,27 @@ std::uint64_t count_wrong(const void* buf, std::size_t n, const Collective& coll
   for (std::size_t i = 0; i < n; ++i)
     if (load_element(buf, i, ctx.dtype) != coll.expected(ctx, i)) ++wrong;
   return wrong;
+}
+
+std::string rank_table(Communicator& comm, const CallOptions& options) {
+  struct RankInfo {
+    std::int64_t pid;
+    char host[56];
+  };
+  static_assert(sizeof(RankInfo) == 64);
+  RankInfo mine{};
+  mine.pid = ::getpid();
+  ::gethostname(mine.host, sizeof mine.host - 1);
+  std::vector<RankInfo> all(static_cast<std::size_t>(comm.size()));
+  comm.allgather(&mine, all.data(), sizeof(RankInfo), DataType::UInt8, options);
+  std::string out = "#\n# Using ranks\n";
+  char line[128];
+  for (int r = 0; r < comm.size(); ++r) {
+    const RankInfo& ri = all[static_cast<std::size_t>(r)];
+    std::snprintf(line, sizeof line, "#  Rank %2d Pid %6lld on %10s\n", r, static_cast<long long>(ri.pid), ri.host);
+    out += line;
+  }
+  return out + "#\n";
 }
 
 }  // namespace chorus::bench

@@ -19,6 +19,11 @@
 
 namespace chorus::bench {
 
+// "# Using ranks" and one line per rank (pid, host), like nccl-tests' device
+// block: a slow link or rank is usually explained by where it runs. A
+// collective call (an allgather on `comm`); every rank gets the text.
+std::string rank_table(Communicator& comm, const CallOptions& options);
+
 // Element counts of one call, as nccl-tests' getCollByteCount defines them.
 // In-place runs use a single buffer: the send pointer is
 // buf + send_inplace_offset * rank and the receive pointer

@@ -151,16 +151,7 @@ void Bench::print(const char* fmt, ...) {
 
 void Bench::print_header() {
   // Who runs where, like nccl-tests' "# Using devices" block.
-  struct RankInfo {
-    std::int64_t pid;
-    char host[56];
-  };
-  static_assert(sizeof(RankInfo) == 64);
-  RankInfo mine{};
-  mine.pid = ::getpid();
-  ::gethostname(mine.host, sizeof mine.host - 1);
-  std::vector<RankInfo> all(static_cast<std::size_t>(nranks_));
-  comm_.allgather(&mine, all.data(), sizeof(RankInfo), DataType::UInt8, plain_options_);
+  const std::string ranks = bench::rank_table(comm_, plain_options_);
 
   std::string colls;
   for (const auto* c : colls_) colls += (colls.empty() ? "" : ",") + std::string(c->name);
@@ -173,12 +164,7 @@ void Bench::print_header() {
         sizes_.front(), bench::parse_size(opt_.maxbytes),
         multiply ? static_cast<std::size_t>(opt_.stepfactor) : bench::parse_size(opt_.stepbytes),
         multiply ? "factor" : "bytes", opt_.warmup_iters, opt_.iters, opt_.check);
-  print("#\n# Using ranks\n");
-  for (int r = 0; r < nranks_; ++r) {
-    const RankInfo& ri = all[static_cast<std::size_t>(r)];
-    print("#  Rank %2d Pid %6lld on %10s\n", r, static_cast<long long>(ri.pid), ri.host);
-  }
-  print("#\n");
+  print("%s", ranks.c_str());
 }
 
 nlohmann::json Bench::run() {

@@ -21,6 +21,7 @@
 #include "p2p.hpp"
 
 #include "bench_common.hpp"
+#include "bench_util.hpp"
 
 #include <chorus/chorus.hpp>
 
@@ -117,16 +118,7 @@ void P2P::print(const char* fmt, ...) {
 void P2P::print_header() {
   // Who runs where (the same block as the collective tables): a slow link is
   // usually explained by the hosts at its ends.
-  struct RankInfo {
-    std::int64_t pid;
-    char host[56];
-  };
-  static_assert(sizeof(RankInfo) == 64);
-  RankInfo mine{};
-  mine.pid = ::getpid();
-  ::gethostname(mine.host, sizeof mine.host - 1);
-  std::vector<RankInfo> all(static_cast<std::size_t>(n_));
-  comm_.allgather(&mine, all.data(), sizeof(RankInfo), DataType::UInt8, plain_);
+  const std::string ranks = bench::rank_table(comm_, plain_);
 
   print("# Chorus chorus-bench %s: p2p, %d ranks, transport %s\n", CHORUS_VERSION, n_,
         comm_.transport_name().c_str());
@@ -134,12 +126,7 @@ void P2P::print_header() {
         opt_.bytes, opt_.window, opt_.warmup_iters, opt_.iters, opt_.check);
   print("# latency: %zu bytes ping-pong, %d warmup and %d timed round trips\n", opt_.lat_bytes,
         opt_.warmup_iters * kLatencyRoundTrips, opt_.iters * kLatencyRoundTrips);
-  print("#\n# Using ranks\n");
-  for (int r = 0; r < n_; ++r) {
-    const RankInfo& ri = all[static_cast<std::size_t>(r)];
-    print("#  Rank %2d Pid %6lld on %10s\n", r, static_cast<long long>(ri.pid), ri.host);
-  }
-  print("#\n");
+  print("%s", ranks.c_str());
 }
 
 void P2P::bw_iteration(int src, int dst) {

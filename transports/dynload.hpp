@@ -41,7 +41,8 @@ class DynamicLibrary {
   F* get(F* /*declared*/, const char* name) const {
     void* p = dlsym(handle_, name);
     if (p == nullptr)
-      throw Error(ErrorCode::Transport, std::string("symbol ") + name + " missing from the loaded library");
+      throw Error(ErrorCode::Transport,
+                  std::string("symbol ") + name + " missing from the loaded library");
     return reinterpret_cast<F*>(p);
   }
 

@@ -50,19 +50,20 @@ struct WireHeader {
 static_assert(sizeof(WireHeader) == 48, "wire header must be 48 bytes");
 
 std::uint64_t make_tag(int src, std::uint32_t msg, std::uint32_t part) {
-  return (static_cast<std::uint64_t>(src) << 48) | (static_cast<std::uint64_t>(msg & 0x0fffffffu) << 20) |
-         part;
+  return (static_cast<std::uint64_t>(src) << 48) |
+         (static_cast<std::uint64_t>(msg & 0x0fffffffu) << 20) | part;
 }
 
 std::uint32_t parts_of(std::size_t bytes) {
-  return bytes <= kEagerBytes ? 0 : static_cast<std::uint32_t>((bytes + kChunkBytes - 1) / kChunkBytes);
+  return bytes <= kEagerBytes ? 0
+                              : static_cast<std::uint32_t>((bytes + kChunkBytes - 1) / kChunkBytes);
 }
 
 // One chunk in flight.
 struct Slot {
   FabricOp op;
-  std::uint32_t part = 0;    // 0: free
-  char* staging = nullptr;   // reduce receives: where the chunk lands
+  std::uint32_t part = 0;   // 0: free
+  char* staging = nullptr;  // reduce receives: where the chunk lands
 };
 
 struct SendTask {
@@ -95,13 +96,20 @@ struct RecvTask {
 
 class TaggedTransport final : public Transport {
  public:
-  TaggedTransport(const std::string& name, const TransportContext& ctx, std::unique_ptr<TagFabric> fabric)
-      : name_(name), ctx_(ctx), fabric_(std::move(fabric)), fs_(name_.c_str()),
-        send_msg_(static_cast<std::size_t>(ctx.size), 0), recv_msg_(static_cast<std::size_t>(ctx.size), 0),
-        touched_(static_cast<std::size_t>(ctx.size), false), known_(static_cast<std::size_t>(ctx.size), false),
+  TaggedTransport(const std::string& name, const TransportContext& ctx,
+                  std::unique_ptr<TagFabric> fabric)
+      : name_(name),
+        ctx_(ctx),
+        fabric_(std::move(fabric)),
+        fs_(name_.c_str()),
+        send_msg_(static_cast<std::size_t>(ctx.size), 0),
+        recv_msg_(static_cast<std::size_t>(ctx.size), 0),
+        touched_(static_cast<std::size_t>(ctx.size), false),
+        known_(static_cast<std::size_t>(ctx.size), false),
         addresses_(static_cast<std::size_t>(ctx.size)) {
     if (ctx.size > kMaxRanks)
-      throw Error(ErrorCode::InvalidArgument, name_ + " transport: at most " + std::to_string(kMaxRanks) +
+      throw Error(ErrorCode::InvalidArgument, name_ + " transport: at most " +
+                                                  std::to_string(kMaxRanks) +
                                                   " ranks (the tag holds 16 bits of rank)");
     // Control traffic and liveness: a TCP transport of its own, under its own store prefix.
     TransportContext cc = ctx;
@@ -122,7 +130,8 @@ class TaggedTransport final : public Transport {
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
     return do_isend(peer, call, buf, bytes);
   }
-  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) override {
+  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes,
+                Combine combine) override {
     return do_irecv(peer, call, dst, bytes, combine);
   }
   void progress() override { progress(true); }
@@ -235,8 +244,10 @@ class TaggedTransport final : public Transport {
   }
 
   void block_for(std::chrono::microseconds max) override {
-    if (fabric_ && fabric_->wait_fd() >= 0) sleep(Clock::now() + max);
-    else std::this_thread::sleep_for(std::min(max, std::chrono::microseconds(50)));
+    if (fabric_ && fabric_->wait_fd() >= 0)
+      sleep(Clock::now() + max);
+    else
+      std::this_thread::sleep_for(std::min(max, std::chrono::microseconds(50)));
   }
 
   void abort(const std::string& why) noexcept override {
@@ -251,7 +262,8 @@ class TaggedTransport final : public Transport {
     // Read every address now: the rank hosting the store may be gone by the
     // time a first message to some peer is sent.
     for (int r = 0; r < ctx_.size; ++r)
-      if (r != ctx_.rank && ctx_.store->check({key(r)})) addresses_[static_cast<std::size_t>(r)] = ctx_.store->get(key(r));
+      if (r != ctx_.rank && ctx_.store->check({key(r)}))
+        addresses_[static_cast<std::size_t>(r)] = ctx_.store->get(key(r));
   }
 
   std::vector<Traffic> traffic() const override { return Transport::traffic(); }
@@ -287,8 +299,9 @@ class TaggedTransport final : public Transport {
 
   void check_size(std::size_t bytes) {
     if (bytes > kChunkBytes * kMaxParts)
-      throw Error(ErrorCode::InvalidArgument, name_ + " transport: a message of " + std::to_string(bytes) +
-                                                  " bytes is larger than the 4 TiB a message may carry");
+      throw Error(ErrorCode::InvalidArgument,
+                  name_ + " transport: a message of " + std::to_string(bytes) +
+                      " bytes is larger than the 4 TiB a message may carry");
   }
 
   // First contact with a peer: its fabric address, and a control connection
@@ -351,7 +364,8 @@ class TaggedTransport final : public Transport {
     bool armed = false;
     guarded([&] { armed = fabric_->arm(); });
     if (!armed) return;
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count();
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now()).count();
     pollfd p{fabric_->wait_fd(), POLLIN, 0};
     ::poll(&p, 1, static_cast<int>(std::clamp<long long>(left + 1, 0, 10)));
   }
@@ -368,8 +382,10 @@ class TaggedTransport final : public Transport {
     bool moved = events > 0;
     for (auto it = sends_.begin(); it != sends_.end();) {
       moved |= step(**it);
-      if ((*it)->req->done) it = sends_.erase(it);
-      else ++it;
+      if ((*it)->req->done)
+        it = sends_.erase(it);
+      else
+        ++it;
     }
     for (auto it = recvs_.begin(); it != recvs_.end();) {
       moved |= step(**it);
@@ -398,8 +414,8 @@ class TaggedTransport final : public Transport {
   }
 
   [[noreturn]] void op_failed(int peer, bool is_send, const FabricOp& op) {
-    fail_peer(peer, name_ + ": " + (is_send ? "send to" : "receive from") + " rank " + std::to_string(peer) +
-                        " failed: " + op.error);
+    fail_peer(peer, name_ + ": " + (is_send ? "send to" : "receive from") + " rank " +
+                        std::to_string(peer) + " failed: " + op.error);
   }
 
   // The fabric says `peer` is out of reach. The control connection usually
@@ -412,13 +428,15 @@ class TaggedTransport final : public Transport {
       guarded([&] { control_->progress(); });
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    fs_.fail(Error(ErrorCode::PeerFailure,
-                   what + "; the rank is unreachable (its process died, or its communicator failed)", peer));
+    fs_.fail(Error(
+        ErrorCode::PeerFailure,
+        what + "; the rank is unreachable (its process died, or its communicator failed)", peer));
   }
 
   bool step(SendTask& t) {
     bool moved = false;
-    if (!t.head_op.posted && !t.head_op.done) moved |= post_send(t, t.head_op, 0, t.head.data(), t.head.size());
+    if (!t.head_op.posted && !t.head_op.done)
+      moved |= post_send(t, t.head_op, 0, t.head.data(), t.head.size());
     if (t.head_op.done && !t.head_op.error.empty()) op_failed(t.peer, true, t.head_op);
     for (Slot& s : t.slots) {
       if (s.part != 0 && s.op.done) {
@@ -442,7 +460,8 @@ class TaggedTransport final : public Transport {
 
   bool step(RecvTask& t) {
     bool moved = false;
-    if (!t.head_op.posted && !t.head_op.done) moved |= post_recv(t, t.head_op, 0, t.head.data(), t.head.size());
+    if (!t.head_op.posted && !t.head_op.done)
+      moved |= post_recv(t, t.head_op, 0, t.head.data(), t.head.size());
     if (t.head_op.done && !t.head_checked) {
       check_head(t);
       moved = true;
@@ -485,8 +504,10 @@ class TaggedTransport final : public Transport {
       }
     }
     if (!t.chunk_error.empty() && t.head_checked)
-      fs_.fail(Error(ErrorCode::Transport, name_ + ": message from rank " + std::to_string(t.peer) + " in " +
-                                               describe(t.call) + ": " + t.chunk_error, t.peer));
+      fs_.fail(Error(ErrorCode::Transport,
+                     name_ + ": message from rank " + std::to_string(t.peer) + " in " +
+                         describe(t.call) + ": " + t.chunk_error,
+                     t.peer));
     if (t.head_checked && t.parts_done == t.parts) t.req->done = true;
     return moved;
   }
@@ -495,30 +516,27 @@ class TaggedTransport final : public Transport {
     const FabricOp& op = t.head_op;
     auto malformed = [&](const std::string& why) {
       fs_.fail(Error(ErrorCode::Transport,
-                     "malformed message from rank " + std::to_string(t.peer) + " (" + name_ + "): " + why +
+                     "malformed message from rank " + std::to_string(t.peer) + " (" + name_ +
+                         "): " + why +
                          "; the peer is not a Chorus peer of this build or the data is corrupt",
                      t.peer));
     };
     if (!op.error.empty() && !op.truncated) op_failed(t.peer, false, op);
     if (op.truncated) malformed("a header larger than any header");
-    if (op.received < sizeof(WireHeader)) malformed("a header of " + std::to_string(op.received) + " bytes");
+    if (op.received < sizeof(WireHeader))
+      malformed("a header of " + std::to_string(op.received) + " bytes");
     WireHeader h;
     std::memcpy(&h, t.head.data(), sizeof h);
     if (h.magic != kMagic) malformed("bad magic");
     if (h.version != kVersion) malformed("wire version " + std::to_string(h.version));
     if (h.comm_id != ctx_.comm_id) malformed("message for another communicator");
-    CallDesc theirs;
-    decode_coll(h.coll, theirs);
-    theirs.dtype = static_cast<DataType>(h.dtype);
-    theirs.op = static_cast<ReduceOp>(h.op);
-    theirs.root = h.root;
-    theirs.count = h.count;
-    theirs.seq = h.seq;
+    const CallDesc theirs = wire_call(h.coll, h.dtype, h.op, h.root, h.count, h.seq);
     guarded([&] { check_same_call(t.call, ctx_.rank, theirs, t.peer); });
     if (h.payload != t.bytes)
       fs_.fail(Error(ErrorCode::Internal,
-                     "message of " + std::to_string(h.payload) + " bytes from rank " + std::to_string(t.peer) +
-                         " for a receive of " + std::to_string(t.bytes) + " bytes in " + describe(t.call),
+                     "message of " + std::to_string(h.payload) + " bytes from rank " +
+                         std::to_string(t.peer) + " for a receive of " + std::to_string(t.bytes) +
+                         " bytes in " + describe(t.call),
                      t.peer));
     if (t.parts == 0) {
       if (op.received != sizeof h + t.bytes) malformed("packed payload of the wrong length");
@@ -577,7 +595,8 @@ class TaggedTransport final : public Transport {
 
 }  // namespace
 
-std::unique_ptr<Transport> make_tagged_transport(const std::string& name, const TransportContext& ctx,
+std::unique_ptr<Transport> make_tagged_transport(const std::string& name,
+                                                 const TransportContext& ctx,
                                                  std::unique_ptr<TagFabric> fabric) {
   return std::make_unique<TaggedTransport>(name, ctx, std::move(fabric));
 }

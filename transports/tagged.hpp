@@ -70,7 +70,8 @@ class TagFabric {
   // Post a send to `peer` / a receive of exactly `tag` from anyone. `op`
   // must stay put until it is done. False: the library is out of resources
   // for now; post again after progress().
-  virtual bool send(int peer, std::uint64_t tag, const void* buf, std::size_t len, FabricOp& op) = 0;
+  virtual bool send(int peer, std::uint64_t tag, const void* buf, std::size_t len,
+                    FabricOp& op) = 0;
   virtual bool recv(std::uint64_t tag, void* buf, std::size_t len, FabricOp& op) = 0;
 
   // Drives the library; marks completed ops done. Returns how many events
@@ -105,7 +106,8 @@ class TagFabric {
 
 // The Transport over `fabric`, named `name` ("libfabric", "ucx"): publishes
 // the fabric's address under "<name>/<rank>" in ctx.store at once.
-std::unique_ptr<Transport> make_tagged_transport(const std::string& name, const TransportContext& ctx,
+std::unique_ptr<Transport> make_tagged_transport(const std::string& name,
+                                                 const TransportContext& ctx,
                                                  std::unique_ptr<TagFabric> fabric);
 
 }  // namespace chorus::transport

@@ -76,6 +76,19 @@ inline void decode_coll(std::uint8_t byte, CallDesc& d) {
   d.algo = static_cast<std::uint8_t>(byte >> 4);
 }
 
+// The call a peer's message header describes, from its wire fields.
+inline CallDesc wire_call(std::uint8_t coll, std::uint8_t dtype, std::uint8_t op, std::int32_t root,
+                          std::uint64_t count, std::uint64_t seq) {
+  CallDesc d;
+  decode_coll(coll, d);
+  d.dtype = static_cast<DataType>(dtype);
+  d.op = static_cast<ReduceOp>(op);
+  d.root = root;
+  d.count = count;
+  d.seq = seq;
+  return d;
+}
+
 // "allreduce #5 (count 1000, float, sum)".
 std::string describe(const CallDesc& d);
 

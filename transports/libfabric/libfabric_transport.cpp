@@ -57,17 +57,16 @@ const Fi& fi() {
     setenv("IPATH_NO_CPUAFFINITY", "1", 0);
     static const DynamicLibrary lib({"libfabric.so.1", "libfabric.so"},
                                     "libfabric (Debian package libfabric1)");
-    return Fi{lib.get(&::fi_getinfo, "fi_getinfo"), lib.get(&::fi_freeinfo, "fi_freeinfo"),
+    return Fi{lib.get(&::fi_getinfo, "fi_getinfo"),   lib.get(&::fi_freeinfo, "fi_freeinfo"),
               lib.get(&::fi_dupinfo, "fi_dupinfo"),   lib.get(&::fi_fabric, "fi_fabric"),
               lib.get(&::fi_strerror, "fi_strerror"), lib.get(&::fi_version, "fi_version")};
   }();
   return api;
 }
 
-
 [[noreturn]] void fail_call(const char* what, int rc) {
-  throw Error(ErrorCode::Transport, std::string("libfabric: ") + what + " failed: " + fi().strerror(-rc) +
-                                        " (" + std::to_string(rc) + ")");
+  throw Error(ErrorCode::Transport, std::string("libfabric: ") + what + " failed: " +
+                                        fi().strerror(-rc) + " (" + std::to_string(rc) + ")");
 }
 
 std::string ipv4_of(const void* addr, std::size_t len) {
@@ -115,23 +114,30 @@ class LibfabricFabric final : public TagFabric {
     hints->caps = FI_TAGGED;
     hints->mode = FI_CONTEXT | FI_CONTEXT2;
     hints->ep_attr->type = FI_EP_RDM;
-    hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
+    hints->domain_attr->mr_mode =
+        FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
     hints->domain_attr->threading = FI_THREAD_DOMAIN;
     if (!ctx.fi_provider.empty()) hints->fabric_attr->prov_name = strdup(ctx.fi_provider.c_str());
     fi_info* list = nullptr;
-    const int rc = fi().getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0, hints, &list);
+    const int rc = fi().getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0,
+                                hints, &list);
     fi().freeinfo(hints);
     if (rc != 0 || list == nullptr)
-      throw Error(ErrorCode::Transport,
-                  std::string("libfabric: no provider offers reliable tagged messages (FI_EP_RDM, FI_TAGGED)") +
-                      (ctx.fi_provider.empty() ? "" : " by the name CHORUS_FI_PROVIDER='" + ctx.fi_provider + "'") +
-                      ": " + fi().strerror(-rc) + "; `fi_info -t FI_EP_RDM` lists what this host has");
+      throw Error(
+          ErrorCode::Transport,
+          std::string(
+              "libfabric: no provider offers reliable tagged messages (FI_EP_RDM, FI_TAGGED)") +
+              (ctx.fi_provider.empty()
+                   ? ""
+                   : " by the name CHORUS_FI_PROVIDER='" + ctx.fi_provider + "'") +
+              ": " + fi().strerror(-rc) + "; `fi_info -t FI_EP_RDM` lists what this host has");
     std::string why;
     fi_info* pick = choose(list, ctx, &why);
     if (pick == nullptr) {
       fi().freeinfo(list);
-      throw Error(ErrorCode::Transport, "libfabric: no usable provider for this job (CHORUS_FI_PROVIDER='" +
-                                            ctx.fi_provider + "'); `fi_info -t FI_EP_RDM` lists what this host has");
+      throw Error(ErrorCode::Transport,
+                  "libfabric: no usable provider for this job (CHORUS_FI_PROVIDER='" +
+                      ctx.fi_provider + "'); `fi_info -t FI_EP_RDM` lists what this host has");
     }
     info_ = fi().dupinfo(pick);
     fi().freeinfo(list);
@@ -140,8 +146,8 @@ class LibfabricFabric final : public TagFabric {
     register_ = (mr_mode & FI_MR_LOCAL) != 0 || ctx.fi_mr == "always";
     mr_endpoint_ = (mr_mode & FI_MR_ENDPOINT) != 0;
     prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
-    how_ = "libfabric " + std::to_string(FI_MAJOR(fi().version())) + "." + std::to_string(FI_MINOR(fi().version())) +
-           ", provider " + provider_ + ", domain " +
+    how_ = "libfabric " + std::to_string(FI_MAJOR(fi().version())) + "." +
+           std::to_string(FI_MINOR(fi().version())) + ", provider " + provider_ + ", domain " +
            (info_->domain_attr->name ? info_->domain_attr->name : "?") + " (" + why + ")" +
            (register_ ? ", registering memory" : "");
 
@@ -163,7 +169,8 @@ class LibfabricFabric final : public TagFabric {
     if (r) fail_call("fi_cq_open", r);
     how_ += wait_fd_ >= 0 ? ", sleeps on the completion queue's fd" : ", polls (no wait fd)";
     fi_av_attr av{};
-    av.type = info_->domain_attr->av_type == FI_AV_UNSPEC ? FI_AV_TABLE : info_->domain_attr->av_type;
+    av.type =
+        info_->domain_attr->av_type == FI_AV_UNSPEC ? FI_AV_TABLE : info_->domain_attr->av_type;
     r = fi_av_open(domain_, &av, &av_, nullptr);
     if (r) fail_call("fi_av_open", r);
     r = fi_endpoint(domain_, info_, &ep_, nullptr);
@@ -202,22 +209,25 @@ class LibfabricFabric final : public TagFabric {
     const std::string theirs(a.begin(), nul);
     if (nul == a.end() || theirs != provider_)
       throw Error(ErrorCode::InvalidUsage,
-                  "libfabric: rank " + std::to_string(peer) + " uses provider '" + theirs + "' but this rank uses '" +
-                      provider_ + "'; set the same CHORUS_FI_PROVIDER on every rank",
+                  "libfabric: rank " + std::to_string(peer) + " uses provider '" + theirs +
+                      "' but this rank uses '" + provider_ +
+                      "'; set the same CHORUS_FI_PROVIDER on every rank",
                   peer);
     std::vector<std::uint8_t> raw(nul + 1, a.end());
     fi_addr_t fa = FI_ADDR_NOTAVAIL;
     const int n = fi_av_insert(av_, raw.data(), 1, &fa, 0, nullptr);
     if (n != 1)
-      throw Error(ErrorCode::Transport, "libfabric: fi_av_insert of rank " + std::to_string(peer) +
-                                            "'s address failed (" + std::to_string(n) + ")",
+      throw Error(ErrorCode::Transport,
+                  "libfabric: fi_av_insert of rank " + std::to_string(peer) +
+                      "'s address failed (" + std::to_string(n) + ")",
                   peer);
     peers_[static_cast<std::size_t>(peer)] = fa;
   }
 
   bool send(int peer, std::uint64_t tag, const void* buf, std::size_t len, FabricOp& op) override {
     void* desc = describe_memory(buf, len);
-    const ssize_t r = fi_tsend(ep_, buf, len, desc, peers_[static_cast<std::size_t>(peer)], tag, &op);
+    const ssize_t r =
+        fi_tsend(ep_, buf, len, desc, peers_[static_cast<std::size_t>(peer)], tag, &op);
     return posted(r, op, "fi_tsend");
   }
 
@@ -242,7 +252,8 @@ class LibfabricFabric final : public TagFabric {
           op->received = err.len;
           op->truncated = err.err == FI_ETRUNC;
           const char* prov = fi_cq_strerror(cq_, err.prov_errno, err.err_data, nullptr, 0);
-          op->error = std::string(fi().strerror(err.err)) + (prov && *prov ? std::string(" (") + prov + ")" : "");
+          op->error = std::string(fi().strerror(err.err)) +
+                      (prov && *prov ? std::string(" (") + prov + ")" : "");
         }
         ++events;
         continue;
@@ -365,9 +376,10 @@ class LibfabricFabric final : public TagFabric {
   int wait_fd_ = -1;
 };
 
-[[maybe_unused]] const bool kRegistered = register_transport("libfabric", [](const TransportContext& ctx) {
-  return make_tagged_transport("libfabric", ctx, std::make_unique<LibfabricFabric>(ctx));
-});
+[[maybe_unused]] const bool kRegistered =
+    register_transport("libfabric", [](const TransportContext& ctx) {
+      return make_tagged_transport("libfabric", ctx, std::make_unique<LibfabricFabric>(ctx));
+    });
 
 }  // namespace
 }  // namespace chorus::transport::libfabric

@@ -797,13 +797,7 @@ class ShmTransport final : public Transport {
   }
 
   void check_message(RecvOp& op, const MsgHeader& h, int peer) {
-    CallDesc theirs;
-    decode_coll(h.coll, theirs);
-    theirs.dtype = static_cast<DataType>(h.dtype);
-    theirs.op = static_cast<ReduceOp>(h.op);
-    theirs.root = h.root;
-    theirs.count = h.count;
-    theirs.seq = h.seq;
+    const CallDesc theirs = wire_call(h.coll, h.dtype, h.op, h.root, h.count, h.seq);
     try {
       check_same_call(op.call, ctx_.rank, theirs, peer);
       if (h.bytes != op.req->bytes)

@@ -637,13 +637,7 @@ class TcpTransport final : public Transport {
   }
 
   void check_frame(const RecvOp& op, const FrameHeader& h, int peer) {
-    CallDesc theirs;
-    decode_coll(h.coll, theirs);
-    theirs.dtype = static_cast<DataType>(h.dtype);
-    theirs.op = static_cast<ReduceOp>(h.op);
-    theirs.root = h.root;
-    theirs.count = h.count;
-    theirs.seq = h.seq;
+    const CallDesc theirs = wire_call(h.coll, h.dtype, h.op, h.root, h.count, h.seq);
     check_same_call(op.call, ctx_.rank, theirs, peer);
     if (h.payload != op.req->bytes)
       throw Error(ErrorCode::Internal,

@@ -54,31 +54,32 @@ const Ucx& ucx() {
   static const Ucx api = [] {
     static const DynamicLibrary lib({"libucp.so.0", "libucp.so"}, "UCX (Debian package libucx0)");
     return Ucx{lib.get(&::ucp_cleanup, "ucp_cleanup"),
-              lib.get(&::ucp_config_read, "ucp_config_read"),
-              lib.get(&::ucp_config_release, "ucp_config_release"),
-              lib.get(&::ucp_ep_close_nbx, "ucp_ep_close_nbx"),
-              lib.get(&::ucp_ep_create, "ucp_ep_create"),
-              lib.get(&::ucp_get_version_string, "ucp_get_version_string"),
-              lib.get(&::ucp_init_version, "ucp_init_version"),
-              lib.get(&::ucp_request_cancel, "ucp_request_cancel"),
-              lib.get(&::ucp_request_check_status, "ucp_request_check_status"),
-              lib.get(&::ucp_request_free, "ucp_request_free"),
-              lib.get(&::ucp_tag_recv_nbx, "ucp_tag_recv_nbx"),
-              lib.get(&::ucp_tag_send_nbx, "ucp_tag_send_nbx"),
-              lib.get(&::ucp_worker_arm, "ucp_worker_arm"),
-              lib.get(&::ucp_worker_create, "ucp_worker_create"),
-              lib.get(&::ucp_worker_destroy, "ucp_worker_destroy"),
-              lib.get(&::ucp_worker_get_address, "ucp_worker_get_address"),
-              lib.get(&::ucp_worker_get_efd, "ucp_worker_get_efd"),
-              lib.get(&::ucp_worker_progress, "ucp_worker_progress"),
-              lib.get(&::ucp_worker_release_address, "ucp_worker_release_address"),
-              lib.get(&::ucs_status_string, "ucs_status_string")};
+               lib.get(&::ucp_config_read, "ucp_config_read"),
+               lib.get(&::ucp_config_release, "ucp_config_release"),
+               lib.get(&::ucp_ep_close_nbx, "ucp_ep_close_nbx"),
+               lib.get(&::ucp_ep_create, "ucp_ep_create"),
+               lib.get(&::ucp_get_version_string, "ucp_get_version_string"),
+               lib.get(&::ucp_init_version, "ucp_init_version"),
+               lib.get(&::ucp_request_cancel, "ucp_request_cancel"),
+               lib.get(&::ucp_request_check_status, "ucp_request_check_status"),
+               lib.get(&::ucp_request_free, "ucp_request_free"),
+               lib.get(&::ucp_tag_recv_nbx, "ucp_tag_recv_nbx"),
+               lib.get(&::ucp_tag_send_nbx, "ucp_tag_send_nbx"),
+               lib.get(&::ucp_worker_arm, "ucp_worker_arm"),
+               lib.get(&::ucp_worker_create, "ucp_worker_create"),
+               lib.get(&::ucp_worker_destroy, "ucp_worker_destroy"),
+               lib.get(&::ucp_worker_get_address, "ucp_worker_get_address"),
+               lib.get(&::ucp_worker_get_efd, "ucp_worker_get_efd"),
+               lib.get(&::ucp_worker_progress, "ucp_worker_progress"),
+               lib.get(&::ucp_worker_release_address, "ucp_worker_release_address"),
+               lib.get(&::ucs_status_string, "ucs_status_string")};
   }();
   return api;
 }
 
 [[noreturn]] void fail_status(const char* what, ucs_status_t s) {
-  throw Error(ErrorCode::Transport, std::string("UCX: ") + what + " failed: " + ucx().status_string(s));
+  throw Error(ErrorCode::Transport,
+              std::string("UCX: ") + what + " failed: " + ucx().status_string(s));
 }
 
 class UcxFabric;
@@ -91,7 +92,8 @@ struct EpArg {
 class UcxFabric final : public TagFabric {
  public:
   explicit UcxFabric(const TransportContext& ctx)
-      : eps_(static_cast<std::size_t>(ctx.size), nullptr), ep_failed_(static_cast<std::size_t>(ctx.size), false),
+      : eps_(static_cast<std::size_t>(ctx.size), nullptr),
+        ep_failed_(static_cast<std::size_t>(ctx.size), false),
         args_(static_cast<std::size_t>(ctx.size)) {
     ucp_config_t* config = nullptr;
     ucs_status_t s = ucx().config_read(nullptr, nullptr, &config);
@@ -148,8 +150,9 @@ class UcxFabric final : public TagFabric {
     const ucs_status_t s = ucx().ep_create(worker_, &ep, &h);
     if (s != UCS_OK)
       throw Error(ErrorCode::Transport,
-                  std::string("UCX: cannot create an endpoint to rank ") + std::to_string(peer) + ": " +
-                      ucx().status_string(s) + " (do both ranks share a transport in UCX_TLS?)",
+                  std::string("UCX: cannot create an endpoint to rank ") + std::to_string(peer) +
+                      ": " + ucx().status_string(s) +
+                      " (do both ranks share a transport in UCX_TLS?)",
                   peer);
     eps_[static_cast<std::size_t>(peer)] = h;
   }
@@ -161,11 +164,13 @@ class UcxFabric final : public TagFabric {
       return true;
     }
     ucp_request_param_t rp{};
-    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    rp.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
     rp.cb.send = &UcxFabric::on_send;
     rp.user_data = &op;
     rp.datatype = ucp_dt_make_contig(1);
-    ucs_status_ptr_t r = ucx().tag_send_nbx(eps_[static_cast<std::size_t>(peer)], buf, len, tag, &rp);
+    ucs_status_ptr_t r =
+        ucx().tag_send_nbx(eps_[static_cast<std::size_t>(peer)], buf, len, tag, &rp);
     if (r == nullptr) {
       op.done = true;
     } else if (UCS_PTR_IS_ERR(r)) {
@@ -182,8 +187,8 @@ class UcxFabric final : public TagFabric {
     // No immediate completion: UCX 1.13 leaves recv_info unset when a
     // receive completes inside the call, and the length is what we check.
     ucp_request_param_t rp{};
-    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE |
-                      UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                      UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
     rp.cb.recv = &UcxFabric::on_recv;
     rp.user_data = &op;
     rp.datatype = ucp_dt_make_contig(1);
@@ -236,7 +241,8 @@ class UcxFabric final : public TagFabric {
     }
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     for (void* r : closing) {
-      while (flush && ucx().request_check_status(r) == UCS_INPROGRESS && std::chrono::steady_clock::now() < until)
+      while (flush && ucx().request_check_status(r) == UCS_INPROGRESS &&
+             std::chrono::steady_clock::now() < until)
         ucx().worker_progress(worker_);
       ucx().request_free(r);
     }
@@ -261,7 +267,8 @@ class UcxFabric final : public TagFabric {
     ucx().request_free(request);
   }
 
-  static void on_recv(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info, void* user_data) {
+  static void on_recv(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
+                      void* user_data) {
     auto* op = static_cast<FabricOp*>(user_data);
     op->posted = false;
     op->done = true;
@@ -274,7 +281,8 @@ class UcxFabric final : public TagFabric {
   static void on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
     auto* a = static_cast<EpArg*>(arg);
     a->self->ep_failed_[static_cast<std::size_t>(a->peer)] = true;
-    a->self->report_peer_error(a->peer, std::string("endpoint error: ") + ucx().status_string(status));
+    a->self->report_peer_error(a->peer,
+                               std::string("endpoint error: ") + ucx().status_string(status));
   }
 
   ucp_context_h context_ = nullptr;
@@ -288,9 +296,10 @@ class UcxFabric final : public TagFabric {
   std::string how_;
 };
 
-[[maybe_unused]] const bool kRegistered = register_transport("ucx", [](const TransportContext& ctx) {
-  return make_tagged_transport("ucx", ctx, std::make_unique<UcxFabric>(ctx));
-});
+[[maybe_unused]] const bool kRegistered =
+    register_transport("ucx", [](const TransportContext& ctx) {
+      return make_tagged_transport("ucx", ctx, std::make_unique<UcxFabric>(ctx));
+    });
 
 }  // namespace
 }  // namespace chorus::transport::ucx
