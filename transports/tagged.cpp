@@ -128,24 +128,11 @@ class TaggedTransport final : public Transport {
   Capabilities capabilities(int) const override { return {}; }
 
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    return do_isend(peer, call, buf, bytes);
-  }
-  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes,
-                Combine combine) override {
-    return do_irecv(peer, call, dst, bytes, combine);
-  }
-  void progress() override { progress(true); }
-  void wait(std::span<const Request> reqs, Deadline deadline) override { do_wait(reqs, deadline); }
-
-  Request do_isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) {
     check_usable(peer);
     check_size(bytes);
     reach(peer);
     auto t = std::make_unique<SendTask>();
-    t->req = std::make_shared<RequestState>();
-    t->req->peer = peer;
-    t->req->is_send = true;
-    t->req->bytes = bytes;
+    t->req = new_request(peer, bytes, true);
     t->peer = peer;
     t->msg = send_msg_[static_cast<std::size_t>(peer)]++;
     t->buf = static_cast<const char*>(buf);
@@ -174,14 +161,13 @@ class TaggedTransport final : public Transport {
     return r;
   }
 
-  Request do_irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes, Combine combine) {
+  Request irecv(int peer, const CallDesc& call, void* dst, std::size_t bytes,
+                Combine combine) override {
     check_usable(peer);
     check_size(bytes);
     reach(peer);
     auto t = std::make_unique<RecvTask>();
-    t->req = std::make_shared<RequestState>();
-    t->req->peer = peer;
-    t->req->bytes = bytes;
+    t->req = new_request(peer, bytes, false);
     t->call = call;
     t->peer = peer;
     t->msg = recv_msg_[static_cast<std::size_t>(peer)]++;
@@ -199,7 +185,9 @@ class TaggedTransport final : public Transport {
     return r;
   }
 
-  void do_wait(std::span<const Request> reqs, Deadline deadline) {
+  void progress() override { progress(true); }
+
+  void wait(std::span<const Request> reqs, Deadline deadline) override {
     auto spin_until = Clock::now() + ctx_.spin;
     auto last_moved = Clock::now();
     auto nap = std::chrono::microseconds(20);
@@ -266,10 +254,17 @@ class TaggedTransport final : public Transport {
         addresses_[static_cast<std::size_t>(r)] = ctx_.store->get(key(r));
   }
 
-  std::vector<Traffic> traffic() const override { return Transport::traffic(); }
 
  private:
   std::string key(int r) const { return name_ + "/" + std::to_string(r); }
+
+  static Request new_request(int peer, std::size_t bytes, bool is_send) {
+    auto r = std::make_shared<RequestState>();
+    r->peer = peer;
+    r->is_send = is_send;
+    r->bytes = bytes;
+    return r;
+  }
 
   // Closes the endpoint: after a clean run with a flush; otherwise
   // cancelling what is posted, and at once, without driving the library

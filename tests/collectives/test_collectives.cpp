@@ -271,38 +271,38 @@ std::uint64_t mix(std::uint64_t z) {  // splitmix64's finaliser
   return z ^ (z >> 31);
 }
 
-// The meson tests run the matrix once per algorithm with CHORUS_ALGO set
-// (tests/collectives/meson.build); this reads which one is forced.
-// CHORUS_TEST_DTYPES=int8,float32,... restricts the matrix to those types
-// (the sanitizer build's forced-algorithm runs use one type per element
-// size: memory errors in an algorithm depend on sizes, not on arithmetic).
-bool dtype_selected(DataType t) {
-  const char* v = std::getenv("CHORUS_TEST_DTYPES");
+// Whether the comma-separated list in environment variable `var` has an
+// item for which `match` holds; true when the variable is unset or empty.
+template <class Match>
+bool env_list_allows(const char* var, Match match) {
+  const char* v = std::getenv(var);
   if (v == nullptr || *v == '\0') return true;
   // Compare item by item (string concatenation here trips GCC 12's -Wrestrict).
   const std::string_view list(v);
   std::size_t start = 0;
   while (start <= list.size()) {
     const std::size_t comma = std::min(list.find(',', start), list.size());
-    if (chorus::parse_data_type(std::string(list.substr(start, comma - start))) == t) return true;
+    if (match(std::string(list.substr(start, comma - start)))) return true;
     start = comma + 1;
   }
   return false;
 }
 
+// The meson tests run the matrix once per algorithm with CHORUS_ALGO set
+// (tests/collectives/meson.build); forced_one_shot() reads which one is forced.
+// CHORUS_TEST_DTYPES=int8,float32,... restricts the matrix to those types
+// (the sanitizer build's forced-algorithm runs use one type per element
+// size: memory errors in an algorithm depend on sizes, not on arithmetic).
+bool dtype_selected(DataType t) {
+  return env_list_allows("CHORUS_TEST_DTYPES",
+                         [t](const std::string& item) { return chorus::parse_data_type(item) == t; });
+}
+
 // CHORUS_TEST_WORLDS=2,3,4 restricts the matrix to those world sizes (the
 // libfabric and UCX runs: the sizes, and a shorter suite).
 bool world_selected(int world) {
-  const char* v = std::getenv("CHORUS_TEST_WORLDS");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string_view list(v);
-  std::size_t start = 0;
-  while (start <= list.size()) {
-    const std::size_t comma = std::min(list.find(',', start), list.size());
-    if (list.substr(start, comma - start) == std::to_string(world)) return true;
-    start = comma + 1;
-  }
-  return false;
+  return env_list_allows("CHORUS_TEST_WORLDS",
+                         [world](const std::string& item) { return item == std::to_string(world); });
 }
 
 bool forced_one_shot() {
