@@ -3,6 +3,7 @@
 // that numbers compare column for column with all_reduce_perf and friends.
 
 #include "bench_util.hpp"
+#include "device_memory.hpp"
 #include "p2p.hpp"
 
 #include <chorus/chorus.hpp>
@@ -53,6 +54,7 @@ struct Options {
   std::string p2p_bytes = "4M";
   int p2p_window = 8;
   std::string p2p_lat_bytes = "8";
+  std::string device = "host";  // --device cuda: buffers in GPU memory
 };
 
 // One table row's measurement of one mode (out-of-place or in-place).
@@ -101,6 +103,11 @@ class Bench {
         dtypes_(std::move(dtypes)), ops_(std::move(ops)), out_(out), rank_(comm.rank()),
         nranks_(comm.size()) {
     if (opt_.algorithm != "all") call_options_.algorithm = opt_.algorithm;
+    cuda_ = opt_.device == "cuda";
+  }
+  ~Bench() {
+    bench::device::free(dsend_);
+    bench::device::free(drecv_);
   }
 
   // Runs every table; returns the JSON report (meaningful on rank 0).
@@ -135,6 +142,11 @@ class Bench {
   chorus::CallOptions plain_options_;  // the harness's own barrier and reductions
   bench::Buffer send_;
   bench::Buffer recv_;
+  // --device cuda: the buffers the collectives use live on the GPU; the host
+  // ones above hold the check's inputs and the results copied back.
+  bool cuda_ = false;
+  unsigned char* dsend_ = nullptr;
+  unsigned char* drecv_ = nullptr;
   nlohmann::json records_ = nlohmann::json::array();
   double busbw_sum_ = 0;
   int busbw_count_ = 0;
@@ -174,6 +186,13 @@ nlohmann::json Bench::run() {
   const std::size_t max_bytes = sizes_.back();
   send_ = bench::allocate_touched(max_bytes);
   recv_ = bench::allocate_touched(max_bytes);
+  if (cuda_) {
+    dsend_ = static_cast<unsigned char*>(bench::device::alloc(max_bytes));
+    drecv_ = static_cast<unsigned char*>(bench::device::alloc(max_bytes));
+    // Calls are enqueued on a stream, as a framework would; the timed loop
+    // ends with a synchronisation (nccl-tests does the same).
+    call_options_.stream = bench::device::stream();
+  }
 
   for (const auto* coll : colls_) {
     for (DataType dtype : dtypes_) {
@@ -216,6 +235,7 @@ nlohmann::json Bench::run() {
   report["iters"] = opt_.iters;
   report["warmup_iters"] = opt_.warmup_iters;
   report["check"] = opt_.check;
+  report["device"] = opt_.device;
   report["root"] = opt_.root;
   report["results"] = records_;
   report["avg_busbw"] = avg_busbw;
@@ -365,19 +385,38 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
     send = recv_.get() + cc.send_inplace_offset * rank * ws;
     recv = recv_.get() + cc.recv_inplace_offset * rank * ws;
   }
+  // The buffers the collective is given: the host ones, or their GPU twins
+  // at the same offsets.
+  auto on_gpu = [&](unsigned char* host) {
+    if (!cuda_) return host;
+    return host >= recv_.get() && host < recv_.get() + sizes_.back()
+               ? drecv_ + (host - recv_.get())
+               : dsend_ + (host - send_.get());
+  };
+  unsigned char* const csend = on_gpu(send);
+  unsigned char* const crecv = on_gpu(recv);
   const std::size_t count = cc.param_count;
   const int root = opt_.root;
-  auto call = [&] { coll.run(comm_, send, recv, count, dtype, op, root, call_options_); };
+  auto call = [&] { coll.run(comm_, csend, crecv, count, dtype, op, root, call_options_); };
+  auto drain = [&] {
+    if (cuda_) bench::device::synchronize();
+  };
 
   // Zeros are valid input for every type and op and stay finite however many
   // times an in-place iteration reduces them again.
   std::memset(send_.get(), 0, cc.send_count * ws);
   std::memset(recv_.get(), 0, std::max(cc.send_count, cc.recv_count) * ws);
+  if (cuda_) {
+    bench::device::memset(dsend_, 0, cc.send_count * ws);
+    bench::device::memset(drecv_, 0, std::max(cc.send_count, cc.recv_count) * ws);
+  }
 
   for (int i = 0; i < opt_.warmup_iters; ++i) call();
+  drain();
   comm_.barrier(plain_options_);
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < opt_.iters; ++i) call();
+  drain();
   const auto t1 = std::chrono::steady_clock::now();
   const double my_us = std::chrono::duration<double, std::micro>(t1 - t0).count() / opt_.iters;
   // The slowest rank defines the collective's time.
@@ -402,7 +441,17 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
       std::memset(in_place ? recv_.get() : recv, bench::kPoisonByte,
                   (in_place ? std::max(cc.send_count, cc.recv_count) : cc.recv_count) * ws);
       bench::fill_send(send, cc.send_count, coll, ctx);
+      if (cuda_) {
+        if (in_place) {
+          bench::device::to_device(drecv_, recv_.get(), std::max(cc.send_count, cc.recv_count) * ws);
+        } else {
+          bench::device::to_device(csend, send, cc.send_count * ws);
+          bench::device::to_device(crecv, recv, cc.recv_count * ws);
+        }
+      }
       call();
+      drain();
+      if (cuda_) bench::device::to_host(recv, crecv, cc.recv_count * ws);
       wrong += bench::count_wrong(recv, cc.recv_count, coll, ctx);
     }
     std::uint64_t all_wrong = 0;
@@ -648,6 +697,11 @@ int main(int argc, char** argv) {
       app.add_option("--calibrate", opt.calibrate,
                      "Measure the alpha-beta model's parameters on these ranks and write them to "
                      "FILE (read it back with CHORUS_TUNING_FILE)");
+  app.add_option("--device", opt.device,
+                 "Where the collectives' buffers live: host, or cuda (GPU memory; rank r uses GPU "
+                 "r mod the visible GPUs; calls are enqueued on a stream)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"host", "cuda"}));
   app.add_flag("--p2p", opt.p2p,
                "Point-to-point bandwidth and latency of every ordered pair of ranks, one pair at "
                "a time (matrices: rows sender, columns receiver); -n, -w, -c and --json apply")
@@ -724,6 +778,18 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "chorus-bench: --root %d is not a rank (0..%d)\n", opt.root,
                      comm.size() - 1);
       return 2;
+    }
+    if (opt.device == "cuda") {
+      if (opt.p2p || !opt.calibrate.empty()) {
+        if (rank == 0) std::fprintf(stderr, "chorus-bench: --device cuda applies to the collective tables only\n");
+        return 2;
+      }
+      if (const std::string why = bench::device::unavailable_reason(); !why.empty()) {
+        if (rank == 0) std::fprintf(stderr, "chorus-bench: --device cuda: %s\n", why.c_str());
+        return 2;
+      }
+      const std::string gpu = bench::device::bind(rank);
+      if (rank == 0) std::fprintf(out, "# device cuda: rank 0 on %s\n", gpu.c_str());
     }
     if (!opt.calibrate.empty()) return calibrate(comm, opt.calibrate);
     nlohmann::json report;

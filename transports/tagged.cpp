@@ -143,7 +143,7 @@ class TaggedTransport final : public Transport {
     h.version = kVersion;
     h.coll = encode_coll(call);
     h.dtype = static_cast<std::uint8_t>(call.dtype);
-    h.op = static_cast<std::uint8_t>(call.op);
+    h.op = encode_op(call);
     h.root = call.root;
     h.seq = call.seq;
     h.count = call.count;

@@ -38,6 +38,7 @@ std::string describe(const CallDesc& d) {
   if (reduces) os << ", " << (is_valid(d.op) ? std::string(chorus::to_string(d.op)) : "op ?");
   if (d.root >= 0) os << ", root " << d.root;
   if (d.algo != 0) os << ", algorithm #" << static_cast<int>(d.algo);
+  if (d.device) os << ", on device memory";
   os << ")";
   return os.str();
 }
@@ -49,7 +50,11 @@ void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, 
      << my_rank << " called " << describe(mine)
      << ". Every rank must issue the same collectives, in the same order, with the same count, "
         "dtype, op and root"
-     << (mine.algo != theirs.algo && mine.coll == theirs.coll
+     << (mine.device != theirs.device
+             ? " (one passed CUDA device buffers, the other host buffers: every rank of a "
+               "collective must pass the same kind of memory)"
+             : "")
+     << (mine.algo != theirs.algo && mine.coll == theirs.coll && mine.device == theirs.device
              ? ", and pick the same algorithm (CHORUS_ALGO or CallOptions::algorithm differ "
                "between ranks)."
              : ".");

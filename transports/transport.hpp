@@ -61,6 +61,7 @@ struct CallDesc {
   std::uint64_t count = 0;    // the count argument of the call
   std::uint64_t seq = 0;      // collective call number (or per-pair number for send/recv)
   std::uint8_t algo = 0;      // algorithm id within the collective (0: none), 1..15
+  bool device = false;        // run by the device engine on CUDA buffers (src/cuda)
 
   bool operator==(const CallDesc&) const = default;
 };
@@ -76,13 +77,21 @@ inline void decode_coll(std::uint8_t byte, CallDesc& d) {
   d.algo = static_cast<std::uint8_t>(byte >> 4);
 }
 
+// The wire's op byte: the ReduceOp in the low 7 bits, CallDesc::device in the
+// high bit, so that a rank passing device memory and one passing host memory
+// (whose message sequences differ) fail with InvalidUsage naming the cause.
+inline std::uint8_t encode_op(const CallDesc& d) {
+  return static_cast<std::uint8_t>(static_cast<unsigned>(d.op) | (d.device ? 0x80u : 0u));
+}
+
 // The call a peer's message header describes, from its wire fields.
 inline CallDesc wire_call(std::uint8_t coll, std::uint8_t dtype, std::uint8_t op, std::int32_t root,
                           std::uint64_t count, std::uint64_t seq) {
   CallDesc d;
   decode_coll(coll, d);
   d.dtype = static_cast<DataType>(dtype);
-  d.op = static_cast<ReduceOp>(op);
+  d.op = static_cast<ReduceOp>(op & 0x7f);
+  d.device = (op & 0x80) != 0;
   d.root = root;
   d.count = count;
   d.seq = seq;

@@ -7,6 +7,7 @@
 #include "algorithms/algorithms.hpp"
 #include "algorithms/selector.hpp"
 #include "core/config.hpp"
+#include "core/device.hpp"
 #include "core/enforce.hpp"
 #include "core/log.hpp"
 #include "core/net.hpp"
@@ -103,6 +104,8 @@ struct CommImpl {
   std::vector<char> scratch;
   algo::Layout layout;
   std::optional<algo::Selector> selector;  // set once creation is complete
+  // Runs the calls on CUDA buffers; made at the first one (src/cuda).
+  std::unique_ptr<device::Engine> device;
 
   // Sequence numbers, assigned at submission so that they follow call order.
   std::uint64_t coll_seq = 0;
@@ -350,6 +353,41 @@ struct CommImpl {
   transport::Deadline deadline(const CallOptions& o) const {
     const auto t = o.timeout.count() > 0 ? o.timeout : settings.timeout;
     return transport::Clock::now() + t;
+  }
+
+  // The host algorithm for `call` on host buffers: what the device engine's
+  // staged path runs on pinned copies (transport lock held). Send/recv go to `peer`.
+  void run_host(const CallDesc& call, const void* s, void* r, const std::string& forced,
+                transport::Deadline dl, int peer) {
+    const std::size_t bytes = static_cast<std::size_t>(call.count) * size_of(call.dtype);
+    if (call.coll == Coll::SendRecv) {
+      auto req = s != nullptr ? transport->isend(peer, call, s, bytes)
+                              : transport->irecv(peer, call, r, bytes, transport::Combine::copy());
+      transport->wait({&req, 1}, dl);
+      return;
+    }
+    const algo::Call shape{call.coll, static_cast<std::size_t>(call.count), call.dtype, call.op,
+                           call.root};
+    const algo::Algorithm& a = selector->choose(shape, forced);
+    CallDesc d = call;
+    d.algo = algo::Selector::wire_id(a);
+    algo::Args args{s, r};
+    args.count = static_cast<std::size_t>(call.count);
+    args.dtype = call.dtype;
+    args.op = call.op;
+    args.root = call.root;
+    algo::Context ctx{*transport, rank, size, d, dl, settings.chunk_bytes, scratch, &layout, nullptr};
+    a.run(ctx, args);
+  }
+
+  // Fails the call if the GPU reported an error after an earlier device call
+  // returned; the communicator is unusable from then on.
+  void check_device_error() {
+    if (!device) return;
+    std::lock_guard<std::mutex> lock(mu);
+    if (!error)
+      if (auto e = device->async_error()) error = *e;
+    if (error) throw unusable(*error);
   }
 
   algo::Context context(const CallDesc& call, const CallOptions& o) {
@@ -740,6 +778,11 @@ std::vector<std::pair<std::string, double>> Communicator::algorithm_estimates(
 }
 
 std::optional<Error> Communicator::error() const {
+  if (impl_ && impl_->device) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (!impl_->error)
+      if (auto e = impl_->device->async_error()) impl_->error = *e;
+  }
   auto& c = need(impl_);
   std::lock_guard<std::mutex> lock(c.mu);
   return c.error;
@@ -771,12 +814,87 @@ CallDesc make_call(CommImpl& /*c*/, Coll coll, DataType t, ReduceOp op, int root
   return d;
 }
 
+// Which of a call's buffers this rank uses; the others may be null or stale.
+std::pair<bool, bool> used_buffers(const CallDesc& call, int rank) {
+  const bool root = call.root == rank;
+  switch (call.coll) {
+    case Coll::Broadcast:
+    case Coll::Scatter: return {root, true};
+    case Coll::Reduce:
+    case Coll::Gather: return {true, root};
+    case Coll::Barrier: return {false, false};
+    default: return {true, true};
+  }
+}
+
+// The GPU holding this rank's buffers, or nothing for host memory. Both
+// buffers must be of one kind (and on one GPU).
+std::optional<int> device_of(const CallDesc& call, const void* s, const void* r, bool use_s,
+                             bool use_r) {
+  if (call.count == 0) return std::nullopt;  // nothing is read or written
+  const device::PtrInfo ds = use_s ? device::query(s) : device::PtrInfo{};
+  const device::PtrInfo dr = use_r ? device::query(r) : device::PtrInfo{};
+  const std::string name(to_string(call.coll));
+  if (use_s && use_r && s != nullptr && r != nullptr && ds.device != dr.device)
+    throw Error(ErrorCode::InvalidArgument,
+                name + ": sendbuf is " + (ds.device ? "CUDA device" : "host") + " memory but recvbuf is " +
+                    (dr.device ? "CUDA device" : "host") + " memory; pass both in the same kind");
+  if (ds.device && dr.device && ds.ordinal != dr.ordinal)
+    throw Error(ErrorCode::InvalidArgument,
+                name + ": sendbuf is on GPU " + std::to_string(ds.ordinal) + " but recvbuf on GPU " +
+                    std::to_string(dr.ordinal) + "; pass buffers of one GPU");
+  if (ds.device) return ds.ordinal;
+  if (dr.device) return dr.ordinal;
+  return std::nullopt;
+}
+
+void need_gpu(const CallOptions& o) {
+  if (o.stream == nullptr) return;
+  if (!device::built())
+    throw Error(ErrorCode::Cuda, "a CUDA stream was given but this build has no CUDA support");
+  if (const std::string why = device::unavailable_reason(); !why.empty())
+    throw Error(ErrorCode::Cuda, "a CUDA stream was given but " + why);
+}
+
+// A call on device buffers: the device engine runs it in the call's turn
+// (with a stream it may return before the GPU is done).
+Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal, int peer,
+                const CallOptions& o, bool async) {
+  call.device = true;
+  call.algo = 0;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (!c.device)
+      c.device = device::make_engine(device::EngineSetup{c.transport.get(), c.rank, c.size,
+                                                         c.layout.single_host(), c.settings});
+    if (call.coll != Coll::SendRecv) call.seq = c.coll_seq++;
+  }
+  CHORUS_TRACE(transport::describe(call) << " on GPU " << ordinal);
+  return c.submit([&c, call, s, r, ordinal, peer, o] {
+    device::Request req;
+    req.call = call;
+    req.send = s;
+    req.recv = r;
+    req.stream = o.stream;
+    req.ordinal = ordinal;
+    req.deadline = c.deadline(o);
+    c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
+      c.run_host(part, ps, pr, o.algorithm, req.deadline, peer);
+    });
+  }, async);
+}
+
 // Chooses the algorithm (in the caller's thread, so that a forced algorithm
 // that cannot run the call fails here), assigns the collective sequence
 // number at submission time, and runs the algorithm in the call's turn.
+// Calls on device buffers go to the device engine instead.
 Work run_collective(CommImpl& c, CallDesc call, algo::Args args, const CallOptions& o, bool async) {
-  if (o.stream != nullptr)
-    throw Error(ErrorCode::Cuda, "a CUDA stream was given but this build has no CUDA support");
+  c.check_device_error();
+  const auto [use_s, use_r] = used_buffers(call, c.rank);
+  if (const auto gpu = device_of(call, args.send, args.recv, use_s, use_r))
+    return run_device(c, call, use_s ? args.send : nullptr, use_r ? args.recv : nullptr, *gpu, -1,
+                      o, async);
+  need_gpu(o);
   const algo::Call shape{call.coll, static_cast<std::size_t>(call.count), call.dtype, call.op, call.root};
   const algo::Algorithm& a = c.selector->choose(shape, o.algorithm);
   call.algo = algo::Selector::wire_id(a);
@@ -792,6 +910,8 @@ Work run_collective(CommImpl& c, CallDesc call, algo::Args args, const CallOptio
   CHORUS_TRACE(transport::describe(call) << " with " << a.name);
   const algo::Algorithm* algorithm = &a;
   return c.submit([&c, call, o, args, algorithm]() mutable {
+    // Host buffers given with a stream: ordered after the work queued before.
+    if (o.stream != nullptr) device::synchronize(o.stream);
     algo::Context ctx = c.context(call, o);
     algorithm->run(ctx, args);
   }, async);
@@ -916,6 +1036,7 @@ Work op_send(CommImpl& c, const void* buf, std::size_t count, DataType t, int pe
   check_peer(c, peer, "send");
   check_count(count, 1, t, "send");
   check_buffer(buf, count, "buf", "send");
+  c.check_device_error();
   CallDesc call = make_call(c, Coll::SendRecv, t, ReduceOp::Sum, -1, count);
   {
     // Point-to-point calls are numbered per pair, not with the collectives:
@@ -923,6 +1044,16 @@ Work op_send(CommImpl& c, const void* buf, std::size_t count, DataType t, int pe
     std::lock_guard<std::mutex> lock(c.mu);
     call.seq = c.send_seq[static_cast<std::size_t>(peer)]++;
   }
+  if (const auto gpu = device_of(call, buf, nullptr, true, false))
+    return run_device(c, call, buf, nullptr, *gpu, peer, o, async);
+  need_gpu(o);
+  if (o.stream != nullptr)
+    return c.submit([&c, call, o, buf, count, t, peer] {
+      device::synchronize(o.stream);
+      algo::Context ctx = c.context(call, o);
+      auto r = ctx.t.isend(peer, call, buf, count * size_of(t));
+      ctx.t.wait({&r, 1}, ctx.deadline);
+    }, async);
   if (async)
     return c.submit_posted(
         [&c, call, buf, count, t, peer] { return c.transport->isend(peer, call, buf, count * size_of(t)); },
@@ -940,11 +1071,22 @@ Work op_recv(CommImpl& c, void* buf, std::size_t count, DataType t, int peer,
   check_peer(c, peer, "recv");
   check_count(count, 1, t, "recv");
   check_buffer(buf, count, "buf", "recv");
+  c.check_device_error();
   CallDesc call = make_call(c, Coll::SendRecv, t, ReduceOp::Sum, -1, count);
   {
     std::lock_guard<std::mutex> lock(c.mu);
     call.seq = c.recv_seq[static_cast<std::size_t>(peer)]++;
   }
+  if (const auto gpu = device_of(call, nullptr, buf, false, true))
+    return run_device(c, call, nullptr, buf, *gpu, peer, o, async);
+  need_gpu(o);
+  if (o.stream != nullptr)
+    return c.submit([&c, call, o, buf, count, t, peer] {
+      device::synchronize(o.stream);
+      algo::Context ctx = c.context(call, o);
+      auto r = ctx.t.irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
+      ctx.t.wait({&r, 1}, ctx.deadline);
+    }, async);
   if (async)
     return c.submit_posted(
         [&c, call, buf, count, t, peer] {

@@ -322,7 +322,7 @@ class ShmTransport final : public Transport {
     op.hdr.kind = static_cast<std::uint8_t>(kind);
     op.hdr.coll = encode_coll(call);
     op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
-    op.hdr.op = static_cast<std::uint8_t>(call.op);
+    op.hdr.op = encode_op(call);
     op.hdr.root = call.root;
     op.hdr.count = call.count;
     op.hdr.seq = call.seq;

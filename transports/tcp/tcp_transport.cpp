@@ -179,7 +179,7 @@ class TcpTransport final : public Transport {
     op.hdr = make_header(FrameKind::Data);
     op.hdr.coll = encode_coll(call);
     op.hdr.dtype = static_cast<std::uint8_t>(call.dtype);
-    op.hdr.op = static_cast<std::uint8_t>(call.op);
+    op.hdr.op = encode_op(call);
     op.hdr.root = call.root;
     op.hdr.seq = call.seq;
     op.hdr.count = call.count;

@@ -1,0 +1,385 @@
+// Every collective on CUDA device buffers, at 2, 3 and 4 ranks on one GPU
+// (or on as many GPUs as there are): in place and not, with and without a
+// stream, over the CUDA IPC path and (CHORUS_CUDA_IPC=0) the pinned-host
+// staging path. Expected values are computed on the host from the closed
+// form of every rank's input; outputs are poisoned before every call.
+//
+// Ranks are forked processes; the parent never touches CUDA (it could not
+// fork working children afterwards), so even the "is there a GPU" probe runs
+// in a child. Without a GPU every case skips, saying why.
+
+#include <chorus/communicator.hpp>
+#include <chorus/store.hpp>
+
+#include "cuda_test_util.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <iostream>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+using chorus::CallOptions;
+using chorus::Communicator;
+using chorus::DataType;
+using chorus::ReduceOp;
+using namespace cuda_test;
+
+namespace {
+
+std::string gpu_reason() {
+  static const std::string why = probe_in_child([] {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e);
+    if (n == 0) return std::string("no CUDA device");
+    return std::string();
+  });
+  return why;
+}
+
+// Rank r's input element i (values 1..3: sums, products and averages are
+// exact in every dtype at up to 4 ranks).
+double value(int rank, std::size_t i, int salt) {
+  return static_cast<double>((static_cast<std::size_t>(rank) * 3 + i * 7 + static_cast<std::size_t>(salt)) % 3 + 1);
+}
+
+double combine(ReduceOp op, const std::vector<double>& v, DataType t) {
+  double acc = v[0];
+  for (std::size_t k = 1; k < v.size(); ++k) {
+    switch (op) {
+      case ReduceOp::Sum:
+      case ReduceOp::Avg: acc += v[k]; break;
+      case ReduceOp::Prod: acc *= v[k]; break;
+      case ReduceOp::Min: acc = std::min(acc, v[k]); break;
+      case ReduceOp::Max: acc = std::max(acc, v[k]); break;
+    }
+  }
+  if (op == ReduceOp::Avg) {
+    const double n = static_cast<double>(v.size());
+    acc = chorus::is_floating_point(t) ? acc / n : std::trunc(acc / n);
+  }
+  return acc;
+}
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    const cudaError_t e_ = (x);                                                            \
+    if (e_ != cudaSuccess) {                                                               \
+      std::cerr << "rank " << rank << ": " << #x << ": " << cudaGetErrorString(e_) << "\n"; \
+      std::_Exit(90);                                                                      \
+    }                                                                                      \
+  } while (0)
+
+struct Case {
+  std::string coll;
+  DataType t;
+  ReduceOp op;
+  std::size_t count;
+  bool in_place;
+  bool stream;
+};
+
+std::string describe(const Case& c) {
+  std::ostringstream os;
+  os << c.coll << " " << chorus::to_string(c.t) << " " << chorus::to_string(c.op) << " count "
+     << c.count << (c.in_place ? " in-place" : "") << (c.stream ? " stream" : " blocking");
+  return os.str();
+}
+
+// Runs one case on this rank; returns an error text or "".
+std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int salt) {
+  const int rank = comm.rank(), n = comm.size();
+  const std::size_t w = chorus::size_of(c.t), cnt = c.count, nn = static_cast<std::size_t>(n);
+  const int root = (c.coll == "broadcast") ? n - 1 : (c.coll == "reduce" ? 1 % n : 0);
+  // Sizes of this rank's send and recv buffers (elements).
+  std::size_t sn = cnt, rn = cnt;
+  if (c.coll == "allgather" || c.coll == "gather") rn = cnt * nn;
+  if (c.coll == "reduce_scatter" || c.coll == "scatter") sn = cnt * nn;
+  if (c.coll == "alltoall") sn = rn = cnt * nn;
+  std::vector<char> hs(sn * w), hr(rn * w);
+  for (std::size_t i = 0; i < sn; ++i) store(c.t, hs.data(), i, value(rank, i, salt));
+  char *ds = nullptr, *dr = nullptr;
+  CK(cudaMalloc(reinterpret_cast<void**>(&ds), std::max<std::size_t>(sn, 1) * w));
+  CK(cudaMalloc(reinterpret_cast<void**>(&dr), std::max<std::size_t>(rn, 1) * w));
+  CallOptions o;
+  o.stream = c.stream ? stream : nullptr;
+  cudaStream_t st = c.stream ? stream : nullptr;
+  // The input and the poison travel on the call's stream: the collective
+  // must be ordered after them (and the copy back after it).
+  CK(cudaMemsetAsync(dr, 0xff, rn * w, st));
+  CK(cudaMemcpyAsync(ds, hs.data(), sn * w, cudaMemcpyHostToDevice, st));
+  if (!c.stream) CK(cudaStreamSynchronize(nullptr));
+  // In place: the output buffer doubles as the input.
+  char* send = ds;
+  char* recv = dr;
+  std::size_t check_off = 0;  // where in `recv` the result is
+  if (c.in_place) {
+    if (c.coll == "allreduce" || c.coll == "broadcast" || c.coll == "reduce") {
+      recv = ds;
+    } else if (c.coll == "allgather") {  // send = recv + rank*count
+      CK(cudaMemcpyAsync(dr + static_cast<std::size_t>(rank) * cnt * w, ds, cnt * w,
+                         cudaMemcpyDeviceToDevice, st));
+      send = dr + static_cast<std::size_t>(rank) * cnt * w;
+    } else if (c.coll == "reduce_scatter") {  // recv = send + rank*count
+      recv = ds + static_cast<std::size_t>(rank) * cnt * w;
+    }
+  }
+  try {
+    if (c.coll == "allreduce") comm.allreduce(send, recv, cnt, c.t, c.op, o);
+    else if (c.coll == "broadcast") comm.broadcast(send, recv, cnt, c.t, root, o);
+    else if (c.coll == "reduce") comm.reduce(send, recv, cnt, c.t, c.op, root, o);
+    else if (c.coll == "allgather") comm.allgather(send, recv, cnt, c.t, o);
+    else if (c.coll == "reduce_scatter") comm.reduce_scatter(send, recv, cnt, c.t, c.op, o);
+    else if (c.coll == "gather") comm.gather(send, recv, cnt, c.t, root, o);
+    else if (c.coll == "scatter") comm.scatter(send, recv, cnt, c.t, root, o);
+    else if (c.coll == "alltoall") comm.alltoall(send, recv, cnt, c.t, o);
+    else if (c.coll == "sendrecv") {
+      const int next = (rank + 1) % n, prev = (rank + n - 1) % n;
+      if (rank % 2 == 0) {
+        comm.send(send, cnt, c.t, next, o);
+        comm.recv(recv, cnt, c.t, prev, o);
+      } else {
+        comm.recv(recv, cnt, c.t, prev, o);
+        comm.send(send, cnt, c.t, next, o);
+      }
+    }
+  } catch (const chorus::Error& e) {
+    return std::string("threw ") + e.what();
+  }
+  const std::size_t out_n = (c.coll == "allgather" || c.coll == "gather") ? rn : cnt;
+  CK(cudaMemcpyAsync(hr.data(), recv, out_n * w, cudaMemcpyDeviceToHost, st));
+  CK(cudaStreamSynchronize(st));
+  CK(cudaFree(ds));
+  CK(cudaFree(dr));
+  (void)check_off;
+  const bool has_result = !((c.coll == "reduce" || c.coll == "gather") && rank != root);
+  if (!has_result) return "";
+  std::vector<double> across(nn);
+  std::size_t bad = 0;
+  std::ostringstream err;
+  for (std::size_t i = 0; i < out_n && bad < 3; ++i) {
+    double want = 0;
+    if (c.coll == "allreduce" || c.coll == "reduce" || c.coll == "reduce_scatter") {
+      const std::size_t j = c.coll == "reduce_scatter" ? static_cast<std::size_t>(rank) * cnt + i : i;
+      for (int p = 0; p < n; ++p) across[static_cast<std::size_t>(p)] = value(p, j, salt);
+      want = combine(c.op, across, c.t);
+    } else if (c.coll == "broadcast") {
+      want = value(root, i, salt);
+    } else if (c.coll == "allgather" || c.coll == "gather") {
+      want = value(static_cast<int>(i / cnt), i % cnt, salt);
+    } else if (c.coll == "scatter") {
+      want = value(root, static_cast<std::size_t>(rank) * cnt + i, salt);
+    } else if (c.coll == "alltoall") {
+      want = value(static_cast<int>(i / cnt), static_cast<std::size_t>(rank) * cnt + i % cnt, salt);
+    } else if (c.coll == "sendrecv") {
+      want = value((rank + n - 1) % n, i, salt);
+    }
+    std::vector<char> ref(w);
+    store(c.t, ref.data(), 0, want);
+    const double got = load(c.t, hr.data(), i);
+    const double wr = load(c.t, ref.data(), 0);
+    const bool approx = c.op == ReduceOp::Avg && chorus::is_floating_point(c.t);
+    const double tol = approx ? std::abs(wr) * (w <= 2 ? 1e-2 : 1e-6) : 0.0;
+    if (!(std::abs(got - wr) <= tol)) {
+      err << " element " << i << ": got " << got << " want " << wr << ";";
+      ++bad;
+    }
+  }
+  return err.str();
+}
+
+int rank_main(int rank, int n, const std::string& dir) {
+  auto store = std::make_shared<chorus::FileStore>(dir);
+  chorus::Config cfg;
+  cfg.timeout = std::chrono::seconds(120);
+  Communicator comm = Communicator::create(rank, n, store, cfg);
+  int ndev = 0;
+  CK(cudaGetDeviceCount(&ndev));
+  CK(cudaSetDevice(rank % ndev));
+  cudaStream_t stream = nullptr;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::vector<Case> cases;
+  const std::size_t counts[] = {1, 1000, 70000, (std::size_t{1} << 20) + 3};
+  int k = 0;
+  for (int ti = 0; ti < chorus::kNumDataTypes; ++ti) {
+    const auto t = static_cast<DataType>(ti);
+    for (int oi = 0; oi < chorus::kNumReduceOps; ++oi)
+      for (std::size_t cnt : counts)
+        for (bool ip : {false, true}) cases.push_back({"allreduce", t, static_cast<ReduceOp>(oi), cnt, ip, (k++ % 2) == 1});
+  }
+  for (DataType t : {DataType::Float32, DataType::Float16, DataType::Int8, DataType::Float64})
+    for (std::size_t cnt : counts)
+      for (bool ip : {false, true}) {
+        const bool s = (k++ % 2) == 1;
+        cases.push_back({"reduce_scatter", t, ReduceOp::Sum, cnt, ip, s});
+        cases.push_back({"reduce", t, ReduceOp::Max, cnt, ip, !s});
+        cases.push_back({"broadcast", t, ReduceOp::Sum, cnt, ip, s});
+        cases.push_back({"allgather", t, ReduceOp::Sum, cnt, ip, !s});
+        if (!ip) {
+          cases.push_back({"gather", t, ReduceOp::Sum, cnt, false, s});
+          cases.push_back({"scatter", t, ReduceOp::Sum, cnt, false, !s});
+          cases.push_back({"alltoall", t, ReduceOp::Sum, cnt, false, s});
+          cases.push_back({"sendrecv", t, ReduceOp::Sum, cnt, false, !s});
+        }
+      }
+  int failures = 0;
+  int salt = 0;
+  for (const Case& c : cases) {
+    const std::string err = run_case(comm, c, stream, salt++);
+    if (!err.empty()) {
+      std::cerr << "rank " << rank << " of " << n << ": " << describe(c) << ":" << err << "\n";
+      if (++failures >= 10 || err.rfind("threw", 0) == 0) break;
+    }
+  }
+  // A barrier on a stream, and no error left behind.
+  try {
+    CallOptions o;
+    o.stream = stream;
+    comm.barrier(o);
+  } catch (const chorus::Error& e) {
+    std::cerr << "rank " << rank << ": barrier with a stream threw " << e.what() << "\n";
+    ++failures;
+  }
+  if (comm.error()) {
+    std::cerr << "rank " << rank << ": error() reports " << comm.error()->what() << "\n";
+    ++failures;
+  }
+  CK(cudaStreamDestroy(stream));
+  return failures;
+}
+
+// Forks `n` ranks running `body`; returns their exit codes (-1: killed).
+std::vector<int> fork_ranks(int n, const std::function<int(int, int, const std::string&)>& body,
+                            std::chrono::seconds limit) {
+  char tmpl[] = "/tmp/chorus-cuda-test-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  std::vector<pid_t> pids;
+  for (int r = 0; r < n; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      int rc = 1;
+      try {
+        rc = body(r, n, dir);
+      } catch (const std::exception& e) {
+        std::cerr << "rank " << r << ": " << e.what() << "\n";
+        rc = 99;
+      }
+      std::fflush(nullptr);
+      std::_Exit(std::min(rc, 100));
+    }
+    pids.push_back(pid);
+  }
+  std::vector<int> codes(static_cast<std::size_t>(n), -1);
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  int left = n;
+  while (left > 0) {
+    for (int r = 0; r < n; ++r) {
+      if (pids[static_cast<std::size_t>(r)] == 0) continue;
+      int status = 0;
+      if (waitpid(pids[static_cast<std::size_t>(r)], &status, WNOHANG) == pids[static_cast<std::size_t>(r)]) {
+        codes[static_cast<std::size_t>(r)] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        pids[static_cast<std::size_t>(r)] = 0;
+        --left;
+      }
+    }
+    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
+      for (pid_t p : pids)
+        if (p != 0) kill(p, SIGKILL);
+      for (pid_t p : pids)
+        if (p != 0) waitpid(p, nullptr, 0);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  std::system(("rm -rf " + dir).c_str());
+  return codes;
+}
+
+class CudaCollectives : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    if (const std::string why = gpu_reason(); !why.empty()) GTEST_SKIP() << "no GPU here: " << why;
+  }
+};
+
+TEST_P(CudaCollectives, EveryCollectiveOnDeviceBuffers) {
+  const int n = GetParam();
+  const auto codes = fork_ranks(n, rank_main, std::chrono::seconds(600));
+  for (int r = 0; r < n; ++r)
+    EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0) << "rank " << r << " of " << n
+                                                     << " (-1: killed after the time limit)";
+}
+
+INSTANTIATE_TEST_SUITE_P(World, CudaCollectives, ::testing::Values(2, 3, 4));
+
+// One rank passes host buffers, the others device buffers: every rank fails
+// with an Error naming the mismatch (the message sequences differ), none hangs.
+TEST(CudaMisuse, MixedHostAndDeviceRanksFailClearly) {
+  if (const std::string why = gpu_reason(); !why.empty()) GTEST_SKIP() << "no GPU here: " << why;
+  const auto codes = fork_ranks(3, [](int rank, int n, const std::string& dir) {
+    auto store = std::make_shared<chorus::FileStore>(dir);
+    chorus::Config cfg;
+    cfg.timeout = std::chrono::seconds(20);
+    Communicator comm = Communicator::create(rank, n, store, cfg);
+    const std::size_t count = 4096;
+    std::vector<float> host(count, 1.0f);
+    float* dev = nullptr;
+    CK(cudaMalloc(reinterpret_cast<void**>(&dev), count * 4));
+    float* buf = rank == 0 ? host.data() : dev;
+    try {
+      comm.allreduce(buf, buf, count, DataType::Float32, ReduceOp::Sum);
+    } catch (const chorus::Error& e) {
+      const bool clear = e.code() == chorus::ErrorCode::InvalidUsage ||
+                         e.code() == chorus::ErrorCode::PeerFailure;
+      if (!clear) std::cerr << "rank " << rank << ": unexpected error: " << e.what() << "\n";
+      return clear ? 0 : 2;
+    }
+    std::cerr << "rank " << rank << ": mixed host/device allreduce did not fail\n";
+    return 1;
+  }, std::chrono::seconds(120));
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0) << "rank " << r;
+}
+
+// Without a GPU (this build has CUDA but the machine none), a stream in the
+// call options is a clear Error(Cuda), and host collectives still work.
+TEST(CudaMisuse, StreamWithoutGpuIsACudaError) {
+  if (gpu_reason().empty()) GTEST_SKIP() << "a GPU is usable here";
+  const auto codes = fork_ranks(1, [](int rank, int n, const std::string& dir) {
+    auto store = std::make_shared<chorus::FileStore>(dir);
+    Communicator comm = Communicator::create(rank, n, store);
+    float x = 2.0f, y = 0.0f;
+    comm.allreduce(&x, &y, 1, DataType::Float32, ReduceOp::Sum);
+    if (y != 2.0f) return 3;
+    CallOptions o;
+    o.stream = reinterpret_cast<void*>(0x10);
+    try {
+      comm.allreduce(&x, &y, 1, DataType::Float32, ReduceOp::Sum, o);
+    } catch (const chorus::Error& e) {
+      if (e.code() != chorus::ErrorCode::Cuda) return 4;
+      if (std::string(e.what()).find("CUDA") == std::string::npos) return 5;
+      return 0;
+    }
+    return 6;
+  }, std::chrono::seconds(60));
+  EXPECT_EQ(codes[0], 0) << "exit codes: 3 wrong host result, 4 wrong error code, 5 unclear "
+                            "message, 6 no error";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
