@@ -41,7 +41,11 @@ struct CallOptions {
   std::chrono::milliseconds timeout{0};
   /// Force an algorithm by name (e.g. "ring"); empty lets Chorus choose.
   std::string algorithm;
-  /// Opaque CUDA stream (cudaStream_t) for device buffers; unused until CUDA support lands.
+  /// Opaque CUDA stream (cudaStream_t). A call on device buffers is ordered
+  /// after the work queued on it before the call, and work queued after the
+  /// call sees the result; without a stream such a call is blocking and
+  /// ordered on the legacy default stream. With host buffers the stream is
+  /// synchronised first. Error(Cuda) where no GPU is usable (docs/cuda.md).
   void* stream = nullptr;
 };
 

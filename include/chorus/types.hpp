@@ -42,7 +42,8 @@ enum class ReduceOp : std::uint8_t {
 /// Number of ReduceOp values; a value >= kNumReduceOps is invalid.
 inline constexpr int kNumReduceOps = 5;
 
-/// Where a buffer lives. Only Host is accepted until CUDA support lands.
+/// Where a buffer lives. Chorus tells them apart itself (docs/cuda.md): every
+/// collective accepts either kind.
 enum class MemoryKind : std::uint8_t {
   Host = 0,  ///< ordinary or pinned host memory
   Cuda = 1,  ///< CUDA device memory
