@@ -106,6 +106,7 @@ struct CommImpl {
   std::optional<algo::Selector> selector;  // set once creation is complete
   // Runs the calls on CUDA buffers; made at the first one (src/cuda).
   std::unique_ptr<device::Engine> device;
+  std::atomic<bool> has_device{false};  // `device` is set (read without the lock)
 
   // Sequence numbers, assigned at submission so that they follow call order.
   std::uint64_t coll_seq = 0;
@@ -383,7 +384,7 @@ struct CommImpl {
   // Fails the call if the GPU reported an error after an earlier device call
   // returned; the communicator is unusable from then on.
   void check_device_error() {
-    if (!device) return;
+    if (!has_device.load(std::memory_order_acquire)) return;
     std::lock_guard<std::mutex> lock(mu);
     if (!error)
       if (auto e = device->async_error()) error = *e;
@@ -778,7 +779,7 @@ std::vector<std::pair<std::string, double>> Communicator::algorithm_estimates(
 }
 
 std::optional<Error> Communicator::error() const {
-  if (impl_ && impl_->device) {
+  if (impl_ && impl_->has_device.load(std::memory_order_acquire)) {
     std::lock_guard<std::mutex> lock(impl_->mu);
     if (!impl_->error)
       if (auto e = impl_->device->async_error()) impl_->error = *e;
@@ -864,9 +865,11 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
   call.algo = 0;
   {
     std::lock_guard<std::mutex> lock(c.mu);
-    if (!c.device)
+    if (!c.device) {
       c.device = device::make_engine(device::EngineSetup{c.transport.get(), c.rank, c.size,
                                                          c.layout.single_host(), c.settings});
+      c.has_device.store(true, std::memory_order_release);
+    }
     if (call.coll != Coll::SendRecv) call.seq = c.coll_seq++;
   }
   CHORUS_TRACE(transport::describe(call) << " on GPU " << ordinal);
@@ -1047,22 +1050,17 @@ Work op_send(CommImpl& c, const void* buf, std::size_t count, DataType t, int pe
   if (const auto gpu = device_of(call, buf, nullptr, true, false))
     return run_device(c, call, buf, nullptr, *gpu, peer, o, async);
   need_gpu(o);
-  if (o.stream != nullptr)
-    return c.submit([&c, call, o, buf, count, t, peer] {
-      device::synchronize(o.stream);
-      algo::Context ctx = c.context(call, o);
-      auto r = ctx.t.isend(peer, call, buf, count * size_of(t));
-      ctx.t.wait({&r, 1}, ctx.deadline);
-    }, async);
-  if (async)
+  // Posted without waiting, unless a stream must be synchronised first.
+  if (async && o.stream == nullptr)
     return c.submit_posted(
         [&c, call, buf, count, t, peer] { return c.transport->isend(peer, call, buf, count * size_of(t)); },
         c.deadline(o));
   return c.submit([&c, call, o, buf, count, t, peer] {
+    if (o.stream != nullptr) device::synchronize(o.stream);
     algo::Context ctx = c.context(call, o);
     auto r = ctx.t.isend(peer, call, buf, count * size_of(t));
     ctx.t.wait({&r, 1}, ctx.deadline);
-  }, false);
+  }, async);
 }
 
 Work op_recv(CommImpl& c, void* buf, std::size_t count, DataType t, int peer,
@@ -1080,24 +1078,18 @@ Work op_recv(CommImpl& c, void* buf, std::size_t count, DataType t, int peer,
   if (const auto gpu = device_of(call, nullptr, buf, false, true))
     return run_device(c, call, nullptr, buf, *gpu, peer, o, async);
   need_gpu(o);
-  if (o.stream != nullptr)
-    return c.submit([&c, call, o, buf, count, t, peer] {
-      device::synchronize(o.stream);
-      algo::Context ctx = c.context(call, o);
-      auto r = ctx.t.irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
-      ctx.t.wait({&r, 1}, ctx.deadline);
-    }, async);
-  if (async)
+  if (async && o.stream == nullptr)
     return c.submit_posted(
         [&c, call, buf, count, t, peer] {
           return c.transport->irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
         },
         c.deadline(o));
   return c.submit([&c, call, o, buf, count, t, peer] {
+    if (o.stream != nullptr) device::synchronize(o.stream);
     algo::Context ctx = c.context(call, o);
     auto r = ctx.t.irecv(peer, call, buf, count * size_of(t), transport::Combine::copy());
     ctx.t.wait({&r, 1}, ctx.deadline);
-  }, false);
+  }, async);
 }
 
 }  // namespace

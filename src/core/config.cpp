@@ -99,6 +99,21 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
       throw Error(ErrorCode::InvalidArgument,
                   std::string("CHORUS_FI_MR='") + v + "' must be 'auto' or 'always'");
   }
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC")) {
+    const std::string b = v;
+    if (b != "0" && b != "1")
+      throw Error(ErrorCode::InvalidArgument, "CHORUS_CUDA_IPC='" + b + "' must be 0 or 1");
+    s.cuda_ipc = b == "1";
+  }
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_STAGE_BYTES")) {
+    s.cuda_stage_bytes = parse_bytes(v, "CHORUS_CUDA_STAGE_BYTES");
+    if (s.cuda_stage_bytes < 4096)
+      throw Error(ErrorCode::InvalidArgument, "CHORUS_CUDA_STAGE_BYTES must be at least 4096");
+  }
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_ONE_SHOT_BYTES"))
+    s.cuda_one_shot_bytes = parse_bytes(v, "CHORUS_CUDA_ONE_SHOT_BYTES");
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC_MIN_BYTES"))
+    s.cuda_ipc_min_bytes = parse_bytes(v, "CHORUS_CUDA_IPC_MIN_BYTES");
   return s;
 }
 

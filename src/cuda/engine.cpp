@@ -70,42 +70,27 @@ const Probe& probe() {
   return p;
 }
 
+// A driver API function, looked up through the runtime (the library never
+// links libcuda, which machines without a driver lack); null if missing.
+template <typename Fn>
+Fn driver_fn(const char* name) {
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+  if (cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess)
+    return nullptr;
+  return reinterpret_cast<Fn>(f);
+}
+
 using AddressRangeFn = CUresult (*)(CUdeviceptr*, std::size_t*, CUdeviceptr);
-
-AddressRangeFn address_range_fn() {
-  static const AddressRangeFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<AddressRangeFn>(f);
-  }();
-  return fn;
-}
-
 using PointerAttributeFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
-
-PointerAttributeFn pointer_attribute_fn() {
-  static const PointerAttributeFn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &f, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<PointerAttributeFn>(f);
-  }();
-  return fn;
-}
 
 // A process-unique id of the allocation holding `p` (0 when unknown): tells a
 // new allocation at a recycled address from the old one.
 std::uint64_t buffer_id(const void* p) {
+  static const auto fn = driver_fn<PointerAttributeFn>("cuPointerGetAttribute");
   unsigned long long id = 0;
-  if (PointerAttributeFn fn = pointer_attribute_fn();
-      fn == nullptr ||
+  if (fn == nullptr ||
       fn(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS)
     return 0;
   return id;
@@ -121,10 +106,10 @@ std::map<std::uintptr_t, Range> g_ranges;
 
 // Allocation base and size of a device pointer (the range IPC handles cover).
 std::pair<std::uintptr_t, std::size_t> allocation_of(const void* p) {
+  static const auto fn = driver_fn<AddressRangeFn>("cuMemGetAddressRange");
   CUdeviceptr base = 0;
   std::size_t size = 0;
-  if (AddressRangeFn fn = address_range_fn();
-      fn != nullptr && fn(&base, &size, reinterpret_cast<CUdeviceptr>(p)) == CUDA_SUCCESS)
+  if (fn != nullptr && fn(&base, &size, reinterpret_cast<CUdeviceptr>(p)) == CUDA_SUCCESS)
     return {static_cast<std::uintptr_t>(base), size};
   return {reinterpret_cast<std::uintptr_t>(p), 0};
 }
@@ -174,22 +159,6 @@ void synchronize(void* stream) {
 namespace {
 
 // ---- the engine --------------------------------------------------------------
-
-bool env_flag(const char* name, bool dflt) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return dflt;
-  const std::string s(v);
-  if (s == "0" || s == "false" || s == "no" || s == "off") return false;
-  if (s == "1" || s == "true" || s == "yes" || s == "on") return true;
-  throw Error(ErrorCode::InvalidArgument,
-              std::string(name) + "=" + s + " is not a boolean (use 0 or 1)");
-}
-
-std::size_t env_bytes(const char* name, std::size_t dflt) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return dflt;
-  return parse_bytes(v, name);
-}
 
 struct Pinned {
   void* p = nullptr;
@@ -252,13 +221,12 @@ Sizes sizes_of(const CallDesc& c, int rank, int n) {
 
 class CudaEngine final : public Engine {
  public:
-  explicit CudaEngine(const EngineSetup& s) : s_(s) {
-    ipc_wanted_ = env_flag("CHORUS_CUDA_IPC", true);
-    stage_bytes_ = env_bytes("CHORUS_CUDA_STAGE_BYTES", 4u << 20);
-    one_shot_bytes_ = env_bytes("CHORUS_CUDA_ONE_SHOT_BYTES", 256u << 10);
-    ipc_min_bytes_ = env_bytes("CHORUS_CUDA_IPC_MIN_BYTES", 0);
-    if (stage_bytes_ < 4096) stage_bytes_ = 4096;
-  }
+  explicit CudaEngine(const EngineSetup& s)
+      : s_(s),
+        ipc_wanted_(s.settings.cuda_ipc),
+        stage_bytes_(s.settings.cuda_stage_bytes),
+        one_shot_bytes_(s.settings.cuda_one_shot_bytes),
+        ipc_min_bytes_(s.settings.cuda_ipc_min_bytes) {}
 
   ~CudaEngine() override {
     if (ordinal_ < 0) return;
@@ -439,8 +407,9 @@ class CudaEngine final : public Engine {
   void describe_buffer(const void* p, std::size_t bytes, cudaIpcMemHandle_t& h, std::uint64_t& id,
                        std::uint64_t& off, std::uint8_t& has) {
     if (p == nullptr || bytes == 0) return;
-    const auto [base, size] = allocation_of(p);
-    (void)size;
+    // Asked of the driver each call, not of query()'s range cache: a freed
+    // and reallocated range must not yield a stale base.
+    const std::uintptr_t base = allocation_of(p).first;
     id = buffer_id(p);
     auto it = handles_.find(base);
     if (it == handles_.end() || it->second.first != id || id == 0) {
@@ -807,10 +776,10 @@ class CudaEngine final : public Engine {
   }
 
   EngineSetup s_;
-  bool ipc_wanted_ = true;
-  std::size_t stage_bytes_ = 4u << 20;
-  std::size_t one_shot_bytes_ = 256u << 10;
-  std::size_t ipc_min_bytes_ = 0;
+  const bool ipc_wanted_;
+  const std::size_t stage_bytes_;
+  const std::size_t one_shot_bytes_;
+  const std::size_t ipc_min_bytes_;
   int ordinal_ = -1;
   bool introduced_ = false;
   bool ipc_ = false;

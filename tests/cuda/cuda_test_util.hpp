@@ -1,9 +1,7 @@
 #pragma once
 
 // Helpers of the CUDA tests: element access in every dtype (fp16/bf16 by bit
-// manipulation, independent of the library's converters), and the fork-first
-// probe that decides whether a GPU is usable without touching CUDA in the
-// parent (a process that initialised CUDA cannot fork working children).
+// manipulation, independent of the library's converters).
 
 #include <chorus/types.hpp>
 
@@ -12,8 +10,6 @@
 #include <cstring>
 #include <string>
 
-#include <sys/wait.h>
-#include <unistd.h>
 
 namespace cuda_test {
 
@@ -96,31 +92,6 @@ inline void store(chorus::DataType t, void* p, std::size_t i, double v) {
     case DataType::Float32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
     case DataType::Float64: static_cast<double*>(p)[i] = v; break;
   }
-}
-
-// Runs `probe` in a child process; returns what it wrote (empty: a GPU is
-// usable). The parent never initialises CUDA.
-template <typename F>
-std::string probe_in_child(F probe) {
-  int fds[2];
-  if (pipe(fds) != 0) return "pipe failed";
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    const std::string why = probe();
-    if (!why.empty()) (void)!write(fds[1], why.data(), why.size());
-    _exit(0);
-  }
-  close(fds[1]);
-  std::string out;
-  char buf[512];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<std::size_t>(n));
-  close(fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return "the GPU probe process crashed";
-  return out;
 }
 
 }  // namespace cuda_test

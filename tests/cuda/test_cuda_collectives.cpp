@@ -11,6 +11,7 @@
 #include <chorus/communicator.hpp>
 #include <chorus/store.hpp>
 
+#include "child_probe.hpp"
 #include "cuda_test_util.hpp"
 
 #include <gtest/gtest.h>
@@ -39,13 +40,13 @@ using namespace cuda_test;
 namespace {
 
 std::string gpu_reason() {
-  static const std::string why = probe_in_child([] {
+  static const std::string why = chorus_test::probe_in_child([] {
     int n = 0;
     const cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e);
     if (n == 0) return std::string("no CUDA device");
     return std::string();
-  });
+  }).value_or("the GPU probe process crashed");
   return why;
 }
 
@@ -124,7 +125,6 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
   // In place: the output buffer doubles as the input.
   char* send = ds;
   char* recv = dr;
-  std::size_t check_off = 0;  // where in `recv` the result is
   if (c.in_place) {
     if (c.coll == "allreduce" || c.coll == "broadcast" || c.coll == "reduce") {
       recv = ds;
@@ -163,7 +163,6 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
   CK(cudaStreamSynchronize(st));
   CK(cudaFree(ds));
   CK(cudaFree(dr));
-  (void)check_off;
   const bool has_result = !((c.coll == "reduce" || c.coll == "gather") && rank != root);
   if (!has_result) return "";
   std::vector<double> across(nn);

@@ -28,9 +28,7 @@ bool is_int(DataType t) { return !chorus::is_floating_point(t); }
 // float16/bfloat16 accumulate in float and round once; avg divides the sum.
 double reference(DataType t, ReduceOp op, const std::vector<std::vector<char>>& in, std::size_t i,
                  int divisor) {
-  const std::size_t w = chorus::size_of(t);
   auto wrap = [&](double v) {
-    std::vector<char> tmp(w);
     if (!is_int(t)) return v;
     // Integer arithmetic in the element's width, as the kernel does.
     std::int64_t x = static_cast<std::int64_t>(v);

@@ -8,8 +8,7 @@
 #include <chorus/error.hpp>
 #include <chorus/store.hpp>
 
-#include <sys/wait.h>
-#include <unistd.h>
+#include "child_probe.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -32,16 +31,11 @@ inline std::optional<std::string> transport_unavailable(const std::string& trans
     return "this build has no '" + transport + "' transport (it has:" + have +
            "); scripts/install-deps installs libfabric-dev and libucx-dev";
   }
-  int fds[2];
-  if (pipe(fds) != 0) return std::nullopt;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    close(fds[0]);
-    std::string why;
-    int code = 0;
+  auto why = probe_in_child([&] {
+    std::string text;
     try {
       char dir[] = "/tmp/chorus-probe-XXXXXX";
-      if (mkdtemp(dir) == nullptr) _exit(0);
+      if (mkdtemp(dir) == nullptr) return text;
       {
         auto store = std::make_shared<chorus::FileStore>(dir);
         chorus::Config cfg;
@@ -50,23 +44,12 @@ inline std::optional<std::string> transport_unavailable(const std::string& trans
       }
       std::system((std::string("rm -rf ") + dir).c_str());
     } catch (const chorus::Error& e) {
-      if (e.code() == chorus::ErrorCode::Transport) {
-        why = e.what();
-        code = 1;
-      }
+      if (e.code() == chorus::ErrorCode::Transport) text = e.what();
     } catch (...) {
     }
-    if (!why.empty()) [[maybe_unused]] auto w = write(fds[1], why.data(), why.size());
-    _exit(code);
-  }
-  close(fds[1]);
-  std::string why;
-  char buf[512];
-  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) why.append(buf, static_cast<std::size_t>(n));
-  close(fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 1) return why;
+    return text;
+  });
+  if (why && !why->empty()) return why;
   return std::nullopt;
 }
 
