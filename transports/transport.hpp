@@ -143,6 +143,12 @@ struct Capabilities {
   bool same_host = false;      // the peer shares this host
   bool one_sided = false;      // put/get are available
   bool device_memory = false;  // device pointers may be passed directly
+  // How many bytes of a pipelined stream to this peer should be queued ahead
+  // of a chunk that is forwarded as soon as it arrives (the ring's schedule,
+  // algorithms/ring.cpp). Shared memory: its bulk ring, so that a forwarded
+  // chunk leaves while it is still in cache. Sockets and fabrics: no limit,
+  // a full queue keeps the link busy.
+  std::size_t run_ahead = static_cast<std::size_t>(-1);
 };
 
 class Transport {

@@ -51,6 +51,20 @@ struct Segments {
 // each chunk of the fully reduced segment (received at step reduce_steps - 1).
 // The ring runs over `grp` (the whole communicator, or a subgroup such as
 // the ranks of one host); positions are indices into grp.ranks.
+//
+// The schedule is a wavefront: chunk k of step g goes out at nominal time
+// k + g * lag (ties in step order), so a chunk is forwarded once `lag` more
+// chunks of the stream ahead of it are queued, where lag is what the
+// transport wants queued ahead (Capabilities::run_ahead). Over shared memory
+// that is one chunk, so a reduced chunk is forwarded while it is still in
+// cache; forwarding it after its step's whole segment sent every forwarded
+// byte from DRAM a second time (1.3-1.5x slower at 16-256 MiB on 2 ranks,
+// docs/benchmarks.md). Over sockets the lag is unbounded, i.e. each step's
+// sends are all queued at once (a full socket keeps the link busy; a lag of
+// one chunk measured 10-15% slower over loopback TCP). Messages between a
+// pair are matched in post order, so each receive is posted in its slot, in
+// the same order as the left neighbour's sends. An item at time t waits
+// only for a message sent at time t - lag: no deadlock.
 template <typename OnFinal>
 void ring_pass(Context& c, const Group& grp, char* work, const char* own, const Segments& seg,
                std::size_t esize, int shift, int steps, int reduce_steps, DataType dtype,
@@ -60,40 +74,58 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
   const int right = grp.ranks[static_cast<std::size_t>(mod(me + 1, n))];
   const int left = grp.ranks[static_cast<std::size_t>(mod(me - 1, n))];
   const std::size_t chunk = std::max<std::size_t>(1, c.chunk_bytes / esize);
-  std::vector<Request> prev_recv, cur_recv, sends;
-  for (int g = 0; g < steps; ++g) {
-    const int s = mod(me + shift - g, n);
-    const int r = mod(me + shift - g - 1, n);
-    // Post every receive of this step first, so arriving data lands in place.
-    cur_recv.clear();
-    for (std::size_t k = 0; k < seg.len[r]; k += chunk) {
-      const std::size_t m = std::min(chunk, seg.len[r] - k);
-      const std::size_t off = (seg.off[r] + k) * esize;
+  auto send_seg = [&](int g) { return mod(me + shift - g, n); };
+  auto recv_seg = [&](int g) { return mod(me + shift - g - 1, n); };
+  auto chunks = [&](int segment) {
+    return (seg.len[static_cast<std::size_t>(segment)] + chunk - 1) / chunk;
+  };
+  std::size_t most = 0;
+  for (int i = 0; i < n; ++i) most = std::max(most, chunks(i));
+  if (most == 0 || steps <= 0) return;
+  const std::size_t lag =
+      std::clamp<std::size_t>(c.t.capabilities(right).run_ahead / (chunk * esize), 1, most);
+  // One nominal time slot: the items (g, t - g * lag) of every step g, in
+  // step order, for the segments `of` gives.
+  auto slot = [&](std::size_t t, auto of, auto fn) {
+    const std::size_t g_lo = t < most ? 0 : (t - most) / lag + 1;
+    const std::size_t g_hi = std::min(static_cast<std::size_t>(steps - 1), t / lag);
+    for (std::size_t gi = g_lo; gi <= g_hi; ++gi) {
+      const int g = static_cast<int>(gi);
+      const std::size_t k = t - gi * lag;
+      const int segment = of(g);
+      if (k >= chunks(segment)) continue;
+      const std::size_t first = seg.off[static_cast<std::size_t>(segment)] + k * chunk;
+      const std::size_t m = std::min(chunk, seg.len[static_cast<std::size_t>(segment)] - k * chunk);
+      fn(g, k, first * esize, m);
+    }
+  };
+  std::vector<std::vector<Request>> recvs(static_cast<std::size_t>(steps));
+  for (int g = 0; g < steps; ++g) recvs[static_cast<std::size_t>(g)].resize(chunks(recv_seg(g)));
+  std::vector<Request> sends;
+  for (std::size_t t = 0; t < most + static_cast<std::size_t>(steps - 1) * lag; ++t) {
+    slot(t, recv_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
       const Combine comb = g >= reduce_steps ? Combine::copy()
                            : own == work     ? Combine::reduce(dtype, op)
                                              : Combine::reduce_from(own + off, dtype, op);
-      cur_recv.push_back(c.t.irecv(left, c.call, work + off, m * esize, comb));
-    }
-    const char* src = g == 0 ? own : work;
-    std::size_t idx = 0;
-    for (std::size_t k = 0; k < seg.len[s]; k += chunk, ++idx) {
-      const std::size_t m = std::min(chunk, seg.len[s] - k);
-      const std::size_t off = (seg.off[s] + k) * esize;
+      recvs[static_cast<std::size_t>(g)][k] = c.t.irecv(left, c.call, work + off, m * esize, comb);
+    });
+    slot(t, send_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
       if (g > 0) {
-        c.t.wait({&prev_recv[idx], 1}, c.deadline);
+        c.t.wait({&recvs[static_cast<std::size_t>(g - 1)][k], 1}, c.deadline);
         if (g == reduce_steps) on_final(work + off, m);
       }
+      const char* src = g == 0 ? own : work;
       // The right neighbour reduces what it receives at the same step g.
       sends.push_back(g < reduce_steps ? c.t.isend_reduced(right, c.call, src + off, m * esize)
                                        : c.t.isend(right, c.call, src + off, m * esize));
-    }
-    prev_recv.swap(cur_recv);
+    });
   }
-  c.t.wait(prev_recv, c.deadline);
-  if (steps == reduce_steps && steps > 0) {
-    const int last = mod(me + shift - steps, n);
-    for (std::size_t k = 0; k < seg.len[last]; k += chunk)
-      on_final(work + (seg.off[last] + k) * esize, std::min(chunk, seg.len[last] - k));
+  c.t.wait(recvs[static_cast<std::size_t>(steps - 1)], c.deadline);
+  if (steps == reduce_steps) {
+    const int last = recv_seg(steps - 1);
+    for (std::size_t k = 0; k < seg.len[static_cast<std::size_t>(last)]; k += chunk)
+      on_final(work + (seg.off[static_cast<std::size_t>(last)] + k) * esize,
+               std::min(chunk, seg.len[static_cast<std::size_t>(last)] - k));
   }
   c.t.wait(sends, c.deadline);
 }

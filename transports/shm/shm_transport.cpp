@@ -285,6 +285,7 @@ class ShmTransport final : public Transport {
   Capabilities capabilities(int peer) const override {
     Capabilities c;
     c.same_host = reaches(peer);
+    c.run_ahead = kBulkBufs * kBulkBytes;
     return c;
   }
 
