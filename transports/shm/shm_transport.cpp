@@ -7,7 +7,8 @@
 // there travel in one cache line (the idea of NCCL's LL protocol): an 8-byte
 // message is one slot, one cache-line transfer, no system call.
 //
-//   small message (<= kEagerBytes): header slot + ceil(bytes / 56) data slots
+//   small message (<= kSlotMaxBytes, 2 KiB; kEagerBytes, 16 KiB, with
+//     CHORUS_SHM_LARGE=cma): header slot + ceil(bytes / 56) data slots
 //   large message: one header slot carrying the sender's buffer address; the
 //     receiver reads straight from the sender's memory with process_vm_readv
 //     (CMA), into the destination for a copy, or through a cache-sized
@@ -63,6 +64,13 @@ constexpr std::size_t kSlotBytes = 64;
 constexpr std::size_t kSlotData = 56;
 constexpr std::size_t kSlots = 2048;             // per channel: 128 KiB
 constexpr std::size_t kEagerBytes = 16 << 10;    // larger messages go by CMA
+// Largest message sent through the slots when large messages take the bulk
+// ring (the default): slots cost a 56-byte copy each, so from a few KiB the
+// bulk ring's 128 KiB pieces win (allreduce on 2 ranks, 32 KiB: 10.9 us
+// through slots, 4.9 us through the bulk ring; docs/benchmarks.md). With
+// CHORUS_SHM_LARGE=cma the limit stays kEagerBytes (a CMA rendezvous costs a
+// round trip).
+constexpr std::size_t kSlotMaxBytes = 2 << 10;
 constexpr std::size_t kInlineBytes = 24;         // fits in the header slot
 constexpr std::size_t kStagingBytes = 128 << 10; // CMA reduce staging (cache-sized)
 constexpr std::size_t kBulkBufs = 4;             // per channel: the bulk ring for reductions
@@ -295,7 +303,8 @@ class ShmTransport final : public Transport {
   }
 
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    if (bytes <= kEagerBytes) return post_send(peer, call, buf, bytes, Kind::Inline);
+    if (bytes <= (ctx_.shm_cma ? kEagerBytes : kSlotMaxBytes))
+      return post_send(peer, call, buf, bytes, Kind::Inline);
     return post_send(peer, call, buf, bytes, ctx_.shm_cma ? Kind::Rendezvous : Kind::Bulk);
   }
 
@@ -308,7 +317,7 @@ class ShmTransport final : public Transport {
   // against ~20 for memcpy (docs/benchmarks.md). A message the receiver
   // reduces always takes the ring: it is reduced straight from it.
   Request isend_reduced(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    return post_send(peer, call, buf, bytes, bytes <= kEagerBytes ? Kind::Inline : Kind::Bulk);
+    return post_send(peer, call, buf, bytes, bytes <= kSlotMaxBytes ? Kind::Inline : Kind::Bulk);
   }
 
   Request post_send(int peer, const CallDesc& call, const void* buf, std::size_t bytes, Kind kind) {
