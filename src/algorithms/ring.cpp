@@ -82,8 +82,15 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
   std::size_t most = 0;
   for (int i = 0; i < n; ++i) most = std::max(most, chunks(i));
   if (most == 0 || steps <= 0) return;
+  // Both ends of a link must use the same lag (the receiver posts in the
+  // sender's order), so the lag must be the same on every rank of the ring:
+  // it is taken from the transport only when all ranks share one host (then
+  // every link has the same transport); across hosts, where a ring mixes
+  // shm and network links, it stays unbounded (the old step-by-step order).
+  const bool one_host = c.layout != nullptr && c.layout->single_host();
   const std::size_t lag =
-      std::clamp<std::size_t>(c.t.capabilities(right).run_ahead / (chunk * esize), 1, most);
+      one_host ? std::clamp<std::size_t>(c.t.capabilities(right).run_ahead / (chunk * esize), 1, most)
+               : most;
   // One nominal time slot: the items (g, t - g * lag) of every step g, in
   // step order, for the segments `of` gives.
   auto slot = [&](std::size_t t, auto of, auto fn) {
