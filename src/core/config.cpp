@@ -52,6 +52,24 @@ std::size_t parse_bytes(const std::string& text, const char* what) {
   return static_cast<std::size_t>(v * mult);
 }
 
+// parse_bytes, then a lower bound.
+std::size_t parse_bytes_min(const std::string& text, const char* what, std::size_t min) {
+  const std::size_t b = parse_bytes(text, what);
+  if (b < min)
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(what) + " must be at least " + std::to_string(min));
+  return b;
+}
+
+// A setting with two allowed words.
+std::string one_of(const char* v, const char* what, const char* a, const char* b) {
+  const std::string s = v;
+  if (s != a && s != b)
+    throw Error(ErrorCode::InvalidArgument, std::string(what) + "='" + s + "' must be '" + a +
+                                                "' or '" + b + "'");
+  return s;
+}
+
 Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
   Settings s;
   if (config.timeout.count() > 0) s.timeout = config.timeout;
@@ -73,43 +91,29 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
     s.spin = std::chrono::microseconds(us);
     s.spin_from_env = true;
   }
-  if (const char* v = lookup(getenv, "CHORUS_CHUNK_BYTES")) {
-    s.chunk_bytes = parse_bytes(v, "CHORUS_CHUNK_BYTES");
-    if (s.chunk_bytes < 64)
-      throw Error(ErrorCode::InvalidArgument, "CHORUS_CHUNK_BYTES must be at least 64");
-  }
+  if (const char* v = lookup(getenv, "CHORUS_CHUNK_BYTES"))
+    s.chunk_bytes = parse_bytes_min(v, "CHORUS_CHUNK_BYTES", 64);
   if (const char* v = lookup(getenv, "CHORUS_SOCKET_BUFFER"))
     s.socket_buffer_bytes = parse_bytes(v, "CHORUS_SOCKET_BUFFER");
   if (const char* v = lookup(getenv, "CHORUS_CPU_BIND")) s.cpu_bind = v;
-  if (const char* v = lookup(getenv, "CHORUS_SHM_LARGE")) {
-    s.shm_large = v;
-    if (s.shm_large != "copy" && s.shm_large != "cma")
-      throw Error(ErrorCode::InvalidArgument,
-                  std::string("CHORUS_SHM_LARGE='") + v + "' must be 'copy' or 'cma'");
-  }
+  if (const char* v = lookup(getenv, "CHORUS_SHM_LARGE"))
+    s.shm_large = one_of(v, "CHORUS_SHM_LARGE", "copy", "cma");
   if (const char* v = lookup(getenv, "CHORUS_ALGO")) {
     algo::parse_algo_overrides(v, "CHORUS_ALGO");  // names checked now, not at the first call
     s.algo = v;
   }
   if (const char* v = lookup(getenv, "CHORUS_TUNING_FILE")) s.tuning_file = v;
   if (const char* v = lookup(getenv, "CHORUS_FI_PROVIDER")) s.fi_provider = v;
-  if (const char* v = lookup(getenv, "CHORUS_FI_MR")) {
-    s.fi_mr = v;
-    if (s.fi_mr != "auto" && s.fi_mr != "always")
-      throw Error(ErrorCode::InvalidArgument,
-                  std::string("CHORUS_FI_MR='") + v + "' must be 'auto' or 'always'");
-  }
+  if (const char* v = lookup(getenv, "CHORUS_FI_MR"))
+    s.fi_mr = one_of(v, "CHORUS_FI_MR", "auto", "always");
   if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC")) {
     const std::string b = v;
     if (b != "0" && b != "1")
       throw Error(ErrorCode::InvalidArgument, "CHORUS_CUDA_IPC='" + b + "' must be 0 or 1");
     s.cuda_ipc = b == "1";
   }
-  if (const char* v = lookup(getenv, "CHORUS_CUDA_STAGE_BYTES")) {
-    s.cuda_stage_bytes = parse_bytes(v, "CHORUS_CUDA_STAGE_BYTES");
-    if (s.cuda_stage_bytes < 4096)
-      throw Error(ErrorCode::InvalidArgument, "CHORUS_CUDA_STAGE_BYTES must be at least 4096");
-  }
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_STAGE_BYTES"))
+    s.cuda_stage_bytes = parse_bytes_min(v, "CHORUS_CUDA_STAGE_BYTES", 4096);
   if (const char* v = lookup(getenv, "CHORUS_CUDA_ONE_SHOT_BYTES"))
     s.cuda_one_shot_bytes = parse_bytes(v, "CHORUS_CUDA_ONE_SHOT_BYTES");
   if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC_MIN_BYTES"))
