@@ -76,9 +76,7 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
   const std::size_t chunk = std::max<std::size_t>(1, c.chunk_bytes / esize);
   auto send_seg = [&](int g) { return mod(me + shift - g, n); };
   auto recv_seg = [&](int g) { return mod(me + shift - g - 1, n); };
-  auto chunks = [&](int segment) {
-    return (seg.len[static_cast<std::size_t>(segment)] + chunk - 1) / chunk;
-  };
+  auto chunks = [&](int segment) { return (seg.len[segment] + chunk - 1) / chunk; };
   std::size_t most = 0;
   for (int i = 0; i < n; ++i) most = std::max(most, chunks(i));
   if (most == 0 || steps <= 0) return;
@@ -88,9 +86,8 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
   // every link has the same transport); across hosts, where a ring mixes
   // shm and network links, it stays unbounded (the old step-by-step order).
   const bool one_host = c.layout != nullptr && c.layout->single_host();
-  const std::size_t lag =
-      one_host ? std::clamp<std::size_t>(c.t.capabilities(right).run_ahead / (chunk * esize), 1, most)
-               : most;
+  const std::size_t ahead = one_host ? c.t.capabilities(right).run_ahead / (chunk * esize) : most;
+  const std::size_t lag = std::clamp<std::size_t>(ahead, 1, most);
   // One nominal time slot: the items (g, t - g * lag) of every step g, in
   // step order, for the segments `of` gives.
   auto slot = [&](std::size_t t, auto of, auto fn) {
@@ -101,24 +98,24 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
       const std::size_t k = t - gi * lag;
       const int segment = of(g);
       if (k >= chunks(segment)) continue;
-      const std::size_t first = seg.off[static_cast<std::size_t>(segment)] + k * chunk;
-      const std::size_t m = std::min(chunk, seg.len[static_cast<std::size_t>(segment)] - k * chunk);
+      const std::size_t first = seg.off[segment] + k * chunk;
+      const std::size_t m = std::min(chunk, seg.len[segment] - k * chunk);
       fn(g, k, first * esize, m);
     }
   };
   std::vector<std::vector<Request>> recvs(static_cast<std::size_t>(steps));
-  for (int g = 0; g < steps; ++g) recvs[static_cast<std::size_t>(g)].resize(chunks(recv_seg(g)));
+  for (int g = 0; g < steps; ++g) recvs[g].resize(chunks(recv_seg(g)));
   std::vector<Request> sends;
   for (std::size_t t = 0; t < most + static_cast<std::size_t>(steps - 1) * lag; ++t) {
     slot(t, recv_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
       const Combine comb = g >= reduce_steps ? Combine::copy()
                            : own == work     ? Combine::reduce(dtype, op)
                                              : Combine::reduce_from(own + off, dtype, op);
-      recvs[static_cast<std::size_t>(g)][k] = c.t.irecv(left, c.call, work + off, m * esize, comb);
+      recvs[g][k] = c.t.irecv(left, c.call, work + off, m * esize, comb);
     });
     slot(t, send_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
       if (g > 0) {
-        c.t.wait({&recvs[static_cast<std::size_t>(g - 1)][k], 1}, c.deadline);
+        c.t.wait({&recvs[g - 1][k], 1}, c.deadline);
         if (g == reduce_steps) on_final(work + off, m);
       }
       const char* src = g == 0 ? own : work;
@@ -127,12 +124,11 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
                                        : c.t.isend(right, c.call, src + off, m * esize));
     });
   }
-  c.t.wait(recvs[static_cast<std::size_t>(steps - 1)], c.deadline);
+  c.t.wait(recvs[steps - 1], c.deadline);
   if (steps == reduce_steps) {
     const int last = recv_seg(steps - 1);
-    for (std::size_t k = 0; k < seg.len[static_cast<std::size_t>(last)]; k += chunk)
-      on_final(work + (seg.off[static_cast<std::size_t>(last)] + k) * esize,
-               std::min(chunk, seg.len[static_cast<std::size_t>(last)] - k));
+    for (std::size_t k = 0; k < seg.len[last]; k += chunk)
+      on_final(work + (seg.off[last] + k) * esize, std::min(chunk, seg.len[last] - k));
   }
   c.t.wait(sends, c.deadline);
 }
