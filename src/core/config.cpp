@@ -106,12 +106,8 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
   if (const char* v = lookup(getenv, "CHORUS_FI_PROVIDER")) s.fi_provider = v;
   if (const char* v = lookup(getenv, "CHORUS_FI_MR"))
     s.fi_mr = one_of(v, "CHORUS_FI_MR", "auto", "always");
-  if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC")) {
-    const std::string b = v;
-    if (b != "0" && b != "1")
-      throw Error(ErrorCode::InvalidArgument, "CHORUS_CUDA_IPC='" + b + "' must be 0 or 1");
-    s.cuda_ipc = b == "1";
-  }
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC"))
+    s.cuda_ipc = one_of(v, "CHORUS_CUDA_IPC", "0", "1") == "1";
   if (const char* v = lookup(getenv, "CHORUS_CUDA_STAGE_BYTES"))
     s.cuda_stage_bytes = parse_bytes_min(v, "CHORUS_CUDA_STAGE_BYTES", 4096);
   if (const char* v = lookup(getenv, "CHORUS_CUDA_ONE_SHOT_BYTES"))
