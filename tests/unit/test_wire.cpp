@@ -4,7 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <stdlib.h>
+
+#include <filesystem>
 #include <string>
+#include <thread>
 
 namespace {
 
@@ -79,6 +83,82 @@ TEST(Registry, TcpIsRegisteredAndUnknownNamesAreRejected) {
     EXPECT_EQ(e.code(), ErrorCode::InvalidArgument);
     EXPECT_NE(std::string(e.what()).find("tcp"), std::string::npos) << "should list known transports";
   }
+}
+
+// Two TCP transport endpoints of one communicator in this process, their
+// addresses exchanged through a FileStore in a fresh directory.
+class TcpPair : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/chorus-wire-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    auto store = std::make_shared<chorus::FileStore>(dir_);
+    for (int r = 0; r < 2; ++r) {
+      chorus::transport::TransportContext ctx;
+      ctx.rank = r;
+      ctx.size = 2;
+      ctx.comm_id = 77;
+      ctx.store = store;
+      ctx.connect_timeout = std::chrono::seconds(5);
+      t_[r] = chorus::transport::create_transport("tcp", ctx);
+    }
+  }
+  void TearDown() override {
+    t_[0].reset();
+    t_[1].reset();
+    std::filesystem::remove_all(dir_);
+  }
+  static chorus::transport::Deadline soon() {
+    return chorus::transport::Clock::now() + std::chrono::seconds(5);
+  }
+  // Drives `t` for a while; returns the error it throws, or "" if none.
+  static std::string drive(chorus::transport::Transport& t, std::chrono::milliseconds how_long) {
+    const auto until = chorus::transport::Clock::now() + how_long;
+    try {
+      while (chorus::transport::Clock::now() < until) {
+        t.progress();
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    } catch (const chorus::Error& e) {
+      return e.what();
+    }
+    return "";
+  }
+  std::string dir_;
+  std::unique_ptr<chorus::transport::Transport> t_[2];
+};
+
+// A frame nobody receives (the tagged transports open their control
+// connections with one) and a connection the peer has not accepted yet must
+// not turn the peer's clean exit into a reset, which reads as a crash.
+TEST_F(TcpPair, CleanExitWithAnUnreadFrameIsNotACrash) {
+  CallDesc hello;  // like tagged.cpp's first contact: a zero-byte frame
+  auto req = t_[0]->isend(1, hello, nullptr, 0);
+  ASSERT_NO_THROW(t_[0]->wait({&req, 1}, soon()));
+  t_[1].reset();  // never read the frame, never accepted the connection
+  EXPECT_EQ(drive(*t_[0], std::chrono::milliseconds(300)), "");
+}
+
+// The same with traffic both ways before the exit.
+TEST_F(TcpPair, CleanExitAfterAnExchangeIsNotACrash) {
+  std::int32_t a = 5, b = 0;
+  CallDesc d = allreduce(1);
+  d.dtype = DataType::Int32;
+  auto s = t_[1]->isend(0, d, &a, sizeof a);
+  auto r = t_[0]->irecv(1, d, &b, sizeof b, chorus::transport::Combine::copy());
+  const auto until = soon();
+  while (!(s->done && r->done) && chorus::transport::Clock::now() < until) {
+    t_[0]->progress();
+    t_[1]->progress();
+  }
+  ASSERT_TRUE(s->done && r->done);
+  EXPECT_EQ(b, 5);
+  CallDesc hello;
+  auto req = t_[0]->isend(1, hello, nullptr, 0);  // unread by rank 1
+  ASSERT_NO_THROW(t_[0]->wait({&req, 1}, soon()));
+  t_[1].reset();
+  EXPECT_EQ(drive(*t_[0], std::chrono::milliseconds(300)), "");
 }
 
 }  // namespace

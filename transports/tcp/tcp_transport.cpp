@@ -155,6 +155,23 @@ class TcpTransport final : public Transport {
   ~TcpTransport() override {
     // Tell peers we are leaving on purpose, so they do not take our EOF for a crash.
     if (!fs_.failed()) {
+      // First take in what has arrived: closing a socket with unread bytes,
+      // or a listening socket with connections not yet accepted, resets those
+      // connections, and at the peer a reset overtakes our Goodbye (it
+      // discards what the peer has not read yet), so the peer would take
+      // this clean exit for a crash. Frames nobody receives are routine
+      // here: the tagged transports open their control connections with one
+      // (tagged.cpp, reach()).
+      try {
+        accept_pending();
+        for (auto& p : peers_)
+          for (Conn* c : {p.out.get(), p.in.get()})
+            if (c && !c->closed && !c->parked) read_some(*c);
+      } catch (...) {
+        // a failure found now changes nothing but whether we say goodbye
+      }
+    }
+    if (!fs_.failed()) {
       FrameHeader g = make_header(FrameKind::Goodbye);
       for (auto& p : peers_) {
         for (Conn* c : {p.out.get(), p.in.get()})
@@ -532,41 +549,53 @@ class TcpTransport final : public Transport {
   // A peer's socket closed or broke. Its death is only declared at the end
   // of the progress pass (settle_losses), after every socket has been read:
   // a notice from another rank, already received, usually says why (a call
-  // mismatch that made that peer exit), and is the better error.
+  // mismatch that made that peer exit), and is the better error; and the
+  // peer's Goodbye may still be unread on its other socket.
   void lost_peer(Conn& c, const std::string& why) {
     c.closed = true;
-    Peer& p = peers_[c.peer];
-    if (p.said_goodbye) {
-      // It left on purpose; only an error if we still need it.
-      if (!p.posted.empty() || (p.out && !p.out->sendq.empty()))
-        fail(Error(ErrorCode::InvalidUsage,
-                   "rank " + std::to_string(c.peer) +
-                       " destroyed its communicator while this rank still had messages for it",
-                   c.peer));
+    if (peers_[c.peer].said_goodbye) {
+      left_on_purpose(c.peer);
       return;
     }
-    if (p.addr.empty()) {
-      try {  // only for the message: which host to look at
-        const std::string key = "tcp/" + std::to_string(c.peer);
-        if (ctx_.store->check({key})) p.addr = ctx_.store->get_string(key);
-      } catch (...) {
-      }
-    }
-    if (!pending_loss_)
-      pending_loss_ = Error(ErrorCode::PeerFailure,
-                            "rank " + std::to_string(c.peer) + " (" + p.addr + ") failed: " + why +
-                                " without a goodbye; the process died or was killed. The "
-                                "communicator is unusable; restart the job.",
-                            c.peer);
+    losses_.push_back({c.peer, why});
+  }
+
+  // A peer that said goodbye and closed: only an error if we still need it.
+  void left_on_purpose(int peer) {
+    const Peer& p = peers_[peer];
+    if (!p.posted.empty() || (p.out && !p.out->sendq.empty()))
+      fail(Error(ErrorCode::InvalidUsage,
+                 "rank " + std::to_string(peer) +
+                     " destroyed its communicator while this rank still had messages for it",
+                 peer));
   }
 
   void settle_losses() {
-    if (!pending_loss_ || fs_.failed()) return;
+    if (losses_.empty() || fs_.failed()) return;
     accept_pending();
     for (auto& p : peers_)
       for (Conn* c : {p.out.get(), p.in.get()})
         if (c != nullptr && !c->closed && !c->parked) read_some(*c);
-    fail(*pending_loss_);
+    std::vector<std::pair<int, std::string>> losses;
+    losses.swap(losses_);
+    for (const auto& [peer, why] : losses)
+      if (peers_[peer].said_goodbye) left_on_purpose(peer);
+    for (const auto& [peer, why] : losses) {
+      if (peers_[peer].said_goodbye) continue;
+      Peer& p = peers_[peer];
+      if (p.addr.empty()) {
+        try {  // only for the message: which host to look at
+          const std::string key = "tcp/" + std::to_string(peer);
+          if (ctx_.store->check({key})) p.addr = ctx_.store->get_string(key);
+        } catch (...) {
+        }
+      }
+      fail(Error(ErrorCode::PeerFailure,
+                 "rank " + std::to_string(peer) + " (" + p.addr + ") failed: " + why +
+                     " without a goodbye; the process died or was killed. The "
+                     "communicator is unusable; restart the job.",
+                 peer));
+    }
   }
 
   void begin_frame(Conn& c) {
@@ -767,7 +796,8 @@ class TcpTransport final : public Transport {
   std::string my_addr_;
   FailureState fs_{"tcp"};
   std::vector<pollfd> fds_;
-  std::optional<Error> pending_loss_;  // a peer's socket broke; declared in settle_losses()
+  // Peers whose socket broke (and why), declared dead in settle_losses().
+  std::vector<std::pair<int, std::string>> losses_;
 };
 
 [[maybe_unused]] const bool kRegistered = register_transport("tcp", [](const TransportContext& ctx) {
