@@ -49,6 +49,7 @@ struct Options {
   std::vector<std::string> colls{"allreduce"};
   std::string json;
   std::string algorithm;  // a name, "all" (one column group per algorithm), or empty
+  int rounds = 3;         // --algo all: interleaved rounds per size (median taken)
   std::string calibrate;  // write a tuning file here instead of the tables
   bool p2p = false;       // --p2p: the point-to-point matrix (bench/p2p.cpp) instead
   std::string p2p_bytes = "4M";
@@ -337,17 +338,38 @@ void Bench::run_algo_table(const bench::Collective& coll, DataType dtype, Reduce
     std::string line = cell;
     const std::string pick =
         comm_.algorithm_for(coll.name, cc.param_count, dtype, op, root < 0 ? 0 : root);
+    // Rounds: every algorithm once per round, in turn, and the median of its
+    // rounds reported. On a shared or oversubscribed machine a burst of
+    // noise then lands on all algorithms alike instead of on whichever was
+    // being timed, and one bad round does not decide the row.
+    std::vector<std::vector<Result>> runs(algos.size());
+    std::vector<bool> outside(algos.size(), false);
+    for (int round = 0; round < std::max(1, opt_.rounds); ++round) {
+      for (std::size_t i = 0; i < algos.size(); ++i) {
+        if (outside[i]) continue;
+        call_options_.algorithm = algos[i];
+        try {
+          runs[i].push_back(measure(coll, dtype, op, cc, size_bytes, false));
+        } catch (const chorus::Error& e) {
+          // Outside the algorithm's constraints: every rank throws the same
+          // error at submission, before anything is sent.
+          if (e.code() != chorus::ErrorCode::InvalidArgument) throw;
+          outside[i] = true;
+        }
+      }
+    }
     double best = 0, pick_us = 0;
-    for (const auto& a : algos) {
-      call_options_.algorithm = a;
+    for (std::size_t i = 0; i < algos.size(); ++i) {
+      const std::string& a = algos[i];
       Result res;
-      try {
-        res = measure(coll, dtype, op, cc, size_bytes, false);
-      } catch (const chorus::Error& e) {
-        // Outside the algorithm's constraints: every rank throws the same
-        // error at submission, before anything is sent.
-        if (e.code() != chorus::ErrorCode::InvalidArgument) throw;
-        res.ran = false;
+      if (!outside[i] && !runs[i].empty()) {
+        std::vector<Result>& r = runs[i];
+        std::sort(r.begin(), r.end(),
+                  [](const Result& x, const Result& y) { return x.time_us < y.time_us; });
+        std::uint64_t wrong = 0;  // checked in every round
+        for (const Result& x : r) wrong += x.wrong;
+        res = r[r.size() / 2];
+        res.wrong = wrong;
       }
       if (!res.ran) {
         std::snprintf(cell, sizeof cell, "  %20s", "N/A");
@@ -546,7 +568,24 @@ int calibrate(Communicator& comm, const std::string& path) {
     const auto names = chorus::algorithm_names(coll->name);
     if (names.size() < 2) continue;
     auto counts_for = [&](std::size_t total_elems) { return coll->counts(total_elems, n); };
-    const std::size_t small_total = static_cast<std::size_t>(coll == colls[0] || coll == colls[1] ? 1 : n);
+    // The small point: one element per rank, not one in all. The
+    // algorithms that split the message among the ranks (Rabenseifner,
+    // scatter-allgather) skip their empty pieces when count < n, so one
+    // element timed a shorter algorithm than the one that runs at 32 B: at
+    // 2 ranks Rabenseifner tied recursive doubling there and was picked up
+    // to 32 KiB, 1.5-1.7x slower (docs/algorithms.md).
+    const std::size_t small_total = static_cast<std::size_t>(n);
+    // Each algorithm's three points (n elements; 256 KiB, where pipelines
+    // are still filling; 16 MiB, or the largest it takes) and the base
+    // model's estimates there.
+    struct Candidate {
+      std::string name;
+      bench::CollCounts small{}, mid{}, large{};
+      bool use_mid = false;
+      double e1 = 0, em = 0, e2 = 0;
+      std::vector<double> b1, bm, b2;  // batch times (us per call)
+    };
+    std::vector<Candidate> cands;
     for (const std::string& name : names) {
       auto est = [&](std::size_t count) {
         for (const auto& [alg, us] : comm.algorithm_estimates(coll->name, count, DataType::Float32,
@@ -554,61 +593,78 @@ int calibrate(Communicator& comm, const std::string& path) {
           if (alg == name) return us;
         return std::numeric_limits<double>::quiet_NaN();
       };
-      const bench::CollCounts small = counts_for(small_total);
-      if (!std::isfinite(est(small.param_count))) continue;
-      bench::CollCounts large{};
+      Candidate c;
+      c.name = name;
+      c.small = counts_for(small_total);
+      if (!std::isfinite(est(c.small.param_count))) continue;
       bool found = false;
       for (std::size_t total : {big_count, std::size_t{16} << 10}) {  // 16 MiB, else 16 KiB
-        large = counts_for(total / 4);
-        if (std::isfinite(est(large.param_count))) {
+        c.large = counts_for(total / 4);
+        if (std::isfinite(est(c.large.param_count))) {
           found = true;
           break;
         }
       }
       if (!found) continue;
+      c.mid = counts_for((std::size_t{256} << 10) / 4);
+      c.use_mid = c.mid.param_count < c.large.param_count && std::isfinite(est(c.mid.param_count));
+      c.e1 = est(c.small.param_count);
+      c.e2 = est(c.large.param_count);
+      c.em = c.use_mid ? est(c.mid.param_count) : c.e1;
+      cands.push_back(std::move(c));
+    }
+    // One batch: a warm-up call, then `iters` calls; the slowest rank's time.
+    auto batch = [&](const std::string& name, const bench::CollCounts& cc, int iters) {
       chorus::CallOptions forced;
       forced.algorithm = name;
-      // The median of the batches, not the best: the tables this fit is
-      // judged against report averages, and with more ranks than cores an
-      // algorithm of many short steps (the ring) has rare fast batches that
-      // its typical call never sees. At 4 ranks on 2 cores the best-of fit
-      // made the ring look faster than recursive halving at 32 B - 8 KiB
-      // reduce-scatter, where it is 1.4x slower (docs/algorithms.md).
-      auto time_of = [&](const bench::CollCounts& cc, int iters, int reps) {
-        std::vector<double> batches;
-        for (int rep = 0; rep < reps; ++rep) {
-          coll->run(comm, a.get(), b.get(), cc.param_count, DataType::Float32, ReduceOp::Sum, 0, forced);
-          comm.barrier(plain);
-          const auto t0 = std::chrono::steady_clock::now();
-          for (int i = 0; i < iters; ++i)
-            coll->run(comm, a.get(), b.get(), cc.param_count, DataType::Float32, ReduceOp::Sum, 0, forced);
-          const double mine = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
-          double slowest = 0;
-          comm.allreduce(&mine, &slowest, 1, DataType::Float64, ReduceOp::Max, plain);
-          batches.push_back(slowest);
-        }
-        std::sort(batches.begin(), batches.end());
-        return batches[batches.size() / 2];
-      };
-      // And a middle point (256 KiB), where pipelines are still filling.
-      const bench::CollCounts mid = counts_for((std::size_t{256} << 10) / 4);
-      const bool use_mid = mid.param_count < large.param_count && std::isfinite(est(mid.param_count));
-      const double e1 = est(small.param_count), e2 = est(large.param_count);
-      const double em = use_mid ? est(mid.param_count) : e1;
-      // Tiny calls take a few microseconds and jitter by as much: many of
-      // them, median of seven batches.
-      const double t1 = time_of(small, 300, 7);
-      const double tm = use_mid ? time_of(mid, 30, 5) : t1;
-      const double t2 = time_of(large, large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50, 3);
+      coll->run(comm, a.get(), b.get(), cc.param_count, DataType::Float32, ReduceOp::Sum, 0, forced);
+      comm.barrier(plain);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < iters; ++i)
+        coll->run(comm, a.get(), b.get(), cc.param_count, DataType::Float32, ReduceOp::Sum, 0, forced);
+      const double mine =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iters;
+      double slowest = 0;
+      comm.allreduce(&mine, &slowest, 1, DataType::Float64, ReduceOp::Max, plain);
+      return slowest;
+    };
+    // The batches are interleaved (each round times every algorithm once),
+    // so that a burst of noise on this shared machine lands on all of them
+    // alike, and each point is the median of its batches, not the best: the
+    // tables this fit is judged against report averages, and with more
+    // ranks than cores an algorithm of many short steps (the ring) has rare
+    // fast batches that its typical call never sees. At 4 ranks on 2 cores
+    // the best-of fit made the ring look faster than recursive halving at
+    // 32 B - 8 KiB reduce-scatter, where it is 1.4x slower; timed one
+    // algorithm after the other, a noisy second at 8 ranks made the tree
+    // look 1.6x slower than the ring at 16 MiB, where it is 1.2x faster
+    // (docs/algorithms.md). Tiny calls take a few microseconds and jitter
+    // by as much: many of them, seven batches.
+    for (int round = 0; round < 7; ++round)
+      for (Candidate& c : cands) c.b1.push_back(batch(c.name, c.small, 300));
+    for (int round = 0; round < 5; ++round)
+      for (Candidate& c : cands)
+        if (c.use_mid) c.bm.push_back(batch(c.name, c.mid, 30));
+    for (int round = 0; round < 5; ++round)
+      for (Candidate& c : cands)
+        c.b2.push_back(batch(c.name, c.large, c.large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50));
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    for (const Candidate& c : cands) {
+      const double t1 = median(c.b1);
+      const double tm = c.use_mid ? median(c.bm) : t1;
+      const double t2 = median(c.b2);
       auto scale = [](double dt, double de) { return de > 0 ? std::clamp(dt / de, 0.05, 50.0) : 1.0; };
-      const double lat = e1 > 0 ? std::clamp(t1 / e1, 0.05, 50.0) : 1.0;
-      fits << "fit." << coll->name << "." << name << " = " << lat << " " << scale(t2 - tm, e2 - em);
-      if (use_mid) fits << " " << mid.param_count * 4 << " " << scale(tm - t1, em - e1);
-      fits << "   # " << t1 << " us at " << small.param_count;
-      if (use_mid) fits << ", " << tm << " us at " << mid.param_count;
-      fits << ", " << t2 << " us at " << large.param_count << " (model " << e1;
-      if (use_mid) fits << ", " << em;
-      fits << ", " << e2 << ")\n";
+      const double lat = c.e1 > 0 ? std::clamp(t1 / c.e1, 0.05, 50.0) : 1.0;
+      fits << "fit." << coll->name << "." << c.name << " = " << lat << " " << scale(t2 - tm, c.e2 - c.em);
+      if (c.use_mid) fits << " " << c.mid.param_count * 4 << " " << scale(tm - t1, c.em - c.e1);
+      fits << "   # " << t1 << " us at " << c.small.param_count;
+      if (c.use_mid) fits << ", " << tm << " us at " << c.mid.param_count;
+      fits << ", " << t2 << " us at " << c.large.param_count << " (model " << c.e1;
+      if (c.use_mid) fits << ", " << c.em;
+      fits << ", " << c.e2 << ")\n";
     }
   }
   if (rank == 0) {
@@ -700,6 +756,11 @@ int main(int argc, char** argv) {
   app.add_option("-A,--algo,--algorithm", opt.algorithm,
                  "Force an algorithm by name (e.g. ring; see docs/algorithms.md), or 'all': one "
                  "column group per algorithm plus the selector's pick");
+  app.add_option("--rounds", opt.rounds,
+                 "--algo all: time every algorithm this many times per size, in turn, and report "
+                 "the median")
+      ->check(CLI::Range(1, 100))
+      ->capture_default_str();
   auto* calibrate_opt =
       app.add_option("--calibrate", opt.calibrate,
                      "Measure the alpha-beta model's parameters on these ranks and write them to "
