@@ -9,17 +9,28 @@
 #include <new>
 #include <stdexcept>
 
+#include <sys/mman.h>
+
 namespace chorus::bench {
 
 // --- buffers ----------------------------------------------------------------
 
 void FreeDeleter::operator()(void* p) const noexcept { std::free(p); }
 
+namespace {
+bool g_huge_pages = false;
+}
+
+void set_huge_pages(bool on) { g_huge_pages = on; }
+
 Buffer allocate_touched(std::size_t bytes) {
-  constexpr std::size_t kPage = 4096;
-  const std::size_t rounded = std::max(kPage, (bytes + kPage - 1) / kPage * kPage);
+  constexpr std::size_t kPage = 4096, kHuge = 2 << 20;
+  const std::size_t align = g_huge_pages && bytes >= kHuge ? kHuge : kPage;
+  const std::size_t rounded = std::max(align, (bytes + align - 1) / align * align);
   void* p = nullptr;
-  if (::posix_memalign(&p, kPage, rounded) != 0) throw std::bad_alloc();
+  if (::posix_memalign(&p, align, rounded) != 0) throw std::bad_alloc();
+  // Advice only: where THP is off the buffer keeps 4 KiB pages.
+  if (align == kHuge) ::madvise(p, rounded, MADV_HUGEPAGE);
   std::memset(p, 0, rounded);
   return Buffer(static_cast<unsigned char*>(p));
 }

@@ -17,8 +17,12 @@ struct FreeDeleter {
 };
 using Buffer = std::unique_ptr<unsigned char[], FreeDeleter>;
 // Page-aligned buffer of `bytes`, every page written once: first-touch page
-// faults would otherwise land inside the first timed iterations.
+// faults would otherwise land inside the first timed iterations. With
+// huge_pages (chorus-bench --huge-pages), buffers of 2 MiB and more are
+// 2 MiB-aligned and advised MADV_HUGEPAGE (transparent huge pages, where
+// the kernel's THP mode is "madvise" or "always").
 Buffer allocate_touched(std::size_t bytes);
+void set_huge_pages(bool on);
 
 // --- sizes and table ----------------------------------------------------------
 

@@ -56,6 +56,7 @@ struct Options {
   int p2p_window = 8;
   std::string p2p_lat_bytes = "8";
   std::string device = "host";  // --device cuda: buffers in GPU memory
+  bool huge_pages = false;       // --huge-pages: host buffers on THP
 };
 
 // One table row's measurement of one mode (out-of-place or in-place).
@@ -784,6 +785,9 @@ int main(int argc, char** argv) {
   app.add_option("--p2p-lat-bytes", opt.p2p_lat_bytes,
                  "--p2p latency (ping-pong) message size (K/M/G suffixes)")
       ->capture_default_str();
+  app.add_flag("--huge-pages", opt.huge_pages,
+               "Host buffers of 2 MiB and more on transparent huge pages (madvise "
+               "MADV_HUGEPAGE): kernel copies between processes (CMA) pin 512x fewer pages");
 
   try {
     app.parse(argc, argv);
@@ -791,6 +795,7 @@ int main(int argc, char** argv) {
     if (env_rank != 0) return e.get_exit_code() == 0 ? 0 : 2;
     return app.exit(e) == 0 ? 0 : 2;
   }
+  bench::set_huge_pages(opt.huge_pages);
   // nccl-tests semantics: -i matters only with a factor of 1. Giving -i alone
   // asks for additive steps, so the default factor then yields to it.
   if (step_bytes->count() > 0 && step_factor->count() == 0) opt.stepfactor = 1;
