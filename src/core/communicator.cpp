@@ -121,7 +121,12 @@ struct CommImpl {
   // never holds back the receives queued behind it (a ring of send_async +
   // recv_async completes on every transport, with or without buffering).
   std::mutex mu;
+  // Blocking callers wait on `cv` for their turn; the worker waits on
+  // `worker_cv` for a runnable task, and is woken only when it has one: a
+  // blocking call that woke it after every call (one condition variable for
+  // both) cost a futex wake and a context switch per call.
   std::condition_variable cv;
+  std::condition_variable worker_cv;
   std::uint64_t next_ticket = 0;
   std::uint64_t now_serving = 0;
   struct Task {
@@ -153,6 +158,7 @@ struct CommImpl {
       stopping = true;
     }
     cv.notify_all();
+    worker_cv.notify_all();
     if (worker.joinable()) worker.join();
     if (transport && static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info))
       log_traffic();
@@ -189,7 +195,7 @@ struct CommImpl {
     std::unique_lock<std::mutex> lock(mu);
     while (true) {
       if (inflight.empty())
-        cv.wait(lock, [&] { return front_runnable() || (stopping && queue.empty()); });
+        worker_cv.wait(lock, [&] { return front_runnable() || (stopping && queue.empty()); });
       if (front_runnable()) {
         Task task = std::move(queue.front());
         queue.pop_front();
@@ -326,6 +332,7 @@ struct CommImpl {
         std::lock_guard<std::mutex> l(self->mu);
         ++self->now_serving;
         self->cv.notify_all();
+        if (self->front_runnable()) self->worker_cv.notify_one();
       }
     } advance{this};
     std::lock_guard<std::mutex> t(transport_mu);
@@ -347,7 +354,7 @@ struct CommImpl {
     Work w(task.state);
     queue.push_back(std::move(task));
     if (!worker.joinable()) worker = std::thread([this] { worker_loop(); });
-    cv.notify_all();
+    worker_cv.notify_one();
     return w;
   }
 
@@ -799,6 +806,7 @@ void Communicator::abort() {
   c.aborted.store(true);
   c.transport->abort(e.message());
   c.cv.notify_all();
+  c.worker_cv.notify_all();
 }
 
 // ---- collectives ----------------------------------------------------------------
