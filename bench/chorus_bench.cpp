@@ -576,15 +576,20 @@ int calibrate(Communicator& comm, const std::string& path) {
     // 2 ranks Rabenseifner tied recursive doubling there and was picked up
     // to 32 KiB, 1.5-1.7x slower (docs/algorithms.md).
     const std::size_t small_total = static_cast<std::size_t>(n);
-    // Each algorithm's three points (n elements; 256 KiB, where pipelines
-    // are still filling; 16 MiB, or the largest it takes) and the base
-    // model's estimates there.
+    // Each algorithm's points: n elements; knots at 32 KiB and 256 KiB,
+    // where pipelines are still filling and log-step algorithms pay their
+    // steps' fixed costs (between one element and 256 KiB a straight line
+    // missed Rabenseifner's 16-32 KiB time by 1.5x); 16 MiB, or the largest
+    // it takes. And the base model's estimates there.
+    struct Point {
+      bench::CollCounts cc{};
+      double est = 0;
+      int iters = 0, rounds = 0;
+      std::vector<double> batches;  // us per call
+    };
     struct Candidate {
       std::string name;
-      bench::CollCounts small{}, mid{}, large{};
-      bool use_mid = false;
-      double e1 = 0, em = 0, e2 = 0;
-      std::vector<double> b1, bm, b2;  // batch times (us per call)
+      std::vector<Point> points;  // ascending; first: small, last: large
     };
     std::vector<Candidate> cands;
     for (const std::string& name : names) {
@@ -596,22 +601,29 @@ int calibrate(Communicator& comm, const std::string& path) {
       };
       Candidate c;
       c.name = name;
-      c.small = counts_for(small_total);
-      if (!std::isfinite(est(c.small.param_count))) continue;
+      const bench::CollCounts small = counts_for(small_total);
+      if (!std::isfinite(est(small.param_count))) continue;
+      bench::CollCounts large{};
       bool found = false;
       for (std::size_t total : {big_count, std::size_t{16} << 10}) {  // 16 MiB, else 16 KiB
-        c.large = counts_for(total / 4);
-        if (std::isfinite(est(c.large.param_count))) {
+        large = counts_for(total / 4);
+        if (std::isfinite(est(large.param_count))) {
           found = true;
           break;
         }
       }
       if (!found) continue;
-      c.mid = counts_for((std::size_t{256} << 10) / 4);
-      c.use_mid = c.mid.param_count < c.large.param_count && std::isfinite(est(c.mid.param_count));
-      c.e1 = est(c.small.param_count);
-      c.e2 = est(c.large.param_count);
-      c.em = c.use_mid ? est(c.mid.param_count) : c.e1;
+      // Tiny calls take a few microseconds and jitter by as much: many of
+      // them, seven batches.
+      c.points.push_back({small, est(small.param_count), 300, 7, {}});
+      for (std::size_t knot : {std::size_t{32} << 10, std::size_t{256} << 10}) {
+        const bench::CollCounts k = counts_for(knot / 4);
+        if (k.param_count > c.points.back().cc.param_count && k.param_count < large.param_count &&
+            std::isfinite(est(k.param_count)))
+          c.points.push_back({k, est(k.param_count), knot <= (std::size_t{32} << 10) ? 100 : 30, 5, {}});
+      }
+      c.points.push_back(
+          {large, est(large.param_count), large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50, 5, {}});
       cands.push_back(std::move(c));
     }
     // One batch: a warm-up call, then `iters` calls; the slowest rank's time.
@@ -639,33 +651,47 @@ int calibrate(Communicator& comm, const std::string& path) {
     // 32 B - 8 KiB reduce-scatter, where it is 1.4x slower; timed one
     // algorithm after the other, a noisy second at 8 ranks made the tree
     // look 1.6x slower than the ring at 16 MiB, where it is 1.2x faster
-    // (docs/algorithms.md). Tiny calls take a few microseconds and jitter
-    // by as much: many of them, seven batches.
-    for (int round = 0; round < 7; ++round)
-      for (Candidate& c : cands) c.b1.push_back(batch(c.name, c.small, 300));
-    for (int round = 0; round < 5; ++round)
-      for (Candidate& c : cands)
-        if (c.use_mid) c.bm.push_back(batch(c.name, c.mid, 30));
-    for (int round = 0; round < 5; ++round)
-      for (Candidate& c : cands)
-        c.b2.push_back(batch(c.name, c.large, c.large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50));
+    // (docs/algorithms.md). Every rank builds the same candidate list, so
+    // all take part in the same calls in the same order.
+    std::size_t slots = 0;
+    for (const Candidate& c : cands) slots = std::max(slots, c.points.size());
+    for (std::size_t slot = 0; slot < slots; ++slot) {
+      const bool last = slot + 1 == slots;
+      for (int round = 0;; ++round) {
+        bool any = false;
+        for (Candidate& c : cands) {
+          // The large point is always the last slot; shorter lists skip the middle.
+          const std::size_t i = last ? c.points.size() - 1 : slot;
+          if (!last && i + 1 >= c.points.size()) continue;
+          Point& pt = c.points[i];
+          if (round >= pt.rounds) continue;
+          pt.batches.push_back(batch(c.name, pt.cc, pt.iters));
+          any = true;
+        }
+        if (!any) break;
+      }
+    }
     auto median = [](std::vector<double> v) {
       std::sort(v.begin(), v.end());
       return v[v.size() / 2];
     };
+    auto scale = [](double dt, double de) { return de > 0 ? std::clamp(dt / de, 0.05, 50.0) : 1.0; };
     for (const Candidate& c : cands) {
-      const double t1 = median(c.b1);
-      const double tm = c.use_mid ? median(c.bm) : t1;
-      const double t2 = median(c.b2);
-      auto scale = [](double dt, double de) { return de > 0 ? std::clamp(dt / de, 0.05, 50.0) : 1.0; };
-      const double lat = c.e1 > 0 ? std::clamp(t1 / c.e1, 0.05, 50.0) : 1.0;
-      fits << "fit." << coll->name << "." << c.name << " = " << lat << " " << scale(t2 - tm, c.e2 - c.em);
-      if (c.use_mid) fits << " " << c.mid.param_count * 4 << " " << scale(tm - t1, c.em - c.e1);
-      fits << "   # " << t1 << " us at " << c.small.param_count;
-      if (c.use_mid) fits << ", " << tm << " us at " << c.mid.param_count;
-      fits << ", " << t2 << " us at " << c.large.param_count << " (model " << c.e1;
-      if (c.use_mid) fits << ", " << c.em;
-      fits << ", " << c.e2 << ")\n";
+      std::vector<double> t;
+      for (const Point& pt : c.points) t.push_back(median(pt.batches));
+      const auto& p = c.points;
+      const std::size_t last = p.size() - 1;
+      const double lat = p[0].est > 0 ? std::clamp(t[0] / p[0].est, 0.05, 50.0) : 1.0;
+      fits << "fit." << coll->name << "." << c.name << " = " << lat << " "
+           << scale(t[last] - t[last - 1], p[last].est - p[last - 1].est);
+      for (std::size_t i = 1; i < last; ++i)
+        fits << " " << p[i].cc.param_count * 4 << " " << scale(t[i] - t[i - 1], p[i].est - p[i - 1].est);
+      fits << "   #";
+      for (std::size_t i = 0; i <= last; ++i)
+        fits << (i ? ", " : " ") << t[i] << " us at " << p[i].cc.param_count;
+      fits << " (model";
+      for (std::size_t i = 0; i <= last; ++i) fits << (i ? ", " : " ") << p[i].est;
+      fits << ")\n";
     }
   }
   if (rank == 0) {

@@ -59,14 +59,19 @@ struct Model {
   // ("allreduce.tree" -> scales): what the formulas cannot know about an
   // implementation (how well it overlaps, what its pipeline costs). An
   // estimate becomes lat x cost(1 element) + bw x (cost(B) - cost(1 element));
-  // with a middle point (mid_bytes > 0) the bandwidth part is scaled by
-  // mid_bw up to mid_bytes and by bw beyond (a pipeline that is still
-  // filling at mid sizes is not what its steady state predicts).
+  // with knots (sizes in bytes, ascending, each with a scale) the part of the
+  // cost between one knot and the next is scaled by the later knot's scale,
+  // and only the part beyond the last knot by bw: the measured curve is
+  // followed piecewise (a pipeline that is still filling at mid sizes is not
+  // what its steady state predicts).
   struct Fit {
     double lat = 1.0;
     double bw = 1.0;
-    double mid_bytes = 0;
-    double mid_bw = 1.0;
+    struct Knot {
+      double bytes = 0;
+      double scale = 1.0;
+    };
+    std::vector<Knot> knots;
   };
   std::map<std::string, Fit> fits;
 

@@ -98,7 +98,7 @@ std::string model_to_text(const Model& m) {
      << "reduce_gbps = " << m.reduce_gbps << "\n";
   for (const auto& [name, f] : m.fits) {
     os << "fit." << name << " = " << f.lat << " " << f.bw;
-    if (f.mid_bytes > 0) os << " " << f.mid_bytes << " " << f.mid_bw;
+    for (const auto& k : f.knots) os << " " << k.bytes << " " << k.scale;
     os << "\n";
   }
   return os.str();
@@ -138,16 +138,16 @@ Model model_from_text(const std::string& text, Model m, const std::string& what)
         v.push_back(std::strtod(rest.c_str(), &end));
         numeric = numeric && *end == '\0' && std::isfinite(v.back()) && v.back() > 0;
       }
-      if (numeric && (v.size() == 2 || v.size() == 4)) {
-        f.lat = v[0];
-        f.bw = v[1];
-        if (v.size() == 4) f.mid_bytes = v[2], f.mid_bw = v[3];
-      }
-      if (!numeric || (v.size() != 2 && v.size() != 4))
+      bool ascending = true;
+      for (std::size_t i = 4; i < v.size(); i += 2) ascending = ascending && v[i] > v[i - 2];
+      if (!numeric || v.size() < 2 || v.size() % 2 != 0 || !ascending)
         throw Error(ErrorCode::InvalidArgument,
                     where + ": '" + key +
-                        "' needs positive numbers: latency scale, bandwidth scale[, middle size "
-                        "in bytes, bandwidth scale up to it], got '" + val + "'");
+                        "' needs positive numbers: latency scale, bandwidth scale[, then pairs of "
+                        "size in bytes (ascending) and bandwidth scale up to it], got '" + val + "'");
+      f.lat = v[0];
+      f.bw = v[1];
+      for (std::size_t i = 2; i < v.size(); i += 2) f.knots.push_back({v[i], v[i + 1]});
       m.fits[name] = f;
       continue;
     }
@@ -175,14 +175,18 @@ double estimate(const Algorithm& a, const Layout& layout, const Model& model, co
   const auto fit = model.fits.find(std::string(coll_key(a.coll)) + "." + a.name);
   if (fit == model.fits.end() || call.count == 0) return c;
   const Model::Fit& f = fit->second;
-  Call one = call;
-  one.count = 1;
-  const double c1 = a.cost(layout, model, one);
-  if (f.mid_bytes <= 0) return f.lat * c1 + f.bw * std::max(0.0, c - c1);
-  Call mid = call;
-  mid.count = std::max<std::size_t>(1, static_cast<std::size_t>(f.mid_bytes) / size_of(call.dtype));
-  const double cm = std::max(c1, a.cost(layout, model, mid));
-  return f.lat * c1 + f.mid_bw * std::max(0.0, std::min(c, cm) - c1) + f.bw * std::max(0.0, c - cm);
+  Call at = call;
+  at.count = 1;
+  const double c1 = a.cost(layout, model, at);
+  double us = f.lat * c1, prev = c1;
+  for (const auto& k : f.knots) {
+    at.count = std::max<std::size_t>(1, static_cast<std::size_t>(k.bytes) / size_of(call.dtype));
+    const double ck = std::max(prev, a.cost(layout, model, at));
+    us += k.scale * std::max(0.0, std::min(c, ck) - prev);
+    if (c <= ck) return us;
+    prev = ck;
+  }
+  return us + f.bw * std::max(0.0, c - prev);
 }
 
 Selector::Selector(Layout layout, Model model, std::map<Coll, std::string> forced)

@@ -122,18 +122,32 @@ TEST(TuningFile, FitsScaleTheEstimatePiecewise) {
               1.5 * t1 + 3 * (tm - t1) + 0.25 * (tb - tm), 1e-9 * tb);
   EXPECT_NEAR(estimate(kTreeAllreduce, l, m, allreduce(1024)),
               1.5 * t1 + 3 * (cost(kTreeAllreduce, 1024) - t1), 1e-9 * tm);
+  // Two knots: 3 x up to 4 KiB, 0.5 x from there to 64 KiB, 0.25 x beyond.
+  const Model m2 = model_from_text("fit.allreduce.tree = 1.5 0.25 4096 3 65536 0.5\n", raw, "t2");
+  const double t64 = cost(kTreeAllreduce, 65536);
+  EXPECT_NEAR(estimate(kTreeAllreduce, l, m2, allreduce(1 << 20)),
+              1.5 * t1 + 3 * (tm - t1) + 0.5 * (t64 - tm) + 0.25 * (tb - t64), 1e-9 * tb);
+  EXPECT_NEAR(estimate(kTreeAllreduce, l, m2, allreduce(16384)),
+              1.5 * t1 + 3 * (tm - t1) + 0.5 * (cost(kTreeAllreduce, 16384) - tm), 1e-9 * t64);
   // Without a fit the estimate is the formula's.
   EXPECT_DOUBLE_EQ(estimate(kRabenseifnerAllreduce, l, m, allreduce(1 << 20)),
                    cost(kRabenseifnerAllreduce, 1 << 20));
   for (const char* bad : {"fit.allreduce.ring = 0.5", "fit.allreduce.ring = 0.5 2 3",
                           "fit.allreduce.ring = 0.5 -2", "fit.allreduce.quantum = 1 1",
-                          "fit.allreduce.ring = 1 x", "fit.gossip.ring = 1 1"}) {
+                          "fit.allreduce.ring = 1 x", "fit.gossip.ring = 1 1",
+                          "fit.allreduce.ring = 1 1 4096 2 4096 3",   // knots not ascending
+                          "fit.allreduce.ring = 1 1 4096 2 1024 3"}) {
     EXPECT_THROW(model_from_text(bad, Model{}, "f"), Error) << bad;
   }
   // Round trip keeps the fits.
   const Model back = model_from_text(model_to_text(m), Model{}, "t");
-  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.tree").mid_bytes, 4096);
-  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.tree").mid_bw, 3);
+  ASSERT_EQ(back.fits.at("allreduce.tree").knots.size(), 1u);
+  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.tree").knots[0].bytes, 4096);
+  EXPECT_DOUBLE_EQ(back.fits.at("allreduce.tree").knots[0].scale, 3);
+  const Model back2 = model_from_text(model_to_text(m2), Model{}, "t2");
+  ASSERT_EQ(back2.fits.at("allreduce.tree").knots.size(), 2u);
+  EXPECT_DOUBLE_EQ(back2.fits.at("allreduce.tree").knots[1].bytes, 65536);
+  EXPECT_DOUBLE_EQ(back2.fits.at("allreduce.tree").knots[1].scale, 0.5);
   EXPECT_DOUBLE_EQ(back.fits.at("allreduce.ring").bw, 2);
 }
 
