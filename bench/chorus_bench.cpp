@@ -585,6 +585,7 @@ int calibrate(Communicator& comm, const std::string& path) {
       bench::CollCounts cc{};
       double est = 0;
       int iters = 0, rounds = 0;
+      int slot = 0;  // when it is timed: 0 small, 1 and 2 the knots, 3 large
       std::vector<double> batches;  // us per call
     };
     struct Candidate {
@@ -615,15 +616,17 @@ int calibrate(Communicator& comm, const std::string& path) {
       if (!found) continue;
       // Tiny calls take a few microseconds and jitter by as much: many of
       // them, seven batches.
-      c.points.push_back({small, est(small.param_count), 300, 7, {}});
+      c.points.push_back({small, est(small.param_count), 300, 7, 0, {}});
+      int slot = 1;
       for (std::size_t knot : {std::size_t{32} << 10, std::size_t{256} << 10}) {
         const bench::CollCounts k = counts_for(knot / 4);
         if (k.param_count > c.points.back().cc.param_count && k.param_count < large.param_count &&
             std::isfinite(est(k.param_count)))
-          c.points.push_back({k, est(k.param_count), knot <= (std::size_t{32} << 10) ? 100 : 30, 5, {}});
+          c.points.push_back({k, est(k.param_count), slot == 1 ? 100 : 30, 5, slot, {}});
+        ++slot;
       }
       c.points.push_back(
-          {large, est(large.param_count), large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50, 5, {}});
+          {large, est(large.param_count), large.param_count * 4 >= (std::size_t{1} << 20) ? 2 : 50, 5, 3, {}});
       cands.push_back(std::move(c));
     }
     // One batch: a warm-up call, then `iters` calls; the slowest rank's time.
@@ -653,21 +656,15 @@ int calibrate(Communicator& comm, const std::string& path) {
     // look 1.6x slower than the ring at 16 MiB, where it is 1.2x faster
     // (docs/algorithms.md). Every rank builds the same candidate list, so
     // all take part in the same calls in the same order.
-    std::size_t slots = 0;
-    for (const Candidate& c : cands) slots = std::max(slots, c.points.size());
-    for (std::size_t slot = 0; slot < slots; ++slot) {
-      const bool last = slot + 1 == slots;
+    for (int slot = 0; slot <= 3; ++slot) {
       for (int round = 0;; ++round) {
         bool any = false;
-        for (Candidate& c : cands) {
-          // The large point is always the last slot; shorter lists skip the middle.
-          const std::size_t i = last ? c.points.size() - 1 : slot;
-          if (!last && i + 1 >= c.points.size()) continue;
-          Point& pt = c.points[i];
-          if (round >= pt.rounds) continue;
-          pt.batches.push_back(batch(c.name, pt.cc, pt.iters));
-          any = true;
-        }
+        for (Candidate& c : cands)
+          for (Point& pt : c.points)
+            if (pt.slot == slot && round < pt.rounds) {
+              pt.batches.push_back(batch(c.name, pt.cc, pt.iters));
+              any = true;
+            }
         if (!any) break;
       }
     }

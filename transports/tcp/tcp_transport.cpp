@@ -163,10 +163,7 @@ class TcpTransport final : public Transport {
       // here: the tagged transports open their control connections with one
       // (tagged.cpp, reach()).
       try {
-        accept_pending();
-        for (auto& p : peers_)
-          for (Conn* c : {p.out.get(), p.in.get()})
-            if (c && !c->closed && !c->parked) read_some(*c);
+        read_all_pending();
       } catch (...) {
         // a failure found now changes nothing but whether we say goodbye
       }
@@ -570,12 +567,18 @@ class TcpTransport final : public Transport {
                  peer));
   }
 
-  void settle_losses() {
-    if (losses_.empty() || fs_.failed()) return;
+  // Accepts waiting connections and reads what has arrived on every open
+  // socket that is not parked.
+  void read_all_pending() {
     accept_pending();
     for (auto& p : peers_)
       for (Conn* c : {p.out.get(), p.in.get()})
         if (c != nullptr && !c->closed && !c->parked) read_some(*c);
+  }
+
+  void settle_losses() {
+    if (losses_.empty() || fs_.failed()) return;
+    read_all_pending();
     std::vector<std::pair<int, std::string>> losses;
     losses.swap(losses_);
     for (const auto& [peer, why] : losses)
