@@ -5,6 +5,13 @@
 // 19..0 the part: 0 for the header, 1..n for the payload's chunks. A
 // receive asks for one exact tag, so nothing depends on the library's
 // ordering guarantees.
+//
+// With one-sided writes (TagFabric::can_write(), libfabric's FI_RMA), a
+// payload of kWriteMin bytes or more waits for the receiver's Ready (tag
+// part kReadyPart, from the receiver, with the message's number): a copy
+// receive exposes its destination there and the sender writes the payload
+// into it, then sends part 1 empty to say it is done; a reduce receive,
+// which folds chunks from staging buffers, asks for the chunks instead.
 
 #include "tagged.hpp"
 
@@ -28,7 +35,10 @@ constexpr std::size_t kEagerBytes = 8 << 10;
 // Larger payloads travel in chunks of this size (a wire constant: both sides
 // must cut the same way). Every element size divides it.
 constexpr std::size_t kChunkBytes = 4 << 20;
-constexpr std::uint32_t kMaxParts = (1u << 20) - 1;
+constexpr std::uint32_t kMaxParts = (1u << 20) - 2;
+constexpr std::uint32_t kReadyPart = (1u << 20) - 1;
+// Payloads from this size wait for a Ready when the fabric can write.
+constexpr std::size_t kWriteMin = 64 << 10;
 // Chunks in flight per send or copy-receive, and staging buffers per reduce-receive.
 constexpr std::size_t kCopyWindow = 8;
 constexpr std::size_t kReduceWindow = 4;
@@ -53,6 +63,20 @@ struct WireHeader {
 };
 static_assert(sizeof(WireHeader) == 48, "wire header must be 48 bytes");
 
+// Receiver to sender: how to deliver a payload of kWriteMin bytes or more.
+// It opens with the receive's call and size (a header with magic
+// kReadyMagic), so that a sender whose call differs says so at once, as
+// the receiver does on its header.
+struct WireReady {
+  WireHeader call;
+  std::uint8_t write;  // 1: write into addr/key; 0: send the chunks
+  std::uint8_t pad[7];
+  std::uint64_t addr;
+  std::uint64_t key;
+};
+static_assert(sizeof(WireReady) == 72, "ready message must be 72 bytes");
+constexpr std::uint32_t kReadyMagic = 0x59445243;  // "CRDY"
+
 std::uint64_t make_tag(int src, std::uint32_t msg, std::uint32_t part) {
   return (static_cast<std::uint64_t>(src) << 48) |
          (static_cast<std::uint64_t>(msg & 0x0fffffffu) << 20) | part;
@@ -72,6 +96,7 @@ struct Slot {
 
 struct SendTask {
   Request req;
+  CallDesc call;
   int peer = -1;
   std::uint32_t msg = 0;
   const char* buf = nullptr;
@@ -80,6 +105,10 @@ struct SendTask {
   FabricOp head_op;
   std::uint32_t parts = 0, next_part = 1, parts_done = 0;
   std::vector<Slot> slots;
+  // Waiting for the receiver's Ready; then writing (and the closing part 1).
+  bool await_ready = false, ready_checked = false, writes = false;
+  WireReady ready{};
+  FabricOp ready_op, fin_op;
 };
 
 struct RecvTask {
@@ -96,7 +125,23 @@ struct RecvTask {
   std::string chunk_error;  // a chunk failed before the header was checked
   std::uint32_t parts = 0, next_part = 1, parts_done = 0;
   std::vector<Slot> slots;
+  // Sends a Ready first; `writes`: the sender writes, then sends part 1 empty.
+  bool send_ready = false, writes = false;
+  WireReady ready{};
+  FabricOp ready_op, fin_op;
 };
+
+}  // namespace
+
+TagFabric::Region TagFabric::expose(void*, std::size_t) {
+  throw Error(ErrorCode::Internal, "this fabric cannot take one-sided writes");
+}
+
+bool TagFabric::write(int, const void*, std::size_t, std::uint64_t, std::uint64_t, FabricOp&) {
+  throw Error(ErrorCode::Internal, "this fabric cannot write one-sided");
+}
+
+namespace {
 
 class TaggedTransport final : public Transport {
  public:
@@ -137,26 +182,18 @@ class TaggedTransport final : public Transport {
     reach(peer);
     auto t = std::make_unique<SendTask>();
     t->req = new_request(peer, bytes, true);
+    t->call = call;
     t->peer = peer;
     t->msg = send_msg_[static_cast<std::size_t>(peer)]++;
     t->buf = static_cast<const char*>(buf);
     t->bytes = bytes;
     t->parts = parts_of(bytes);
-    WireHeader h{};
-    h.magic = kMagic;
-    h.version = kVersion;
-    h.coll = encode_coll(call);
-    h.dtype = static_cast<std::uint8_t>(call.dtype);
-    h.op = encode_op(call);
-    h.root = call.root;
-    h.seq = call.seq;
-    h.count = call.count;
-    h.comm_id = ctx_.comm_id;
-    h.payload = bytes;
+    const WireHeader h = make_header(kMagic, call, bytes);
     t->head.resize(sizeof h + (t->parts == 0 ? bytes : 0));
     std::memcpy(t->head.data(), &h, sizeof h);
     if (t->parts == 0 && bytes > 0) std::memcpy(t->head.data() + sizeof h, buf, bytes);
     t->slots.resize(std::min<std::size_t>(t->parts, kCopyWindow));
+    t->await_ready = fabric_->can_write() && bytes >= kWriteMin;
     count_sent(peer, bytes);
     Request r = t->req;
     sends_.push_back(std::move(t));
@@ -181,7 +218,10 @@ class TaggedTransport final : public Transport {
     t->parts = parts_of(bytes);
     t->head = take_head_buffer();
     const bool reduce = combine.kind == Combine::Kind::Reduce;
-    t->slots.resize(std::min<std::size_t>(t->parts, reduce ? kReduceWindow : kCopyWindow));
+    t->send_ready = fabric_->can_write() && bytes >= kWriteMin;
+    t->writes = t->send_ready && !reduce;
+    if (!t->writes)
+      t->slots.resize(std::min<std::size_t>(t->parts, reduce ? kReduceWindow : kCopyWindow));
     count_received(peer, bytes);
     Request r = t->req;
     recvs_.push_back(std::move(t));
@@ -274,6 +314,21 @@ class TaggedTransport final : public Transport {
  private:
   std::string key(int r) const { return name_ + "/" + std::to_string(r); }
 
+  WireHeader make_header(std::uint32_t magic, const CallDesc& call, std::size_t bytes) const {
+    WireHeader h{};
+    h.magic = magic;
+    h.version = kVersion;
+    h.coll = encode_coll(call);
+    h.dtype = static_cast<std::uint8_t>(call.dtype);
+    h.op = encode_op(call);
+    h.root = call.root;
+    h.seq = call.seq;
+    h.count = call.count;
+    h.comm_id = ctx_.comm_id;
+    h.payload = bytes;
+    return h;
+  }
+
   static Request new_request(int peer, std::size_t bytes, bool is_send) {
     auto r = std::make_shared<RequestState>();
     r->peer = peer;
@@ -291,8 +346,16 @@ class TaggedTransport final : public Transport {
   void release_fabric(bool clean) noexcept {
     if (!fabric_) return;
     if (!clean) {
-      for (auto& t : sends_) cancel_all(t->head_op, t->slots);
-      for (auto& t : recvs_) cancel_all(t->head_op, t->slots);
+      for (auto& t : sends_) {
+        cancel_all(t->head_op, t->slots);
+        cancel_all(t->ready_op, {});
+        cancel_all(t->fin_op, {});
+      }
+      for (auto& t : recvs_) {
+        cancel_all(t->head_op, t->slots);
+        cancel_all(t->ready_op, {});
+        cancel_all(t->fin_op, {});
+      }
     }
     try {
       fabric_->close(clean);
@@ -417,6 +480,15 @@ class TaggedTransport final : public Transport {
     return ok;
   }
 
+  bool post_write(SendTask& t, FabricOp& op, std::size_t off, std::size_t len) {
+    op.reset();
+    bool ok = false;
+    guarded([&] {
+      ok = fabric_->write(t.peer, t.buf + off, len, t.ready.addr + off, t.ready.key, op);
+    });
+    return ok;
+  }
+
   bool post_recv(RecvTask& t, FabricOp& op, std::uint32_t part, void* buf, std::size_t len) {
     op.reset();
     bool ok = false;
@@ -449,6 +521,20 @@ class TaggedTransport final : public Transport {
     if (!t.head_op.posted && !t.head_op.done)
       moved |= post_send(t, t.head_op, 0, t.head.data(), t.head.size());
     if (t.head_op.done && !t.head_op.error.empty()) op_failed(t.peer, true, t.head_op);
+    if (t.await_ready && !t.ready_checked) {
+      if (!t.ready_op.posted && !t.ready_op.done) {
+        t.ready_op.reset();
+        guarded([&] {
+          moved |= fabric_->recv(make_tag(t.peer, t.msg, kReadyPart), &t.ready, sizeof t.ready,
+                                 t.ready_op);
+        });
+      }
+      if (!t.ready_op.done) return moved;
+      check_ready(t);
+      moved = true;
+    }
+    // The payload: chunks as messages, or written into the receiver's
+    // exposed destination; a window of them at a time.
     for (Slot& s : t.slots) {
       if (s.part != 0 && s.op.done) {
         if (!s.op.error.empty()) op_failed(t.peer, true, s.op);
@@ -459,13 +545,88 @@ class TaggedTransport final : public Transport {
       if (s.part == 0 && t.next_part <= t.parts) {
         const std::uint32_t part = t.next_part;
         const std::size_t off = static_cast<std::size_t>(part - 1) * kChunkBytes;
-        if (!post_send(t, s.op, part, t.buf + off, chunk_length(t.bytes, part))) break;
+        const std::size_t len = chunk_length(t.bytes, part);
+        if (!(t.writes ? post_write(t, s.op, off, len) : post_send(t, s.op, part, t.buf + off, len)))
+          break;
         s.part = part;
         ++t.next_part;
         moved = true;
       }
     }
-    if (t.head_op.done && t.parts_done == t.parts) t.req->done = true;
+    if (!t.writes) {
+      if (t.head_op.done && t.parts_done == t.parts) t.req->done = true;
+      return moved;
+    }
+    // After the writes, part 1 empty: the receive is complete when it
+    // arrives, since each write was done before it was sent.
+    if (t.parts_done == t.parts && !t.fin_op.posted && !t.fin_op.done)
+      moved |= post_send(t, t.fin_op, 1, nullptr, 0);
+    if (t.fin_op.done && !t.fin_op.error.empty()) op_failed(t.peer, true, t.fin_op);
+    if (t.head_op.done && t.fin_op.done) t.req->done = true;
+    return moved;
+  }
+
+  [[noreturn]] void malformed_from(int peer, const std::string& why) {
+    fs_.fail(Error(ErrorCode::Transport,
+                   "malformed message from rank " + std::to_string(peer) + " (" + name_ + "): " +
+                       why + "; the peer is not a Chorus peer of this build or the data is corrupt",
+                   peer));
+  }
+
+  // A header from `peer` (a message's, magic kMagic, or a Ready's,
+  // kReadyMagic) against this rank's own call and size: a call that differs
+  // is InvalidUsage naming both.
+  void check_call_header(const WireHeader& h, std::uint32_t magic, const CallDesc& mine, int peer,
+                         std::size_t bytes) {
+    if (h.magic != magic) malformed_from(peer, "bad magic");
+    if (h.version != kVersion) malformed_from(peer, "wire version " + std::to_string(h.version));
+    if (h.comm_id != ctx_.comm_id) malformed_from(peer, "message for another communicator");
+    const CallDesc theirs = wire_call(h.coll, h.dtype, h.op, h.root, h.count, h.seq);
+    guarded([&] { check_same_call(mine, ctx_.rank, theirs, peer); });
+    if (h.payload != bytes)
+      fs_.fail(Error(ErrorCode::Internal,
+                     "rank " + std::to_string(peer) + " has " + std::to_string(h.payload) +
+                         " bytes for this rank's " + std::to_string(bytes) + " in " +
+                         describe(mine),
+                     peer));
+  }
+
+  // The receiver's Ready: how it wants the payload.
+  void check_ready(SendTask& t) {
+    const FabricOp& op = t.ready_op;
+    if (!op.error.empty() && !op.truncated) op_failed(t.peer, true, op);
+    const WireReady& r = t.ready;
+    auto malformed = [&](const std::string& why) { malformed_from(t.peer, why); };
+    if (op.truncated || op.received != sizeof r)
+      malformed("a ready message of " + std::to_string(op.received) + " bytes");
+    check_call_header(r.call, kReadyMagic, t.call, t.peer, t.bytes);
+    if (r.write > 1) malformed("a ready message asking for delivery " + std::to_string(r.write));
+    t.writes = r.write != 0;
+    t.ready_checked = true;
+  }
+
+  // A receive that sends a Ready: exposes its destination (copies) or asks
+  // for chunks (reductions) first.
+  bool step_ready(RecvTask& t) {
+    bool moved = false;
+    if (!t.ready_op.posted && !t.ready_op.done) {
+      if (t.ready.call.magic == 0) {
+        t.ready.call = make_header(kReadyMagic, t.call, t.bytes);
+        if (t.writes) {
+          TagFabric::Region r;
+          guarded([&] { r = fabric_->expose(t.dst, t.bytes); });
+          t.ready.write = 1;
+          t.ready.addr = r.addr;
+          t.ready.key = r.key;
+        }
+      }
+      t.ready_op.reset();
+      guarded([&] {
+        moved |= fabric_->send(t.peer, make_tag(ctx_.rank, t.msg, kReadyPart), &t.ready,
+                               sizeof t.ready, t.ready_op);
+      });
+    }
+    if (t.ready_op.done && !t.ready_op.error.empty()) op_failed(t.peer, false, t.ready_op);
     return moved;
   }
 
@@ -473,9 +634,26 @@ class TaggedTransport final : public Transport {
     bool moved = false;
     if (!t.head_op.posted && !t.head_op.done)
       moved |= post_recv(t, t.head_op, 0, t.head.data(), t.head.size());
+    if (t.send_ready) moved |= step_ready(t);
     if (t.head_op.done && !t.head_checked) {
       check_head(t);
       moved = true;
+    }
+    if (t.writes) {
+      // The sender writes the payload, then sends part 1 empty.
+      if (!t.fin_op.posted && !t.fin_op.done) moved |= post_recv(t, t.fin_op, 1, nullptr, 0);
+      if (t.fin_op.done && !t.fin_op.error.empty() && !t.fin_op.truncated)
+        op_failed(t.peer, false, t.fin_op);
+      if (t.fin_op.done && (t.fin_op.truncated || t.fin_op.received != 0) && t.head_checked)
+        fs_.fail(Error(ErrorCode::Transport,
+                       name_ + ": message from rank " + std::to_string(t.peer) + " in " +
+                           describe(t.call) + ": chunks arrived where writes were asked for",
+                       t.peer));
+      if (t.head_checked && t.fin_op.done && t.ready_op.done) {
+        t.req->done = true;
+        fabric_->exposed_done();
+      }
+      return moved;
     }
     const bool reduce = t.combine.kind == Combine::Kind::Reduce;
     for (Slot& s : t.slots) {
@@ -525,30 +703,14 @@ class TaggedTransport final : public Transport {
 
   void check_head(RecvTask& t) {
     const FabricOp& op = t.head_op;
-    auto malformed = [&](const std::string& why) {
-      fs_.fail(Error(ErrorCode::Transport,
-                     "malformed message from rank " + std::to_string(t.peer) + " (" + name_ +
-                         "): " + why +
-                         "; the peer is not a Chorus peer of this build or the data is corrupt",
-                     t.peer));
-    };
+    auto malformed = [&](const std::string& why) { malformed_from(t.peer, why); };
     if (!op.error.empty() && !op.truncated) op_failed(t.peer, false, op);
     if (op.truncated) malformed("a header larger than any header");
     if (op.received < sizeof(WireHeader))
       malformed("a header of " + std::to_string(op.received) + " bytes");
     WireHeader h;
     std::memcpy(&h, t.head.data(), sizeof h);
-    if (h.magic != kMagic) malformed("bad magic");
-    if (h.version != kVersion) malformed("wire version " + std::to_string(h.version));
-    if (h.comm_id != ctx_.comm_id) malformed("message for another communicator");
-    const CallDesc theirs = wire_call(h.coll, h.dtype, h.op, h.root, h.count, h.seq);
-    guarded([&] { check_same_call(t.call, ctx_.rank, theirs, t.peer); });
-    if (h.payload != t.bytes)
-      fs_.fail(Error(ErrorCode::Internal,
-                     "message of " + std::to_string(h.payload) + " bytes from rank " +
-                         std::to_string(t.peer) + " for a receive of " + std::to_string(t.bytes) +
-                         " bytes in " + describe(t.call),
-                     t.peer));
+    check_call_header(h, kMagic, t.call, t.peer, t.bytes);
     if (t.parts == 0) {
       if (op.received != sizeof h + t.bytes) malformed("packed payload of the wrong length");
       combine_into(t.combine, t.dst, 0, t.head.data() + sizeof h, t.bytes);
@@ -579,7 +741,7 @@ class TaggedTransport final : public Transport {
     fs_.fail(Error(ErrorCode::Internal, name_ + ": timeout resolution returned"));
   }
 
-  void cancel_all(FabricOp& head, std::vector<Slot>& slots) noexcept {
+  void cancel_all(FabricOp& head, std::span<Slot> slots) noexcept {
     try {
       if (head.posted) fabric_->cancel(head);
       for (Slot& s : slots)

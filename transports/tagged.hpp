@@ -85,6 +85,26 @@ class TagFabric {
   virtual int wait_fd() { return -1; }
   virtual bool arm() { return false; }
 
+  // One-sided writes (libfabric's FI_RMA), where the library offers them
+  // and they are enabled. A receiver exposes its destination and sends the
+  // region to the sender, which writes the payload straight into it.
+  struct Region {
+    std::uint64_t addr = 0;  // what write() takes for the region's first byte
+    std::uint64_t key = 0;
+  };
+  virtual bool can_write() const { return false; }
+  // Makes [buf, buf+len) writable by the peers (registrations are cached).
+  virtual Region expose(void* buf, std::size_t len);
+  // A receive whose memory expose() gave out is complete: the registration
+  // may be dropped from the cache from now on.
+  virtual void exposed_done() {}
+  // Posts a write of [buf, buf+len) into `peer`'s exposed memory at `addr`
+  // (a Region's addr plus an offset) under `key`; done once the data is
+  // placed there (or no later than a message sent after its completion).
+  // False: out of resources for now, as for send().
+  virtual bool write(int peer, const void* buf, std::size_t len, std::uint64_t addr,
+                     std::uint64_t key, FabricOp& op);
+
   // Asks the library to complete a posted op early (it then completes with
   // an error, after some progress()). Best effort.
   virtual void cancel(FabricOp& op) = 0;

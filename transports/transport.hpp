@@ -320,6 +320,10 @@ struct TransportContext {
   // ask for it ("always", CHORUS_FI_MR) rather than only when it does ("auto").
   std::string fi_provider;
   std::string fi_mr = "auto";
+  // Large messages by one-sided writes (FI_RMA) where the provider offers
+  // them: "auto" (where a failed receiver's memory is safe from late
+  // writes), "on", "off" (CHORUS_FI_RMA, docs/transports.md).
+  std::string fi_rma = "auto";
 };
 
 using TransportFactory = std::function<std::unique_ptr<Transport>(const TransportContext&)>;

@@ -654,6 +654,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   tc.shm_cma = settings.shm_large == "cma";
   tc.fi_provider = settings.fi_provider;
   tc.fi_mr = settings.fi_mr;
+  tc.fi_rma = settings.fi_rma;
   impl->transport = transport::create_transports(settings.transport, tc);
 
   // Creation is complete on every rank only when the whole group exists.

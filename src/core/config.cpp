@@ -61,12 +61,14 @@ std::size_t parse_bytes_min(const std::string& text, const char* what, std::size
   return b;
 }
 
-// A setting with two allowed words.
-std::string one_of(const char* v, const char* what, const char* a, const char* b) {
+// A setting with two (or three) allowed words.
+std::string one_of(const char* v, const char* what, const char* a, const char* b,
+                   const char* c = nullptr) {
   const std::string s = v;
-  if (s != a && s != b)
-    throw Error(ErrorCode::InvalidArgument, std::string(what) + "='" + s + "' must be '" + a +
-                                                "' or '" + b + "'");
+  if (s != a && s != b && (c == nullptr || s != c))
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(what) + "='" + s + "' must be '" + a + "'" +
+                    (c ? std::string(", '") + b + "' or '" + c + "'" : " or '" + std::string(b) + "'"));
   return s;
 }
 
@@ -106,6 +108,8 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
   if (const char* v = lookup(getenv, "CHORUS_FI_PROVIDER")) s.fi_provider = v;
   if (const char* v = lookup(getenv, "CHORUS_FI_MR"))
     s.fi_mr = one_of(v, "CHORUS_FI_MR", "auto", "always");
+  if (const char* v = lookup(getenv, "CHORUS_FI_RMA"))
+    s.fi_rma = one_of(v, "CHORUS_FI_RMA", "auto", "on", "off");
   if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC"))
     s.cuda_ipc = one_of(v, "CHORUS_CUDA_IPC", "0", "1") == "1";
   if (const char* v = lookup(getenv, "CHORUS_CUDA_STAGE_BYTES"))

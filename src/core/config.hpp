@@ -27,6 +27,7 @@ struct Settings {
   std::string tuning_file;   // CHORUS_TUNING_FILE: alpha-beta model from chorus-bench --calibrate
   std::string fi_provider;   // CHORUS_FI_PROVIDER: libfabric provider (empty: the best offered)
   std::string fi_mr = "auto";  // CHORUS_FI_MR: auto|always (register memory only when the provider asks)
+  std::string fi_rma = "auto";  // CHORUS_FI_RMA: auto|on|off (one-sided writes for large messages)
   // Device buffers (docs/cuda.md).
   bool cuda_ipc = true;                          // CHORUS_CUDA_IPC: 0 stages even within a host
   std::size_t cuda_stage_bytes = 4 << 20;        // CHORUS_CUDA_STAGE_BYTES: pinned staging chunk

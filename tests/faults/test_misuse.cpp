@@ -19,6 +19,7 @@
 #include <functional>
 #include <ostream>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -165,39 +166,52 @@ TEST_P(MismatchedCalls, EveryRankFailsWithInvalidUsageNamingBothCalls) {
   }
 }
 
-// The smallest mismatch: rank 0 sends 10 elements, rank 1 receives 20. Rank 1
-// sees it; rank 0's send has already completed, so rank 0 can only learn of it
-// from rank 1's notice, in its next call, which must fail rather than wait
-// for a peer that has given up.
-TEST(MismatchedPointToPoint, SenderLearnsOfTheMismatchInItsNextCall) {
-  Group g(2, [](RankContext& ctx) {
+// A point-to-point size mismatch: rank 0 sends `sent` elements, rank 1
+// receives `asked`. Rank 1 sees it in the header; a small send has already
+// completed, so rank 0 can only learn of it from rank 1's notice, in its next
+// call, which must fail rather than wait for a peer that has given up.
+void expect_mismatch_reported(std::size_t sent, std::size_t asked) {
+  Group g(2, [sent, asked](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
-    std::vector<float> buf(20, 1.0f);
+    std::vector<float> buf(std::max(sent, asked), 1.0f);
     ctx.started();
     if (ctx.rank() == 0) {
-      ctx.attempt("call", [&] { comm.send(buf.data(), 10, DataType::Float32, 1); });
+      ctx.attempt("call", [&] { comm.send(buf.data(), sent, DataType::Float32, 1); });
       ctx.attempt("next", [&] { comm.recv(buf.data(), 1, DataType::Float32, 1); });
     } else {
-      ctx.attempt("call", [&] { comm.recv(buf.data(), 20, DataType::Float32, 0); });
+      ctx.attempt("call", [&] { comm.recv(buf.data(), asked, DataType::Float32, 0); });
       ctx.attempt("next", [&] { comm.send(buf.data(), 1, DataType::Float32, 0); });
     }
     ctx.hold();
   });
+  const std::string says_sent = "count " + std::to_string(sent);
+  const std::string says_asked = "count " + std::to_string(asked);
   std::string why;
   ASSERT_TRUE(g.wait_started(60s, &why)) << why;
   const auto recv = g.result(1, "call", kReportWait);
   ASSERT_TRUE(recv) << "rank 1's recv did not return; it is " << g.status(1);
   EXPECT_EQ(recv->error_code(), ErrorCode::InvalidUsage) << recv->describe();
-  EXPECT_TRUE(recv->has("count 10") && recv->has("count 20")) << recv->describe();
+  EXPECT_TRUE(recv->has(says_sent) && recv->has(says_asked)) << recv->describe();
   const auto send = g.result(0, "call", kReportWait);
-  ASSERT_TRUE(send);
+  ASSERT_TRUE(send) << "rank 0's send did not return; it is " << g.status(0);
   const auto next = g.result(0, "next", after_ns(recv->end_ns, kReportWait));
   ASSERT_TRUE(next) << "rank 0's next call waits on rank 1, which failed " << kReportWait.count()
                     << " s ago and did not tell rank 0 (send was: " << send->describe() << ")";
   const Result& first = send->ok ? *next : *send;
   EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
-  EXPECT_TRUE(first.has("count 10") && first.has("count 20")) << first.describe();
+  EXPECT_TRUE(first.has(says_sent) && first.has(says_asked)) << first.describe();
   EXPECT_LT(faults::seconds_between(recv->end_ns, first.end_ns), bound_s()) << first.describe();
+}
+
+TEST(MismatchedPointToPoint, SenderLearnsOfTheMismatchInItsNextCall) {
+  expect_mismatch_reported(10, 20);
+}
+
+// The same with payloads of megabytes, which the fabric transports deliver
+// after the receiver's Ready (and by one-sided writes where they can): the
+// sender must fail too, naming both calls, not write or wait.
+TEST(MismatchedPointToPoint, LargeMessagesFailOnBothSides) {
+  expect_mismatch_reported(std::size_t{1} << 20, std::size_t{2} << 20);
 }
 
 INSTANTIATE_TEST_SUITE_P(Calls, MismatchedCalls, ::testing::ValuesIn(kMismatches),
@@ -545,6 +559,45 @@ TEST(Rendezvous, RanksDisagreeingOnChorusAlgoFailAtCreation) {
     EXPECT_EQ(r->error_code(), ErrorCode::InvalidUsage) << r->describe();
     EXPECT_TRUE(r->has("ranks disagree on CHORUS_ALGO")) << r->describe();
     EXPECT_TRUE(r->has(p == 0 ? "allreduce:tree" : "allreduce:ring")) << r->describe();
+    EXPECT_LT(r->seconds(), 10.0) << r->describe();
+  }
+}
+
+// libfabric: whether large messages go by one-sided writes is each rank's
+// setting (CHORUS_FI_RMA); ranks that differ would wait for each other's
+// Ready forever, so the first message between them says why instead.
+TEST(Rendezvous, RanksDisagreeingOnFiRmaFailAtFirstContact) {
+  const char* transport = std::getenv("CHORUS_TRANSPORT");
+  if (transport == nullptr || std::string(transport) != "libfabric")
+    GTEST_SKIP() << "libfabric only (CHORUS_TRANSPORT=libfabric)";
+  auto with = [](const char* rma) {
+    return [rma](RankContext& ctx) {
+      ::setenv("CHORUS_FI_RMA", rma, 1);  // this rank's process only
+      chorus::Config config;
+      config.timeout = 20s;
+      std::optional<Communicator> comm;
+      ctx.attempt("create", [&] { comm = Communicator::create(ctx.rank(), 2, ctx.store(), config); });
+      std::vector<float> buf(std::size_t{1} << 20, 1.0f);
+      if (comm)
+        ctx.attempt("call", [&] {
+          comm->allreduce(buf.data(), buf.data(), buf.size(), DataType::Float32, ReduceOp::Sum);
+        });
+      ctx.hold();
+    };
+  };
+  Group g(2, std::vector<faults::Body>{with("on"), with("off")});
+  const auto created = g.result(0, "create", kReportWait);
+  ASSERT_TRUE(created) << "create() did not return; rank 0 is " << g.status(0);
+  if (!created->ok && created->has("no provider"))
+    GTEST_SKIP() << "no libfabric provider: " << created->describe();
+  const auto first = g.result(0, "call", kReportWait);
+  ASSERT_TRUE(first) << "rank 0's call did not return (hang?); it is " << g.status(0);
+  if (first->ok) GTEST_SKIP() << "this provider offers no one-sided writes (FI_RMA)";
+  for (int p = 0; p < 2; ++p) {
+    const auto r = g.result(p, "call", kReportWait);
+    ASSERT_TRUE(r) << "rank " << p << "'s call did not return (hang?); it is " << g.status(p);
+    EXPECT_EQ(r->error_code(), ErrorCode::InvalidUsage) << r->describe();
+    EXPECT_TRUE(r->has("CHORUS_FI_RMA")) << r->describe();
     EXPECT_LT(r->seconds(), 10.0) << r->describe();
   }
 }

@@ -118,6 +118,10 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.spin, std::chrono::microseconds(100));
   EXPECT_EQ(s.cpu_bind, "auto");
   EXPECT_EQ(s.shm_large, "copy");
+  EXPECT_EQ(s.fi_rma, "auto");
+
+  FakeEnv rma{{{"CHORUS_FI_RMA", "off"}}};
+  EXPECT_EQ(chorus::resolve_settings({}, rma.fn()).fi_rma, "off");
 
   FakeEnv env{{{"CHORUS_TIMEOUT", "2.5"}, {"CHORUS_TRANSPORT", "xyz"}, {"CHORUS_SPIN_US", "7"},
                {"CHORUS_CHUNK_BYTES", "64K"}, {"CHORUS_SOCKET_BUFFER", "4M"},
@@ -146,7 +150,7 @@ TEST(Settings, Malformed) {
       {{"CHORUS_SPIN_US", "-1"}},   {{"CHORUS_SPIN_US", "12abc"}},  {{"CHORUS_CHUNK_BYTES", "8"}},
       {{"CHORUS_CHUNK_BYTES", "1T"}}, {{"CHORUS_SOCKET_BUFFER", "-5"}}, {{"CHORUS_SHM_LARGE", "xpmem"}},
       {{"CHORUS_ALGO", "allreduce:nonsense"}}, {{"CHORUS_ALGO", "allreduce"}},
-      {{"CHORUS_ALGO", "frobnicate:ring"}},
+      {{"CHORUS_ALGO", "frobnicate:ring"}}, {{"CHORUS_FI_RMA", "yes"}}, {{"CHORUS_FI_MR", "never"}},
   };
   for (const auto& vars : bad) {
     FakeEnv env{vars};

@@ -10,6 +10,14 @@
 // memory is registered only when the provider's mr_mode asks for it
 // (FI_MR_LOCAL), or when CHORUS_FI_MR=always, through a cache of
 // registrations keyed by address range.
+//
+// One-sided writes (FI_RMA, CHORUS_FI_RMA): a large copy receive exposes its
+// destination (a registration with FI_REMOTE_WRITE, cached the same way) and
+// the sender fi_write()s the payload into it (../tagged.cpp). "auto" uses
+// them where the provider places written data only when the target drives
+// it (tcp;ofi_rxm), so a failed receiver, never driven again, is not written
+// after its error; libfabric's shm writes straight into the target process
+// (process_vm_writev), so there only "on" uses them.
 
 #include "dynload.hpp"
 #include "tagged.hpp"
@@ -23,6 +31,7 @@
 #include <rdma/fi_domain.h>
 #include <rdma/fi_endpoint.h>
 #include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
 #include <rdma/fi_tagged.h>
 #include <unistd.h>
 
@@ -110,9 +119,35 @@ fi_info* choose(fi_info* list, const TransportContext& ctx, std::string* why) {
 class LibfabricFabric final : public TagFabric {
  public:
   explicit LibfabricFabric(const TransportContext& ctx) {
+    // With writes wanted, the providers that offer them; else (or if none
+    // fits) the plain tagged ones.
+    if (ctx.fi_rma != "off") open_info(ctx, true);
+    if (info_ == nullptr) open_info(ctx, false);
+    provider_ = info_->fabric_attr->prov_name ? info_->fabric_attr->prov_name : "?";
+    const auto mr_mode = info_->domain_attr->mr_mode;
+    register_ = (mr_mode & FI_MR_LOCAL) != 0 || ctx.fi_mr == "always";
+    mr_endpoint_ = (mr_mode & FI_MR_ENDPOINT) != 0;
+    prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
+    virt_addr_ = (mr_mode & FI_MR_VIRT_ADDR) != 0;
+    // Writes only where a failed receiver is safe from them (see the file
+    // comment), unless asked for.
+    writes_ = (info_->caps & FI_RMA) != 0 &&
+              (ctx.fi_rma == "on" || (ctx.fi_rma == "auto" && provider_ != "shm"));
+    how_ = "libfabric " + std::to_string(FI_MAJOR(fi().version())) + "." +
+           std::to_string(FI_MINOR(fi().version())) + ", provider " + provider_ + ", domain " +
+           (info_->domain_attr->name ? info_->domain_attr->name : "?") + " (" + why_ + ")" +
+           (register_ ? ", registering memory" : "") +
+           (writes_ ? ", one-sided writes for large messages" : "");
+    open_endpoint(ctx);
+  }
+
+ private:
+  // fi_getinfo with our hints (and FI_RMA if `rma`), then the job's choice
+  // among the results into info_ (left null if nothing fits and `rma`).
+  void open_info(const TransportContext& ctx, bool rma) {
     fi_info* hints = fi().dupinfo(nullptr);
     if (hints == nullptr) throw Error(ErrorCode::Transport, "libfabric: fi_allocinfo failed");
-    hints->caps = FI_TAGGED;
+    hints->caps = FI_TAGGED | (rma ? FI_RMA | FI_WRITE | FI_REMOTE_WRITE : 0);
     hints->mode = FI_CONTEXT | FI_CONTEXT2;
     hints->ep_attr->type = FI_EP_RDM;
     hints->domain_attr->mr_mode =
@@ -123,6 +158,7 @@ class LibfabricFabric final : public TagFabric {
     const int rc = fi().getinfo(FI_VERSION(FI_MAJOR_VERSION, FI_MINOR_VERSION), nullptr, nullptr, 0,
                                 hints, &list);
     fi().freeinfo(hints);
+    if (rma && (rc != 0 || list == nullptr)) return;
     if (rc != 0 || list == nullptr)
       throw Error(
           ErrorCode::Transport,
@@ -132,8 +168,11 @@ class LibfabricFabric final : public TagFabric {
                    ? ""
                    : " by the name CHORUS_FI_PROVIDER='" + ctx.fi_provider + "'") +
               ": " + fi().strerror(-rc) + "; `fi_info -t FI_EP_RDM` lists what this host has");
-    std::string why;
-    fi_info* pick = choose(list, ctx, &why);
+    fi_info* pick = choose(list, ctx, &why_);
+    if (pick == nullptr && rma) {
+      fi().freeinfo(list);
+      return;
+    }
     if (pick == nullptr) {
       fi().freeinfo(list);
       throw Error(ErrorCode::Transport,
@@ -142,16 +181,9 @@ class LibfabricFabric final : public TagFabric {
     }
     info_ = fi().dupinfo(pick);
     fi().freeinfo(list);
-    provider_ = info_->fabric_attr->prov_name ? info_->fabric_attr->prov_name : "?";
-    const auto mr_mode = info_->domain_attr->mr_mode;
-    register_ = (mr_mode & FI_MR_LOCAL) != 0 || ctx.fi_mr == "always";
-    mr_endpoint_ = (mr_mode & FI_MR_ENDPOINT) != 0;
-    prov_key_ = (mr_mode & FI_MR_PROV_KEY) != 0;
-    how_ = "libfabric " + std::to_string(FI_MAJOR(fi().version())) + "." +
-           std::to_string(FI_MINOR(fi().version())) + ", provider " + provider_ + ", domain " +
-           (info_->domain_attr->name ? info_->domain_attr->name : "?") + " (" + why + ")" +
-           (register_ ? ", registering memory" : "");
+  }
 
+  void open_endpoint(const TransportContext& ctx) {
     int r = fi().fabric(info_->fabric_attr, &fabric_, nullptr);
     if (r) fail_call("fi_fabric", r);
     r = fi_domain(fabric_, info_, &domain_, nullptr);
@@ -192,6 +224,7 @@ class LibfabricFabric final : public TagFabric {
     peers_.assign(static_cast<std::size_t>(ctx.size), FI_ADDR_NOTAVAIL);
   }
 
+ public:
   ~LibfabricFabric() override { close(false); }
 
   std::string describe() const override { return how_; }
@@ -199,7 +232,8 @@ class LibfabricFabric final : public TagFabric {
   std::vector<std::uint8_t> address() const override {
     // The provider's name first: ranks that chose different providers would
     // otherwise insert addresses their provider cannot parse.
-    std::vector<std::uint8_t> out(provider_.begin(), provider_.end());
+    const std::string mode = wire_mode();
+    std::vector<std::uint8_t> out(mode.begin(), mode.end());
     out.push_back(0);
     out.insert(out.end(), address_.begin(), address_.end());
     return out;
@@ -208,11 +242,12 @@ class LibfabricFabric final : public TagFabric {
   void add_peer(int peer, const std::vector<std::uint8_t>& a) override {
     const auto nul = std::find(a.begin(), a.end(), std::uint8_t{0});
     const std::string theirs(a.begin(), nul);
-    if (nul == a.end() || theirs != provider_)
+    if (nul == a.end() || theirs != wire_mode())
       throw Error(ErrorCode::InvalidUsage,
                   "libfabric: rank " + std::to_string(peer) + " uses provider '" + theirs +
-                      "' but this rank uses '" + provider_ +
-                      "'; set the same CHORUS_FI_PROVIDER on every rank",
+                      "' but this rank uses '" + wire_mode() +
+                      "' ('+rma': one-sided writes); set the same CHORUS_FI_PROVIDER and "
+                      "CHORUS_FI_RMA on every rank",
                   peer);
     std::vector<std::uint8_t> raw(nul + 1, a.end());
     fi_addr_t fa = FI_ADDR_NOTAVAIL;
@@ -236,6 +271,53 @@ class LibfabricFabric final : public TagFabric {
     void* desc = describe_memory(buf, len);
     const ssize_t r = fi_trecv(ep_, buf, len, desc, FI_ADDR_UNSPEC, tag, 0, &op);
     return posted(r, op, "fi_trecv");
+  }
+
+  bool can_write() const override { return writes_; }
+
+  // The provider's name and whether this rank writes: every rank must agree.
+  std::string wire_mode() const { return provider_ + (writes_ ? "+rma" : ""); }
+
+  Region expose(void* buf, std::size_t len) override {
+    const auto p = reinterpret_cast<std::uintptr_t>(buf);
+    fid_mr* mr = nullptr;
+    std::uintptr_t lo = 0;
+    auto it = exposed_.upper_bound(p);
+    if (it != exposed_.begin()) {
+      --it;
+      if (it->first <= p && p + len <= it->second.end) {
+        mr = it->second.mr;
+        lo = it->first;
+      }
+    }
+    if (mr == nullptr) {
+      if (exposed_.size() >= kMaxRegistrations && live_exposures_ == 0) {
+        // Full: start over, but only when no sender may still write.
+        for (auto& [start, m] : exposed_) fi_close(&m.mr->fid);
+        exposed_.clear();
+      }
+      lo = p / page_size() * page_size();
+      const std::uintptr_t hi = (p + len + page_size() - 1) / page_size() * page_size();
+      mr = register_range(lo, hi, FI_REMOTE_WRITE);
+      exposed_[lo] = Registration{hi, mr};
+    }
+    ++live_exposures_;
+    Region r;
+    r.addr = virt_addr_ ? p : p - lo;
+    r.key = fi_mr_key(mr);
+    return r;
+  }
+
+  void exposed_done() override {
+    if (live_exposures_ > 0) --live_exposures_;
+  }
+
+  bool write(int peer, const void* buf, std::size_t len, std::uint64_t addr, std::uint64_t key,
+             FabricOp& op) override {
+    void* desc = describe_memory(buf, len);
+    const ssize_t r = fi_write(ep_, buf, len, desc, peers_[static_cast<std::size_t>(peer)], addr,
+                               key, &op);
+    return posted(r, op, "fi_write");
   }
 
   unsigned progress() override {
@@ -287,6 +369,9 @@ class LibfabricFabric final : public TagFabric {
     if (register_ && info_)
       CHORUS_INFO("libfabric: " << registrations_ << " memory registrations made (cache of up to "
                                 << kMaxRegistrations << ")");
+    // Remote access ends first (where the provider enforces keys, a NIC).
+    for (auto& [start, m] : exposed_) fi_close(&m.mr->fid);
+    exposed_.clear();
     if (!flush && ep_ && provider_.find("ofi_rxm") != std::string::npos) {
       // Closing an rxm endpoint drains each connection's completions, and
       // libfabric's rxm (1.17 here; the same class of bug is open upstream)
@@ -380,11 +465,21 @@ class LibfabricFabric final : public TagFabric {
       for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
       mrs_.clear();
     }
-    static const std::uintptr_t page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
-    const std::uintptr_t lo = p / page * page;
-    const std::uintptr_t hi = (p + len + page - 1) / page * page;
+    const std::uintptr_t lo = p / page_size() * page_size();
+    const std::uintptr_t hi = (p + len + page_size() - 1) / page_size() * page_size();
+    fid_mr* mr = register_range(lo, hi, FI_SEND | FI_RECV | (writes_ ? FI_WRITE : 0));
+    mrs_[lo] = Registration{hi, mr};
+    return fi_mr_desc(mr);
+  }
+
+  static std::uintptr_t page_size() {
+    static const auto page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+    return page;
+  }
+
+  fid_mr* register_range(std::uintptr_t lo, std::uintptr_t hi, std::uint64_t access) {
     fid_mr* mr = nullptr;
-    const int r = fi_mr_reg(domain_, reinterpret_cast<void*>(lo), hi - lo, FI_SEND | FI_RECV, 0,
+    const int r = fi_mr_reg(domain_, reinterpret_cast<void*>(lo), hi - lo, access, 0,
                             prov_key_ ? 0 : next_key_++, 0, &mr, nullptr);
     if (r) fail_call("fi_mr_reg", r);
     if (mr_endpoint_) {
@@ -396,8 +491,7 @@ class LibfabricFabric final : public TagFabric {
       }
     }
     ++registrations_;
-    mrs_[lo] = Registration{hi, mr};
-    return fi_mr_desc(mr);
+    return mr;
   }
 
   fi_info* info_ = nullptr;
@@ -409,8 +503,12 @@ class LibfabricFabric final : public TagFabric {
   std::string provider_, how_;
   std::vector<std::uint8_t> address_;
   std::vector<fi_addr_t> peers_;
-  bool register_ = false, mr_endpoint_ = false, prov_key_ = false;
+  bool register_ = false, mr_endpoint_ = false, prov_key_ = false, virt_addr_ = false;
+  bool writes_ = false;
+  std::string why_;
   std::map<std::uintptr_t, Registration> mrs_;
+  std::map<std::uintptr_t, Registration> exposed_;  // FI_REMOTE_WRITE registrations
+  std::size_t live_exposures_ = 0;
   std::uint64_t next_key_ = 1;
   std::size_t inflight_ = 0;
   std::size_t registrations_ = 0;
