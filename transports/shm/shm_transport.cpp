@@ -467,7 +467,8 @@ class ShmTransport final : public Transport {
                       std::string("several hosts; shm serves one host (use CHORUS_TRANSPORT=auto)"));
     CHORUS_INFO("shm transport: rank " << ctx_.rank << " segment " << name_ << " ("
                                        << own_.bytes / 1024 << " KiB), " << peers_.size()
-                                       << " host peers");
+                                       << " host peers, large copies "
+                                       << (ctx_.shm_cma ? "by CMA (process_vm_readv)" : "through the copy ring"));
   }
 
   std::string fetch(const std::string& key, int rank) {
