@@ -94,6 +94,9 @@ using transport::Coll;
 struct CommImpl {
   int rank = 0;
   int size = 1;
+  // A communicator from split(): each rank's rank in the top-level
+  // communicator (the one create() made), for error messages; empty at the top.
+  std::vector<int> top_ranks;
   std::uint64_t comm_id = 0;
   std::string prefix;
   std::shared_ptr<Store> base_store;
@@ -296,19 +299,48 @@ struct CommImpl {
     try {
       fn();
     } catch (const Error& e) {
+      // The peers get it as it is (their own numbering); this rank's caller
+      // also learns where the ranks named are in the top-level communicator.
+      const Error mine = with_top_ranks(e);
       {
         std::lock_guard<std::mutex> lock(mu);
-        if (!error) error = e;
+        if (!error) error = mine;
       }
-      CHORUS_INFO("rank " << rank << ": " << e.what());  // the caller gets it thrown
+      CHORUS_INFO("rank " << rank << ": " << mine.what());  // the caller gets it thrown
       transport->broadcast_failure(e);
-      throw;
+      throw mine;
     } catch (const std::bad_alloc&) {
       Error e(ErrorCode::System, "out of memory");
       std::lock_guard<std::mutex> lock(mu);
       if (!error) error = e;
       throw e;
     }
+  }
+
+  // On a communicator from split(), the error's ranks (its numbering) also
+  // by their ranks in the top-level communicator.
+  Error with_top_ranks(const Error& e) const {
+    if (top_ranks.empty()) return e;
+    auto top = [&](int r) { return std::to_string(top_ranks[static_cast<std::size_t>(r)]); };
+    std::string where = "this is a communicator from split(): ";
+    if (size <= 16) {
+      // All of them: the message may name any rank (a notice names two).
+      std::string here, there;
+      for (int r = 0; r < size; ++r) {
+        here += (r ? ", " : "") + std::to_string(r);
+        there += (r ? ", " : "") + top(r);
+      }
+      where += "its ranks " + here + " are ranks " + there +
+               " of the top-level communicator; this rank is " + std::to_string(rank) + " here";
+    } else if (e.peer() >= 0 && e.peer() < size && e.peer() != rank) {
+      where += "rank " + std::to_string(e.peer()) + " here is rank " + top(e.peer()) +
+               " of the top-level communicator, and this rank, " + std::to_string(rank) +
+               " here, is rank " + top(rank) + " there";
+    } else {
+      where += "this rank, " + std::to_string(rank) + " here, is rank " + top(rank) +
+               " of the top-level communicator";
+    }
+    return Error(e.code(), e.message() + " (" + where + ")", e.peer());
   }
 
   static Error unusable(const Error& e) {
@@ -560,10 +592,12 @@ void setup_selector(CommImpl& c, Store& st) {
 
 std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> base,
                                     const std::string& prefix, const Settings& settings,
-                                    const std::string& store_host) {
+                                    const std::string& store_host,
+                                    std::vector<int> top_ranks = {}) {
   auto impl = std::make_shared<CommImpl>();
   impl->rank = rank;
   impl->size = size;
+  impl->top_ranks = std::move(top_ranks);
   impl->prefix = prefix;
   impl->comm_id = hash64(prefix);
   impl->base_store = base;
@@ -1208,12 +1242,16 @@ Communicator Communicator::split(int color, int key) const {
     return a.key != b.key ? a.key < b.key : a.rank < b.rank;
   });
   int new_rank = -1;
-  for (std::size_t i = 0; i < members.size(); ++i)
+  std::vector<int> tops;
+  for (std::size_t i = 0; i < members.size(); ++i) {
     if (members[i].rank == c.rank) new_rank = static_cast<int>(i);
+    const auto r = static_cast<std::size_t>(members[i].rank);
+    tops.push_back(c.top_ranks.empty() ? members[i].rank : c.top_ranks[r]);
+  }
   const std::string prefix =
       c.prefix + "/s" + std::to_string(split_no) + "c" + std::to_string(color);
   return Communicator(make_comm(new_rank, static_cast<int>(members.size()), c.base_store, prefix,
-                                c.settings, c.store_host));
+                                c.settings, c.store_host, std::move(tops)));
 }
 
 }  // namespace chorus

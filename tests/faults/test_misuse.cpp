@@ -563,6 +563,39 @@ TEST(Rendezvous, RanksDisagreeingOnChorusAlgoFailAtCreation) {
   }
 }
 
+// On a communicator from split(), an error names ranks in its own
+// numbering; the message also says which ranks of the top-level communicator
+// those are (all of them, up to 16 ranks). 4 ranks split by parity with the
+// keys reversed: in the even half, rank 0 is top-level rank 2 and rank 1 is
+// top-level rank 0.
+TEST(MismatchedCalls, OnASplitCommunicatorNameTheTopLevelRanks) {
+  Group g(4, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    ctx.started();
+    Communicator half;
+    ctx.attempt("split", [&] { half = comm.split(ctx.rank() % 2, -ctx.rank()); });
+    if (ctx.rank() % 2 == 0) {
+      std::vector<float> buf(20, 1.0f);
+      const std::size_t count = ctx.rank() == 0 ? 20 : 10;
+      ctx.attempt("call", [&] {
+        half.allreduce(buf.data(), buf.data(), count, DataType::Float32, ReduceOp::Sum);
+      });
+    }
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  for (int top : {0, 2}) {
+    const auto r = g.result(top, "call", kReportWait);
+    ASSERT_TRUE(r) << "rank " << top << "'s call did not return; it is " << g.status(top);
+    EXPECT_EQ(r->error_code(), ErrorCode::InvalidUsage) << r->describe();
+    EXPECT_TRUE(r->has("count 10") && r->has("count 20")) << r->describe();
+    EXPECT_TRUE(r->has("its ranks 0, 1 are ranks 2, 0 of the top-level communicator"))
+        << r->describe();
+    EXPECT_TRUE(r->has(top == 0 ? "this rank is 1 here" : "this rank is 0 here")) << r->describe();
+  }
+}
+
 // libfabric: whether large messages go by one-sided writes is each rank's
 // setting (CHORUS_FI_RMA); ranks that differ would wait for each other's
 // Ready forever, so the first message between them says why instead.
