@@ -346,16 +346,13 @@ class TaggedTransport final : public Transport {
   void release_fabric(bool clean) noexcept {
     if (!fabric_) return;
     if (!clean) {
-      for (auto& t : sends_) {
+      auto cancel = [&](auto& t) {
         cancel_all(t->head_op, t->slots);
         cancel_all(t->ready_op, {});
         cancel_all(t->fin_op, {});
-      }
-      for (auto& t : recvs_) {
-        cancel_all(t->head_op, t->slots);
-        cancel_all(t->ready_op, {});
-        cancel_all(t->fin_op, {});
-      }
+      };
+      for (auto& t : sends_) cancel(t);
+      for (auto& t : recvs_) cancel(t);
     }
     try {
       fabric_->close(clean);
@@ -596,11 +593,11 @@ class TaggedTransport final : public Transport {
     const FabricOp& op = t.ready_op;
     if (!op.error.empty() && !op.truncated) op_failed(t.peer, true, op);
     const WireReady& r = t.ready;
-    auto malformed = [&](const std::string& why) { malformed_from(t.peer, why); };
     if (op.truncated || op.received != sizeof r)
-      malformed("a ready message of " + std::to_string(op.received) + " bytes");
+      malformed_from(t.peer, "a ready message of " + std::to_string(op.received) + " bytes");
     check_call_header(r.call, kReadyMagic, t.call, t.peer, t.bytes);
-    if (r.write > 1) malformed("a ready message asking for delivery " + std::to_string(r.write));
+    if (r.write > 1)
+      malformed_from(t.peer, "a ready message asking for delivery " + std::to_string(r.write));
     t.writes = r.write != 0;
     t.ready_checked = true;
   }

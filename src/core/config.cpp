@@ -65,11 +65,11 @@ std::size_t parse_bytes_min(const std::string& text, const char* what, std::size
 std::string one_of(const char* v, const char* what, const char* a, const char* b,
                    const char* c = nullptr) {
   const std::string s = v;
-  if (s != a && s != b && (c == nullptr || s != c))
-    throw Error(ErrorCode::InvalidArgument,
-                std::string(what) + "='" + s + "' must be '" + a + "'" +
-                    (c ? std::string(", '") + b + "' or '" + c + "'" : " or '" + std::string(b) + "'"));
-  return s;
+  if (s == a || s == b || (c != nullptr && s == c)) return s;
+  const std::string q = "'";
+  const std::string words =
+      c ? q + a + "', '" + b + "' or '" + c + q : q + a + "' or '" + b + q;
+  throw Error(ErrorCode::InvalidArgument, std::string(what) + "='" + s + "' must be " + words);
 }
 
 Settings resolve_settings(const Config& config, const EnvLookup& getenv) {

@@ -280,27 +280,8 @@ class LibfabricFabric final : public TagFabric {
 
   Region expose(void* buf, std::size_t len) override {
     const auto p = reinterpret_cast<std::uintptr_t>(buf);
-    fid_mr* mr = nullptr;
-    std::uintptr_t lo = 0;
-    auto it = exposed_.upper_bound(p);
-    if (it != exposed_.begin()) {
-      --it;
-      if (it->first <= p && p + len <= it->second.end) {
-        mr = it->second.mr;
-        lo = it->first;
-      }
-    }
-    if (mr == nullptr) {
-      if (exposed_.size() >= kMaxRegistrations && live_exposures_ == 0) {
-        // Full: start over, but only when no sender may still write.
-        for (auto& [start, m] : exposed_) fi_close(&m.mr->fid);
-        exposed_.clear();
-      }
-      lo = p / page_size() * page_size();
-      const std::uintptr_t hi = (p + len + page_size() - 1) / page_size() * page_size();
-      mr = register_range(lo, hi, FI_REMOTE_WRITE);
-      exposed_[lo] = Registration{hi, mr};
-    }
+    // Emptied when full only while no sender may still write.
+    const auto [lo, mr] = cached(exposed_, p, len, FI_REMOTE_WRITE, live_exposures_ == 0);
     ++live_exposures_;
     Region r;
     r.addr = virt_addr_ ? p : p - lo;
@@ -385,23 +366,16 @@ class LibfabricFabric final : public TagFabric {
       Retired r{info_, fabric_, domain_, cq_, av_, ep_, {}};
       for (auto& [start, m] : mrs_) r.mrs.push_back(m.mr);
       retire(std::move(r));
-      mrs_.clear();
-      ep_ = nullptr;
-      av_ = nullptr;
-      cq_ = nullptr;
-      domain_ = nullptr;
-      fabric_ = nullptr;
-      info_ = nullptr;
-      return;
+    } else {
+      for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
+      if (ep_) fi_close(&ep_->fid);
+      if (av_) fi_close(&av_->fid);
+      if (cq_) fi_close(&cq_->fid);
+      if (domain_) fi_close(&domain_->fid);
+      if (fabric_) fi_close(&fabric_->fid);
+      if (info_) fi().freeinfo(info_);
     }
-    for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
     mrs_.clear();
-    if (ep_) fi_close(&ep_->fid);
-    if (av_) fi_close(&av_->fid);
-    if (cq_) fi_close(&cq_->fid);
-    if (domain_) fi_close(&domain_->fid);
-    if (fabric_) fi_close(&fabric_->fid);
-    if (info_) fi().freeinfo(info_);
     ep_ = nullptr;
     av_ = nullptr;
     cq_ = nullptr;
@@ -455,21 +429,32 @@ class LibfabricFabric final : public TagFabric {
   void* describe_memory(const void* buf, std::size_t len) {
     if (!register_ || len == 0) return nullptr;
     const auto p = reinterpret_cast<std::uintptr_t>(buf);
-    auto it = mrs_.upper_bound(p);
-    if (it != mrs_.begin()) {
+    // Emptied when full only while nothing in flight can use an entry.
+    const std::uint64_t access = FI_SEND | FI_RECV | (writes_ ? FI_WRITE : 0);
+    return fi_mr_desc(cached(mrs_, p, len, access, inflight_ == 0).second);
+  }
+
+  using Cache = std::map<std::uintptr_t, Registration>;
+
+  // The registration in `cache` covering [p, p+len) and its first byte; on
+  // a miss, one of the whole pages made now (the cache first emptied when
+  // it is full and `may_empty`).
+  std::pair<std::uintptr_t, fid_mr*> cached(Cache& cache, std::uintptr_t p, std::size_t len,
+                                            std::uint64_t access, bool may_empty) {
+    auto it = cache.upper_bound(p);
+    if (it != cache.begin()) {
       --it;
-      if (it->first <= p && p + len <= it->second.end) return fi_mr_desc(it->second.mr);
+      if (it->first <= p && p + len <= it->second.end) return {it->first, it->second.mr};
     }
-    // Full: start over, but only when nothing in flight can use an entry.
-    if (mrs_.size() >= kMaxRegistrations && inflight_ == 0) {
-      for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
-      mrs_.clear();
+    if (cache.size() >= kMaxRegistrations && may_empty) {
+      for (auto& [start, m] : cache) fi_close(&m.mr->fid);
+      cache.clear();
     }
     const std::uintptr_t lo = p / page_size() * page_size();
     const std::uintptr_t hi = (p + len + page_size() - 1) / page_size() * page_size();
-    fid_mr* mr = register_range(lo, hi, FI_SEND | FI_RECV | (writes_ ? FI_WRITE : 0));
-    mrs_[lo] = Registration{hi, mr};
-    return fi_mr_desc(mr);
+    fid_mr* mr = register_range(lo, hi, access);
+    cache[lo] = Registration{hi, mr};
+    return {lo, mr};
   }
 
   static std::uintptr_t page_size() {
@@ -506,8 +491,8 @@ class LibfabricFabric final : public TagFabric {
   bool register_ = false, mr_endpoint_ = false, prov_key_ = false, virt_addr_ = false;
   bool writes_ = false;
   std::string why_;
-  std::map<std::uintptr_t, Registration> mrs_;
-  std::map<std::uintptr_t, Registration> exposed_;  // FI_REMOTE_WRITE registrations
+  Cache mrs_;
+  Cache exposed_;  // FI_REMOTE_WRITE registrations
   std::size_t live_exposures_ = 0;
   std::uint64_t next_key_ = 1;
   std::size_t inflight_ = 0;
