@@ -54,6 +54,7 @@ struct Options {
   bool p2p = false;       // --p2p: the point-to-point matrix (bench/p2p.cpp) instead
   std::string p2p_bytes = "4M";
   int p2p_window = 8;
+  bool p2p_distinct = false;
   std::string p2p_lat_bytes = "8";
   std::string device = "host";  // --device cuda: buffers in GPU memory
   bool huge_pages = false;       // --huge-pages: host buffers on THP
@@ -802,9 +803,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--p2p-window", opt.p2p_window,
                  "--p2p messages in flight per bandwidth iteration (the receiver holds this many "
-                 "buffers of --p2p-bytes)")
+                 "buffers of --p2p-bytes for the checked iterations)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  app.add_flag("--p2p-distinct-buffers", opt.p2p_distinct,
+               "--p2p timed bandwidth receives each into a buffer of their own (default: the "
+               "window's receives share one, as osu_bw and ucx_perftest do; checked iterations "
+               "always use one per message)");
   app.add_option("--p2p-lat-bytes", opt.p2p_lat_bytes,
                  "--p2p latency (ping-pong) message size (K/M/G suffixes)")
       ->capture_default_str();
@@ -835,6 +840,7 @@ int main(int argc, char** argv) {
       if (p2p_opt.bytes == 0 || p2p_opt.lat_bytes == 0)
         throw std::invalid_argument("--p2p-bytes and --p2p-lat-bytes must be at least 1");
       p2p_opt.window = opt.p2p_window;
+      p2p_opt.distinct_buffers = opt.p2p_distinct;
       p2p_opt.iters = opt.iters;
       p2p_opt.warmup_iters = opt.warmup_iters;
       p2p_opt.check = opt.check;

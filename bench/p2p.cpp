@@ -6,9 +6,12 @@
 // nothing of the next pair starts before every rank has contributed to it.
 //
 //  * Bandwidth (osu_bw): per iteration src posts `window` send_async of
-//    `bytes` from one buffer, dst posts as many recv_async into distinct
-//    slots, waits for them and answers with a 1-byte acknowledgement that
-//    src receives. bw = window * bytes * iters / time on src.
+//    `bytes` from one buffer, dst posts as many recv_async, waits for them
+//    and answers with a 1-byte acknowledgement that src receives. bw =
+//    window * bytes * iters / time on src. As in osu_bw and ucx_perftest,
+//    the timed receives share one buffer (--p2p-distinct-buffers: one
+//    each); the checked iterations always receive into distinct slots, so
+//    that every message is verified.
 //  * Latency (osu_latency): ping-pong of `lat_bytes` with blocking send and
 //    recv; one-way latency = round-trip time / 2, averaged.
 //  * Check: after the timed iterations, `check` iterations of each test with
@@ -89,7 +92,8 @@ class P2P {
   void print_header();
   // This rank's part of the pair's measurement (nothing unless src or dst).
   PairResult measure(int src, int dst);
-  void bw_iteration(int src, int dst);
+  // `distinct`: each receive of the window into its own slot (else all into slot 0).
+  void bw_iteration(int src, int dst, bool distinct);
   void lat_round_trip(int src, int dst);
   // Matrix of one field, "-" on the diagonal.
   void print_matrix(const char* title, const std::vector<PairResult>& res,
@@ -122,14 +126,16 @@ void P2P::print_header() {
 
   print("# Chorus chorus-bench %s: p2p, %d ranks, transport %s\n", CHORUS_VERSION, n_,
         comm_.transport_name().c_str());
-  print("# bandwidth: %zu bytes x window %d, warmup iters: %d iters: %d validation: %d\n",
-        opt_.bytes, opt_.window, opt_.warmup_iters, opt_.iters, opt_.check);
+  print("# bandwidth: %zu bytes x window %d (%s), warmup iters: %d iters: %d validation: %d\n",
+        opt_.bytes, opt_.window,
+        opt_.distinct_buffers ? "a receive buffer per message" : "one receive buffer, as osu_bw",
+        opt_.warmup_iters, opt_.iters, opt_.check);
   print("# latency: %zu bytes ping-pong, %d warmup and %d timed round trips\n", opt_.lat_bytes,
         opt_.warmup_iters * kLatencyRoundTrips, opt_.iters * kLatencyRoundTrips);
   print("%s", ranks.c_str());
 }
 
-void P2P::bw_iteration(int src, int dst) {
+void P2P::bw_iteration(int src, int dst, bool distinct) {
   unsigned char ack = 0;
   works_.clear();
   if (rank_ == src) {
@@ -139,7 +145,7 @@ void P2P::bw_iteration(int src, int dst) {
     for (Work& w : works_) w.wait();
   } else {
     for (int k = 0; k < opt_.window; ++k)
-      works_.push_back(comm_.recv_async(slots_[static_cast<std::size_t>(k)].get(), opt_.bytes,
+      works_.push_back(comm_.recv_async(slots_[distinct ? static_cast<std::size_t>(k) : 0].get(), opt_.bytes,
                                         DataType::UInt8, src, plain_));
     for (Work& w : works_) w.wait();
     comm_.send(&ack, 1, DataType::UInt8, src, plain_);
@@ -162,9 +168,9 @@ PairResult P2P::measure(int src, int dst) {
   const bool sender = rank_ == src;
 
   // Bandwidth.
-  for (int i = 0; i < opt_.warmup_iters; ++i) bw_iteration(src, dst);
+  for (int i = 0; i < opt_.warmup_iters; ++i) bw_iteration(src, dst, opt_.distinct_buffers);
   const Clock::time_point t0 = Clock::now();
-  for (int i = 0; i < opt_.iters; ++i) bw_iteration(src, dst);
+  for (int i = 0; i < opt_.iters; ++i) bw_iteration(src, dst, opt_.distinct_buffers);
   const double bw_sec = seconds_since(t0);
   if (sender && bw_sec > 0) {
     res.time_us = bw_sec * 1e6 / opt_.iters;
@@ -176,7 +182,7 @@ PairResult P2P::measure(int src, int dst) {
     } else {
       for (Buffer& s : slots_) std::memset(s.get(), kPoison, opt_.bytes);
     }
-    bw_iteration(src, dst);
+    bw_iteration(src, dst, true);
     if (!sender)
       for (const Buffer& s : slots_) res.wrong += static_cast<double>(count_wrong(s.get(), opt_.bytes, src, dst, c));
   }
@@ -239,6 +245,7 @@ P2PResult P2P::run() {
   report["transport"] = comm_.transport_name();
   report["bytes"] = opt_.bytes;
   report["window"] = opt_.window;
+  report["distinct_buffers"] = opt_.distinct_buffers;
   report["lat_bytes"] = opt_.lat_bytes;
   report["iters"] = opt_.iters;
   report["warmup_iters"] = opt_.warmup_iters;

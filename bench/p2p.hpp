@@ -19,6 +19,9 @@ namespace chorus::bench {
 struct P2POptions {
   std::size_t bytes = std::size_t{4} << 20;  // bandwidth message size
   int window = 8;                            // messages in flight per bandwidth iteration
+  // Timed bandwidth receives each into a buffer of their own; by default the
+  // window's receives share one (as osu_bw and ucx_perftest do).
+  bool distinct_buffers = false;
   std::size_t lat_bytes = 8;                 // ping-pong message size
   int iters = 20;                            // timed bandwidth iterations (latency: x kLatencyRoundTrips)
   int warmup_iters = 5;                      // untimed iterations before them (same factor)

@@ -5,7 +5,10 @@
 #     src != dst, bw > 0, lat > 0, wrong == 0, and the named slowest links
 #     are the minimum / maximum of the records;
 #  3. the printed matrices agree with the records, rows = sender;
-#  4. one rank: a note, exit 0, no records.
+#  4. one rank: a note, exit 0, no records;
+#  5. tcp times the window's receives into one buffer (osu_bw), shm with
+#     --p2p-distinct-buffers into one each: the header and the report say
+#     which, and the checked iterations find 0 wrong either way.
 # python3 parses the JSON (meson, which builds this, runs on it).
 # usage: p2p_test.sh CHORUSRUN CHORUS_BENCH
 set -euo pipefail
@@ -19,11 +22,15 @@ args=(--p2p --p2p-bytes 64K --p2p-window 4 --p2p-lat-bytes 16 -n 2 -w 1 -c 1)
 for tr in tcp shm; do
   out=$tmp/$tr.out
   json=$tmp/$tr.json
-  CHORUS_TRANSPORT=$tr "$run" -n 3 -- "$bench" "${args[@]}" --json "$json" > "$out" 2>&1 ||
+  extra=()
+  if [ "$tr" = shm ]; then extra=(--p2p-distinct-buffers); fi
+  CHORUS_TRANSPORT=$tr "$run" -n 3 -- "$bench" "${args[@]}" "${extra[@]}" --json "$json" > "$out" 2>&1 ||
     { cat "$out"; fail "$tr: chorus-bench --p2p failed"; }
   cat "$out"
   grep -q "# p2p bandwidth (GB/s), 65536 bytes x window 4" "$out" || fail "$tr: no bandwidth matrix"
   grep -q "# p2p latency (us), 16 bytes" "$out" || fail "$tr: no latency matrix"
+  if [ "$tr" = shm ]; then buffers="a receive buffer per message"; else buffers="one receive buffer, as osu_bw"; fi
+  grep -q "window 4 ($buffers)" "$out" || fail "$tr: the header does not say '$buffers'"
   grep -q "# Transport: $tr" "$out" || fail "$tr: the transport line does not name $tr"
   grep -q "# Slowest link: bandwidth " "$out" || fail "$tr: no slowest-link line"
   grep -q "Out of bounds values : 0 OK" "$out" || fail "$tr: wrong bytes"
@@ -43,6 +50,7 @@ check(rep.get("mode") == "p2p", "mode is not p2p")
 check(rep.get("nranks") == n, "nranks is not 3")
 check(rep.get("transport") == transport, f"transport {rep.get('transport')!r}")
 check(rep.get("wrong_total") == 0, "wrong_total is not 0")
+check(rep.get("distinct_buffers") is (transport == "shm"), f"distinct_buffers {rep.get('distinct_buffers')!r}")
 recs = rep.get("results", [])
 check(len(recs) == n * (n - 1), f"{len(recs)} records, expected {n * (n - 1)}")
 pairs = set()
