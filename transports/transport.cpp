@@ -65,7 +65,11 @@ void combine_into(const Combine& cb, char* dst, std::size_t offset, const char* 
                   std::size_t bytes) {
   if (bytes == 0) return;
   if (cb.kind == Combine::Kind::Copy) {
-    std::memcpy(dst + offset, incoming, bytes);
+    // Pieces below 64 KiB are not worth the fence.
+    if (cb.stream && bytes >= (std::size_t{64} << 10))
+      reduce::copy_streaming(dst + offset, incoming, bytes);
+    else
+      std::memcpy(dst + offset, incoming, bytes);
     return;
   }
   const std::size_t n = bytes / size_of(cb.dtype);

@@ -120,8 +120,19 @@ struct Combine {
   // use it to put them in rank order, so that all ranks get identical bits
   // (min/max of -0 and +0, NaN payloads).
   bool incoming_first = false;
+  // Copy only: the destination will not be read again soon (the last step
+  // of a collective far larger than the caches), so large pieces are
+  // written past the caches (reduce::copy_streaming), which saves reading
+  // each destination line first. Transports that copy through their own
+  // buffers honour it; the others ignore it.
+  bool stream = false;
 
   static Combine copy() { return {}; }
+  static Combine copy_streaming() {
+    Combine c;
+    c.stream = true;
+    return c;
+  }
   static Combine reduce(DataType t, ReduceOp o) { return {Kind::Reduce, t, o, nullptr, false}; }
   static Combine reduce_from(const void* other, DataType t, ReduceOp o, bool incoming_first = false) {
     return {Kind::Reduce, t, o, other, incoming_first};

@@ -14,6 +14,20 @@ using transport::Request;
 
 int mod(long long a, int n) { return static_cast<int>(((a % n) + n) % n); }
 
+// A call whose buffers (send and receive, counted once when in place) span
+// more than this is far outside the caches: the last ring step writes its
+// copies past them (Combine::stream), saving the read of each destination
+// line. 2 ranks on shm, mean busbw of four alternating rounds
+// (docs/benchmarks.md): 64 MiB out-of-place 7.90 -> 8.25 GB/s, 256 MiB
+// 7.68 -> 7.93 out-of-place and 10.17 -> 10.54 in place; streaming every
+// large copy cost 16-32 MiB in-place calls, whose one buffer the caches
+// partly keep between calls, 10-25%, hence the threshold.
+constexpr std::size_t kStreamFootprint = std::size_t{32} << 20;
+
+bool streams(const void* send, const void* recv, std::size_t bytes) {
+  return (send == recv ? bytes : 2 * bytes) > kStreamFootprint;
+}
+
 // A partition of a buffer into `n` segments (offsets and lengths in elements).
 struct Segments {
   std::vector<std::size_t> off;
@@ -49,6 +63,7 @@ struct Segments {
 // input first. The segment sent at step g is the one received at step g - 1,
 // so each chunk is forwarded as soon as it has arrived. `on_final` runs on
 // each chunk of the fully reduced segment (received at step reduce_steps - 1).
+// With `stream_last`, the copies of the last step go past the caches.
 // The ring runs over `grp` (the whole communicator, or a subgroup such as
 // the ranks of one host); positions are indices into grp.ranks.
 //
@@ -72,7 +87,7 @@ struct Segments {
 template <typename OnFinal>
 void ring_pass(Context& c, const Group& grp, char* work, const char* own, const Segments& seg,
                std::size_t esize, int shift, int steps, int reduce_steps, DataType dtype,
-               ReduceOp op, OnFinal on_final) {
+               ReduceOp op, bool stream_last, OnFinal on_final) {
   const int n = grp.size();
   const int me = grp.me;
   const int right = grp.ranks[static_cast<std::size_t>(mod(me + 1, n))];
@@ -122,7 +137,10 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
                                        : c.t.isend(right, c.call, src + off, m * esize));
     });
     slot(t, recv_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
-      const Combine comb = g >= reduce_steps ? Combine::copy()
+      // The last step's copies are not forwarded: with stream_last they
+      // bypass the caches (see kStreamFootprint).
+      const Combine comb = g >= reduce_steps ? (stream_last && g == steps - 1 ? Combine::copy_streaming()
+                                                                             : Combine::copy())
                            : own == work     ? Combine::reduce(dtype, op)
                                              : Combine::reduce_from(own + off, dtype, op);
       recvs[g][k] = c.t.irecv(left, c.call, work + off, m * esize, comb);
@@ -155,7 +173,7 @@ void group_ring_reduce_scatter(Context& c, const Group& g, char* work, const cha
   }
   const int n = g.size();
   ring_pass(c, g, work, own, Segments::balanced(count, n), size_of(dtype), 0, n - 1, n - 1, dtype,
-            op, [](char*, std::size_t) {});
+            op, false, [](char*, std::size_t) {});
 }
 
 void group_ring_allgather(Context& c, const Group& g, char* work, std::size_t count,
@@ -164,7 +182,7 @@ void group_ring_allgather(Context& c, const Group& g, char* work, std::size_t co
   const int n = g.size();
   // Member i starts with part (i + 1) % n, which it sends first.
   ring_pass(c, g, work, work, Segments::balanced(count, n), size_of(dtype), 1, n - 1, 0, dtype,
-            ReduceOp::Sum, [](char*, std::size_t) {});
+            ReduceOp::Sum, false, [](char*, std::size_t) {});
 }
 
 void group_ring_allreduce(Context& c, const Group& g, char* work, const char* own,
@@ -175,7 +193,7 @@ void group_ring_allreduce(Context& c, const Group& g, char* work, const char* ow
   }
   const int n = g.size();
   ring_pass(c, g, work, own, Segments::balanced(count, n), size_of(dtype), 0, 2 * (n - 1), n - 1,
-            dtype, op, [](char*, std::size_t) {});
+            dtype, op, false, [](char*, std::size_t) {});
 }
 
 void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
@@ -195,7 +213,7 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
   // Every segment but this rank's own is received (reduced) in the first
   // half, and its own comes back in the second: recv is fully written.
   ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, 0, 2 * (n - 1), n - 1, dtype, op,
-            finalize);
+            streams(send, recv, count * esize), finalize);
 }
 
 void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
@@ -215,7 +233,7 @@ void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t c
   char* buf = ensure_scratch(c, total * esize);
   const auto seg = Segments::blocks(count, n);
   ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
-            [&](char* p, std::size_t m) {
+            false, [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
   std::memcpy(out, buf + seg.off[c.rank] * esize, count * esize);
@@ -229,7 +247,9 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   if (send != mine) std::memmove(mine, send, count * esize);
   if (c.size == 1) return;
   const auto seg = Segments::blocks(count, c.size);
+  // The send buffer is copied into recv first: the footprint is recv's.
   ring_pass(c, Group::all(c), buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum,
+            streams(buf, buf, count * esize * static_cast<std::size_t>(c.size)),
             [](char*, std::size_t) {});
 }
 
@@ -248,7 +268,7 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
   const auto seg = Segments::balanced(count, n);
   // After a reduce-scatter pass (shift -1), rank r holds segment r reduced.
   ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
-            [&](char* p, std::size_t m) {
+            false, [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
   if (c.rank == root) {

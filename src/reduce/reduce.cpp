@@ -552,6 +552,38 @@ void finalize_avg(void* buf, std::size_t count, DataType dtype, int divisor) {
   kernel(static_cast<Byte*>(buf), count, divisor);
 }
 
+void copy_streaming(void* dst, const void* src, std::size_t bytes) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+#if CHORUS_REDUCE_X86
+  // Up to the first 16-byte boundary of dst by memcpy, then 64 bytes a turn
+  // (a cache line), then the tail.
+  const std::size_t head =
+      std::min(bytes, (16 - (reinterpret_cast<std::uintptr_t>(d) & 15)) & 15);
+  std::memcpy(d, s, head);
+  d += head;
+  s += head;
+  bytes -= head;
+  std::size_t i = 0;
+  for (; i + 64 <= bytes; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), e);
+  }
+  // The streamed stores are weakly ordered: make them visible before
+  // whatever the caller publishes next (a flag, a completion).
+  _mm_sfence();
+  std::memcpy(d + i, s + i, bytes - i);
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
 float half_to_float(std::uint16_t h) noexcept { return half_to_float_impl(h); }
 std::uint16_t float_to_half(float f) noexcept { return float_to_half_impl(f); }
 float bfloat16_to_float(std::uint16_t b) noexcept { return bfloat16_to_float_impl(b); }

@@ -20,6 +20,12 @@ void combine(void* dst, const void* src, std::size_t count, DataType dtype, Redu
 void combine3(void* dst, const void* a, const void* b, std::size_t count, DataType dtype,
               ReduceOp op);
 
+// memcpy(dst, src, bytes) with stores that bypass the caches (x86-64:
+// non-temporal SSE2 stores; elsewhere plain memcpy): for a destination
+// nobody reads again soon, it saves the read-for-ownership of each line.
+// dst and src must not overlap.
+void copy_streaming(void* dst, const void* src, std::size_t bytes);
+
 // buf[i] /= divisor, for ReduceOp::Avg after the sum. Integer types use integer
 // division (truncation toward zero, as C++); fp16/bf16 go through float.
 void finalize_avg(void* buf, std::size_t count, DataType dtype, int divisor);

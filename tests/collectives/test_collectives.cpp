@@ -364,6 +364,27 @@ std::vector<Case> matrix(Coll coll) {
       }
     }
   }
+  // Calls whose buffers span more than the ring's streaming threshold
+  // (algorithms/ring.cpp, kStreamFootprint, 32 MiB): there the last step
+  // writes past the caches. 36 MiB of float32 results, out of place (send
+  // misaligned by 3 bytes) and in place, at 2 and 3 ranks.
+  if ((coll == Coll::Allreduce || coll == Coll::Allgather) && dtype_selected(DataType::Float32) &&
+      !forced_one_shot()) {
+    const std::uint64_t total = (std::uint64_t{9} << 20) + 3;  // elements of the result
+    for (int world : {2, 3}) {
+      if (!world_selected(world)) continue;
+      for (int mode = 0; mode < 2; ++mode) {
+        Case c;
+        c.coll = coll;
+        c.world = world;
+        c.count = coll == Coll::Allreduce ? total : total / static_cast<std::uint64_t>(world);
+        c.in_place = mode == 1;
+        c.misalign = mode == 0 ? 3 : 0;
+        c.seed = mix(cases.size() * 1000003u + static_cast<std::uint64_t>(coll) + 17);
+        cases.push_back(c);
+      }
+    }
+  }
   return cases;
 }
 

@@ -984,6 +984,31 @@ std::pair<int, std::string> run_self(const std::vector<std::string>& args,
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
 
+// copy_streaming: every byte of [dst, dst+n) is the source's, nothing
+// around it is touched, whatever the alignment of either end and the size
+// (the 16-byte head, the 64-byte body, the tail).
+TEST(CopyStreaming, CopiesEveryByteAndNothingElse) {
+  std::vector<unsigned char> src(300000 + 64), dst(300000 + 128);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<unsigned char>((i * 131 + 7) >> 3);
+  for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{15}, std::size_t{16},
+                        std::size_t{63}, std::size_t{64}, std::size_t{65}, std::size_t{1000},
+                        std::size_t{65536}, std::size_t{300000}}) {
+    for (std::size_t soff : {0, 1, 8, 17}) {
+      for (std::size_t doff : {0, 3, 16, 31}) {
+        std::fill(dst.begin(), dst.end(), 0xA5);
+        chorus::reduce::copy_streaming(dst.data() + 32 + doff, src.data() + soff, n);
+        std::size_t wrong = 0;
+        for (std::size_t i = 0; i < dst.size(); ++i) {
+          const bool inside = i >= 32 + doff && i < 32 + doff + n;
+          const unsigned char want = inside ? src[soff + (i - 32 - doff)] : 0xA5;
+          wrong += dst[i] != want;
+        }
+        EXPECT_EQ(wrong, 0u) << "n " << n << ", source offset " << soff << ", destination offset " << doff;
+      }
+    }
+  }
+}
+
 TEST(PortableKernels, KernelTestsPassOnTheBaselinePath) {
   const char* forced = std::getenv("CHORUS_CPU_FEATURES");
   if (forced != nullptr && std::string(forced) == "baseline")
