@@ -3,7 +3,13 @@
 #include "core/log.hpp"
 #include "reduce/reduce.hpp"
 
+#include <dirent.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -169,6 +175,35 @@ Error notice_error(std::uint64_t code, int blamed, int from, const std::string& 
   if (use == ErrorCode::Aborted) use = ErrorCode::PeerFailure;
   return Error(use, "rank " + std::to_string(from) + " failed and reported: " + text,
                blamed >= 0 ? blamed : from);
+}
+
+std::string shm_name_prefix() {
+  // Appended piece by piece: GCC 12 warns (-Wrestrict, falsely) on
+  // "literal" + std::string here.
+  std::string name = "chorus-";
+  if (const char* j = std::getenv("CHORUS_JOB_ID"); j && *j) {
+    const std::size_t limit = name.size() + 32;  // at most 32 characters of the id
+    for (const char* p = j; *p && name.size() < limit; ++p)
+      name += std::isalnum(static_cast<unsigned char>(*p)) ? *p : '_';
+  } else {
+    name += 'p';
+    name += std::to_string(getpid());
+  }
+  name += '-';
+  return name;
+}
+
+std::vector<std::string> remove_shm_files(const std::string& prefix) {
+  std::vector<std::string> removed;
+  DIR* d = ::opendir("/dev/shm");
+  if (d == nullptr) return removed;
+  while (dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.rfind(prefix, 0) == 0 && ::shm_unlink(("/" + name).c_str()) == 0)
+      removed.push_back(name);
+  }
+  ::closedir(d);
+  return removed;
 }
 
 namespace {

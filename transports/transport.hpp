@@ -345,6 +345,17 @@ bool register_transport(const std::string& name, TransportFactory factory);
 std::unique_ptr<Transport> create_transport(const std::string& name, const TransportContext& ctx);
 std::vector<std::string> transport_names();
 
+// The start of every name a transport gives to something in /dev/shm:
+// "chorus-<job>-", the job being CHORUS_JOB_ID (letters and digits, at most
+// 32; chorusrun sets it) or "p<pid>". chorusrun removes what a killed rank
+// left under its job's prefix, and the test script fails on any "chorus-"
+// name the suites leave behind.
+std::string shm_name_prefix();
+
+// Unlinks every /dev/shm entry whose name starts with `prefix`; returns the
+// names removed.
+std::vector<std::string> remove_shm_files(const std::string& prefix);
+
 // The transport(s) of one communicator: `name` from the registry, or "auto":
 // shm for the peers on this host that it reaches, tcp for the others.
 std::unique_ptr<Transport> create_transports(const std::string& name, const TransportContext& ctx);

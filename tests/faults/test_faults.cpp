@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <ostream>
 #include <stdexcept>
@@ -135,6 +136,70 @@ TEST(PeerDeath, SigkillDuringAllreduceFailsSurvivorsWithPeerFailure) {
   }
   EXPECT_TRUE(g.wait_exit(kVictim, 5s));
   EXPECT_EQ(g.status(kVictim), "killed by signal 9 (Killed)");
+}
+
+// libfabric's shm provider: a rank killed while it holds the spinlock of a
+// shared queue leaves the survivor spinning inside libfabric, out of reach
+// of every check (about 1 kill in 5). The survivor must still end within the
+// bound: with PeerFailure naming the dead rank, or, when it is stuck in the
+// provider, by the transport's watchdog, which says so and exits with 2.
+// Several rounds, so that both ways are likely to be taken.
+TEST(PeerDeath, SigkillOnLibfabricShmNeverLeavesTheSurvivorSpinning) {
+  const char* transport = std::getenv("CHORUS_TRANSPORT");
+  if (transport == nullptr || std::string(transport) != "libfabric")
+    GTEST_SKIP() << "libfabric only (CHORUS_TRANSPORT=libfabric)";
+  static constexpr int kRounds = 4;
+  static constexpr std::size_t kCount = std::size_t{4} << 20;  // 16 MiB of float
+  int by_error = 0, by_watchdog = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    Group g(2, [](RankContext& ctx) {
+      ::setenv("CHORUS_FI_PROVIDER", "shm", 1);  // this rank's process only
+      auto comm = ctx.create(kLongTimeout);
+      allreduce_until_failure(ctx, comm, kCount);
+      // Returns: the failed communicator is destroyed and the process exits.
+    });
+    std::string why;
+    ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50 + 70 * round));
+    const Nanos killed_at = g.signal(1, SIGKILL);
+    // Neither rank's endpoint file may stay in /dev/shm once the survivor is
+    // gone (it removes the dead rank's; the watchdog removes both).
+    auto files_left = [&] {
+      std::string left;
+      for (int r = 0; r < 2; ++r) {
+        const std::string tag = "-fi-r" + std::to_string(r) + "-" + std::to_string(g.pid(r)) + "-";
+        for (const auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+          const std::string name = e.path().filename().string();
+          if (name.rfind("chorus-", 0) == 0 && name.find(tag) != std::string::npos) left += " " + name;
+        }
+      }
+      return left;
+    };
+    const auto loop = g.result(0, "loop", after(killed_at, kReportWait));
+    if (loop) {
+      ASSERT_TRUE(g.wait_exit(0, 10s)) << "the survivor did not exit after its failure";
+      EXPECT_EQ(files_left(), "") << "left in /dev/shm";
+      const double t = faults::seconds_between(killed_at, loop->end_ns);
+      EXPECT_EQ(loop->error_code(), ErrorCode::PeerFailure) << loop->describe();
+      EXPECT_TRUE(loop->peer == 1 || loop->has("rank 1")) << loop->describe();
+      EXPECT_LT(t, std::chrono::duration<double>(kHangBound).count()) << loop->describe();
+      ++by_error;
+      continue;
+    }
+    // No report: the survivor must have exited, through the watchdog.
+    const auto st = g.wait_exit(0, 1s);
+    ASSERT_TRUE(st) << "rank 0 neither failed nor exited within " << kReportWait.count()
+                    << " s of the kill (spinning in libfabric?); it is " << g.status(0);
+    EXPECT_EQ(g.status(0), "exited with status 2");
+    EXPECT_EQ(files_left(), "") << "left in /dev/shm";
+    EXPECT_LT(faults::seconds_between(killed_at, faults::now_ns()),
+              std::chrono::duration<double>(kHangBound).count() + 1.0);
+    ++by_watchdog;
+  }
+  std::printf("[ outcome  ] libfabric shm: %d of %d kills ended by PeerFailure, %d by the watchdog\n",
+              by_error, kRounds, by_watchdog);
+  std::fflush(stdout);
 }
 
 // ---- 2. SIGSTOP ------------------------------------------------------------

@@ -13,9 +13,13 @@
 
 #include "transport_probe.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <ostream>
 #include <limits>
@@ -633,6 +637,73 @@ TEST(Rendezvous, RanksDisagreeingOnFiRmaFailAtFirstContact) {
     EXPECT_TRUE(r->has("CHORUS_FI_RMA")) << r->describe();
     EXPECT_LT(r->seconds(), 10.0) << r->describe();
   }
+}
+
+// libfabric's shm provider keeps an endpoint's queues in a /dev/shm file,
+// by default named "<pid>:0:0", which a killed process leaves behind. A
+// later process with the same pid failed fi_enable with EBUSY; Chorus names
+// its endpoints "chorus-<job>-fi-r<rank>-<pid>-..." instead, so such a stale
+// file is harmless, and a leftover is the job's to remove (chorusrun).
+TEST(SharedMemory, StaleLibfabricShmFilesDoNotCollide) {
+  const char* transport = std::getenv("CHORUS_TRANSPORT");
+  if (transport == nullptr || std::string(transport) != "libfabric")
+    GTEST_SKIP() << "libfabric only (CHORUS_TRANSPORT=libfabric)";
+  // This rank's files in /dev/shm named "chorus-...-fi-r<rank>-<pid>-".
+  auto mine = [](int rank) {
+    const std::string tag = "-fi-r" + std::to_string(rank) + "-" + std::to_string(::getpid()) + "-";
+    int n = 0;
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("chorus-", 0) == 0 && name.find(tag) != std::string::npos) ++n;
+    }
+    return n;
+  };
+  auto body = [&](RankContext& ctx) {
+    ::setenv("CHORUS_FI_PROVIDER", "shm", 1);  // this rank's process only
+    // What a killed process with this pid would have left under the default name.
+    const std::string stale = "/dev/shm/" + std::to_string(::getpid()) + ":0:0";
+    const int fd = ::open(stale.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    chorus::Config config;
+    config.timeout = 20s;
+    {
+      std::optional<Communicator> comm;
+      ctx.attempt("create", [&] {
+        if (fd < 0) throw std::runtime_error("cannot create " + stale);
+        comm = Communicator::create(ctx.rank(), 2, ctx.store(), config);
+      });
+      ctx.attempt("call", [&] {
+        if (!comm) throw std::runtime_error("no communicator");
+        std::vector<float> buf(1024, 1.0f);
+        comm->allreduce(buf.data(), buf.data(), buf.size(), DataType::Float32, ReduceOp::Sum);
+        if (buf[0] != 2.0f) throw std::runtime_error("allreduce gave " + std::to_string(buf[0]));
+        if (mine(ctx.rank()) != 1)
+          throw std::runtime_error(std::to_string(mine(ctx.rank())) +
+                                   " endpoint files named chorus-...-fi-r<rank>-<pid>- in /dev/shm, "
+                                   "expected 1");
+      });
+    }
+    // Gone before the last report: the parent kills the ranks once it has it.
+    if (fd >= 0) {
+      ::close(fd);
+      ::unlink(stale.c_str());
+    }
+    ctx.attempt("after", [&] {
+      if (mine(ctx.rank()) != 0)
+        throw std::runtime_error("the endpoint's file stayed in /dev/shm after destruction");
+    });
+    ctx.hold();
+  };
+  Group g(2, body);
+  const auto created = g.result(0, "create", kReportWait);
+  ASSERT_TRUE(created) << "create() did not return; rank 0 is " << g.status(0);
+  if (!created->ok && created->has("no provider"))
+    GTEST_SKIP() << "no libfabric shm provider: " << created->describe();
+  for (int p = 0; p < 2; ++p)
+    for (const char* label : {"create", "call", "after"}) {
+      const auto r = g.result(p, label, kReportWait);
+      ASSERT_TRUE(r) << "rank " << p << ": " << label << " did not return; it is " << g.status(p);
+      EXPECT_TRUE(r->ok) << "rank " << p << ": " << label << ": " << r->describe();
+    }
 }
 
 }  // namespace

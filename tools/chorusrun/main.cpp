@@ -12,12 +12,11 @@
 #include <chorus/store.hpp>
 
 #include "core/topology.hpp"
+#include "transport.hpp"
 
 #include <CLI/CLI.hpp>
 
-#include <dirent.h>
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -655,16 +654,8 @@ int Launcher::run() {
 // Removes the job's shared-memory segments. The ranks unlink theirs once
 // every peer has mapped them, so only a rank that died in between leaves one.
 void Launcher::remove_segments() {
-  const std::string prefix = "chorus-" + job_id_ + "-";
-  DIR* d = ::opendir("/dev/shm");
-  if (d == nullptr) return;
-  while (dirent* e = ::readdir(d)) {
-    const std::string name = e->d_name;
-    if (name.rfind(prefix, 0) != 0) continue;
-    if (::shm_unlink(("/" + name).c_str()) == 0 && opt_.verbose)
-      say("removed the stale shared-memory segment /dev/shm/" + name);
-  }
-  ::closedir(d);
+  for (const std::string& name : chorus::transport::remove_shm_files("chorus-" + job_id_ + "-"))
+    if (opt_.verbose) say("removed the stale shared-memory segment /dev/shm/" + name);
 }
 
 // CLI11's generated usage line cannot say that a program follows the options.

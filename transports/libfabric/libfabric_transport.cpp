@@ -18,6 +18,20 @@
 // it (tcp;ofi_rxm), so a failed receiver, never driven again, is not written
 // after its error; libfabric's shm writes straight into the target process
 // (process_vm_writev), so there only "on" uses them.
+//
+// The shm provider keeps each endpoint's queues in a file in /dev/shm, named
+// by default "<pid>:<domain>:<endpoint>", which a killed process leaves
+// behind; a later process with the same pid (pids wrap at 32768 here) then
+// failed fi_enable with EBUSY. The endpoint is named "chorus-<job>-fi..."
+// instead (shm_name_prefix(), with a random part), so stale files never
+// collide, and chorusrun removes a killed rank's with the job's other
+// segments.
+//
+// The same provider guards each endpoint's queue with a spinlock in that
+// file. A process killed while holding one (sending to a peer, or reading
+// its own queue) leaves whoever takes it next spinning inside libfabric
+// forever, where no check of ours runs: 3 of 15 kills in the middle of
+// 64 MiB allreduces hung the survivor. ShmWatchdog sees it from outside.
 
 #include "dynload.hpp"
 #include "tagged.hpp"
@@ -33,13 +47,21 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 #include <rdma/fi_tagged.h>
+#include <poll.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <random>
+#include <thread>
 
 namespace chorus::transport::libfabric {
 namespace {
@@ -116,6 +138,147 @@ fi_info* choose(fi_info* list, const TransportContext& ctx, std::string* why) {
   return first_fit;
 }
 
+// Watches a shm endpoint for the hang in the file comment: the transport's
+// thread inside one libfabric call for kStuckTicks x kTick while a peer's process
+// has exited. That thread can never be released, so the process says which
+// rank died and exits with status 2 (what a PeerFailure makes chorus-bench
+// return), as PyTorch's NCCL watchdog tears a process down; a stopped (not
+// dead) peer is waited for.
+class ShmWatchdog {
+ public:
+  static constexpr std::chrono::milliseconds kTick{250};
+  static constexpr int kStuckTicks = 8;  // 2 s inside one call
+
+  // `own`: the start of this endpoint's /dev/shm file name.
+  ShmWatchdog(int rank, std::string own)
+      : rank_(rank), own_(std::move(own)), thread_([this] { run(); }) {}
+
+  ~ShmWatchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    for (const Peer& p : peers_) ::close(p.pidfd);
+  }
+
+  // `peer`'s process, to check once a call seems stuck (a pidfd: never
+  // confused with a later process that got the same pid), and the start of
+  // its endpoint's file name.
+  void watch(int peer, pid_t pid, std::string file) {
+    const int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (fd < 0) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    peers_.push_back(Peer{peer, pid, fd, std::move(file)});
+  }
+
+  // Removes the endpoint files that dead peers left in /dev/shm (a failed
+  // communicator's close: nobody else would, outside chorusrun).
+  void remove_dead_files() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Peer& p : peers_)
+      if (dead(p)) remove_files(p.file);
+  }
+
+  // Brackets one libfabric call: the counter goes up on entry and on exit,
+  // so it is odd inside a call (the transport is driven by one thread at a
+  // time, so a plain load and store count).
+  class Call {
+   public:
+    explicit Call(ShmWatchdog* w) : w_(w) { tick(); }
+    ~Call() { tick(); }
+    Call(const Call&) = delete;
+    Call& operator=(const Call&) = delete;
+
+   private:
+    void tick() {
+      if (w_ != nullptr)
+        w_->edges_.store(w_->edges_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    }
+    ShmWatchdog* w_;
+  };
+
+ private:
+  struct Peer {
+    int rank;
+    pid_t pid;
+    int pidfd;
+    std::string file;
+  };
+
+  static bool dead(const Peer& p) {
+    pollfd pf{p.pidfd, POLLIN, 0};
+    return ::poll(&pf, 1, 0) == 1;
+  }
+
+  // Unlinks an endpoint's /dev/shm files: the provider appends
+  // ":<domain>:<endpoint>" to `start`, which is unique to the endpoint.
+  static void remove_files(const std::string& start) {
+    if (!start.empty()) remove_shm_files(start);
+  }
+
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    std::uint64_t last = 0;
+    int stuck = 0;
+    while (!cv_.wait_for(lock, kTick, [&] { return stop_; })) {
+      const std::uint64_t edges = edges_.load(std::memory_order_relaxed);
+      stuck = (edges & 1) != 0 && edges == last ? stuck + 1 : 0;  // inside the same call
+      last = edges;
+      if (stuck < kStuckTicks) continue;
+      for (const Peer& p : peers_)
+        if (dead(p)) die(p);
+    }
+  }
+
+  [[noreturn]] void die(const Peer& p) const {
+    // Nothing will close the two endpoints: their files go now.
+    remove_files(own_);
+    for (const Peer& q : peers_)
+      if (dead(q)) remove_files(q.file);
+    std::fprintf(stderr,
+                 "chorus: rank %d: PeerFailure: rank %d (pid %d) died while this rank was inside "
+                 "libfabric's shm provider, which now waits forever on a lock the dead process "
+                 "held in its shared queue (libfabric 1.17); the calling thread cannot be "
+                 "released, so the process exits with status 2. Chorus's own shared-memory "
+                 "transport (CHORUS_TRANSPORT=shm) fails such calls with PeerFailure instead.\n",
+                 rank_, p.rank, static_cast<int>(p.pid));
+    std::fflush(stderr);
+    ::_exit(2);
+  }
+
+  const int rank_;
+  const std::string own_;
+  std::atomic<std::uint64_t> edges_{0};  // libfabric call entries and exits (Call)
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::vector<Peer> peers_;
+  std::thread thread_;  // last: starts after the members it reads
+};
+
+// What a peer's shm address says: its pid and the start of its endpoint's
+// file name ("chorus-<job>-fi-r<rank>-<pid>-<n>-<random>", from
+// name_shm_endpoint); pid -1 if it is not such a name.
+struct ShmName {
+  pid_t pid = -1;
+  std::string file;
+};
+
+ShmName parse_shm_name(const std::vector<std::uint8_t>& raw, int rank) {
+  const std::string addr(raw.begin(), std::find(raw.begin(), raw.end(), std::uint8_t{0}));
+  const std::size_t from = addr.find("chorus-");
+  const std::string tag = "-fi-r" + std::to_string(rank) + "-";
+  const std::size_t at = addr.find(tag);
+  if (from == std::string::npos || at == std::string::npos || at < from) return {};
+  const char* p = addr.c_str() + at + tag.size();
+  char* end = nullptr;
+  const long pid = std::strtol(p, &end, 10);
+  if (end == p || *end != '-' || pid <= 0) return {};
+  return {static_cast<pid_t>(pid), addr.substr(from, addr.find(':', from) - from)};
+}
+
 class LibfabricFabric final : public TagFabric {
  public:
   explicit LibfabricFabric(const TransportContext& ctx) {
@@ -139,6 +302,8 @@ class LibfabricFabric final : public TagFabric {
            (register_ ? ", registering memory" : "") +
            (writes_ ? ", one-sided writes for large messages" : "");
     open_endpoint(ctx);
+    if (provider_ == "shm" && ctx.size > 1)
+      watchdog_ = std::make_unique<ShmWatchdog>(ctx.rank, shm_name_);
   }
 
  private:
@@ -183,6 +348,25 @@ class LibfabricFabric final : public TagFabric {
     fi().freeinfo(list);
   }
 
+  // The shm provider's name for the endpoint (and its /dev/shm file): see
+  // the file comment. FI_ADDR_STR, "fi_shm://<name>"; the provider appends
+  // ":<domain>:<endpoint>".
+  void name_shm_endpoint(int rank) {
+    if (info_->addr_format != FI_ADDR_STR) return;
+    static std::atomic<unsigned> serial{0};
+    static const unsigned nonce = std::random_device{}();
+    char tail[64];
+    std::snprintf(tail, sizeof tail, "fi-r%d-%d-%u-%08x", rank, static_cast<int>(getpid()),
+                  serial.fetch_add(1), nonce);
+    shm_name_ = shm_name_prefix() + tail;
+    const std::string addr = "fi_shm://" + shm_name_;
+    char* copy = strdup(addr.c_str());
+    if (copy == nullptr) throw Error(ErrorCode::Transport, "libfabric: out of memory");
+    std::free(info_->src_addr);
+    info_->src_addr = copy;
+    info_->src_addrlen = addr.size() + 1;
+  }
+
   void open_endpoint(const TransportContext& ctx) {
     int r = fi().fabric(info_->fabric_attr, &fabric_, nullptr);
     if (r) fail_call("fi_fabric", r);
@@ -206,6 +390,7 @@ class LibfabricFabric final : public TagFabric {
         info_->domain_attr->av_type == FI_AV_UNSPEC ? FI_AV_TABLE : info_->domain_attr->av_type;
     r = fi_av_open(domain_, &av, &av_, nullptr);
     if (r) fail_call("fi_av_open", r);
+    if (provider_ == "shm") name_shm_endpoint(ctx.rank);
     r = fi_endpoint(domain_, info_, &ep_, nullptr);
     if (r) fail_call("fi_endpoint", r);
     r = fi_ep_bind(ep_, &av_->fid, 0);
@@ -258,10 +443,14 @@ class LibfabricFabric final : public TagFabric {
                       "'s address failed (" + std::to_string(n) + ")",
                   peer);
     peers_[static_cast<std::size_t>(peer)] = fa;
+    if (watchdog_)
+      if (ShmName name = parse_shm_name(raw, peer); name.pid > 0)
+        watchdog_->watch(peer, name.pid, std::move(name.file));
   }
 
   bool send(int peer, std::uint64_t tag, const void* buf, std::size_t len, FabricOp& op) override {
     void* desc = describe_memory(buf, len);
+    ShmWatchdog::Call watched(watchdog_.get());
     const ssize_t r =
         fi_tsend(ep_, buf, len, desc, peers_[static_cast<std::size_t>(peer)], tag, &op);
     return posted(r, op, "fi_tsend");
@@ -269,6 +458,7 @@ class LibfabricFabric final : public TagFabric {
 
   bool recv(std::uint64_t tag, void* buf, std::size_t len, FabricOp& op) override {
     void* desc = describe_memory(buf, len);
+    ShmWatchdog::Call watched(watchdog_.get());
     const ssize_t r = fi_trecv(ep_, buf, len, desc, FI_ADDR_UNSPEC, tag, 0, &op);
     return posted(r, op, "fi_trecv");
   }
@@ -296,12 +486,14 @@ class LibfabricFabric final : public TagFabric {
   bool write(int peer, const void* buf, std::size_t len, std::uint64_t addr, std::uint64_t key,
              FabricOp& op) override {
     void* desc = describe_memory(buf, len);
+    ShmWatchdog::Call watched(watchdog_.get());
     const ssize_t r = fi_write(ep_, buf, len, desc, peers_[static_cast<std::size_t>(peer)], addr,
                                key, &op);
     return posted(r, op, "fi_write");
   }
 
   unsigned progress() override {
+    ShmWatchdog::Call watched(watchdog_.get());
     unsigned events = 0;
     fi_cq_tagged_entry e[16];
     for (;;) {
@@ -336,11 +528,13 @@ class LibfabricFabric final : public TagFabric {
 
   int wait_fd() override { return wait_fd_; }
   bool arm() override {
+    ShmWatchdog::Call watched(watchdog_.get());
     fid* f = &cq_->fid;
     return fi_trywait(fabric_, &f, 1) == FI_SUCCESS;
   }
 
   void cancel(FabricOp& op) override {
+    ShmWatchdog::Call watched(watchdog_.get());
     if (ep_) fi_cancel(&ep_->fid, &op);
   }
 
@@ -367,6 +561,7 @@ class LibfabricFabric final : public TagFabric {
       for (auto& [start, m] : mrs_) r.mrs.push_back(m.mr);
       retire(std::move(r));
     } else {
+      ShmWatchdog::Call watched(watchdog_.get());
       for (auto& [start, m] : mrs_) fi_close(&m.mr->fid);
       if (ep_) fi_close(&ep_->fid);
       if (av_) fi_close(&av_->fid);
@@ -382,6 +577,8 @@ class LibfabricFabric final : public TagFabric {
     domain_ = nullptr;
     fabric_ = nullptr;
     info_ = nullptr;
+    if (watchdog_ && !flush) watchdog_->remove_dead_files();
+    watchdog_.reset();
   }
 
  private:
@@ -498,6 +695,8 @@ class LibfabricFabric final : public TagFabric {
   std::size_t inflight_ = 0;
   std::size_t registrations_ = 0;
   int wait_fd_ = -1;
+  std::string shm_name_;  // shm provider: this endpoint's name (name_shm_endpoint)
+  std::unique_ptr<ShmWatchdog> watchdog_;  // shm provider only: see ShmWatchdog
 };
 
 [[maybe_unused]] const bool kRegistered =

@@ -185,16 +185,6 @@ std::string self_ns(const char* which) {
   return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("?");
 }
 
-std::string job_id() {
-  if (const char* j = std::getenv("CHORUS_JOB_ID"); j && *j) {
-    std::string s;
-    for (const char* p = j; *p && s.size() < 32; ++p)
-      s += std::isalnum(static_cast<unsigned char>(*p)) ? *p : '_';
-    return s;
-  }
-  return "p" + std::to_string(getpid());
-}
-
 // Copies `n` bytes at `remote` in process `pid` to `local`. Returns 0 or errno.
 int cma_read(pid_t pid, void* local, std::uint64_t remote, std::size_t n) {
   std::size_t done = 0;
@@ -489,7 +479,7 @@ class ShmTransport final : public Transport {
     nonce_ = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^ static_cast<std::uint64_t>(getpid());
     char idbuf[32];
     std::snprintf(idbuf, sizeof idbuf, "%016llx", static_cast<unsigned long long>(ctx_.comm_id));
-    name_ = "/chorus-" + job_id() + "-" + idbuf + "-r" + std::to_string(ctx_.rank);
+    name_ = "/" + shm_name_prefix() + idbuf + "-r" + std::to_string(ctx_.rank);
     const int fd = shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) throw_errno("shm_open(" + name_ + ")");
     created_ = true;
