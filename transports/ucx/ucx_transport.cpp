@@ -17,9 +17,11 @@
 
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace chorus::transport::ucx {
 namespace {
@@ -29,6 +31,7 @@ namespace {
 // handlers in every process that uses Chorus).
 struct Ucx {
   decltype(&::ucp_cleanup) cleanup;
+  decltype(&::ucp_config_modify) config_modify;
   decltype(&::ucp_config_read) config_read;
   decltype(&::ucp_config_release) config_release;
   decltype(&::ucp_ep_close_nbx) ep_close_nbx;
@@ -54,6 +57,7 @@ const Ucx& ucx() {
   static const Ucx api = [] {
     static const DynamicLibrary lib({"libucp.so.0", "libucp.so"}, "UCX (Debian package libucx0)");
     return Ucx{lib.get(&::ucp_cleanup, "ucp_cleanup"),
+               lib.get(&::ucp_config_modify, "ucp_config_modify"),
                lib.get(&::ucp_config_read, "ucp_config_read"),
                lib.get(&::ucp_config_release, "ucp_config_release"),
                lib.get(&::ucp_ep_close_nbx, "ucp_ep_close_nbx"),
@@ -84,6 +88,21 @@ const Ucx& ucx() {
 
 class UcxFabric;
 
+// Whether UCX_TLS lets UCX pick cma: unset, "all", an exclusion list
+// ("^..."), or a list naming cma or one of its aliases (sm, shm).
+bool may_use_cma() {
+  const char* tls = std::getenv("UCX_TLS");
+  if (tls == nullptr || *tls == '\0' || *tls == '^') return true;
+  std::string list = tls;
+  for (std::size_t start = 0; start <= list.size();) {
+    const std::size_t end = std::min(list.find(',', start), list.size());
+    const std::string t = list.substr(start, end - start);
+    if (t == "all" || t == "cma" || t == "sm" || t == "shm") return true;
+    start = end + 1;
+  }
+  return false;
+}
+
 struct EpArg {
   UcxFabric* self = nullptr;
   int peer = -1;
@@ -98,6 +117,18 @@ class UcxFabric final : public TagFabric {
     ucp_config_t* config = nullptr;
     ucs_status_t s = ucx().config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) fail_status("ucp_config_read", s);
+    // Rendezvous by put (the sender writes, then tells the receiver) where
+    // UCX may pick cma, unless the user chose a scheme: with UCX 1.13's
+    // default there, get (the receiver reads, then acknowledges), a large
+    // send sometimes never completes although its receiver has everything
+    // (posix,cma, 3 ranks, 512 KiB chunks: about one 36 MiB collective in
+    // 15; none in 85 with put; docs/transports.md). Over tcp get showed no
+    // hang and put costs ~10% of point-to-point bandwidth, so it stays.
+    if (std::getenv("UCX_RNDV_SCHEME") == nullptr && may_use_cma()) {
+      s = ucx().config_modify(config, "RNDV_SCHEME", "put_zcopy");
+      if (s != UCS_OK)
+        CHORUS_WARN("UCX: RNDV_SCHEME=put_zcopy not taken: " << ucx().status_string(s));
+    }
     ucp_params_t p{};
     p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
     p.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
