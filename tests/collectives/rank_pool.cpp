@@ -1,4 +1,5 @@
 #include "rank_pool.hpp"
+#include "shm_sweep.hpp"
 
 #include <chorus/error.hpp>
 #include <chorus/store.hpp>
@@ -279,6 +280,7 @@ void RankPool::kill_all() noexcept {
     if (w.pid > 0) {
       ::kill(w.pid, SIGKILL);
       ::waitpid(w.pid, nullptr, 0);
+      remove_shm_of_killed(w.pid);
       w.pid = -1;
     }
     for (int* fd : {&w.cmd_fd, &w.reply_fd}) {

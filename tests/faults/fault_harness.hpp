@@ -18,6 +18,8 @@
 #include <chorus/error.hpp>
 #include <chorus/store.hpp>
 
+#include "shm_sweep.hpp"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -301,6 +303,7 @@ class Group {
         ::kill(c.pid, SIGCONT);  // a stopped child must not keep its sockets half-alive
         ::kill(c.pid, SIGKILL);
         ::waitpid(c.pid, nullptr, 0);
+        chorus_test::remove_shm_of_killed(c.pid);
       }
       if (c.from >= 0) ::close(c.from);
       if (c.to >= 0) ::close(c.to);
