@@ -114,14 +114,23 @@ std::string ipv4_of(const void* addr, std::size_t len) {
 fi_info* choose(fi_info* list, const TransportContext& ctx, std::string* why) {
   const bool one_host = static_cast<int>(ctx.host_ranks.size()) == ctx.size;
   const std::string want = ctx.fi_provider;
+  auto prov_of = [](const fi_info* i) {
+    return std::string(i->fabric_attr->prov_name ? i->fabric_attr->prov_name : "");
+  };
+  // On one host shm wherever fi_getinfo lists it (libfabric 1.17 here lists
+  // tcp;ofi_rxm first).
+  if (want.empty() && one_host) {
+    for (fi_info* i = list; i != nullptr; i = i->next) {
+      if (prov_of(i) == "shm") {
+        *why = "every rank is on this host";
+        return i;
+      }
+    }
+  }
   fi_info* first_fit = nullptr;
   for (fi_info* i = list; i != nullptr; i = i->next) {
-    const std::string prov = i->fabric_attr->prov_name ? i->fabric_attr->prov_name : "";
+    const std::string prov = prov_of(i);
     if (!want.empty() && prov != want) continue;
-    if (want.empty() && one_host && prov == "shm") {
-      *why = "every rank is on this host";
-      return i;
-    }
     if (want.empty() && prov == "shm") continue;  // cannot reach other hosts
     if (!want.empty() && prov == "shm") {
       *why = "CHORUS_FI_PROVIDER";
