@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstring>
 #include <list>
+#include <sstream>
 #include <thread>
 
 namespace chorus::transport {
@@ -766,9 +767,44 @@ class TaggedTransport final : public Transport {
 
   // The deadline passed: the control transport follows the wait chain among
   // the ranks (see the TCP transport) and throws the resulting Timeout.
+  // The Timeout gets what this rank still has posted, which tells a peer
+  // that never posted its side from a library that never completed ours.
   [[noreturn]] void resolve_timeout(std::span<const Request> reqs, Deadline deadline) {
-    guarded([&] { control_->wait(reqs, deadline); });
+    try {
+      control_->wait(reqs, deadline);
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::Timeout)
+        fs_.fail(Error(e.code(), e.message() + pending_summary(), e.peer()));
+      fs_.fail(e);
+    }
     fs_.fail(Error(ErrorCode::Internal, name_ + ": timeout resolution returned"));
+  }
+
+  // " Still posted here (ucx): a send of 524288 B to rank 0, 1 of 1 chunks
+  // handed to ucx, 0 acknowledged; ...". At most kListed tasks by name.
+  std::string pending_summary() const {
+    constexpr std::size_t kListed = 4;
+    std::ostringstream os;
+    std::size_t listed = 0;
+    for (const auto& t : sends_) {
+      if (listed++ == kListed) break;
+      os << (listed == 1 ? "" : "; ") << "a send of " << t->bytes << " B to rank " << t->peer;
+      if (t->await_ready && !t->ready_checked) os << ", waiting for its Ready";
+      else if (t->parts > 0)
+        os << ", " << (t->next_part - 1) << " of " << t->parts << " chunks handed to " << name_
+           << ", " << t->parts_done << " completed";
+      else os << (t->head_op.done ? ", sent" : ", not completed by " + name_);
+    }
+    for (const auto& t : recvs_) {
+      if (listed++ == kListed) break;
+      os << (listed == 1 ? "" : "; ") << "a receive of " << t->bytes << " B from rank " << t->peer
+         << (t->head_checked ? ", header arrived" : ", header not arrived");
+      if (t->parts > 0) os << ", " << t->parts_done << " of " << t->parts << " chunks arrived";
+    }
+    const std::size_t total = sends_.size() + recvs_.size();
+    if (total == 0) return "";
+    if (total > kListed) os << "; and " << (total - kListed) << " more";
+    return " Still posted here (" + name_ + "): " + os.str() + ".";
   }
 
   void cancel_all(FabricOp& head, std::span<Slot> slots) noexcept {

@@ -285,6 +285,35 @@ TEST(PeerDeath, SigstopTimeoutSeenByTheStoppedRanksNeighbourNamesIt) {
   g.signal(kVictim, SIGCONT);
 }
 
+// On the tagged transports (libfabric, UCX) a Timeout also says what the
+// rank still has posted, which tells a peer that never posted its side from
+// a library that never completed ours. Here rank 1 never posts its receive
+// (it sits in its own code), so rank 0's 1 MiB send is named.
+TEST(PeerDeath, TimeoutOnAFabricNamesWhatIsStillPosted) {
+  const char* env = std::getenv("CHORUS_TRANSPORT");
+  const std::string transport = env ? env : "";
+  if (transport != "libfabric" && transport != "ucx")
+    GTEST_SKIP() << "libfabric and ucx only (CHORUS_TRANSPORT)";
+  static constexpr std::size_t kBytes = std::size_t{1} << 20;
+  Group g(2, std::vector<faults::Body>{
+                 [](RankContext& ctx) {
+                   auto comm = ctx.create(1s);
+                   std::vector<std::uint8_t> buf(kBytes, 7);
+                   ctx.attempt("send", [&] { comm.send(buf.data(), kBytes, DataType::UInt8, 1); });
+                   ctx.hold();
+                 },
+                 [](RankContext& ctx) {
+                   auto comm = ctx.create(1s);
+                   ctx.hold();  // never receives
+                 }});
+  const auto r = g.result(0, "send", kReportWait);
+  ASSERT_TRUE(r) << "the send did not return (hang?); rank 0 is " << g.status(0);
+  std::printf("[ message  ] rank 0: %s\n", r->describe().c_str());
+  EXPECT_EQ(r->error_code(), ErrorCode::Timeout) << r->describe();
+  EXPECT_TRUE(r->has("Still posted here (" + transport + "): a send of 1048576 B to rank 1"))
+      << r->describe();
+}
+
 // ---- 4. abort() --------------------------------------------------------------
 
 TEST(Abort, AbortUnblocksRecvAndFailsThePeerWaitingOnIt) {
