@@ -781,7 +781,7 @@ class TaggedTransport final : public Transport {
   }
 
   // " Still posted here (ucx): a send of 524288 B to rank 0, 1 of 1 chunks
-  // handed to ucx, 0 acknowledged; ...". At most kListed tasks by name.
+  // handed to ucx, 0 completed; ...". At most kListed tasks by name.
   std::string pending_summary() const {
     constexpr std::size_t kListed = 4;
     std::ostringstream os;

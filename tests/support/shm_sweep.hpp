@@ -6,6 +6,8 @@
 // unlinked the name) leaves its /dev/shm entries behind, and no survivor
 // of that communicator is left to remove them. The names start with
 // "chorus-p<pid>-" when CHORUS_JOB_ID is unset (transport::shm_name_prefix).
+// The library's transport::remove_shm_files does the same sweep, but the
+// shared library does not export it and these harnesses link only that.
 
 #include <dirent.h>
 #include <sys/mman.h>

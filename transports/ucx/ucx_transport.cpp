@@ -17,11 +17,10 @@
 
 #include <ucp/api/ucp.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <string>
+#include <string_view>
 
 namespace chorus::transport::ucx {
 namespace {
@@ -93,14 +92,13 @@ class UcxFabric;
 bool may_use_cma() {
   const char* tls = std::getenv("UCX_TLS");
   if (tls == nullptr || *tls == '\0' || *tls == '^') return true;
-  std::string list = tls;
-  for (std::size_t start = 0; start <= list.size();) {
-    const std::size_t end = std::min(list.find(',', start), list.size());
-    const std::string t = list.substr(start, end - start);
+  for (std::string_view rest = tls;;) {
+    const std::size_t comma = rest.find(',');
+    const std::string_view t = rest.substr(0, comma);
     if (t == "all" || t == "cma" || t == "sm" || t == "shm") return true;
-    start = end + 1;
+    if (comma == std::string_view::npos) return false;
+    rest.remove_prefix(comma + 1);
   }
-  return false;
 }
 
 struct EpArg {
@@ -122,7 +120,7 @@ class UcxFabric final : public TagFabric {
     // default there, get (the receiver reads, then acknowledges), a large
     // send sometimes never completes although its receiver has everything
     // (posix,cma, 3 ranks, 512 KiB chunks: about one 36 MiB collective in
-    // 15; none in 85 with put; docs/transports.md). Over tcp get showed no
+    // 15; none in 105 with put; docs/transports.md). Over tcp get showed no
     // hang and put costs ~10% of point-to-point bandwidth, so it stays.
     if (std::getenv("UCX_RNDV_SCHEME") == nullptr && may_use_cma()) {
       s = ucx().config_modify(config, "RNDV_SCHEME", "put_zcopy");
