@@ -5,6 +5,7 @@
 
 #include <chorus/communicator.hpp>  // IWYU pragma: export
 #include <chorus/error.hpp>         // IWYU pragma: export
+#include <chorus/memory.hpp>        // IWYU pragma: export
 #include <chorus/store.hpp>         // IWYU pragma: export
 #include <chorus/types.hpp>         // IWYU pragma: export
 #include <chorus/version.hpp>       // IWYU pragma: export
