@@ -326,6 +326,10 @@ struct TransportContext {
   // shm: move large copy-received messages with process_vm_readv (one copy,
   // by the kernel) instead of pipelined copies through a shared ring.
   bool shm_cma = false;
+  // shm: calls of at least this many bytes (count x element size) move the
+  // large messages of chorus::mem_alloc buffers Mapped (the receiver reads
+  // the sender's buffer; CHORUS_SHM_MAPPED_MIN).
+  std::size_t shm_mapped_min = std::size_t{16} << 20;
   // libfabric: the provider to use (CHORUS_FI_PROVIDER; empty: the best
   // offered), and whether to register memory even when the provider does not
   // ask for it ("always", CHORUS_FI_MR) rather than only when it does ("auto").

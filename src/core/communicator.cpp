@@ -686,6 +686,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
                 "CHORUS_SOCKET_IFNAME (e.g. eth0)");
   tc.host_ranks = host_ranks;
   tc.shm_cma = settings.shm_large == "cma";
+  tc.shm_mapped_min = settings.shm_mapped_min;
   tc.fi_provider = settings.fi_provider;
   tc.fi_mr = settings.fi_mr;
   tc.fi_rma = settings.fi_rma;

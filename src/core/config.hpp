@@ -22,6 +22,7 @@ struct Settings {
   std::size_t chunk_bytes = 512 << 10;                           // CHORUS_CHUNK_BYTES
   std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
   std::string shm_large = "copy";                                // CHORUS_SHM_LARGE: copy|cma
+  std::size_t shm_mapped_min = 16 << 20;                         // CHORUS_SHM_MAPPED_MIN
   std::string cpu_bind = "auto";                                 // CHORUS_CPU_BIND: auto|none|<cpu list>
   std::string algo;          // CHORUS_ALGO: "allreduce:ring,broadcast:binomial" (validated)
   std::string tuning_file;   // CHORUS_TUNING_FILE: alpha-beta model from chorus-bench --calibrate

@@ -26,6 +26,7 @@
 
 #include <chorus/communicator.hpp>
 #include <chorus/error.hpp>
+#include <chorus/memory.hpp>
 #include <chorus/types.hpp>
 
 #include <gtest/gtest.h>
@@ -42,6 +43,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <optional>
 #include <sstream>
@@ -107,6 +109,7 @@ struct Case {
   std::int32_t misalign = 0;  // bytes by which send buffers miss 64-byte alignment
   std::uint64_t count = 0;
   std::uint64_t seed = 0;  // varies the data from case to case
+  bool registered = false;  // buffers from chorus::mem_alloc
 };
 
 const char* coll_name(Coll c) {
@@ -200,6 +203,7 @@ std::string case_label(const Case& c) {
   else if (c.coll != Coll::Alltoall) s << (c.in_place ? "_inplace" : "_outofplace");
   if (rooted(c.coll)) s << "_root" << c.root;
   if (c.misalign != 0) s << "_misaligned" << c.misalign;
+  if (c.registered) s << "_registered";
   return s.str();
 }
 
@@ -310,6 +314,12 @@ bool forced_one_shot() {
   return v != nullptr && std::string(v).find("allreduce:one_shot") != std::string::npos;
 }
 
+// CHORUS_TRANSPORT is unset, auto or shm: the ranks of one host talk over shm.
+bool shm_may_carry() {
+  const char* v = std::getenv("CHORUS_TRANSPORT");
+  return v == nullptr || std::string(v).empty() || std::string(v) == "auto" || std::string(v) == "shm";
+}
+
 std::vector<Case> matrix(Coll coll) {
   std::vector<Case> cases;
   for (int world : kWorlds) {
@@ -381,6 +391,30 @@ std::vector<Case> matrix(Coll coll) {
         c.in_place = mode == 1;
         c.misalign = mode == 0 ? 3 : 0;
         c.seed = mix(cases.size() * 1000003u + static_cast<std::uint64_t>(coll) + 17);
+        cases.push_back(c);
+      }
+    }
+  }
+  // Buffers from chorus::mem_alloc, in calls large enough (8 MiB and more;
+  // tests/meson.build sets CHORUS_SHM_MAPPED_MIN to 8 MiB for the shm
+  // suites, the default being 16 MiB) for the shm transport to move their messages Mapped: the
+  // receiver reads the sender's buffer through a mapping of its own. Only
+  // where shm carries the messages: to the other transports that memory is
+  // memory like any other.
+  if ((coll == Coll::Allreduce || coll == Coll::Allgather || coll == Coll::Broadcast ||
+       coll == Coll::ReduceScatter) &&
+      dtype_selected(DataType::Float32) && !forced_one_shot() && shm_may_carry()) {
+    for (int world : {2, 3}) {
+      if (!world_selected(world)) continue;
+      for (int mode = 0; mode < 2; ++mode) {
+        Case c;
+        c.coll = coll;
+        c.world = world;
+        c.count = (std::uint64_t{2} << 20) + 5;
+        c.in_place = mode == 1;
+        c.root = coll == Coll::Broadcast ? world - 1 : 0;
+        c.registered = true;
+        c.seed = mix(cases.size() * 1000003u + static_cast<std::uint64_t>(coll) + 29);
         cases.push_back(c);
       }
     }
@@ -669,30 +703,57 @@ constexpr std::size_t kGuardBytes = 64;
 // A buffer poisoned with kPoison, between two guard regions.
 // `misalign` shifts the start by that many bytes from a 64-byte boundary:
 // the API does not require aligned buffers, and vectorised kernels must cope.
+//
+// While a case with `registered` runs, buffers come from chorus::mem_alloc.
+bool g_registered = false;
+
 class Buffer {
  public:
   Buffer(std::size_t bytes, int misalign)
       : bytes_(bytes), front_(kGuardBytes + static_cast<std::size_t>(misalign)),
-        storage_(bytes + front_ + kGuardBytes, kGuardByte) {
+        storage_(g_registered ? 0 : bytes + front_ + kGuardBytes, kGuardByte) {
+    if (g_registered) {
+      shared_ = static_cast<unsigned char*>(chorus::mem_alloc(bytes + front_ + kGuardBytes));
+      std::memset(shared_, kGuardByte, bytes + front_ + kGuardBytes);
+    }
     std::memset(data(), kPoison, bytes);
   }
-  unsigned char* data() { return storage_.data() + front_; }
+  ~Buffer() {
+    if (shared_) chorus::mem_free(shared_);
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  unsigned char* data() { return base() + front_; }
   std::size_t bytes() const { return bytes_; }
   // Index of the first modified guard byte relative to data() (negative:
   // before the buffer), or nullopt.
   std::optional<long> guard_hit() const {
+    const unsigned char* b = shared_ ? shared_ : storage_.data();
     for (std::size_t i = 0; i < front_; ++i)
-      if (storage_[i] != kGuardByte) return static_cast<long>(i) - static_cast<long>(front_);
+      if (b[i] != kGuardByte) return static_cast<long>(i) - static_cast<long>(front_);
     for (std::size_t i = 0; i < kGuardBytes; ++i)
-      if (storage_[front_ + bytes_ + i] != kGuardByte) return static_cast<long>(bytes_ + i);
+      if (b[front_ + bytes_ + i] != kGuardByte) return static_cast<long>(bytes_ + i);
     return std::nullopt;
   }
 
  private:
+  unsigned char* base() { return shared_ ? shared_ : storage_.data(); }
   std::size_t bytes_;
   std::size_t front_;
   std::vector<unsigned char> storage_;
+  unsigned char* shared_ = nullptr;  // mem_alloc memory in place of storage_
 };
+
+// How many mappings of mem_alloc regions (memfds named "chorus-mem") this
+// process has: its own buffers, and the regions of peers that the shm
+// transport mapped to read their messages.
+int shared_mappings() {
+  std::ifstream maps("/proc/self/maps");
+  int n = 0;
+  for (std::string line; std::getline(maps, line);)
+    if (line.find("memfd:chorus-mem") != std::string::npos) ++n;
+  return n;
+}
 
 class Checker {
  public:
@@ -1305,6 +1366,8 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   if (x.size != c.world) throw std::logic_error("case for another world size");
   auto typed = [&]<typename Fn>(Fn fn) { return with_type(c.dtype, fn); };
   WorkerReply reply;
+  g_registered = c.registered;
+  const int mappings_before = shared_mappings();
   switch (c.coll) {
     case Coll::Allreduce: reply = typed([&]<typename T>() { return run_allreduce<T>(x, c); }); break;
     case Coll::Broadcast: reply = typed([&]<typename T>() { return run_broadcast<T>(x, c); }); break;
@@ -1334,6 +1397,20 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
       if (x.rank == x.size - 1) leak_memory();
       break;
   }
+  g_registered = false;
+  // With registered buffers, 2 ranks on shm and the selector's algorithm
+  // (each sends from the user's buffers), every rank that receives reads
+  // its peer's buffer through a mapping of its own, which stays cached:
+  // the single-copy path ran. Its own buffers are gone again by now.
+  const char* mapped_min = std::getenv("CHORUS_SHM_MAPPED_MIN");  // bytes, as meson.build sets it
+  const std::uint64_t threshold = mapped_min ? std::strtoull(mapped_min, nullptr, 10) : 16u << 20;
+  if (c.registered && reply.status == WorkerReply::Status::Ok && x.size == 2 &&
+      c.count * sizeof(float) >= threshold &&
+      x.comm.transport_name() == "shm" && std::getenv("CHORUS_ALGO") == nullptr &&
+      !(c.coll == Coll::Broadcast && x.rank == c.root) && shared_mappings() <= mappings_before)
+    reply = {WorkerReply::Status::Failed,
+             "registered buffers, but no peer region was mapped (" + std::to_string(mappings_before) +
+                 " mappings before the case, " + std::to_string(shared_mappings()) + " after)"};
   return reply;
 }
 
