@@ -15,19 +15,34 @@ namespace chorus::bench {
 
 // --- buffers ----------------------------------------------------------------
 
-void FreeDeleter::operator()(void* p) const noexcept { std::free(p); }
-
 namespace {
 bool g_huge_pages = false;
+void* (*g_alloc)(std::size_t) = nullptr;
+void (*g_release)(void*) = nullptr;
+}  // namespace
+
+void FreeDeleter::operator()(void* p) const noexcept {
+  if (g_release) g_release(p);
+  else std::free(p);
 }
 
 void set_huge_pages(bool on) { g_huge_pages = on; }
+
+void set_allocator(void* (*alloc)(std::size_t), void (*release)(void*)) {
+  g_alloc = alloc;
+  g_release = release;
+}
 
 Buffer allocate_touched(std::size_t bytes) {
   constexpr std::size_t kPage = 4096, kHuge = 2 << 20;
   const std::size_t align = g_huge_pages && bytes >= kHuge ? kHuge : kPage;
   const std::size_t rounded = std::max(align, (bytes + align - 1) / align * align);
   void* p = nullptr;
+  if (g_alloc) {
+    p = g_alloc(rounded);
+    std::memset(p, 0, rounded);
+    return Buffer(static_cast<unsigned char*>(p));
+  }
   if (::posix_memalign(&p, align, rounded) != 0) throw std::bad_alloc();
   // Advice only: where THP is off the buffer keeps 4 KiB pages.
   if (align == kHuge) ::madvise(p, rounded, MADV_HUGEPAGE);

@@ -23,6 +23,10 @@ using Buffer = std::unique_ptr<unsigned char[], FreeDeleter>;
 // the kernel's THP mode is "madvise" or "always").
 Buffer allocate_touched(std::size_t bytes);
 void set_huge_pages(bool on);
+// Where allocate_touched() takes its memory from (and Buffer returns it):
+// posix_memalign/free unless set (chorus-bench --registered: chorus::mem_alloc
+// and chorus::mem_free). `alloc` must return page-aligned memory.
+void set_allocator(void* (*alloc)(std::size_t), void (*release)(void*));
 
 // --- sizes and table ----------------------------------------------------------
 

@@ -58,6 +58,7 @@ struct Options {
   std::string p2p_lat_bytes = "8";
   std::string device = "host";  // --device cuda: buffers in GPU memory
   bool huge_pages = false;       // --huge-pages: host buffers on THP
+  bool registered = false;       // --registered: host buffers from chorus::mem_alloc
 };
 
 // One table row's measurement of one mode (out-of-place or in-place).
@@ -817,6 +818,10 @@ int main(int argc, char** argv) {
                "Host buffers of 2 MiB and more on transparent huge pages (madvise "
                "MADV_HUGEPAGE): kernel copies between processes (CMA) pin 512x fewer pages");
 
+  app.add_flag("--registered", opt.registered,
+               "Host buffers from chorus::mem_alloc (nccl-tests' -R): same-host ranks read "
+               "large messages straight from one another's buffers, one copy instead of two");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -824,6 +829,14 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   bench::set_huge_pages(opt.huge_pages);
+  if (opt.registered) {
+    if (opt.huge_pages) {
+      if (env_rank == 0) std::fprintf(stderr, "chorus-bench: --registered and --huge-pages exclude each other\n");
+      return 2;
+    }
+    bench::set_allocator([](std::size_t n) { return chorus::mem_alloc(n); },
+                         [](void* p) { chorus::mem_free(p); });
+  }
   // nccl-tests semantics: -i matters only with a factor of 1. Giving -i alone
   // asks for additive steps, so the default factor then yields to it.
   if (step_bytes->count() > 0 && step_factor->count() == 0) opt.stepfactor = 1;
