@@ -7,6 +7,7 @@
 
 #include <chorus/communicator.hpp>
 #include <chorus/error.hpp>
+#include <chorus/memory.hpp>
 #include <chorus/store.hpp>
 #include <chorus/types.hpp>
 
@@ -136,6 +137,50 @@ TEST(PeerDeath, SigkillDuringAllreduceFailsSurvivorsWithPeerFailure) {
   }
   EXPECT_TRUE(g.wait_exit(kVictim, 5s));
   EXPECT_EQ(g.status(kVictim), "killed by signal 9 (Killed)");
+}
+
+// The same over shm's single-copy path: buffers from mem_alloc, so that the
+// survivors are, at the kill, mapping or reading the victim's buffer, or
+// waiting for its acknowledgement of theirs. 16 MiB calls (the default
+// CHORUS_SHM_MAPPED_MIN), 3 ranks. shm only.
+TEST(PeerDeath, SigkillDuringRegisteredAllreduceFailsSurvivorsWithPeerFailure) {
+  const char* transport = std::getenv("CHORUS_TRANSPORT");
+  if (transport == nullptr || std::string(transport) != "shm")
+    GTEST_SKIP() << "shm only (CHORUS_TRANSPORT=shm): mem_alloc buffers change nothing elsewhere";
+  static constexpr int kRanks = 3;
+  static constexpr int kVictim = 1;
+  static constexpr std::size_t kCount = std::size_t{4} << 20;  // 16 MiB of float
+  Group g(kRanks, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    const std::size_t bytes = kCount * sizeof(float);
+    auto* in = static_cast<float*>(chorus::mem_alloc(bytes));
+    auto* out = static_cast<float*>(chorus::mem_alloc(bytes));
+    std::fill(in, in + kCount, float(ctx.rank() + 1));
+    comm.allreduce(in, out, kCount, DataType::Float32, ReduceOp::Sum);
+    check_sum(std::vector<float>(out, out + kCount), ctx.size());
+    ctx.started();
+    ctx.attempt("loop", [&] {
+      for (;;) comm.allreduce(in, out, kCount, DataType::Float32, ReduceOp::Sum);
+    });
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  std::this_thread::sleep_for(100ms);
+  const Nanos killed_at = g.signal(kVictim, SIGKILL);
+  for (int r = 0; r < kRanks; ++r) {
+    if (r == kVictim) continue;
+    SCOPED_TRACE("survivor rank " + std::to_string(r));
+    const auto loop = g.result(r, "loop", after(killed_at, kReportWait));
+    ASSERT_TRUE(loop) << "rank " << r << " did not fail within " << kReportWait.count()
+                      << " s of the kill (hang?); it is " << g.status(r);
+    const double t = faults::seconds_between(killed_at, loop->end_ns);
+    print_timing("SIGKILL rank 1 (registered buffers) -> rank " + std::to_string(r) + " failed after", t);
+    EXPECT_EQ(loop->error_code(), ErrorCode::PeerFailure) << loop->describe();
+    EXPECT_TRUE(loop->peer == kVictim || loop->has("rank 1")) << loop->describe();
+    EXPECT_LT(t, std::chrono::duration<double>(kHangBound).count()) << loop->describe();
+  }
+  EXPECT_TRUE(g.wait_exit(kVictim, 5s));
 }
 
 // libfabric's shm provider: a rank killed while it holds the spinlock of a
