@@ -374,6 +374,21 @@ std::vector<Case> matrix(Coll coll) {
       }
     }
   }
+  // The large cases below: one per world size of 2 and 3 and mode (0: out
+  // of place, 1: in place), as `make(world, mode)` sets them up.
+  auto add_per_world_and_mode = [&](std::uint64_t salt, auto make) {
+    for (int world : {2, 3}) {
+      if (!world_selected(world)) continue;
+      for (int mode = 0; mode < 2; ++mode) {
+        Case c = make(world, mode);
+        c.coll = coll;
+        c.world = world;
+        c.in_place = mode == 1;
+        c.seed = mix(cases.size() * 1000003u + static_cast<std::uint64_t>(coll) + salt);
+        cases.push_back(c);
+      }
+    }
+  };
   // Calls whose buffers span more than the ring's streaming threshold
   // (algorithms/ring.cpp, kStreamFootprint, 32 MiB): there the last step
   // writes past the caches. 36 MiB of float32 results, out of place (send
@@ -381,43 +396,29 @@ std::vector<Case> matrix(Coll coll) {
   if ((coll == Coll::Allreduce || coll == Coll::Allgather) && dtype_selected(DataType::Float32) &&
       !forced_one_shot()) {
     const std::uint64_t total = (std::uint64_t{9} << 20) + 3;  // elements of the result
-    for (int world : {2, 3}) {
-      if (!world_selected(world)) continue;
-      for (int mode = 0; mode < 2; ++mode) {
-        Case c;
-        c.coll = coll;
-        c.world = world;
-        c.count = coll == Coll::Allreduce ? total : total / static_cast<std::uint64_t>(world);
-        c.in_place = mode == 1;
-        c.misalign = mode == 0 ? 3 : 0;
-        c.seed = mix(cases.size() * 1000003u + static_cast<std::uint64_t>(coll) + 17);
-        cases.push_back(c);
-      }
-    }
+    add_per_world_and_mode(17, [&](int world, int mode) {
+      Case c;
+      c.count = coll == Coll::Allreduce ? total : total / static_cast<std::uint64_t>(world);
+      c.misalign = mode == 0 ? 3 : 0;
+      return c;
+    });
   }
   // Buffers from chorus::mem_alloc, in calls large enough (8 MiB and more;
   // tests/meson.build sets CHORUS_SHM_MAPPED_MIN to 8 MiB for the shm
-  // suites, the default being 16 MiB) for the shm transport to move their messages Mapped: the
-  // receiver reads the sender's buffer through a mapping of its own. Only
-  // where shm carries the messages: to the other transports that memory is
-  // memory like any other.
+  // suites, the default being 16 MiB) for the shm transport to move their
+  // messages Mapped: the receiver reads the sender's buffer through a
+  // mapping of its own. Only where shm carries the messages: to the other
+  // transports that memory is memory like any other.
   if ((coll == Coll::Allreduce || coll == Coll::Allgather || coll == Coll::Broadcast ||
        coll == Coll::ReduceScatter) &&
       dtype_selected(DataType::Float32) && !forced_one_shot() && shm_may_carry()) {
-    for (int world : {2, 3}) {
-      if (!world_selected(world)) continue;
-      for (int mode = 0; mode < 2; ++mode) {
-        Case c;
-        c.coll = coll;
-        c.world = world;
-        c.count = (std::uint64_t{2} << 20) + 5;
-        c.in_place = mode == 1;
-        c.root = coll == Coll::Broadcast ? world - 1 : 0;
-        c.registered = true;
-        c.seed = mix(cases.size() * 1000003u + static_cast<std::uint64_t>(coll) + 29);
-        cases.push_back(c);
-      }
-    }
+    add_per_world_and_mode(29, [&](int world, int) {
+      Case c;
+      c.count = (std::uint64_t{2} << 20) + 5;
+      c.root = coll == Coll::Broadcast ? world - 1 : 0;
+      c.registered = true;
+      return c;
+    });
   }
   return cases;
 }

@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <ostream>
 #include <stdexcept>
 #include <string>
@@ -85,6 +86,39 @@ void allreduce_until_failure(RankContext& ctx, chorus::Communicator& comm, std::
   });
 }
 
+// Waits until every rank of `g` has started, lets them get into their loop
+// so that the kill lands mid-transfer, and SIGKILLs `victim`: when, or
+// nullopt (a failure added) when the ranks did not start.
+std::optional<Nanos> kill_once_running(Group& g, int victim) {
+  std::string why;
+  if (!g.wait_started(60s, &why)) {
+    ADD_FAILURE() << why;
+    return std::nullopt;
+  }
+  std::this_thread::sleep_for(100ms);
+  return g.signal(victim, SIGKILL);
+}
+
+// Survivor r's "loop" must have ended with PeerFailure naming `victim`
+// within the hang bound of the kill at `killed_at` (`what` labels the timing
+// line). Returns the result, or nullopt (a failure added) when r never reported.
+std::optional<Result> expect_loop_failed_naming(Group& g, int r, int victim, Nanos killed_at,
+                                                const std::string& what) {
+  const auto loop = g.result(r, "loop", after(killed_at, kReportWait));
+  if (!loop) {
+    ADD_FAILURE() << "rank " << r << " did not fail within " << kReportWait.count()
+                  << " s of the kill (hang?); it is " << g.status(r);
+    return std::nullopt;
+  }
+  const double t = faults::seconds_between(killed_at, loop->end_ns);
+  print_timing(what + " -> rank " + std::to_string(r) + " failed after", t);
+  EXPECT_FALSE(loop->ok);
+  EXPECT_EQ(loop->error_code(), ErrorCode::PeerFailure) << loop->describe();
+  EXPECT_TRUE(loop->peer == victim || loop->has("rank " + std::to_string(victim))) << loop->describe();
+  EXPECT_LT(t, std::chrono::duration<double>(kHangBound).count()) << loop->describe();
+  return loop;
+}
+
 // Reports comm.error() as a Result: ok means "no error recorded".
 void report_error_state(RankContext& ctx, const std::string& label, const chorus::Communicator& comm) {
   ctx.attempt(label, [&] {
@@ -104,24 +138,14 @@ TEST(PeerDeath, SigkillDuringAllreduceFailsSurvivorsWithPeerFailure) {
     report_error_state(ctx, "error()", comm);
     ctx.hold();
   });
-  std::string why;
-  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
-  // Let them get into the loop so the kill lands mid-transfer.
-  std::this_thread::sleep_for(100ms);
-  const Nanos killed_at = g.signal(kVictim, SIGKILL);
+  const auto kill = kill_once_running(g, kVictim);
+  ASSERT_TRUE(kill);
+  const Nanos killed_at = *kill;
 
   for (int r = 0; r < kRanks; ++r) {
     if (r == kVictim) continue;
     SCOPED_TRACE("survivor rank " + std::to_string(r));
-    const auto loop = g.result(r, "loop", after(killed_at, kReportWait));
-    ASSERT_TRUE(loop) << "rank " << r << " did not fail within " << kReportWait.count()
-                      << " s of the kill (hang?); it is " << g.status(r);
-    const double t = faults::seconds_between(killed_at, loop->end_ns);
-    print_timing("SIGKILL rank 2 -> rank " + std::to_string(r) + " failed after", t);
-    EXPECT_FALSE(loop->ok);
-    EXPECT_EQ(loop->error_code(), ErrorCode::PeerFailure) << loop->describe();
-    EXPECT_TRUE(loop->peer == kVictim || loop->has("rank 2")) << loop->describe();
-    EXPECT_LT(t, std::chrono::duration<double>(kHangBound).count()) << loop->describe();
+    ASSERT_TRUE(expect_loop_failed_naming(g, r, kVictim, killed_at, "SIGKILL rank 2"));
 
     const auto later = g.result(r, "later", kReportWait);
     ASSERT_TRUE(later) << "the call after the failure did not return; rank is " << g.status(r);
@@ -164,21 +188,13 @@ TEST(PeerDeath, SigkillDuringRegisteredAllreduceFailsSurvivorsWithPeerFailure) {
     });
     ctx.hold();
   });
-  std::string why;
-  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
-  std::this_thread::sleep_for(100ms);
-  const Nanos killed_at = g.signal(kVictim, SIGKILL);
+  const auto kill = kill_once_running(g, kVictim);
+  ASSERT_TRUE(kill);
+  const Nanos killed_at = *kill;
   for (int r = 0; r < kRanks; ++r) {
     if (r == kVictim) continue;
     SCOPED_TRACE("survivor rank " + std::to_string(r));
-    const auto loop = g.result(r, "loop", after(killed_at, kReportWait));
-    ASSERT_TRUE(loop) << "rank " << r << " did not fail within " << kReportWait.count()
-                      << " s of the kill (hang?); it is " << g.status(r);
-    const double t = faults::seconds_between(killed_at, loop->end_ns);
-    print_timing("SIGKILL rank 1 (registered buffers) -> rank " + std::to_string(r) + " failed after", t);
-    EXPECT_EQ(loop->error_code(), ErrorCode::PeerFailure) << loop->describe();
-    EXPECT_TRUE(loop->peer == kVictim || loop->has("rank 1")) << loop->describe();
-    EXPECT_LT(t, std::chrono::duration<double>(kHangBound).count()) << loop->describe();
+    EXPECT_TRUE(expect_loop_failed_naming(g, r, kVictim, killed_at, "SIGKILL rank 1 (registered buffers)"));
   }
   EXPECT_TRUE(g.wait_exit(kVictim, 5s));
 }
