@@ -403,8 +403,8 @@ std::vector<Case> matrix(Coll coll) {
       return c;
     });
   }
-  // Buffers from chorus::mem_alloc, in calls large enough (8 MiB and more;
-  // tests/meson.build sets CHORUS_SHM_MAPPED_MIN to 8 MiB for the shm
+  // Buffers from chorus::mem_alloc, in calls large enough (1 MiB and more;
+  // tests/meson.build sets CHORUS_SHM_MAPPED_MIN to 1 MiB for the shm
   // suites, the default being 16 MiB) for the shm transport to move their
   // messages Mapped: the receiver reads the sender's buffer through a
   // mapping of its own. Only where shm carries the messages: to the other
