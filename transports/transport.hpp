@@ -330,6 +330,14 @@ struct TransportContext {
   // large messages of chorus::mem_alloc buffers Mapped (the receiver reads
   // the sender's buffer; CHORUS_SHM_MAPPED_MIN).
   std::size_t shm_mapped_min = std::size_t{16} << 20;
+  // The same for messages the receiver copies (CHORUS_SHM_MAPPED_COPY_MIN):
+  // those it can split with the sender (shm_split).
+  std::size_t shm_mapped_copy_min = std::size_t{1} << 20;
+  // shm: a Mapped message received by a copy into mem_alloc memory is
+  // copied by both ranks, each claiming pieces, the sender writing into the
+  // receiver's buffer: "on"; "off"; "sender" (tests) leaves every piece to
+  // the sender (CHORUS_SHM_SPLIT).
+  std::string shm_split = "on";
   // libfabric: the provider to use (CHORUS_FI_PROVIDER; empty: the best
   // offered), and whether to register memory even when the provider does not
   // ask for it ("always", CHORUS_FI_MR) rather than only when it does ("auto").

@@ -687,6 +687,8 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   tc.host_ranks = host_ranks;
   tc.shm_cma = settings.shm_large == "cma";
   tc.shm_mapped_min = settings.shm_mapped_min;
+  tc.shm_mapped_copy_min = settings.shm_mapped_copy_min;
+  tc.shm_split = settings.shm_split;
   tc.fi_provider = settings.fi_provider;
   tc.fi_mr = settings.fi_mr;
   tc.fi_rma = settings.fi_rma;

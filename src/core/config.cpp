@@ -102,6 +102,10 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
     s.shm_large = one_of(v, "CHORUS_SHM_LARGE", "copy", "cma");
   if (const char* v = lookup(getenv, "CHORUS_SHM_MAPPED_MIN"))
     s.shm_mapped_min = parse_bytes(v, "CHORUS_SHM_MAPPED_MIN");
+  if (const char* v = lookup(getenv, "CHORUS_SHM_MAPPED_COPY_MIN"))
+    s.shm_mapped_copy_min = parse_bytes(v, "CHORUS_SHM_MAPPED_COPY_MIN");
+  if (const char* v = lookup(getenv, "CHORUS_SHM_SPLIT"))
+    s.shm_split = one_of(v, "CHORUS_SHM_SPLIT", "on", "off", "sender");
   if (const char* v = lookup(getenv, "CHORUS_ALGO")) {
     algo::parse_algo_overrides(v, "CHORUS_ALGO");  // names checked now, not at the first call
     s.algo = v;

@@ -23,6 +23,8 @@ struct Settings {
   std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
   std::string shm_large = "copy";                                // CHORUS_SHM_LARGE: copy|cma
   std::size_t shm_mapped_min = 16 << 20;                         // CHORUS_SHM_MAPPED_MIN
+  std::size_t shm_mapped_copy_min = 1 << 20;                     // CHORUS_SHM_MAPPED_COPY_MIN
+  std::string shm_split = "on";                                  // CHORUS_SHM_SPLIT: on|off|sender
   std::string cpu_bind = "auto";                                 // CHORUS_CPU_BIND: auto|none|<cpu list>
   std::string algo;          // CHORUS_ALGO: "allreduce:ring,broadcast:binomial" (validated)
   std::string tuning_file;   // CHORUS_TUNING_FILE: alpha-beta model from chorus-bench --calibrate

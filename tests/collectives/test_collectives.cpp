@@ -1402,13 +1402,19 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   // With registered buffers, 2 ranks on shm and the selector's algorithm
   // (each sends from the user's buffers), every rank that receives reads
   // its peer's buffer through a mapping of its own, which stays cached:
-  // the single-copy path ran. Its own buffers are gone again by now.
+  // the single-copy path ran. Its own buffers are gone again by now. With
+  // CHORUS_SHM_SPLIT=sender the sender writes every piece of a message
+  // received by a copy into the receiver's buffer, through a writable
+  // mapping: then a broadcast's root maps its peer's buffer too.
   const char* mapped_min = std::getenv("CHORUS_SHM_MAPPED_MIN");  // bytes, as meson.build sets it
   const std::uint64_t threshold = mapped_min ? std::strtoull(mapped_min, nullptr, 10) : 16u << 20;
+  const char* split = std::getenv("CHORUS_SHM_SPLIT");
+  const bool sender_writes = split != nullptr && std::string_view(split) == "sender";
   if (c.registered && reply.status == WorkerReply::Status::Ok && x.size == 2 &&
       c.count * sizeof(float) >= threshold &&
       x.comm.transport_name() == "shm" && std::getenv("CHORUS_ALGO") == nullptr &&
-      !(c.coll == Coll::Broadcast && x.rank == c.root) && shared_mappings() <= mappings_before)
+      !(c.coll == Coll::Broadcast && x.rank == c.root && !sender_writes) &&
+      shared_mappings() <= mappings_before)
     reply = {WorkerReply::Status::Failed,
              "registered buffers, but no peer region was mapped (" + std::to_string(mappings_before) +
                  " mappings before the case, " + std::to_string(shared_mappings()) + " after)"};

@@ -199,6 +199,39 @@ TEST(PeerDeath, SigkillDuringRegisteredAllreduceFailsSurvivorsWithPeerFailure) {
   EXPECT_TRUE(g.wait_exit(kVictim, 5s));
 }
 
+// And over a split copy: 2 ranks (not oversubscribed), broadcast in place
+// from mem_alloc buffers, so that the root (the sender) writes pieces into
+// the other rank's buffer while that rank copies the rest and then waits
+// for the root's pieces to be counted. The root is killed: the survivor,
+// copying or waiting for a piece that will never be counted, must fail
+// with PeerFailure naming it. shm only.
+TEST(PeerDeath, SigkillDuringSplitBroadcastFailsTheReceiverWithPeerFailure) {
+  const char* transport = std::getenv("CHORUS_TRANSPORT");
+  if (transport == nullptr || std::string(transport) != "shm")
+    GTEST_SKIP() << "shm only (CHORUS_TRANSPORT=shm): mem_alloc buffers change nothing elsewhere";
+  static constexpr int kRanks = 2;
+  static constexpr int kVictim = 0;  // the root
+  static constexpr std::size_t kCount = std::size_t{4} << 20;  // 16 MiB of float
+  Group g(kRanks, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    const std::size_t bytes = kCount * sizeof(float);
+    auto* buf = static_cast<float*>(chorus::mem_alloc(bytes));
+    std::fill(buf, buf + kCount, ctx.rank() == kVictim ? 7.0f : 0.0f);
+    comm.broadcast(buf, buf, kCount, DataType::Float32, kVictim);
+    if (std::count(buf, buf + kCount, 7.0f) != static_cast<std::ptrdiff_t>(kCount))
+      throw std::runtime_error("the first broadcast left elements other than 7");
+    ctx.started();
+    ctx.attempt("loop", [&] {
+      for (;;) comm.broadcast(buf, buf, kCount, DataType::Float32, kVictim);
+    });
+    ctx.hold();
+  });
+  const auto kill = kill_once_running(g, kVictim);
+  ASSERT_TRUE(kill);
+  EXPECT_TRUE(expect_loop_failed_naming(g, 1, kVictim, *kill, "SIGKILL the root of a split broadcast"));
+  EXPECT_TRUE(g.wait_exit(kVictim, 5s));
+}
+
 // libfabric's shm provider: a rank killed while it holds the spinlock of a
 // shared queue leaves the survivor spinning inside libfabric, out of reach
 // of every check (about 1 kill in 5). The survivor must still end within the

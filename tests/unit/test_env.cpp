@@ -119,6 +119,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.cpu_bind, "auto");
   EXPECT_EQ(s.shm_large, "copy");
   EXPECT_EQ(s.shm_mapped_min, 16u << 20);
+  EXPECT_EQ(s.shm_split, "on");
   EXPECT_EQ(s.fi_rma, "auto");
 
   FakeEnv rma{{{"CHORUS_FI_RMA", "off"}}};
@@ -127,7 +128,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   FakeEnv env{{{"CHORUS_TIMEOUT", "2.5"}, {"CHORUS_TRANSPORT", "xyz"}, {"CHORUS_SPIN_US", "7"},
                {"CHORUS_CHUNK_BYTES", "64K"}, {"CHORUS_SOCKET_BUFFER", "4M"},
                {"CHORUS_SOCKET_IFNAME", "eth9"}, {"CHORUS_CPU_BIND", "0,1"},
-               {"CHORUS_SHM_MAPPED_MIN", "3M"}}};
+               {"CHORUS_SHM_MAPPED_MIN", "3M"}, {"CHORUS_SHM_SPLIT", "sender"}}};
   s = chorus::resolve_settings({}, env.fn());
   EXPECT_EQ(s.timeout, std::chrono::milliseconds(2500));
   EXPECT_EQ(s.transport, "xyz");
@@ -137,6 +138,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.socket_ifname, "eth9");
   EXPECT_EQ(s.cpu_bind, "0,1");
   EXPECT_EQ(s.shm_mapped_min, 3u << 20);
+  EXPECT_EQ(s.shm_split, "sender");
 
   // The Config passed in code wins over the environment.
   chorus::Config cfg;
@@ -152,7 +154,7 @@ TEST(Settings, Malformed) {
       {{"CHORUS_TIMEOUT", "soon"}}, {{"CHORUS_TIMEOUT", "-3"}},     {{"CHORUS_TIMEOUT", "0"}},
       {{"CHORUS_SPIN_US", "-1"}},   {{"CHORUS_SPIN_US", "12abc"}},  {{"CHORUS_CHUNK_BYTES", "8"}},
       {{"CHORUS_CHUNK_BYTES", "1T"}}, {{"CHORUS_SOCKET_BUFFER", "-5"}}, {{"CHORUS_SHM_LARGE", "xpmem"}},
-      {{"CHORUS_SHM_MAPPED_MIN", "lots"}},
+      {{"CHORUS_SHM_MAPPED_MIN", "lots"}}, {{"CHORUS_SHM_SPLIT", "yes"}},
       {{"CHORUS_ALGO", "allreduce:nonsense"}}, {{"CHORUS_ALGO", "allreduce"}},
       {{"CHORUS_ALGO", "frobnicate:ring"}}, {{"CHORUS_FI_RMA", "yes"}}, {{"CHORUS_FI_MR", "never"}},
   };

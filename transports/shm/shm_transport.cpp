@@ -19,6 +19,12 @@
 //     carrying the region's memfd number, id and offset; the receiver maps
 //     the region once (pidfd_getfd) and copies or reduces straight from the
 //     sender's buffer, then acknowledges. One copy, at memcpy speed.
+//     When the receive is a plain copy into mem_alloc memory too, the copy
+//     is split: the receiver publishes where its buffer is, and both ranks
+//     claim pieces from one counter and copy them, the sender writing into
+//     the receiver's buffer while it would otherwise wait for the
+//     acknowledgement (a 2-rank broadcast then copies on both cores;
+//     CHORUS_SHM_SPLIT).
 //
 // Receives match in post order per peer, and a message stays in the ring
 // until its receive is posted: the ring is the unexpected queue and its size
@@ -57,6 +63,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <tuple>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -67,7 +74,7 @@ namespace chorus::transport::shm {
 namespace {
 
 constexpr std::uint64_t kSegMagic = 0x314d485353524843ull;  // "CHRSSHM1"
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;
 constexpr std::size_t kSlotBytes = 64;
 constexpr std::size_t kSlotData = 56;
 constexpr std::size_t kSlots = 2048;             // per channel: 128 KiB
@@ -96,6 +103,21 @@ constexpr auto kSleepSlice = std::chrono::milliseconds(10);  // liveness check p
 // 9.4-11.8 (docs/benchmarks.md).
 constexpr std::size_t kMappedMinBytes = 64 << 10;
 constexpr std::size_t kMaxMappings = 64;  // peers' regions kept mapped (least recently used go)
+// A split copy's pieces: an eighth of the message, rounded up to 64 KiB,
+// at most 512 KiB (so 2-8 pieces below 4 MiB, 8+ above; each claim moves
+// one cache line between the cores). Messages of one piece are not split.
+constexpr std::size_t kSplitPieceMin = 64 << 10;
+constexpr std::size_t kSplitPieceMax = 512 << 10;
+// With CHORUS_SHM_SPLIT=sender the receiver leaves every piece to the
+// sender, unless it has not finished them after this long (a sender that
+// cannot map the receiver's buffer never starts): no hang either way.
+constexpr auto kSenderOnlyPatience = std::chrono::milliseconds(200);
+constexpr std::uint64_t kClaimMask = 0xffffffffu;
+
+std::size_t split_piece(std::size_t bytes) {
+  const std::size_t eighth = (bytes / 8 + kSplitPieceMin - 1) / kSplitPieceMin * kSplitPieceMin;
+  return std::clamp(eighth, kSplitPieceMin, kSplitPieceMax);
+}
 
 // Mapped: a large message whose sender's buffer lies in chorus::mem_alloc
 // memory; the header carries the region's memfd number, id and offset, and
@@ -135,6 +157,19 @@ struct alignas(64) ChannelCtl {  // per sender, in the receiver's segment
   std::atomic<std::uint64_t> head;   // receiver: slots consumed
   alignas(64) std::atomic<std::uint64_t> acked;  // receiver: rendezvous and mapped messages completed
   std::atomic<std::uint32_t> maps;               // receiver: can map the sender's mem_alloc regions
+  // A split copy (see the top of the file). The receiver writes the record
+  // of message number m (its `acked` count then) and publishes it with
+  // split_claim = m << 32 (low 32 bits of m); each rank claims piece k by
+  // moving split_claim from (m, k) to (m, k + 1), copies it, and counts it in
+  // split_done; the receiver acknowledges once split_done is the number of
+  // pieces. The sender reads the record only while its message is
+  // unacknowledged (it checks `acked` after reading), so a record being
+  // rewritten for a later message is never used.
+  alignas(64) std::atomic<std::uint64_t> split_claim;
+  std::atomic<std::uint64_t> split_done;
+  std::atomic<std::uint64_t> split_id;      // the receiver's region (MappedRef)
+  std::atomic<std::uint64_t> split_offset;
+  std::atomic<std::uint64_t> split_info;    // fd (low 32 bits) | piece bytes << 32 | stream << 63
   alignas(64) std::atomic<std::uint64_t> bulk_head;  // receiver: bulk pieces consumed
   alignas(64) std::atomic<std::uint64_t> bulk_flag[kBulkBufs];  // sender: piece number + 1
 };
@@ -262,6 +297,23 @@ struct RecvOp {
   Combine combine;
 };
 
+// A sent message that completes when the receiver acknowledges it.
+struct Unacked {
+  Request req;
+  const char* buf = nullptr;  // Mapped: the data, which a split copy reads
+  std::size_t bytes = 0;
+  bool mapped = false;
+};
+
+// A Mapped message being received by a split copy.
+struct SplitRecv {
+  RecvOp op;
+  const char* src = nullptr;  // the sender's buffer, mapped here
+  std::size_t piece = 0;
+  std::uint64_t pieces = 0;
+  Clock::time_point started;
+};
+
 // Everything about one same-host peer.
 struct Peer {
   int rank = -1;
@@ -275,7 +327,7 @@ struct Peer {
   std::uint64_t wpos = 0;         // next slot position to write
   std::uint64_t cached_head = 0;  // the peer's head, last read
   std::deque<SendOp> sendq;       // not yet written (ring full)
-  std::deque<Request> rndv;       // written, waiting for the peer's ack, in order
+  std::deque<Unacked> rndv;       // written, waiting for the peer's ack, in order
   std::uint64_t rndv_sent = 0;
   std::optional<SendOp> bulk;     // a bulk message whose pieces are being pushed
   std::size_t bulk_off = 0;
@@ -285,6 +337,7 @@ struct Peer {
   std::uint64_t rpos = 0;
   std::deque<RecvOp> posted;
   std::optional<RecvOp> bulk_recv;  // a bulk message being reduced piece by piece
+  std::optional<SplitRecv> split_recv;  // a Mapped message copied by both ranks
   std::size_t bulk_recv_off = 0;
   std::uint64_t bulk_rpos = 0;      // pieces consumed
   std::uint32_t notices_seen = 0;
@@ -306,6 +359,9 @@ class ShmTransport final : public Transport {
       p.local = i;
       peers_.push_back(std::move(p));
     }
+    split_ = ctx.shm_split == "off"      ? SplitMode::Off
+             : ctx.shm_split == "sender" ? SplitMode::SenderOnly
+                                         : SplitMode::On;
     staging_.resize(kStagingBytes);
     std::memset(staging_.data(), 0, staging_.size());  // touch it now, not on the hot path
     try {
@@ -317,6 +373,10 @@ class ShmTransport final : public Transport {
   }
 
   ~ShmTransport() override {
+    if (split_pieces_[0] + split_pieces_[1] > 0)
+      CHORUS_INFO("shm: rank " << ctx_.rank << " copied " << split_pieces_[0]
+                               << " pieces of split messages it received and " << split_pieces_[1]
+                               << " of messages it sent");
     if (!fs_.failed() && own_.base) {
       own_.hdr()->state.store(static_cast<std::uint32_t>(State::Goodbye), std::memory_order_release);
       for (auto& p : peers_)
@@ -340,7 +400,7 @@ class ShmTransport final : public Transport {
   }
 
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    if (Request r = try_mapped(peer, call, buf, bytes)) return r;
+    if (Request r = try_mapped(peer, call, buf, bytes, ctx_.shm_mapped_copy_min)) return r;
     if (bytes <= (ctx_.shm_cma ? kEagerBytes : kSlotMaxBytes))
       return post_send(peer, call, buf, bytes, Kind::Inline);
     return post_send(peer, call, buf, bytes, ctx_.shm_cma ? Kind::Rendezvous : Kind::Bulk);
@@ -355,14 +415,15 @@ class ShmTransport final : public Transport {
   // against ~20 for memcpy (docs/benchmarks.md). A message the receiver
   // reduces always takes the ring: it is reduced straight from it.
   Request isend_reduced(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
-    if (Request r = try_mapped(peer, call, buf, bytes)) return r;
+    if (Request r = try_mapped(peer, call, buf, bytes, ctx_.shm_mapped_min)) return r;
     return post_send(peer, call, buf, bytes, bytes <= kSlotMaxBytes ? Kind::Inline : Kind::Bulk);
   }
 
-  // A large message from mem_alloc memory to a peer that can map it goes
-  // Mapped (one copy, by the receiver, from our buffer); else nullptr.
-  Request try_mapped(int peer, const CallDesc& call, const void* buf, std::size_t bytes) {
-    if (bytes < kMappedMinBytes || call.count * size_of(call.dtype) < ctx_.shm_mapped_min) return nullptr;
+  // A large message from mem_alloc memory, in a call of at least
+  // `call_min` bytes, to a peer that can map it goes Mapped (one copy, by
+  // the receiver, from our buffer); else nullptr.
+  Request try_mapped(int peer, const CallDesc& call, const void* buf, std::size_t bytes, std::size_t call_min) {
+    if (bytes < kMappedMinBytes || call.count * size_of(call.dtype) < call_min) return nullptr;
     Peer& p = usable(peer);
     if (p.seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) == 0) return nullptr;
     const auto range = chorus::detail::find_shared(buf, bytes);
@@ -633,7 +694,7 @@ class ShmTransport final : public Transport {
 
   void release(Peer& p) {
     for (auto it = mappings_.begin(); it != mappings_.end();) {
-      if (it->first.first == p.local) {
+      if (std::get<0>(it->first) == p.local) {
         munmap(it->second.base, it->second.size);
         it = mappings_.erase(it);
       } else {
@@ -709,7 +770,7 @@ class ShmTransport final : public Transport {
       p.wpos += n;
       if (rndv) {
         ++p.rndv_sent;
-        p.rndv.push_back(op.req);
+        p.rndv.push_back(Unacked{op.req, op.buf, h.bytes, mapped});
       } else if (bulk) {
         p.bulk = op;
         p.bulk_off = 0;
@@ -780,11 +841,59 @@ class ShmTransport final : public Transport {
     const std::uint64_t outstanding = p.rndv_sent - acked;
     bool did = false;
     while (p.rndv.size() > outstanding) {
-      p.rndv.front()->done = true;
+      p.rndv.front().req->done = true;
       p.rndv.pop_front();
       did = true;
     }
     return did;
+  }
+
+  // The sender's half of a split copy: while the receiver copies the oldest
+  // unacknowledged message (a Mapped one) with us, claim one piece and write
+  // it into the receiver's buffer. One piece per call, so that the progress
+  // loop keeps serving the other peers in between.
+  bool help_split(Peer& p) {
+    if (p.rndv.empty() || !p.rndv.front().mapped || split_ == SplitMode::Off) return false;
+    ChannelCtl* ctl = p.seg.ctl(my_local_, layout_);
+    const std::uint64_t index = p.rndv_sent - p.rndv.size();  // its message number
+    std::uint64_t c = ctl->split_claim.load(std::memory_order_acquire);
+    if ((c >> 32) != (index & kClaimMask)) return false;
+    const std::uint64_t info = ctl->split_info.load(std::memory_order_relaxed);
+    const MappedRef ref{ctl->split_id.load(std::memory_order_relaxed),
+                        ctl->split_offset.load(std::memory_order_relaxed),
+                        static_cast<std::int32_t>(info & kClaimMask), 0};
+    // The receiver rewrites the record only after acknowledging this
+    // message (with a release fence between): if it is still unacknowledged
+    // now, what we read is this message's record.
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (ctl->acked.load(std::memory_order_relaxed) > index) return false;
+    const Unacked& m = p.rndv.front();
+    const std::size_t piece = (info >> 32) & 0x7fffffffu;
+    const bool stream = (info >> 63) != 0;
+    if (piece < kSplitPieceMin) return false;  // not a record we wrote: leave it to the receiver
+    const std::uint64_t pieces = (m.bytes + piece - 1) / piece;
+    if ((c & kClaimMask) >= pieces) return false;
+    std::string why;
+    char* dst = map_peer(p, ref, m.bytes, true, &why);
+    if (!dst) {
+      if (!split_refused_logged_) {
+        CHORUS_INFO("shm: cannot write into rank " << p.rank << "'s buffer (" << why
+                                                   << "); it copies the split messages alone");
+        split_refused_logged_ = true;
+      }
+      return false;
+    }
+    do {
+      if ((c >> 32) != (index & kClaimMask) || (c & kClaimMask) >= pieces) return false;
+    } while (!ctl->split_claim.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel,
+                                                      std::memory_order_acquire));
+    const std::size_t off = static_cast<std::size_t>(c & kClaimMask) * piece;
+    const Combine copy = stream ? Combine::copy_streaming() : Combine::copy();
+    combine_into(copy, dst, off, m.buf + off, std::min(piece, m.bytes - off));
+    ctl->split_done.fetch_add(1, std::memory_order_release);
+    ++split_pieces_[1];
+    notify(p.seg);
+    return true;
   }
 
   // ---- receiving -------------------------------------------------------
@@ -793,10 +902,15 @@ class ShmTransport final : public Transport {
     bool did = false;
     Slot* ring = own_.ring(p.local, layout_);
     ChannelCtl* ctl = own_.ctl(p.local, layout_);
-    while (!p.posted.empty() || p.bulk_recv) {
+    while (!p.posted.empty() || p.bulk_recv || p.split_recv) {
       if (p.bulk_recv) {
         did |= pull_bulk(p);
         if (p.bulk_recv) break;  // the rest has not arrived yet
+        continue;
+      }
+      if (p.split_recv) {
+        did |= run_split(p);
+        if (p.split_recv) break;  // the sender is still copying a piece
         continue;
       }
       Slot& hs = ring[p.rpos % kSlots];
@@ -830,6 +944,11 @@ class ShmTransport final : public Transport {
         p.rpos += 1;
         ctl->head.store(p.rpos, std::memory_order_release);
         const char* src = map_region(p, op, ref, h.bytes);
+        if (start_split(p, op, src, h.bytes)) {
+          notify(p.seg);  // the sender may sleep waiting for its ack: it can help now
+          did = true;
+          continue;  // run_split at the top of the loop
+        }
         combine_into(op.combine, op.dst, 0, src, h.bytes);
         ctl->acked.fetch_add(1, std::memory_order_release);
       } else if (kind == Kind::Rendezvous) {
@@ -869,17 +988,29 @@ class ShmTransport final : public Transport {
   // region, mapped read-only on first use and kept (least recently used
   // mappings go beyond kMaxMappings).
   const char* map_region(Peer& p, RecvOp& op, const MappedRef& ref, std::size_t bytes) {
-    auto bad = [&](const std::string& why, ErrorCode code = ErrorCode::Transport) {
+    std::string why;
+    ErrorCode code = ErrorCode::Transport;
+    const char* at = map_peer(p, ref, bytes, false, &why, &code);
+    if (!at) {
       op.req->done = true;
       fail(Error(code, "mapping the buffer of rank " + std::to_string(p.rank) + ": " + why, p.rank));
-    };
-    const auto key = std::make_pair(p.local, ref.id);
+    }
+    return at;
+  }
+
+  // `bytes` at `ref` in peer p's mem_alloc memory, mapped here (read-only,
+  // or writable for a split copy's sender) on first use and kept; nullptr
+  // with the reason (and its error code) when it cannot be.
+  char* map_peer(Peer& p, const MappedRef& ref, std::size_t bytes, bool writable, std::string* why,
+                 ErrorCode* code = nullptr) {
+    const auto key = std::make_tuple(p.local, ref.id, writable);
     auto it = mappings_.find(key);
     if (it == mappings_.end()) {
       const int fd = pidfd_getfd(p.pidfd, ref.fd);
       if (fd < 0) {
-        if (errno == ESRCH) bad("it died", ErrorCode::PeerFailure);
-        bad(std::string("pidfd_getfd: ") + std::strerror(errno));
+        if (errno == ESRCH && code) *code = ErrorCode::PeerFailure;
+        *why = errno == ESRCH ? "it died" : std::string("pidfd_getfd: ") + std::strerror(errno);
+        return nullptr;
       }
       // The number must still name a mem_alloc memfd (a sender that freed
       // its buffer during the call could have reused it for another file).
@@ -889,12 +1020,18 @@ class ShmTransport final : public Transport {
       const bool ours = n > 0 && std::string_view(link, static_cast<std::size_t>(n)).starts_with("/memfd:chorus-mem");
       struct stat st {};
       const bool ok = ours && fstat(fd, &st) == 0 && st.st_size > 0;
-      void* base = ok ? mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0)
-                      : MAP_FAILED;
+      const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+      void* base = ok ? mmap(nullptr, static_cast<std::size_t>(st.st_size), prot, MAP_SHARED, fd, 0) : MAP_FAILED;
       const int err = errno;
       close(fd);
-      if (!ok) bad("descriptor " + std::to_string(ref.fd) + " is not a mem_alloc region");
-      if (base == MAP_FAILED) bad(std::string("mmap: ") + std::strerror(err));
+      if (!ok) {
+        *why = "descriptor " + std::to_string(ref.fd) + " is not a mem_alloc region";
+        return nullptr;
+      }
+      if (base == MAP_FAILED) {
+        *why = std::string("mmap: ") + std::strerror(err);
+        return nullptr;
+      }
       if (mappings_.size() >= kMaxMappings) {
         auto lru = std::min_element(mappings_.begin(), mappings_.end(), [](const auto& a, const auto& b) {
           return a.second.used < b.second.used;
@@ -905,10 +1042,68 @@ class ShmTransport final : public Transport {
       it = mappings_.emplace(key, Mapping{base, static_cast<std::size_t>(st.st_size), 0}).first;
     }
     it->second.used = ++mapping_clock_;
-    if (ref.offset > it->second.size || bytes > it->second.size - ref.offset)
-      bad("malformed message: " + std::to_string(bytes) + " bytes at offset " + std::to_string(ref.offset) +
-          " of a region of " + std::to_string(it->second.size));
-    return static_cast<const char*>(it->second.base) + ref.offset;
+    if (ref.offset > it->second.size || bytes > it->second.size - ref.offset) {
+      *why = "malformed message: " + std::to_string(bytes) + " bytes at offset " + std::to_string(ref.offset) +
+             " of a region of " + std::to_string(it->second.size);
+      return nullptr;
+    }
+    return static_cast<char*>(it->second.base) + ref.offset;
+  }
+
+  // Starts a split copy of a Mapped message whose source is mapped at
+  // `src`, when the receive is a plain copy into mem_alloc memory that the
+  // sender can map; false: the caller copies it alone.
+  bool start_split(Peer& p, RecvOp& op, const char* src, std::size_t bytes) {
+    if (split_ == SplitMode::Off || ctx_.oversubscribed || op.combine.kind != Combine::Kind::Copy) return false;
+    const std::size_t piece = split_piece(bytes);
+    if (bytes <= piece) return false;
+    if (p.seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) == 0) return false;
+    const auto range = chorus::detail::find_shared(op.dst, bytes);
+    if (!range) return false;
+    ChannelCtl* ctl = own_.ctl(p.local, layout_);
+    const std::uint64_t m = ctl->acked.load(std::memory_order_relaxed);  // only we write it
+    // Orders our earlier acknowledgements before the record's new contents
+    // (the sender checks `acked` after reading them).
+    std::atomic_thread_fence(std::memory_order_release);
+    ctl->split_id.store(range->id, std::memory_order_relaxed);
+    ctl->split_offset.store(range->offset, std::memory_order_relaxed);
+    ctl->split_info.store(static_cast<std::uint32_t>(range->fd) | (static_cast<std::uint64_t>(piece) << 32) |
+                              (op.combine.stream ? std::uint64_t{1} << 63 : 0),
+                          std::memory_order_relaxed);
+    ctl->split_done.store(0, std::memory_order_relaxed);
+    ctl->split_claim.store((m & kClaimMask) << 32, std::memory_order_release);
+    p.split_recv = SplitRecv{std::move(op), src, piece, (bytes + piece - 1) / piece, Clock::now()};
+    return true;
+  }
+
+  // The receiver's half of a split copy: claims and copies pieces until none
+  // is left, then completes the receive once the sender's are in too.
+  bool run_split(Peer& p) {
+    ChannelCtl* ctl = own_.ctl(p.local, layout_);
+    SplitRecv& s = *p.split_recv;
+    const std::size_t bytes = s.op.req->bytes;
+    bool did = false;
+    if (split_ != SplitMode::SenderOnly || Clock::now() - s.started > kSenderOnlyPatience) {
+      std::uint64_t c = ctl->split_claim.load(std::memory_order_relaxed);
+      while ((c & kClaimMask) < s.pieces) {
+        if (!ctl->split_claim.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel,
+                                                    std::memory_order_relaxed))
+          continue;
+        const std::size_t off = static_cast<std::size_t>(c & kClaimMask) * s.piece;
+        combine_into(s.op.combine, s.op.dst, off, s.src + off, std::min(s.piece, bytes - off));
+        ctl->split_done.fetch_add(1, std::memory_order_relaxed);
+        ++split_pieces_[0];
+        did = true;
+        c = ctl->split_claim.load(std::memory_order_relaxed);
+      }
+    }
+    // Acquire: the sender's pieces are in our buffer once counted.
+    if (ctl->split_done.load(std::memory_order_acquire) < s.pieces) return did;
+    ctl->acked.fetch_add(1, std::memory_order_release);
+    s.op.req->done = true;
+    p.split_recv.reset();
+    notify(p.seg);
+    return true;
   }
 
   // Reads a rendezvous message from the sender's memory into the receive.
@@ -965,7 +1160,8 @@ class ShmTransport final : public Transport {
       if (!p.used) continue;
       if (!p.sendq.empty() || p.bulk) did |= write_sends(p);
       did |= collect_acks(p);
-      if (!p.posted.empty() || p.bulk_recv) did |= read_messages(p);
+      did |= help_split(p);
+      if (!p.posted.empty() || p.bulk_recv || p.split_recv) did |= read_messages(p);
     }
     read_notices();
     return did;
@@ -1060,7 +1256,7 @@ class ShmTransport final : public Transport {
       progress_once();
       read_notices();
       if (goodbye) {
-        if (!p.posted.empty() || !p.sendq.empty() || !p.rndv.empty() || p.bulk || p.bulk_recv)
+        if (!p.posted.empty() || !p.sendq.empty() || !p.rndv.empty() || p.bulk || p.bulk_recv || p.split_recv)
           fail(Error(ErrorCode::InvalidUsage,
                      "rank " + std::to_string(p.rank) +
                          " destroyed its communicator while this rank still had messages for it",
@@ -1123,8 +1319,11 @@ class ShmTransport final : public Transport {
     std::size_t size;
     std::uint64_t used;  // mapping_clock_ at the last use
   };
-  std::map<std::pair<std::size_t, std::uint64_t>, Mapping> mappings_;  // (peer local, region id)
+  std::map<std::tuple<std::size_t, std::uint64_t, bool>, Mapping> mappings_;  // (peer local, region id, writable)
   std::uint64_t mapping_clock_ = 0;
+  enum class SplitMode { Off, On, SenderOnly } split_ = SplitMode::On;
+  std::uint64_t split_pieces_[2] = {0, 0};  // pieces this rank copied: as receiver, as sender
+  bool split_refused_logged_ = false;
   std::string reasons_;
   std::vector<char> staging_;
   std::uint32_t notices_total_ = 0;
