@@ -46,6 +46,7 @@
 #include <fstream>
 #include <limits>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -745,15 +746,20 @@ class Buffer {
   unsigned char* shared_ = nullptr;  // mem_alloc memory in place of storage_
 };
 
-// How many mappings of mem_alloc regions (memfds named "chorus-mem") this
-// process has: its own buffers, and the regions of peers that the shm
-// transport mapped to read their messages.
-int shared_mappings() {
+// The mem_alloc regions (memfds named "chorus-mem") this process has
+// mapped, by inode: its own buffers, and the regions of peers that the shm
+// transport mapped to read their messages or write into their buffers.
+std::set<std::string> shared_mappings() {
   std::ifstream maps("/proc/self/maps");
-  int n = 0;
-  for (std::string line; std::getline(maps, line);)
-    if (line.find("memfd:chorus-mem") != std::string::npos) ++n;
-  return n;
+  std::set<std::string> inodes;
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("memfd:chorus-mem") == std::string::npos) continue;
+    std::istringstream fields(line);
+    std::string range, perms, offset, dev, inode;
+    fields >> range >> perms >> offset >> dev >> inode;
+    inodes.insert(dev + ":" + inode);
+  }
+  return inodes;
 }
 
 class Checker {
@@ -1368,7 +1374,7 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   auto typed = [&]<typename Fn>(Fn fn) { return with_type(c.dtype, fn); };
   WorkerReply reply;
   g_registered = c.registered;
-  const int mappings_before = shared_mappings();
+  const std::set<std::string> mappings_before = shared_mappings();
   switch (c.coll) {
     case Coll::Allreduce: reply = typed([&]<typename T>() { return run_allreduce<T>(x, c); }); break;
     case Coll::Broadcast: reply = typed([&]<typename T>() { return run_broadcast<T>(x, c); }); break;
@@ -1405,7 +1411,10 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   // the single-copy path ran. Its own buffers are gone again by now. With
   // CHORUS_SHM_SPLIT=sender the sender writes every piece of a message
   // received by a copy into the receiver's buffer, through a writable
-  // mapping: then a broadcast's root maps its peer's buffer too.
+  // mapping: then a broadcast's root maps its peer's buffer too. And the
+  // regions of the previous cases, which the peer has freed, are no longer
+  // mapped once this case mapped a new one (the transport drops a peer's
+  // freed regions when it maps a new region of that peer).
   const char* mapped_min = std::getenv("CHORUS_SHM_MAPPED_MIN");  // bytes, as meson.build sets it
   const std::uint64_t threshold = mapped_min ? std::strtoull(mapped_min, nullptr, 10) : 16u << 20;
   const char* split = std::getenv("CHORUS_SHM_SPLIT");
@@ -1413,11 +1422,16 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   if (c.registered && reply.status == WorkerReply::Status::Ok && x.size == 2 &&
       c.count * sizeof(float) >= threshold &&
       x.comm.transport_name() == "shm" && std::getenv("CHORUS_ALGO") == nullptr &&
-      !(c.coll == Coll::Broadcast && x.rank == c.root && !sender_writes) &&
-      shared_mappings() <= mappings_before)
-    reply = {WorkerReply::Status::Failed,
-             "registered buffers, but no peer region was mapped (" + std::to_string(mappings_before) +
-                 " mappings before the case, " + std::to_string(shared_mappings()) + " after)"};
+      !(c.coll == Coll::Broadcast && x.rank == c.root && !sender_writes)) {
+    const std::set<std::string> after = shared_mappings();
+    std::size_t fresh = 0, stale = 0;
+    for (const auto& m : after) (mappings_before.count(m) ? stale : fresh) += 1;
+    if (fresh == 0 || stale > 0)
+      reply = {WorkerReply::Status::Failed,
+               "registered buffers: " + std::to_string(fresh) + " peer regions mapped in this case (want > 0), " +
+                   std::to_string(stale) + " freed regions of earlier cases still mapped (want 0); " +
+                   std::to_string(mappings_before.size()) + " mappings before the case"};
+  }
   return reply;
 }
 

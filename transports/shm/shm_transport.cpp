@@ -309,6 +309,7 @@ struct Unacked {
 struct SplitRecv {
   RecvOp op;
   const char* src = nullptr;  // the sender's buffer, mapped here
+  std::uint64_t region = 0;   // its region id (its mapping is pinned meanwhile)
   std::size_t piece = 0;
   std::uint64_t pieces = 0;
   Clock::time_point started;
@@ -944,7 +945,7 @@ class ShmTransport final : public Transport {
         p.rpos += 1;
         ctl->head.store(p.rpos, std::memory_order_release);
         const char* src = map_region(p, op, ref, h.bytes);
-        if (start_split(p, op, src, h.bytes)) {
+        if (start_split(p, op, ref.id, src, h.bytes)) {
           notify(p.seg);  // the sender may sleep waiting for its ack: it can help now
           did = true;
           continue;  // run_split at the top of the loop
@@ -1032,14 +1033,17 @@ class ShmTransport final : public Transport {
         *why = std::string("mmap: ") + std::strerror(err);
         return nullptr;
       }
+      drop_freed(p);
       if (mappings_.size() >= kMaxMappings) {
-        auto lru = std::min_element(mappings_.begin(), mappings_.end(), [](const auto& a, const auto& b) {
-          return a.second.used < b.second.used;
-        });
-        munmap(lru->second.base, lru->second.size);
-        mappings_.erase(lru);
+        auto lru = mappings_.end();
+        for (auto m = mappings_.begin(); m != mappings_.end(); ++m)
+          if (m->second.pins == 0 && (lru == mappings_.end() || m->second.used < lru->second.used)) lru = m;
+        if (lru != mappings_.end()) {
+          munmap(lru->second.base, lru->second.size);
+          mappings_.erase(lru);
+        }
       }
-      it = mappings_.emplace(key, Mapping{base, static_cast<std::size_t>(st.st_size), 0}).first;
+      it = mappings_.emplace(key, Mapping{base, static_cast<std::size_t>(st.st_size), 0, ref.fd, st.st_dev, st.st_ino}).first;
     }
     it->second.used = ++mapping_clock_;
     if (ref.offset > it->second.size || bytes > it->second.size - ref.offset) {
@@ -1050,10 +1054,39 @@ class ShmTransport final : public Transport {
     return static_cast<char*>(it->second.base) + ref.offset;
   }
 
+  // Unmaps peer p's regions that p has freed since they were mapped here
+  // (their descriptor number no longer names the memfd that was mapped), so
+  // that a job which frees buffers and allocates new ones does not keep the
+  // old ones' memory alive through this process's mappings. Runs when a new
+  // region of p is about to be cached: a few system calls per cached region,
+  // next to an mmap of the new one.
+  void drop_freed(Peer& p) {
+    for (auto it = mappings_.begin(); it != mappings_.end();) {
+      Mapping& m = it->second;
+      if (std::get<0>(it->first) != p.local || m.pins > 0) {
+        ++it;
+        continue;
+      }
+      bool alive = false;
+      const int fd = pidfd_getfd(p.pidfd, m.peer_fd);
+      if (fd >= 0) {
+        struct stat st {};
+        alive = fstat(fd, &st) == 0 && st.st_dev == m.dev && st.st_ino == m.ino;
+        close(fd);
+      }
+      if (alive) {
+        ++it;
+        continue;
+      }
+      munmap(m.base, m.size);
+      it = mappings_.erase(it);
+    }
+  }
+
   // Starts a split copy of a Mapped message whose source is mapped at
   // `src`, when the receive is a plain copy into mem_alloc memory that the
   // sender can map; false: the caller copies it alone.
-  bool start_split(Peer& p, RecvOp& op, const char* src, std::size_t bytes) {
+  bool start_split(Peer& p, RecvOp& op, std::uint64_t region, const char* src, std::size_t bytes) {
     if (split_ == SplitMode::Off || ctx_.oversubscribed || op.combine.kind != Combine::Kind::Copy) return false;
     const std::size_t piece = split_piece(bytes);
     if (bytes <= piece) return false;
@@ -1072,8 +1105,14 @@ class ShmTransport final : public Transport {
                           std::memory_order_relaxed);
     ctl->split_done.store(0, std::memory_order_relaxed);
     ctl->split_claim.store((m & kClaimMask) << 32, std::memory_order_release);
-    p.split_recv = SplitRecv{std::move(op), src, piece, (bytes + piece - 1) / piece, Clock::now()};
+    p.split_recv = SplitRecv{std::move(op), src, region, piece, (bytes + piece - 1) / piece, Clock::now()};
+    pin(p, region, +1);  // src stays mapped until the last piece is in
     return true;
+  }
+
+  void pin(Peer& p, std::uint64_t region, int by) {
+    const auto it = mappings_.find(std::make_tuple(p.local, region, false));
+    if (it != mappings_.end()) it->second.pins += by;
   }
 
   // The receiver's half of a split copy: claims and copies pieces until none
@@ -1101,6 +1140,7 @@ class ShmTransport final : public Transport {
     if (ctl->split_done.load(std::memory_order_acquire) < s.pieces) return did;
     ctl->acked.fetch_add(1, std::memory_order_release);
     s.op.req->done = true;
+    pin(p, s.region, -1);
     p.split_recv.reset();
     notify(p.seg);
     return true;
@@ -1318,6 +1358,10 @@ class ShmTransport final : public Transport {
     void* base;
     std::size_t size;
     std::uint64_t used;  // mapping_clock_ at the last use
+    int peer_fd;         // the memfd's descriptor number in the peer
+    dev_t dev;           // and its identity, to tell when the peer freed it
+    ino_t ino;
+    int pins = 0;        // a split receive reads it across progress rounds
   };
   std::map<std::tuple<std::size_t, std::uint64_t, bool>, Mapping> mappings_;  // (peer local, region id, writable)
   std::uint64_t mapping_clock_ = 0;
