@@ -119,6 +119,17 @@ std::size_t split_piece(std::size_t bytes) {
   return std::clamp(eighth, kSplitPieceMin, kSplitPieceMax);
 }
 
+// Claims the next piece of split message `m` (low 32 bits) out of `pieces`,
+// starting from the claim word's value `c` as last read: the piece number,
+// or nullopt once none is left or the word is another message's.
+std::optional<std::uint64_t> claim_piece(std::atomic<std::uint64_t>& word, std::uint64_t c, std::uint64_t m,
+                                         std::uint64_t pieces) {
+  do {
+    if ((c >> 32) != (m & kClaimMask) || (c & kClaimMask) >= pieces) return std::nullopt;
+  } while (!word.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire));
+  return c & kClaimMask;
+}
+
 // Mapped: a large message whose sender's buffer lies in chorus::mem_alloc
 // memory; the header carries the region's memfd number, id and offset, and
 // the receiver maps the region (pidfd_getfd, once per region) and copies or
@@ -301,7 +312,6 @@ struct RecvOp {
 struct Unacked {
   Request req;
   const char* buf = nullptr;  // Mapped: the data, which a split copy reads
-  std::size_t bytes = 0;
   bool mapped = false;
 };
 
@@ -771,7 +781,7 @@ class ShmTransport final : public Transport {
       p.wpos += n;
       if (rndv) {
         ++p.rndv_sent;
-        p.rndv.push_back(Unacked{op.req, op.buf, h.bytes, mapped});
+        p.rndv.push_back(Unacked{op.req, op.buf, mapped});
       } else if (bulk) {
         p.bulk = op;
         p.bulk_off = 0;
@@ -869,13 +879,14 @@ class ShmTransport final : public Transport {
     std::atomic_thread_fence(std::memory_order_acquire);
     if (ctl->acked.load(std::memory_order_relaxed) > index) return false;
     const Unacked& m = p.rndv.front();
+    const std::size_t bytes = m.req->bytes;
     const std::size_t piece = (info >> 32) & 0x7fffffffu;
     const bool stream = (info >> 63) != 0;
     if (piece < kSplitPieceMin) return false;  // not a record we wrote: leave it to the receiver
-    const std::uint64_t pieces = (m.bytes + piece - 1) / piece;
+    const std::uint64_t pieces = (bytes + piece - 1) / piece;
     if ((c & kClaimMask) >= pieces) return false;
     std::string why;
-    char* dst = map_peer(p, ref, m.bytes, true, &why);
+    char* dst = map_peer(p, ref, bytes, true, &why);
     if (!dst) {
       if (!split_refused_logged_) {
         CHORUS_INFO("shm: cannot write into rank " << p.rank << "'s buffer (" << why
@@ -884,13 +895,11 @@ class ShmTransport final : public Transport {
       }
       return false;
     }
-    do {
-      if ((c >> 32) != (index & kClaimMask) || (c & kClaimMask) >= pieces) return false;
-    } while (!ctl->split_claim.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel,
-                                                      std::memory_order_acquire));
-    const std::size_t off = static_cast<std::size_t>(c & kClaimMask) * piece;
+    const auto k = claim_piece(ctl->split_claim, c, index, pieces);
+    if (!k) return false;
+    const std::size_t off = static_cast<std::size_t>(*k) * piece;
     const Combine copy = stream ? Combine::copy_streaming() : Combine::copy();
-    combine_into(copy, dst, off, m.buf + off, std::min(piece, m.bytes - off));
+    combine_into(copy, dst, off, m.buf + off, std::min(piece, bytes - off));
     ctl->split_done.fetch_add(1, std::memory_order_release);
     ++split_pieces_[1];
     notify(p.seg);
@@ -1123,17 +1132,14 @@ class ShmTransport final : public Transport {
     const std::size_t bytes = s.op.req->bytes;
     bool did = false;
     if (split_ != SplitMode::SenderOnly || Clock::now() - s.started > kSenderOnlyPatience) {
-      std::uint64_t c = ctl->split_claim.load(std::memory_order_relaxed);
-      while ((c & kClaimMask) < s.pieces) {
-        if (!ctl->split_claim.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel,
-                                                    std::memory_order_relaxed))
-          continue;
-        const std::size_t off = static_cast<std::size_t>(c & kClaimMask) * s.piece;
+      const std::uint64_t m = ctl->acked.load(std::memory_order_relaxed);  // this message's number
+      while (const auto k = claim_piece(ctl->split_claim, ctl->split_claim.load(std::memory_order_relaxed), m,
+                                        s.pieces)) {
+        const std::size_t off = static_cast<std::size_t>(*k) * s.piece;
         combine_into(s.op.combine, s.op.dst, off, s.src + off, std::min(s.piece, bytes - off));
         ctl->split_done.fetch_add(1, std::memory_order_relaxed);
         ++split_pieces_[0];
         did = true;
-        c = ctl->split_claim.load(std::memory_order_relaxed);
       }
     }
     // Acquire: the sender's pieces are in our buffer once counted.
