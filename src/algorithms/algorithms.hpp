@@ -104,6 +104,10 @@ struct Args {
   int root = -1;
 };
 
+// A rank's cache share when the host's last-level cache is unknown: calls
+// whose buffers span more than this stream their final copies.
+inline constexpr std::size_t kUnknownCacheShare = std::size_t{32} << 20;
+
 struct Hierarchy;  // sub-communicator contexts of a multi-host job (hierarchical.cpp)
 
 struct Context {
@@ -116,6 +120,10 @@ struct Context {
   std::vector<char>& scratch;    // per-communicator, reused across calls
   const Layout* layout = nullptr;
   Hierarchy* hierarchy = nullptr;  // set for multi-host jobs with shared hosts
+  // This rank's share of the host's last-level cache (CommImpl: the cache
+  // over the ranks of this host; kUnknownCacheShare when the kernel does not
+  // say). See streams().
+  std::size_t cache_share = kUnknownCacheShare;
 };
 
 struct Algorithm {
@@ -231,8 +239,20 @@ char* ensure_scratch(Context& c, std::size_t bytes);
 // Returns true when the call is complete (n == 1 or nothing to move).
 bool trivial_allreduce(Context& c, const Args& a);
 
+// Whether a call whose buffers span `footprint` bytes on this rank (send
+// and receive; the receive buffer alone when in place) outgrows the rank's
+// share of the last-level cache (Context::cache_share). Then the copies that
+// end the call, whose destination nobody reads again in it, bypass the
+// caches (Combine::copy_streaming, copy_final): the destination line is not
+// read first, and the buffers still to be read are not evicted.
+bool streams(const Context& c, std::size_t footprint);
+
+// memcpy(dst, src, bytes); past the caches when `stream`. dst and src must
+// not overlap.
+void copy_final(void* dst, const void* src, std::size_t bytes, bool stream);
+
 // The root's copy of send into recv (out-of-place) that every broadcast
-// starts with. Returns true when the call is then complete (n == 1 or
+// starts with (past the caches when the root's buffers outgrow its share). Returns true when the call is then complete (n == 1 or
 // nothing to move).
 bool trivial_broadcast(Context& c, const Args& a);
 

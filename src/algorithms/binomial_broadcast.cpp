@@ -47,9 +47,11 @@ void binomial_broadcast(Context& c, const Args& a) {
   std::vector<Request> recvs, sends;
   if (v != 0) {
     const int parent = real(v - span);
+    // A leaf forwards nothing: its copies are final.
+    const Combine copy =
+        children.empty() && streams(c, bytes) ? Combine::copy_streaming() : Combine::copy();
     for (std::size_t off = 0; off < bytes; off += chunk)
-      recvs.push_back(
-          c.t.irecv(parent, c.call, out + off, std::min(chunk, bytes - off), Combine::copy()));
+      recvs.push_back(c.t.irecv(parent, c.call, out + off, std::min(chunk, bytes - off), copy));
   }
   // The root sends from its send buffer (the data, in place or not); the
   // others forward from recv what they have received.

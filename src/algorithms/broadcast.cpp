@@ -15,8 +15,7 @@ void chain_broadcast(Context& c, const void* send, void* recv, std::size_t count
   const std::size_t esize = size_of(dtype);
   const std::size_t bytes = count * esize;
   char* out = static_cast<char*>(recv);
-  if (c.rank == root && send != recv && bytes > 0) std::memcpy(out, send, bytes);
-  if (c.size == 1 || bytes == 0) return;
+  if (trivial_broadcast(c, {send, recv, count, dtype, ReduceOp::Sum, root})) return;
   // Position in the chain that starts at the root.
   const int n = c.size;
   const int pos = (c.rank - root + n) % n;
@@ -26,9 +25,11 @@ void chain_broadcast(Context& c, const void* send, void* recv, std::size_t count
   const std::size_t chunk = std::max<std::size_t>(esize, c.chunk_bytes / esize * esize);
   std::vector<transport::Request> recvs, sends;
   if (pos != 0) {
+    // The end of the chain forwards nothing: its copies are final.
+    const auto copy = !has_next && streams(c, bytes) ? transport::Combine::copy_streaming()
+                                                     : transport::Combine::copy();
     for (std::size_t off = 0; off < bytes; off += chunk)
-      recvs.push_back(c.t.irecv(prev, c.call, out + off, std::min(chunk, bytes - off),
-                                transport::Combine::copy()));
+      recvs.push_back(c.t.irecv(prev, c.call, out + off, std::min(chunk, bytes - off), copy));
   }
   std::size_t k = 0;
   for (std::size_t off = 0; off < bytes; off += chunk, ++k) {

@@ -4,6 +4,7 @@
 #include "reduce/reduce.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 namespace chorus::algo {
@@ -13,20 +14,6 @@ using transport::Combine;
 using transport::Request;
 
 int mod(long long a, int n) { return static_cast<int>(((a % n) + n) % n); }
-
-// A call whose buffers (send and receive, counted once when in place) span
-// more than this is far outside the caches: the last ring step writes its
-// copies past them (Combine::stream), saving the read of each destination
-// line. 2 ranks on shm, mean busbw of four alternating rounds
-// (docs/benchmarks.md): 64 MiB out-of-place 7.90 -> 8.25 GB/s, 256 MiB
-// 7.68 -> 7.93 out-of-place and 10.17 -> 10.54 in place; streaming every
-// large copy cost 16-32 MiB in-place calls, whose one buffer the caches
-// partly keep between calls, 10-25%, hence the threshold.
-constexpr std::size_t kStreamFootprint = std::size_t{32} << 20;
-
-bool streams(const void* send, const void* recv, std::size_t bytes) {
-  return (send == recv ? bytes : 2 * bytes) > kStreamFootprint;
-}
 
 // A partition of a buffer into `n` segments (offsets and lengths in elements).
 struct Segments {
@@ -138,7 +125,7 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
     });
     slot(t, recv_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
       // The last step's copies are not forwarded: with stream_last they
-      // bypass the caches (see kStreamFootprint).
+      // bypass the caches (see streams()).
       const Combine comb = g >= reduce_steps ? (stream_last && g == steps - 1 ? Combine::copy_streaming()
                                                                              : Combine::copy())
                            : own == work     ? Combine::reduce(dtype, op)
@@ -213,7 +200,7 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
   // Every segment but this rank's own is received (reduced) in the first
   // half, and its own comes back in the second: recv is fully written.
   ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, 0, 2 * (n - 1), n - 1, dtype, op,
-            streams(send, recv, count * esize), finalize);
+            streams(c, (send == recv ? 1 : 2) * count * esize), finalize);
 }
 
 void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
@@ -244,12 +231,20 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   char* buf = static_cast<char*>(recv);
   char* mine = buf + static_cast<std::size_t>(c.rank) * count * esize;
   if (count == 0) return;
-  if (send != mine) std::memmove(mine, send, count * esize);
+  const std::size_t block = count * esize;
+  const std::size_t total = block * static_cast<std::size_t>(c.size);
+  // The send buffer counts unless it overlaps recv (in place).
+  const auto in = reinterpret_cast<std::uintptr_t>(send), out = reinterpret_cast<std::uintptr_t>(buf);
+  const bool overlaps = in < out + total && out < in + block;
+  const bool stream = streams(c, total + (overlaps ? 0 : block));
+  // This rank's block is final too: its copy streams with the received ones.
+  if (send != mine) {
+    if (overlaps) std::memmove(mine, send, block);
+    else copy_final(mine, send, block, stream);
+  }
   if (c.size == 1) return;
   const auto seg = Segments::blocks(count, c.size);
-  // The send buffer is copied into recv first: the footprint is recv's.
-  ring_pass(c, Group::all(c), buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum,
-            streams(buf, buf, count * esize * static_cast<std::size_t>(c.size)),
+  ring_pass(c, Group::all(c), buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum, stream,
             [](char*, std::size_t) {});
 }
 

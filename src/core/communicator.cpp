@@ -106,6 +106,7 @@ struct CommImpl {
   std::unique_ptr<transport::Transport> transport;
   std::vector<char> scratch;
   algo::Layout layout;
+  std::size_t cache_share = algo::kUnknownCacheShare;  // algo::Context::cache_share
   std::optional<algo::Selector> selector;  // set once creation is complete
   // Runs the calls on CUDA buffers; made at the first one (src/cuda).
   std::unique_ptr<device::Engine> device;
@@ -417,6 +418,7 @@ struct CommImpl {
     args.op = call.op;
     args.root = call.root;
     algo::Context ctx{*transport, rank, size, d, dl, settings.chunk_bytes, scratch, &layout, nullptr};
+    ctx.cache_share = cache_share;
     a.run(ctx, args);
   }
 
@@ -431,8 +433,10 @@ struct CommImpl {
   }
 
   algo::Context context(const CallDesc& call, const CallOptions& o) {
-    return algo::Context{*transport,          rank,    size,    call, deadline(o),
-                         settings.chunk_bytes, scratch, &layout, nullptr};
+    algo::Context ctx{*transport,          rank,    size,    call, deadline(o),
+                      settings.chunk_bytes, scratch, &layout, nullptr};
+    ctx.cache_share = cache_share;
+    return ctx;
   }
 };
 
@@ -667,6 +671,10 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
   const bool oversubscribed = local_ranks > ncpu;
   if (!settings.spin_from_env && oversubscribed) eff.spin = std::chrono::microseconds(200);
   impl->settings = eff;
+  // Copies that end a call whose buffers outgrow this rank's share of the
+  // last-level cache bypass it (algo::streams).
+  const std::size_t llc = settings.llc_bytes != 0 ? settings.llc_bytes : topo::last_level_cache_bytes();
+  if (llc != 0) impl->cache_share = llc / static_cast<std::size_t>(local_ranks);
 
   transport::TransportContext tc;
   tc.rank = rank;
@@ -705,7 +713,9 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
                               << impl->transport->name() << " (" << settings.transport << ") on "
                               << tc.listen_host
                               << (single_host ? " (single host)" : " (multi-host)")
-                              << ", chunk " << settings.chunk_bytes << " B, spin "
+                              << ", chunk " << settings.chunk_bytes << " B, cache "
+                              << (llc != 0 ? std::to_string(llc >> 10) + " KiB" : "unknown") << " ("
+                              << (impl->cache_share >> 10) << " KiB a rank), spin "
                               << eff.spin.count() << " us (" << local_ranks << " ranks on "
                               << ncpu << " CPUs here), timeout " << settings.timeout.count()
                               << " ms");

@@ -104,6 +104,8 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
     s.shm_mapped_min = parse_bytes(v, "CHORUS_SHM_MAPPED_MIN");
   if (const char* v = lookup(getenv, "CHORUS_SHM_MAPPED_COPY_MIN"))
     s.shm_mapped_copy_min = parse_bytes(v, "CHORUS_SHM_MAPPED_COPY_MIN");
+  if (const char* v = lookup(getenv, "CHORUS_LLC_BYTES"))
+    s.llc_bytes = parse_bytes_min(v, "CHORUS_LLC_BYTES", 4096);
   if (const char* v = lookup(getenv, "CHORUS_SHM_SPLIT"))
     s.shm_split = one_of(v, "CHORUS_SHM_SPLIT", "on", "off", "sender");
   if (const char* v = lookup(getenv, "CHORUS_ALGO")) {

@@ -25,6 +25,7 @@ struct Settings {
   std::size_t shm_mapped_min = 16 << 20;                         // CHORUS_SHM_MAPPED_MIN
   std::size_t shm_mapped_copy_min = 1 << 20;                     // CHORUS_SHM_MAPPED_COPY_MIN
   std::string shm_split = "on";                                  // CHORUS_SHM_SPLIT: on|off|sender
+  std::size_t llc_bytes = 0;                                     // CHORUS_LLC_BYTES (0: the host's, from sysfs)
   std::string cpu_bind = "auto";                                 // CHORUS_CPU_BIND: auto|none|<cpu list>
   std::string algo;          // CHORUS_ALGO: "allreduce:ring,broadcast:binomial" (validated)
   std::string tuning_file;   // CHORUS_TUNING_FILE: alpha-beta model from chorus-bench --calibrate

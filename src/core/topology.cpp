@@ -262,6 +262,47 @@ Topology discover_sysfs() {
   return assemble(cpus, groups, node_of_cpu, "sysfs");
 }
 
+std::size_t last_level_cache_bytes(const std::string& cpu_root) {
+  int top = 0;                               // highest level seen
+  std::map<std::string, std::size_t> found;  // shared_cpu_list -> size, at that level
+  DIR* d = ::opendir(cpu_root.c_str());
+  if (d == nullptr) return 0;
+  while (dirent* e = ::readdir(d)) {
+    if (std::strncmp(e->d_name, "cpu", 3) != 0) continue;
+    const char* digits = e->d_name + 3;
+    if (*digits == '\0' || std::strspn(digits, "0123456789") != std::strlen(digits)) continue;
+    for (int i = 0; i < 16; ++i) {
+      const std::string dir = cpu_root + "/" + e->d_name + "/cache/index" + std::to_string(i) + "/";
+      const std::string level_text = read_line(dir + "level");
+      if (level_text.empty()) break;
+      const std::string type = read_line(dir + "type");
+      if (type != "Unified" && type != "Data") continue;
+      const int level = std::atoi(level_text.c_str());
+      // "8192K"; plain bytes or an M suffix are accepted too.
+      const std::string size_text = read_line(dir + "size");
+      char* end = nullptr;
+      const unsigned long long v = std::strtoull(size_text.c_str(), &end, 10);
+      if (size_text.empty() || end == size_text.c_str() || v == 0) continue;
+      std::size_t bytes = v;
+      if (*end == 'K') bytes <<= 10;
+      else if (*end == 'M') bytes <<= 20;
+      else if (*end == 'G') bytes <<= 30;
+      if (level < top) continue;
+      if (level > top) {
+        top = level;
+        found.clear();
+      }
+      std::string shared = read_line(dir + "shared_cpu_list");
+      if (shared.empty()) shared = e->d_name;  // unknown sharing: one instance per CPU
+      found[shared] = bytes;
+    }
+  }
+  ::closedir(d);
+  std::size_t total = 0;
+  for (const auto& [cpus, bytes] : found) total += bytes;
+  return total;
+}
+
 Topology discover() {
 #if CHORUS_HAVE_HWLOC
   Topology t;

@@ -76,6 +76,14 @@ std::string format_cpu_list(const std::vector<int>& cpus);
 // "CPUs 0,8 (core 0, NUMA node 0)"; "not bound" for an empty set.
 std::string describe_binding(const Topology& t, const std::vector<int>& cpus);
 
+// The host's last-level cache in bytes: the size of the highest-level data
+// or unified cache times the number of its instances (distinct
+// shared_cpu_list values), read from <cpu_root>/cpu*/cache/index*/. 0 when
+// the kernel does not say. (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) reads
+// CPUID, which a hypervisor may fill with the physical host's figure: 64
+// MiB on a VM whose kernel reports 8.)
+std::size_t last_level_cache_bytes(const std::string& cpu_root = "/sys/devices/system/cpu");
+
 // An affinity mask built ahead of time, so that applying it is a single
 // system call: safe between fork() and exec().
 class CpuMask {

@@ -390,10 +390,12 @@ std::vector<Case> matrix(Coll coll) {
       }
     }
   };
-  // Calls whose buffers span more than the ring's streaming threshold
-  // (algorithms/ring.cpp, kStreamFootprint, 32 MiB): there the last step
-  // writes past the caches. 36 MiB of float32 results, out of place (send
-  // misaligned by 3 bytes) and in place, at 2 and 3 ranks.
+  // Calls whose buffers span more than a rank's share of the last-level
+  // cache (algo::streams: the host's cache over its ranks, 32 MiB when
+  // unknown): there the final copies write past the caches. 36 MiB of
+  // float32 results, out of place (send misaligned by 3 bytes) and in
+  // place, at 2 and 3 ranks. (The forced-algorithm runs assume a 256 KiB
+  // cache, so that smaller and odd-sized calls stream too.)
   if ((coll == Coll::Allreduce || coll == Coll::Allgather) && dtype_selected(DataType::Float32) &&
       !forced_one_shot()) {
     const std::uint64_t total = (std::uint64_t{9} << 20) + 3;  // elements of the result

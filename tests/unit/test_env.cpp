@@ -121,6 +121,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.shm_mapped_min, 16u << 20);
   EXPECT_EQ(s.shm_split, "on");
   EXPECT_EQ(s.fi_rma, "auto");
+  EXPECT_EQ(s.llc_bytes, 0u);  // read from sysfs at creation
 
   FakeEnv rma{{{"CHORUS_FI_RMA", "off"}}};
   EXPECT_EQ(chorus::resolve_settings({}, rma.fn()).fi_rma, "off");
@@ -128,7 +129,8 @@ TEST(Settings, DefaultsAndEnvironment) {
   FakeEnv env{{{"CHORUS_TIMEOUT", "2.5"}, {"CHORUS_TRANSPORT", "xyz"}, {"CHORUS_SPIN_US", "7"},
                {"CHORUS_CHUNK_BYTES", "64K"}, {"CHORUS_SOCKET_BUFFER", "4M"},
                {"CHORUS_SOCKET_IFNAME", "eth9"}, {"CHORUS_CPU_BIND", "0,1"},
-               {"CHORUS_SHM_MAPPED_MIN", "3M"}, {"CHORUS_SHM_SPLIT", "sender"}}};
+               {"CHORUS_SHM_MAPPED_MIN", "3M"}, {"CHORUS_SHM_SPLIT", "sender"},
+               {"CHORUS_LLC_BYTES", "16M"}}};
   s = chorus::resolve_settings({}, env.fn());
   EXPECT_EQ(s.timeout, std::chrono::milliseconds(2500));
   EXPECT_EQ(s.transport, "xyz");
@@ -139,6 +141,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.cpu_bind, "0,1");
   EXPECT_EQ(s.shm_mapped_min, 3u << 20);
   EXPECT_EQ(s.shm_split, "sender");
+  EXPECT_EQ(s.llc_bytes, 16u << 20);
 
   // The Config passed in code wins over the environment.
   chorus::Config cfg;
@@ -157,6 +160,7 @@ TEST(Settings, Malformed) {
       {{"CHORUS_SHM_MAPPED_MIN", "lots"}}, {{"CHORUS_SHM_SPLIT", "yes"}},
       {{"CHORUS_ALGO", "allreduce:nonsense"}}, {{"CHORUS_ALGO", "allreduce"}},
       {{"CHORUS_ALGO", "frobnicate:ring"}}, {{"CHORUS_FI_RMA", "yes"}}, {{"CHORUS_FI_MR", "never"}},
+      {{"CHORUS_LLC_BYTES", "1K"}}, {{"CHORUS_LLC_BYTES", "large"}},
   };
   for (const auto& vars : bad) {
     FakeEnv env{vars};

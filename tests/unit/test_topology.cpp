@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -308,6 +309,76 @@ TEST(BindLocalRank, OnlyTheFirstDecisionOfAThreadCounts) {
               ErrorCode::InvalidArgument);
     EXPECT_EQ(thread_affinity(), mask);
   }).join();
+}
+
+// ---- the last-level cache ---------------------------------------------------------
+
+// Writes a fake /sys/devices/system/cpu tree: for each CPU, its caches as
+// (level, type, size text, shared_cpu_list).
+struct FakeCpuRoot {
+  std::filesystem::path root;
+  FakeCpuRoot() {
+    char tmpl[] = "/tmp/chorus-llc-XXXXXX";
+    root = mkdtemp(tmpl) != nullptr ? tmpl : "";
+  }
+  ~FakeCpuRoot() {
+    std::error_code ec;
+    if (!root.empty()) std::filesystem::remove_all(root, ec);
+  }
+  struct Cache {
+    int level;
+    std::string type, size, shared;
+  };
+  void cpu(int n, const std::vector<Cache>& caches) {
+    for (std::size_t i = 0; i < caches.size(); ++i) {
+      const auto dir = root / ("cpu" + std::to_string(n)) / "cache" / ("index" + std::to_string(i));
+      std::filesystem::create_directories(dir);
+      auto put = [&](const char* name, const std::string& text) {
+        std::ofstream(dir / name) << text << "\n";
+      };
+      put("level", std::to_string(caches[i].level));
+      put("type", caches[i].type);
+      put("size", caches[i].size);
+      if (!caches[i].shared.empty()) put("shared_cpu_list", caches[i].shared);
+    }
+  }
+};
+
+TEST(LastLevelCache, OneSharedL3IsCountedOnce) {
+  FakeCpuRoot fake;
+  ASSERT_FALSE(fake.root.empty());
+  for (int c = 0; c < 2; ++c)
+    fake.cpu(c, {{1, "Data", "32K", std::to_string(c)},
+                 {1, "Instruction", "32K", std::to_string(c)},
+                 {2, "Unified", "512K", std::to_string(c)},
+                 {3, "Unified", "8192K", "0-1"}});
+  EXPECT_EQ(chorus::topo::last_level_cache_bytes(fake.root.string()), std::size_t{8} << 20);
+}
+
+TEST(LastLevelCache, InstancesAddUpAndTheHighestLevelWins) {
+  FakeCpuRoot fake;
+  ASSERT_FALSE(fake.root.empty());
+  // Two L3 slices of 16 MiB (CPUs 0-1 and 2-3); an L2 per CPU is not the last level.
+  for (int c = 0; c < 4; ++c)
+    fake.cpu(c, {{2, "Unified", "1024K", std::to_string(c)}, {3, "Unified", "16M", c < 2 ? "0-1" : "2-3"}});
+  EXPECT_EQ(chorus::topo::last_level_cache_bytes(fake.root.string()), std::size_t{32} << 20);
+}
+
+TEST(LastLevelCache, UnknownIsZero) {
+  FakeCpuRoot fake;
+  ASSERT_FALSE(fake.root.empty());
+  EXPECT_EQ(chorus::topo::last_level_cache_bytes(fake.root.string()), 0u);
+  EXPECT_EQ(chorus::topo::last_level_cache_bytes((fake.root / "missing").string()), 0u);
+  // Only instruction caches, or sizes that do not parse: unknown too.
+  fake.cpu(0, {{1, "Instruction", "32K", "0"}, {2, "Unified", "big", "0"}});
+  EXPECT_EQ(chorus::topo::last_level_cache_bytes(fake.root.string()), 0u);
+}
+
+TEST(LastLevelCache, ThisMachineReportsOneOrSaysUnknown) {
+  // Whatever the kernel says: either nothing, or at least one cache line.
+  const std::size_t llc = chorus::topo::last_level_cache_bytes();
+  if (llc == 0) GTEST_SKIP() << "the kernel reports no cache sizes here";
+  EXPECT_GE(llc, 64u);
 }
 
 // ---- a Communicator binds at creation -------------------------------------------
