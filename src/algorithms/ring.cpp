@@ -51,6 +51,8 @@ struct Segments {
 // so each chunk is forwarded as soon as it has arrived. `on_final` runs on
 // each chunk of the fully reduced segment (received at step reduce_steps - 1).
 // With `stream_last`, the copies of the last step go past the caches.
+// With `first_src`, step 0 reads the segment it sends from there (its first
+// element) instead of from `own` (allgather: the caller's send buffer).
 // The ring runs over `grp` (the whole communicator, or a subgroup such as
 // the ranks of one host); positions are indices into grp.ranks.
 //
@@ -74,7 +76,7 @@ struct Segments {
 template <typename OnFinal>
 void ring_pass(Context& c, const Group& grp, char* work, const char* own, const Segments& seg,
                std::size_t esize, int shift, int steps, int reduce_steps, DataType dtype,
-               ReduceOp op, bool stream_last, OnFinal on_final) {
+               ReduceOp op, bool stream_last, OnFinal on_final, const char* first_src = nullptr) {
   const int n = grp.size();
   const int me = grp.me;
   const int right = grp.ranks[static_cast<std::size_t>(mod(me + 1, n))];
@@ -118,10 +120,12 @@ void ring_pass(Context& c, const Group& grp, char* work, const char* own, const 
         c.t.wait({&recvs[g - 1][k], 1}, c.deadline);
         if (g == reduce_steps) on_final(work + off, m);
       }
-      const char* src = g == 0 ? own : work;
+      const char* src = g > 0                ? work + off
+                        : first_src != nullptr ? first_src + (off - seg.off[send_seg(0)] * esize)
+                                               : own + off;
       // The right neighbour reduces what it receives at the same step g.
-      sends.push_back(g < reduce_steps ? c.t.isend_reduced(right, c.call, src + off, m * esize)
-                                       : c.t.isend(right, c.call, src + off, m * esize));
+      sends.push_back(g < reduce_steps ? c.t.isend_reduced(right, c.call, src, m * esize)
+                                       : c.t.isend(right, c.call, src, m * esize));
     });
     slot(t, recv_seg, [&](int g, std::size_t k, std::size_t off, std::size_t m) {
       // The last step's copies are not forwarded: with stream_last they
@@ -237,15 +241,20 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   const auto in = reinterpret_cast<std::uintptr_t>(send), out = reinterpret_cast<std::uintptr_t>(buf);
   const bool overlaps = in < out + total && out < in + block;
   const bool stream = streams(c, total + (overlaps ? 0 : block));
-  // This rank's block is final too: its copy streams with the received ones.
-  if (send != mine) {
-    if (overlaps) std::memmove(mine, send, block);
-    else copy_final(mine, send, block, stream);
+  if (overlaps || c.size == 1) {
+    if (send != mine) std::memmove(mine, send, block);
+    if (c.size == 1) return;
   }
-  if (c.size == 1) return;
   const auto seg = Segments::blocks(count, c.size);
+  // Out of place, this rank's block goes out from the send buffer and is
+  // copied into recv last: nobody else reads it from recv, so that copy
+  // writes lines no other core holds (copied first and sent from recv, each
+  // call's copy had to take back every line the neighbour had read the call
+  // before: 2 ranks, registered, 1 MiB 3.5 -> 12.4 GB/s busbw,
+  // docs/benchmarks.md). It is final, so it streams with the received ones.
   ring_pass(c, Group::all(c), buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum, stream,
-            [](char*, std::size_t) {});
+            [](char*, std::size_t) {}, overlaps ? nullptr : static_cast<const char*>(send));
+  if (!overlaps) copy_final(mine, send, block, stream);
 }
 
 namespace {
