@@ -323,9 +323,12 @@ struct TransportContext {
   // shm: serve the host peers it can and report the others through
   // reaches() (auto mode), instead of failing when one is out of reach.
   bool partial_ok = false;
-  // shm: move large copy-received messages with process_vm_readv (one copy,
-  // by the kernel) instead of pipelined copies through a shared ring.
-  bool shm_cma = false;
+  // shm: how large copy-received messages move (CHORUS_SHM_LARGE): "cma"
+  // with process_vm_readv (one copy, by the kernel, split with the sender's
+  // process_vm_writev), "copy" through a shared ring (two pipelined
+  // copies), "auto" by CMA to every peer that can read this rank's memory
+  // and through the ring to the others.
+  std::string shm_large = "auto";
   // shm: calls of at least this many bytes (count x element size) move the
   // large messages of chorus::mem_alloc buffers Mapped (the receiver reads
   // the sender's buffer; CHORUS_SHM_MAPPED_MIN).

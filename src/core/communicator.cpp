@@ -693,7 +693,7 @@ std::shared_ptr<CommImpl> make_comm(int rank, int size, std::shared_ptr<Store> b
                 "ranks are on several hosts but no network interface is known: set "
                 "CHORUS_SOCKET_IFNAME (e.g. eth0)");
   tc.host_ranks = host_ranks;
-  tc.shm_cma = settings.shm_large == "cma";
+  tc.shm_large = settings.shm_large;
   tc.shm_mapped_min = settings.shm_mapped_min;
   tc.shm_mapped_copy_min = settings.shm_mapped_copy_min;
   tc.shm_split = settings.shm_split;

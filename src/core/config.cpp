@@ -99,7 +99,7 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
     s.socket_buffer_bytes = parse_bytes(v, "CHORUS_SOCKET_BUFFER");
   if (const char* v = lookup(getenv, "CHORUS_CPU_BIND")) s.cpu_bind = v;
   if (const char* v = lookup(getenv, "CHORUS_SHM_LARGE"))
-    s.shm_large = one_of(v, "CHORUS_SHM_LARGE", "copy", "cma");
+    s.shm_large = one_of(v, "CHORUS_SHM_LARGE", "auto", "cma", "copy");
   if (const char* v = lookup(getenv, "CHORUS_SHM_MAPPED_MIN"))
     s.shm_mapped_min = parse_bytes(v, "CHORUS_SHM_MAPPED_MIN");
   if (const char* v = lookup(getenv, "CHORUS_SHM_MAPPED_COPY_MIN"))

@@ -21,7 +21,7 @@ struct Settings {
   bool spin_from_env = false;  // CHORUS_SPIN_US was set (else adapted to oversubscription)
   std::size_t chunk_bytes = 512 << 10;                           // CHORUS_CHUNK_BYTES
   std::size_t socket_buffer_bytes = 0;                           // CHORUS_SOCKET_BUFFER (0 = OS default)
-  std::string shm_large = "copy";                                // CHORUS_SHM_LARGE: copy|cma
+  std::string shm_large = "auto";                                // CHORUS_SHM_LARGE: auto|cma|copy
   std::size_t shm_mapped_min = 16 << 20;                         // CHORUS_SHM_MAPPED_MIN
   std::size_t shm_mapped_copy_min = 1 << 20;                     // CHORUS_SHM_MAPPED_COPY_MIN
   std::string shm_split = "on";                                  // CHORUS_SHM_SPLIT: on|off|sender

@@ -205,17 +205,24 @@ TEST(PeerDeath, SigkillDuringRegisteredAllreduceFailsSurvivorsWithPeerFailure) {
 // for the root's pieces to be counted. The root is killed: the survivor,
 // copying or waiting for a piece that will never be counted, must fail
 // with PeerFailure naming it. shm only.
-TEST(PeerDeath, SigkillDuringSplitBroadcastFailsTheReceiverWithPeerFailure) {
+void split_broadcast_death(bool registered) {
   const char* transport = std::getenv("CHORUS_TRANSPORT");
   if (transport == nullptr || std::string(transport) != "shm")
-    GTEST_SKIP() << "shm only (CHORUS_TRANSPORT=shm): mem_alloc buffers change nothing elsewhere";
+    GTEST_SKIP() << "shm only (CHORUS_TRANSPORT=shm): split copies are shm's";
   static constexpr int kRanks = 2;
   static constexpr int kVictim = 0;  // the root
   static constexpr std::size_t kCount = std::size_t{4} << 20;  // 16 MiB of float
-  Group g(kRanks, [](RankContext& ctx) {
+  Group g(kRanks, [registered](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
     const std::size_t bytes = kCount * sizeof(float);
-    auto* buf = static_cast<float*>(chorus::mem_alloc(bytes));
+    std::vector<float> plain;
+    float* buf = nullptr;
+    if (registered) {
+      buf = static_cast<float*>(chorus::mem_alloc(bytes));
+    } else {
+      plain.resize(kCount);
+      buf = plain.data();
+    }
     std::fill(buf, buf + kCount, ctx.rank() == kVictim ? 7.0f : 0.0f);
     comm.broadcast(buf, buf, kCount, DataType::Float32, kVictim);
     if (std::count(buf, buf + kCount, 7.0f) != static_cast<std::ptrdiff_t>(kCount))
@@ -230,6 +237,15 @@ TEST(PeerDeath, SigkillDuringSplitBroadcastFailsTheReceiverWithPeerFailure) {
   ASSERT_TRUE(kill);
   EXPECT_TRUE(expect_loop_failed_naming(g, 1, kVictim, *kill, "SIGKILL the root of a split broadcast"));
   EXPECT_TRUE(g.wait_exit(kVictim, 5s));
+}
+
+TEST(PeerDeath, SigkillDuringSplitBroadcastFailsTheReceiverWithPeerFailure) { split_broadcast_death(true); }
+
+// The same with malloc'd buffers: the messages go Rendezvous, and the split
+// copy's sender writes its pieces with process_vm_writev while the receiver
+// reads the others with process_vm_readv.
+TEST(PeerDeath, SigkillDuringCmaSplitBroadcastFailsTheReceiverWithPeerFailure) {
+  split_broadcast_death(false);
 }
 
 // libfabric's shm provider: a rank killed while it holds the spinlock of a

@@ -117,7 +117,7 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.transport, "auto");
   EXPECT_EQ(s.spin, std::chrono::microseconds(100));
   EXPECT_EQ(s.cpu_bind, "auto");
-  EXPECT_EQ(s.shm_large, "copy");
+  EXPECT_EQ(s.shm_large, "auto");
   EXPECT_EQ(s.shm_mapped_min, 16u << 20);
   EXPECT_EQ(s.shm_split, "on");
   EXPECT_EQ(s.fi_rma, "auto");

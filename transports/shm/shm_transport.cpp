@@ -113,6 +113,14 @@ constexpr std::size_t kSplitPieceMax = 512 << 10;
 // cannot map the receiver's buffer never starts): no hang either way.
 constexpr auto kSenderOnlyPatience = std::chrono::milliseconds(200);
 constexpr std::uint64_t kClaimMask = 0xffffffffu;
+// ChannelCtl::maps bits, set by the receiver for its sender: it can map the
+// sender's mem_alloc regions (Mapped messages), and it reads the sender's
+// memory with process_vm_readv (large copies go Rendezvous).
+constexpr std::uint32_t kMaps = 1, kReads = 2;
+// split_id of a record whose buffer is not a mem_alloc region: split_offset
+// is then its address in the receiver, which the sender writes with
+// process_vm_writev (a Rendezvous message, CHORUS_SHM_LARGE=cma).
+constexpr std::uint64_t kCmaSplit = ~std::uint64_t{0};
 
 std::size_t split_piece(std::size_t bytes) {
   const std::size_t eighth = (bytes / 8 + kSplitPieceMin - 1) / kSplitPieceMin * kSplitPieceMin;
@@ -167,7 +175,7 @@ struct alignas(64) NoticeBox {  // per sender, in the receiver's segment
 struct alignas(64) ChannelCtl {  // per sender, in the receiver's segment
   std::atomic<std::uint64_t> head;   // receiver: slots consumed
   alignas(64) std::atomic<std::uint64_t> acked;  // receiver: rendezvous and mapped messages completed
-  std::atomic<std::uint32_t> maps;               // receiver: can map the sender's mem_alloc regions
+  std::atomic<std::uint32_t> maps;               // receiver: kMaps | kReads (what it can do to the sender)
   // A split copy (see the top of the file). The receiver writes the record
   // of message number m (its `acked` count then) and publishes it with
   // split_claim = m << 32 (low 32 bits of m); each rank claims piece k by
@@ -295,6 +303,23 @@ int cma_read(pid_t pid, void* local, std::uint64_t remote, std::size_t n) {
   return 0;
 }
 
+// Copies `n` bytes at `local` to `remote` in process `pid`. Returns 0 or errno.
+int cma_write(pid_t pid, std::uint64_t remote, const void* local, std::size_t n) {
+  std::size_t done = 0;
+  while (done < n) {
+    iovec l{const_cast<char*>(static_cast<const char*>(local)) + done, n - done};
+    iovec r{reinterpret_cast<void*>(remote + done), n - done};
+    const ssize_t put = process_vm_writev(pid, &l, 1, &r, 1, 0);
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (put == 0) return EFAULT;
+    done += static_cast<std::size_t>(put);
+  }
+  return 0;
+}
+
 struct SendOp {
   Request req;
   MsgHeader hdr;
@@ -311,15 +336,16 @@ struct RecvOp {
 // A sent message that completes when the receiver acknowledges it.
 struct Unacked {
   Request req;
-  const char* buf = nullptr;  // Mapped: the data, which a split copy reads
-  bool mapped = false;
+  const char* buf = nullptr;  // the data, which a split copy reads
+  bool mapped = false;        // Mapped (else Rendezvous)
 };
 
-// A Mapped message being received by a split copy.
+// A Mapped or Rendezvous message being received by a split copy.
 struct SplitRecv {
   RecvOp op;
-  const char* src = nullptr;  // the sender's buffer, mapped here
-  std::uint64_t region = 0;   // its region id (its mapping is pinned meanwhile)
+  const char* src = nullptr;  // Mapped: the sender's buffer, mapped here
+  std::uint64_t remote = 0;   // Rendezvous: its address in the sender (read by CMA)
+  std::uint64_t region = 0;   // Mapped: its region id (its mapping is pinned meanwhile)
   std::size_t piece = 0;
   std::uint64_t pieces = 0;
   Clock::time_point started;
@@ -334,6 +360,7 @@ struct Peer {
   pid_t pid = 0;
   int pidfd = -1;
   bool exited = false;
+  bool cma_write = false;  // process_vm_writev into it works (split Rendezvous copies)
   // outbound: we write the peer's ring at our index
   std::uint64_t wpos = 0;         // next slot position to write
   std::uint64_t cached_head = 0;  // the peer's head, last read
@@ -370,6 +397,7 @@ class ShmTransport final : public Transport {
       p.local = i;
       peers_.push_back(std::move(p));
     }
+    large_ = ctx.shm_large == "cma" ? Large::Cma : ctx.shm_large == "copy" ? Large::Copy : Large::Auto;
     split_ = ctx.shm_split == "off"      ? SplitMode::Off
              : ctx.shm_split == "sender" ? SplitMode::SenderOnly
                                          : SplitMode::On;
@@ -412,9 +440,11 @@ class ShmTransport final : public Transport {
 
   Request isend(int peer, const CallDesc& call, const void* buf, std::size_t bytes) override {
     if (Request r = try_mapped(peer, call, buf, bytes, ctx_.shm_mapped_copy_min)) return r;
-    if (bytes <= (ctx_.shm_cma ? kEagerBytes : kSlotMaxBytes))
-      return post_send(peer, call, buf, bytes, Kind::Inline);
-    return post_send(peer, call, buf, bytes, ctx_.shm_cma ? Kind::Rendezvous : Kind::Bulk);
+    // Does the peer read our memory (CHORUS_SHM_LARGE=cma, or auto where it can)?
+    const bool cma = large_ != Large::Copy &&
+                     (usable(peer).seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) & kReads) != 0;
+    if (bytes <= (cma ? kEagerBytes : kSlotMaxBytes)) return post_send(peer, call, buf, bytes, Kind::Inline);
+    return post_send(peer, call, buf, bytes, cma ? Kind::Rendezvous : Kind::Bulk);
   }
 
   // A large message is pushed through the channel's bulk ring in 128 KiB
@@ -455,7 +485,7 @@ class ShmTransport final : public Transport {
   Request try_mapped(int peer, const CallDesc& call, const void* buf, std::size_t bytes, std::size_t call_min) {
     if (bytes < kMappedMinBytes || call_bytes(call) < call_min) return nullptr;
     Peer& p = usable(peer);
-    if (p.seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) == 0) return nullptr;
+    if ((p.seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) & kMaps) == 0) return nullptr;
     const auto range = chorus::detail::find_shared(buf, bytes);
     if (!range) return nullptr;
     const MappedRef ref{range->id, range->offset, range->fd, 0};
@@ -612,7 +642,9 @@ class ShmTransport final : public Transport {
     CHORUS_INFO("shm transport: rank " << ctx_.rank << " segment " << name_ << " ("
                                        << own_.bytes / 1024 << " KiB), " << peers_.size()
                                        << " host peers, large copies "
-                                       << (ctx_.shm_cma ? "by CMA (process_vm_readv)" : "through the copy ring"));
+                                       << (large_ == Large::Cma    ? "by CMA (process_vm_readv)"
+                                           : large_ == Large::Copy ? "through the copy ring"
+                                                                   : "by CMA where the peer can read us, else through the copy ring"));
   }
 
   std::string fetch(const std::string& key, int rank) {
@@ -699,13 +731,24 @@ class ShmTransport final : public Transport {
     p.pid = static_cast<pid_t>(pid);
     std::uint64_t seen = 0;
     const int err = cma_read(p.pid, &seen, probe_addr, sizeof seen);
-    if (err != 0 && !ctx_.shm_cma) {
+    if (err != 0 && large_ != Large::Cma) {
       CHORUS_INFO("shm: process_vm_readv on rank " << p.rank << " fails (" << std::strerror(err)
-                                                    << "); fine, CHORUS_SHM_LARGE=copy does not use it");
+                                                    << "); its large messages come through the copy ring");
     } else if (err != 0)
       return std::string("cannot read its memory with process_vm_readv (") + std::strerror(err) +
-             "; ptrace restrictions or seccomp?)";
+             "; ptrace restrictions or seccomp? CHORUS_SHM_LARGE=auto or copy does without)";
     else if (seen != nonce) return "process_vm_readv read the wrong process";
+    // Tell the peer: its large messages to us can go Rendezvous.
+    if (err == 0 && large_ != Large::Copy) own_.ctl(p.local, layout_)->maps.fetch_or(kReads, std::memory_order_release);
+    // A split Rendezvous copy writes pieces into the peer's buffer: try it
+    // on the probe word (writing back the value it holds).
+    if (err == 0 && large_ != Large::Copy && split_ != SplitMode::Off) {
+      const int werr = cma_write(p.pid, probe_addr, &seen, sizeof seen);
+      p.cma_write = werr == 0;
+      if (werr != 0)
+        CHORUS_INFO("shm: process_vm_writev on rank " << p.rank << " fails (" << std::strerror(werr)
+                                                       << "); it copies the messages we send it alone");
+    }
     p.pidfd = pidfd_open(p.pid);
     // Can we take the peer's mem_alloc regions (its memfds)? Say so in our
     // segment: the peer sends Mapped messages only after reading this.
@@ -713,7 +756,7 @@ class ShmTransport final : public Transport {
       const int dup = pidfd_getfd(p.pidfd, probe_fd);
       if (dup >= 0) {
         close(dup);
-        own_.ctl(p.local, layout_)->maps.store(1, std::memory_order_release);
+        own_.ctl(p.local, layout_)->maps.fetch_or(kMaps, std::memory_order_release);
       } else {
         CHORUS_INFO("shm: pidfd_getfd on rank " << p.rank << " fails (" << std::strerror(errno)
                                                << "); its mem_alloc buffers go through the copy ring");
@@ -879,19 +922,19 @@ class ShmTransport final : public Transport {
   }
 
   // The sender's half of a split copy: while the receiver copies the oldest
-  // unacknowledged message (a Mapped one) with us, claim one piece and write
-  // it into the receiver's buffer. One piece per call, so that the progress
-  // loop keeps serving the other peers in between.
+  // unacknowledged message (a Mapped or Rendezvous one) with us, claim one
+  // piece and write it into the receiver's buffer (through our mapping of
+  // its region, or with process_vm_writev). One piece per call, so that the
+  // progress loop keeps serving the other peers in between.
   bool help_split(Peer& p) {
-    if (p.rndv.empty() || !p.rndv.front().mapped || split_ == SplitMode::Off) return false;
+    if (p.rndv.empty() || split_ == SplitMode::Off) return false;
     ChannelCtl* ctl = p.seg.ctl(my_local_, layout_);
     const std::uint64_t index = p.rndv_sent - p.rndv.size();  // its message number
     std::uint64_t c = ctl->split_claim.load(std::memory_order_acquire);
     if ((c >> 32) != (index & kClaimMask)) return false;
     const std::uint64_t info = ctl->split_info.load(std::memory_order_relaxed);
-    const MappedRef ref{ctl->split_id.load(std::memory_order_relaxed),
-                        ctl->split_offset.load(std::memory_order_relaxed),
-                        static_cast<std::int32_t>(info & kClaimMask), 0};
+    const std::uint64_t id = ctl->split_id.load(std::memory_order_relaxed);
+    const std::uint64_t where = ctl->split_offset.load(std::memory_order_relaxed);
     // The receiver rewrites the record only after acknowledging this
     // message (with a release fence between): if it is still unacknowledged
     // now, what we read is this message's record.
@@ -901,24 +944,42 @@ class ShmTransport final : public Transport {
     const std::size_t bytes = m.req->bytes;
     const std::size_t piece = (info >> 32) & 0x7fffffffu;
     const bool stream = (info >> 63) != 0;
-    if (piece < kSplitPieceMin) return false;  // not a record we wrote: leave it to the receiver
+    const bool cma = id == kCmaSplit;
+    if (piece < kSplitPieceMin || cma == m.mapped) return false;  // not a record we wrote: leave it to the receiver
+    if (cma && !p.cma_write) return false;
     const std::uint64_t pieces = (bytes + piece - 1) / piece;
     if ((c & kClaimMask) >= pieces) return false;
-    std::string why;
-    char* dst = map_peer(p, ref, bytes, true, &why);
-    if (!dst) {
-      if (!split_refused_logged_) {
-        CHORUS_INFO("shm: cannot write into rank " << p.rank << "'s buffer (" << why
-                                                   << "); it copies the split messages alone");
-        split_refused_logged_ = true;
+    char* dst = nullptr;
+    if (!cma) {
+      std::string why;
+      dst = map_peer(p, MappedRef{id, where, static_cast<std::int32_t>(info & kClaimMask), 0}, bytes, true, &why);
+      if (!dst) {
+        if (!split_refused_logged_) {
+          CHORUS_INFO("shm: cannot write into rank " << p.rank << "'s buffer (" << why
+                                                     << "); it copies the split messages alone");
+          split_refused_logged_ = true;
+        }
+        return false;
       }
-      return false;
     }
     const auto k = claim_piece(ctl->split_claim, c, index, pieces);
     if (!k) return false;
     const std::size_t off = static_cast<std::size_t>(*k) * piece;
-    const Combine copy = stream ? Combine::copy_streaming() : Combine::copy();
-    combine_into(copy, dst, off, m.buf + off, std::min(piece, bytes - off));
+    const std::size_t len = std::min(piece, bytes - off);
+    if (!cma) {
+      combine_into(stream ? Combine::copy_streaming() : Combine::copy(), dst, off, m.buf + off, len);
+    } else if (const int err = cma_write(p.pid, where + off, m.buf + off, len); err != 0) {
+      // The piece is ours now: the receiver would wait for it.
+      if (err == ESRCH)
+        fail(Error(ErrorCode::PeerFailure,
+                   "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
+                       ") died while this rank was writing its message into it",
+                   p.rank));
+      fail(Error(ErrorCode::Transport,
+                 "writing " + std::to_string(len) + " bytes into rank " + std::to_string(p.rank) +
+                     "'s buffer failed (process_vm_writev: " + std::strerror(err) + ")",
+                 p.rank));
+    }
     ctl->split_done.fetch_add(1, std::memory_order_release);
     ++split_pieces_[1];
     notify(p.seg);
@@ -973,7 +1034,7 @@ class ShmTransport final : public Transport {
         p.rpos += 1;
         ctl->head.store(p.rpos, std::memory_order_release);
         const char* src = map_region(p, op, ref, h.bytes);
-        if (start_split(p, op, ref.id, src, h.bytes)) {
+        if (start_split(p, op, src, 0, ref.id, h.bytes)) {
           notify(p.seg);  // the sender may sleep waiting for its ack: it can help now
           did = true;
           continue;  // run_split at the top of the loop
@@ -986,6 +1047,11 @@ class ShmTransport final : public Transport {
         // The header slot can be reused at once; the data stays in the sender's buffer.
         p.rpos += 1;
         ctl->head.store(p.rpos, std::memory_order_release);
+        if (start_split(p, op, nullptr, addr, 0, h.bytes)) {
+          notify(p.seg);
+          did = true;
+          continue;  // run_split at the top of the loop
+        }
         pull(p, op, addr, h.bytes);
         ctl->acked.fetch_add(1, std::memory_order_release);
       } else if (h.bytes <= kInlineBytes) {
@@ -1112,29 +1178,40 @@ class ShmTransport final : public Transport {
   }
 
   // Starts a split copy of a Mapped message whose source is mapped at
-  // `src`, when the receive is a plain copy into mem_alloc memory that the
-  // sender can map; false: the caller copies it alone.
-  bool start_split(Peer& p, RecvOp& op, std::uint64_t region, const char* src, std::size_t bytes) {
+  // `src` (region `region`), or of a Rendezvous message at `remote` in the
+  // sender, when the receive is a plain copy the sender can write into: for
+  // a Mapped message into mem_alloc memory (which it maps), for a
+  // Rendezvous one anywhere (process_vm_writev). false: the caller copies
+  // it alone.
+  bool start_split(Peer& p, RecvOp& op, const char* src, std::uint64_t remote, std::uint64_t region,
+                   std::size_t bytes) {
     if (split_ == SplitMode::Off || ctx_.oversubscribed || op.combine.kind != Combine::Kind::Copy) return false;
     const std::size_t piece = split_piece(bytes);
     if (bytes <= piece) return false;
-    if (p.seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) == 0) return false;
-    const auto range = chorus::detail::find_shared(op.dst, bytes);
-    if (!range) return false;
+    std::uint64_t id = kCmaSplit, offset = reinterpret_cast<std::uint64_t>(op.dst);
+    std::uint32_t fd = 0;
+    if (src != nullptr) {
+      if ((p.seg.ctl(my_local_, layout_)->maps.load(std::memory_order_acquire) & kMaps) == 0) return false;
+      const auto range = chorus::detail::find_shared(op.dst, bytes);
+      if (!range) return false;
+      id = range->id;
+      offset = range->offset;
+      fd = static_cast<std::uint32_t>(range->fd);
+    }
     ChannelCtl* ctl = own_.ctl(p.local, layout_);
     const std::uint64_t m = ctl->acked.load(std::memory_order_relaxed);  // only we write it
     // Orders our earlier acknowledgements before the record's new contents
     // (the sender checks `acked` after reading them).
     std::atomic_thread_fence(std::memory_order_release);
-    ctl->split_id.store(range->id, std::memory_order_relaxed);
-    ctl->split_offset.store(range->offset, std::memory_order_relaxed);
-    ctl->split_info.store(static_cast<std::uint32_t>(range->fd) | (static_cast<std::uint64_t>(piece) << 32) |
+    ctl->split_id.store(id, std::memory_order_relaxed);
+    ctl->split_offset.store(offset, std::memory_order_relaxed);
+    ctl->split_info.store(fd | (static_cast<std::uint64_t>(piece) << 32) |
                               (op.combine.stream ? std::uint64_t{1} << 63 : 0),
                           std::memory_order_relaxed);
     ctl->split_done.store(0, std::memory_order_relaxed);
     ctl->split_claim.store((m & kClaimMask) << 32, std::memory_order_release);
-    p.split_recv = SplitRecv{std::move(op), src, region, piece, (bytes + piece - 1) / piece, Clock::now()};
-    pin(p, region, +1);  // src stays mapped until the last piece is in
+    p.split_recv = SplitRecv{std::move(op), src, remote, region, piece, (bytes + piece - 1) / piece, Clock::now()};
+    if (src != nullptr) pin(p, region, +1);  // src stays mapped until the last piece is in
     return true;
   }
 
@@ -1155,7 +1232,9 @@ class ShmTransport final : public Transport {
       while (const auto k = claim_piece(ctl->split_claim, ctl->split_claim.load(std::memory_order_relaxed), m,
                                         s.pieces)) {
         const std::size_t off = static_cast<std::size_t>(*k) * s.piece;
-        combine_into(s.op.combine, s.op.dst, off, s.src + off, std::min(s.piece, bytes - off));
+        const std::size_t len = std::min(s.piece, bytes - off);
+        if (s.src != nullptr) combine_into(s.op.combine, s.op.dst, off, s.src + off, len);
+        else cma_check(p, s.op, bytes, cma_read(p.pid, s.op.dst + off, s.remote + off, len));
         ctl->split_done.fetch_add(1, std::memory_order_relaxed);
         ++split_pieces_[0];
         did = true;
@@ -1165,27 +1244,31 @@ class ShmTransport final : public Transport {
     if (ctl->split_done.load(std::memory_order_acquire) < s.pieces) return did;
     ctl->acked.fetch_add(1, std::memory_order_release);
     s.op.req->done = true;
-    pin(p, s.region, -1);
+    if (s.src != nullptr) pin(p, s.region, -1);
     p.split_recv.reset();
     notify(p.seg);
     return true;
   }
 
+  // Fails the receive `op` (of `bytes`) when reading the sender's memory
+  // failed with `err`.
+  void cma_check(const Peer& p, RecvOp& op, std::size_t bytes, int err) {
+    if (err == 0) return;
+    op.req->done = true;
+    if (err == ESRCH)
+      fail(Error(ErrorCode::PeerFailure,
+                 "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
+                     ") died while this rank was reading its message",
+                 p.rank));
+    fail(Error(ErrorCode::Transport,
+               "reading " + std::to_string(bytes) + " bytes from rank " + std::to_string(p.rank) +
+                   " failed (process_vm_readv: " + std::strerror(err) + ")",
+               p.rank));
+  }
+
   // Reads a rendezvous message from the sender's memory into the receive.
   void pull(Peer& p, RecvOp& op, std::uint64_t addr, std::size_t bytes) {
-    auto check = [&](int err) {
-      if (err == 0) return;
-      op.req->done = true;
-      if (err == ESRCH)
-        fail(Error(ErrorCode::PeerFailure,
-                   "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
-                       ") died while this rank was reading its message",
-                   p.rank));
-      fail(Error(ErrorCode::Transport,
-                 "reading " + std::to_string(bytes) + " bytes from rank " + std::to_string(p.rank) +
-                     " failed (process_vm_readv: " + std::strerror(err) + ")",
-                 p.rank));
-    };
+    auto check = [&](int err) { cma_check(p, op, bytes, err); };
     if (op.combine.kind == Combine::Kind::Copy) {
       check(cma_read(p.pid, op.dst, addr, bytes));
       return;
@@ -1391,6 +1474,7 @@ class ShmTransport final : public Transport {
   std::map<std::tuple<std::size_t, std::uint64_t, bool>, Mapping> mappings_;  // (peer local, region id, writable)
   std::uint64_t mapping_clock_ = 0;
   enum class SplitMode { Off, On, SenderOnly } split_ = SplitMode::On;
+  enum class Large { Auto, Cma, Copy } large_ = Large::Auto;  // CHORUS_SHM_LARGE
   std::uint64_t split_pieces_[2] = {0, 0};  // pieces this rank copied: as receiver, as sender
   bool split_refused_logged_ = false;
   std::string reasons_;
