@@ -215,6 +215,20 @@ std::uint8_t Selector::wire_id(const Algorithm& a) {
   return 0;
 }
 
+std::size_t Selector::ShapeHash::operator()(const Call& c) const noexcept {
+  std::size_t h = std::hash<std::size_t>{}(c.count);
+  const auto mix = [&h](std::size_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
+  mix(static_cast<std::size_t>(c.coll));
+  mix(static_cast<std::size_t>(c.dtype));
+  mix(static_cast<std::size_t>(c.op));
+  mix(static_cast<std::size_t>(c.root + 1));
+  return h;
+}
+
+bool Selector::ShapeEq::operator()(const Call& a, const Call& b) const noexcept {
+  return a.coll == b.coll && a.count == b.count && a.dtype == b.dtype && a.op == b.op && a.root == b.root;
+}
+
 const Algorithm& Selector::choose(const Call& call, const std::string& per_call) {
   std::string forced = per_call;
   const char* why = "per-call option";
@@ -224,8 +238,13 @@ const Algorithm& Selector::choose(const Call& call, const std::string& per_call)
       why = "CHORUS_ALGO";
     }
   }
+  const bool info = static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info);
+  if (forced.empty() && !info) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (const auto it = chosen_.find(call); it != chosen_.end()) return *it->second;
+  }
   const Algorithm* pick = nullptr;
-  const auto est = estimates(call);
+  std::vector<Estimate> est;
   if (!forced.empty()) {
     pick = find_algorithm(call.coll, forced);
     if (!pick)
@@ -238,14 +257,19 @@ const Algorithm& Selector::choose(const Call& call, const std::string& per_call)
                                                   ":" + forced + ", which cannot run this call: " +
                                                   no);
   } else {
+    est = estimates(call);
     double best = std::numeric_limits<double>::infinity();
     for (const auto& e : est)
       if (e.excluded.empty() && e.us < best) best = e.us, pick = e.algo;
     if (!pick)
       throw Error(ErrorCode::Internal,
                   std::string("no algorithm can run this ") + coll_key(call.coll) + " call");
+    std::lock_guard<std::mutex> lock(mu_);
+    // Bounded: a job that calls with ever new counts keeps at most this many.
+    if (chosen_.size() >= 4096) chosen_.clear();
+    chosen_.emplace(call, pick);
   }
-  if (static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info)) {
+  if (info) {
     const std::size_t bytes = call.bytes();
     const int bucket = bytes == 0 ? -1 : static_cast<int>(std::bit_width(bytes));
     bool first;
@@ -254,6 +278,7 @@ const Algorithm& Selector::choose(const Call& call, const std::string& per_call)
       first = logged_.emplace(static_cast<int>(call.coll), bucket, forced).second;
     }
     if (first) {
+      if (est.empty()) est = estimates(call);
       std::ostringstream os;
       os << std::fixed << std::setprecision(1);
       os << "algorithm: " << coll_key(call.coll) << " " << human_bytes(bytes) << " on "

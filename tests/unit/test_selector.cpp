@@ -241,6 +241,45 @@ TEST(Selector, SeveralHostsWithSharedHostsPickHierarchicalForLargeMessages) {
   EXPECT_STREQ(s.choose(allreduce(16 << 20)).name, "hierarchical");
 }
 
+// choose() remembers its picks per call shape: a remembered pick must be
+// what the estimates give, for every shape field (count, dtype, op, root),
+// also past the bound where the memory is cleared; and forcing still wins
+// over it and is still checked.
+TEST(Selector, RememberedChoicesAreTheCheapestAndForcingStillWins) {
+  const Layout l = one_host(8);
+  Selector s(l, model(2, 10, 20, 10, 3), {});
+  auto cheapest = [&](const Call& c) {
+    const Algorithm* best = nullptr;
+    double us = 1e300;
+    for (const auto& e : s.estimates(c))
+      if (e.excluded.empty() && e.us < us) us = e.us, best = e.algo;
+    return best;
+  };
+  std::size_t shapes = 0;
+  for (int round = 0; round < 2; ++round)  // the second round answers from memory
+    for (Coll coll : {Coll::Allreduce, Coll::Broadcast, Coll::Allgather, Coll::ReduceScatter})
+      for (DataType t : {DataType::Int8, DataType::Float64})
+        for (int root : {0, 5})
+          for (std::size_t count = 1; count <= (std::size_t{1} << 27); count *= 2) {
+            const Call c{coll, count, t, ReduceOp::Sum, coll == Coll::Broadcast ? root : -1};
+            EXPECT_EQ(&s.choose(c), cheapest(c)) << coll_key(coll) << " " << count << " round " << round;
+            shapes += round == 0 ? 1 : 0;
+          }
+  ASSERT_GT(shapes, 100u);
+  // More distinct shapes than it keeps (4096): still the cheapest each time.
+  for (std::size_t count = 1; count <= 5000; ++count) {
+    const Call c{Coll::Allreduce, count * 3, DataType::Float32, ReduceOp::Max, -1};
+    if (&s.choose(c) != cheapest(c)) ADD_FAILURE() << "allreduce of " << count * 3 << " floats";
+  }
+  const Call c = allreduce(64);
+  s.choose(c);
+  EXPECT_STREQ(s.choose(c, "ring").name, "ring");
+  EXPECT_THROW(s.choose(c, "bogus"), Error);
+  Selector tcp(one_host(4, false), Model::defaults_for("tcp", one_host(4, false)), {});
+  tcp.choose(c);
+  EXPECT_THROW(tcp.choose(c, "one_shot"), Error);  // over sockets, remembered shape or not
+}
+
 TEST(Selector, SameInputsSameChoicesEverywhere) {
   // Two ranks' selectors built from the agreed inputs: identical picks.
   const Layout l = one_host(5);
