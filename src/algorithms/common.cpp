@@ -91,12 +91,12 @@ bool trivial_allreduce(Context& c, const Args& a) {
 
 // Measured on a 2-vCPU EPYC VM whose kernel reports an 8 MiB L3 (4 MiB a
 // rank at 2 ranks), 2 ranks on shm, registered buffers, median busbw of 3
-// interleaved rounds (docs/benchmarks.md, "Streaming the final copies"):
-// with the old fixed threshold (32 MiB a rank) against the share, allgather
-// 4 MiB out of place 2.57 -> 5.34 GB/s, 16 MiB 2.19 -> 3.60, 64 MiB 2.62
-// -> 3.53; allreduce 4 MiB 3.21 -> 4.79, 16 MiB 3.32 -> 4.70. Calls that fit
-// the share keep their copies in the caches: an in-place allgather of 4 MiB
-// runs at 16-19 GB/s from them.
+// interleaved rounds, the old fixed threshold (32 MiB a rank) against the
+// share (docs/benchmarks.md, "Two states of the host, final copies past
+// the caches"): allgather out of place 4 MiB 2.11 -> 3.54 GB/s, 16 MiB 1.77
+// -> 3.22; allreduce 4 MiB 2.42 -> 4.39, 16 MiB 2.59 -> 3.62; broadcast 16
+// MiB 2.78 -> 4.64. Calls that fit the share keep their copies in the
+// caches: an in-place allgather of 4 MiB runs at 16-20 GB/s from them.
 bool streams(const Context& c, std::size_t footprint) { return footprint > c.cache_share; }
 
 void copy_final(void* dst, const void* src, std::size_t bytes, bool stream) {

@@ -7,19 +7,22 @@
 // there travel in one cache line (the idea of NCCL's LL protocol): an 8-byte
 // message is one slot, one cache-line transfer, no system call.
 //
-//   small message (<= kSlotMaxBytes, 2 KiB; kEagerBytes, 16 KiB, with
-//     CHORUS_SHM_LARGE=cma): header slot + ceil(bytes / 56) data slots
-//   large message: one header slot carrying the sender's buffer address; the
-//     receiver reads straight from the sender's memory with process_vm_readv
-//     (CMA), into the destination for a copy, or through a cache-sized
-//     staging buffer for a reduction, then acknowledges. One copy, no FIFO.
-//   (That is CHORUS_SHM_LARGE=cma; by default large messages are pipelined
-//     through the bulk ring, below.)
+//   small message (<= kSlotMaxBytes, 2 KiB; kEagerBytes, 16 KiB, to a peer
+//     that takes Rendezvous messages): header slot + ceil(bytes / 56) data slots
+//   large message the receiver copies (Rendezvous): one header slot
+//     carrying the sender's buffer address; the receiver reads straight from
+//     the sender's memory with process_vm_readv (CMA) into the destination,
+//     the sender writing some of the pieces with process_vm_writev when the
+//     message is split (below), then acknowledges. One copy, no FIFO. Used
+//     where the receiver could read the sender at setup (CHORUS_SHM_LARGE=
+//     auto, the default, or cma); otherwise, and for every message the
+//     receiver reduces, large messages are pipelined through the bulk ring.
 //   large message from chorus::mem_alloc memory (Mapped): one header slot
 //     carrying the region's memfd number, id and offset; the receiver maps
 //     the region once (pidfd_getfd) and copies or reduces straight from the
 //     sender's buffer, then acknowledges. One copy, at memcpy speed.
-//     When the receive is a plain copy into mem_alloc memory too, the copy
+//     When the receive is a plain copy into mem_alloc memory too (or for a
+//     Rendezvous message, into any memory), the copy
 //     is split: the receiver publishes where its buffer is, and both ranks
 //     claim pieces from one counter and copy them, the sender writing into
 //     the receiver's buffer while it would otherwise wait for the
@@ -464,7 +467,8 @@ class ShmTransport final : public Transport {
   // compare: `count` is one rank's block for allgather, reduce-scatter,
   // gather, scatter and alltoall, whose buffer holds one per rank (as
   // nccl-tests sizes them). A 1 MiB allgather of 2 ranks (512 KiB a rank)
-  // going Mapped measured 3.2 -> 12.4 GB/s busbw (docs/benchmarks.md).
+  // going Mapped measured 3.85 -> 20-28 GB/s busbw in place
+  // (docs/benchmarks.md).
   std::uint64_t call_bytes(const CallDesc& call) const {
     const std::uint64_t b = call.count * size_of(call.dtype);
     switch (call.coll) {
