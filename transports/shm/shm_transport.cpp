@@ -289,38 +289,31 @@ std::string self_ns(const char* which) {
   return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("?");
 }
 
-// Copies `n` bytes at `remote` in process `pid` to `local`. Returns 0 or errno.
-int cma_read(pid_t pid, void* local, std::uint64_t remote, std::size_t n) {
+// Copies `n` bytes between `local` and `remote` in process `pid`, reading
+// it (process_vm_readv) or writing it (process_vm_writev). Returns 0 or errno.
+int cma_copy(pid_t pid, char* local, std::uint64_t remote, std::size_t n, bool write) {
   std::size_t done = 0;
   while (done < n) {
-    iovec l{static_cast<char*>(local) + done, n - done};
+    iovec l{local + done, n - done};
     iovec r{reinterpret_cast<void*>(remote + done), n - done};
-    const ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
-    if (got < 0) {
+    const ssize_t moved = write ? process_vm_writev(pid, &l, 1, &r, 1, 0) : process_vm_readv(pid, &l, 1, &r, 1, 0);
+    if (moved < 0) {
       if (errno == EINTR) continue;
       return errno;
     }
-    if (got == 0) return EFAULT;
-    done += static_cast<std::size_t>(got);
+    if (moved == 0) return EFAULT;
+    done += static_cast<std::size_t>(moved);
   }
   return 0;
 }
 
-// Copies `n` bytes at `local` to `remote` in process `pid`. Returns 0 or errno.
+int cma_read(pid_t pid, void* local, std::uint64_t remote, std::size_t n) {
+  return cma_copy(pid, static_cast<char*>(local), remote, n, false);
+}
+
+// process_vm_writev only reads `local`.
 int cma_write(pid_t pid, std::uint64_t remote, const void* local, std::size_t n) {
-  std::size_t done = 0;
-  while (done < n) {
-    iovec l{const_cast<char*>(static_cast<const char*>(local)) + done, n - done};
-    iovec r{reinterpret_cast<void*>(remote + done), n - done};
-    const ssize_t put = process_vm_writev(pid, &l, 1, &r, 1, 0);
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (put == 0) return EFAULT;
-    done += static_cast<std::size_t>(put);
-  }
-  return 0;
+  return cma_copy(pid, const_cast<char*>(static_cast<const char*>(local)), remote, n, true);
 }
 
 struct SendOp {
@@ -973,16 +966,7 @@ class ShmTransport final : public Transport {
     if (!cma) {
       combine_into(stream ? Combine::copy_streaming() : Combine::copy(), dst, off, m.buf + off, len);
     } else if (const int err = cma_write(p.pid, where + off, m.buf + off, len); err != 0) {
-      // The piece is ours now: the receiver would wait for it.
-      if (err == ESRCH)
-        fail(Error(ErrorCode::PeerFailure,
-                   "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
-                       ") died while this rank was writing its message into it",
-                   p.rank));
-      fail(Error(ErrorCode::Transport,
-                 "writing " + std::to_string(len) + " bytes into rank " + std::to_string(p.rank) +
-                     "'s buffer failed (process_vm_writev: " + std::strerror(err) + ")",
-                 p.rank));
+      cma_failed(p, err, len, true);  // the piece is ours now: the receiver would wait for it
     }
     ctl->split_done.fetch_add(1, std::memory_order_release);
     ++split_pieces_[1];
@@ -1254,20 +1238,27 @@ class ShmTransport final : public Transport {
     return true;
   }
 
+  // Fails the communicator after reading (or writing) `bytes` of peer p's
+  // memory failed with `err`: PeerFailure when p is gone.
+  [[noreturn]] void cma_failed(const Peer& p, int err, std::size_t bytes, bool write) {
+    if (err == ESRCH)
+      fail(Error(ErrorCode::PeerFailure,
+                 "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) + ") died while this rank was " +
+                     (write ? "writing its message into it" : "reading its message"),
+                 p.rank));
+    fail(Error(ErrorCode::Transport,
+               (write ? "writing " : "reading ") + std::to_string(bytes) + (write ? " bytes into rank " : " bytes from rank ") +
+                   std::to_string(p.rank) + (write ? "'s buffer" : "") + " failed (" +
+                   (write ? "process_vm_writev: " : "process_vm_readv: ") + std::strerror(err) + ")",
+               p.rank));
+  }
+
   // Fails the receive `op` (of `bytes`) when reading the sender's memory
   // failed with `err`.
   void cma_check(const Peer& p, RecvOp& op, std::size_t bytes, int err) {
     if (err == 0) return;
     op.req->done = true;
-    if (err == ESRCH)
-      fail(Error(ErrorCode::PeerFailure,
-                 "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) +
-                     ") died while this rank was reading its message",
-                 p.rank));
-    fail(Error(ErrorCode::Transport,
-               "reading " + std::to_string(bytes) + " bytes from rank " + std::to_string(p.rank) +
-                   " failed (process_vm_readv: " + std::strerror(err) + ")",
-               p.rank));
+    cma_failed(p, err, bytes, false);
   }
 
   // Reads a rendezvous message from the sender's memory into the receive.
