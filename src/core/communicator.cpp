@@ -421,8 +421,7 @@ struct CommImpl {
     args.dtype = call.dtype;
     args.op = call.op;
     args.root = call.root;
-    algo::Context ctx{*transport, rank, size, d, dl, settings.chunk_bytes, scratch, &layout, nullptr};
-    ctx.cache_share = cache_share;
+    algo::Context ctx = context(d, dl);
     a.run(ctx, args);
   }
 
@@ -436,12 +435,12 @@ struct CommImpl {
     if (error) throw unusable(*error);
   }
 
-  algo::Context context(const CallDesc& call, const CallOptions& o) {
-    algo::Context ctx{*transport,          rank,    size,    call, deadline(o),
-                      settings.chunk_bytes, scratch, &layout, nullptr};
+  algo::Context context(const CallDesc& call, transport::Deadline dl) {
+    algo::Context ctx{*transport, rank, size, call, dl, settings.chunk_bytes, scratch, &layout, nullptr};
     ctx.cache_share = cache_share;
     return ctx;
   }
+  algo::Context context(const CallDesc& call, const CallOptions& o) { return context(call, deadline(o)); }
 };
 
 }  // namespace detail

@@ -1,5 +1,7 @@
 #include "core/topology.hpp"
 
+#include "core/config.hpp"
+
 #include "core/enforce.hpp"
 #include "core/log.hpp"
 
@@ -278,16 +280,12 @@ std::size_t last_level_cache_bytes(const std::string& cpu_root) {
       const std::string type = read_line(dir + "type");
       if (type != "Unified" && type != "Data") continue;
       const int level = std::atoi(level_text.c_str());
-      // "8192K"; plain bytes or an M suffix are accepted too.
-      const std::string size_text = read_line(dir + "size");
-      char* end = nullptr;
-      const unsigned long long v = std::strtoull(size_text.c_str(), &end, 10);
-      if (size_text.empty() || end == size_text.c_str() || v == 0) continue;
-      std::size_t bytes = v;
-      if (*end == 'K') bytes <<= 10;
-      else if (*end == 'M') bytes <<= 20;
-      else if (*end == 'G') bytes <<= 30;
-      if (level < top) continue;
+      std::size_t bytes = 0;  // "8192K"
+      try {
+        bytes = parse_bytes(read_line(dir + "size"), "sysfs cache size");
+      } catch (const Error&) {
+      }
+      if (bytes == 0 || level < top) continue;
       if (level > top) {
         top = level;
         found.clear();
