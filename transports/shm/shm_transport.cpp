@@ -375,6 +375,7 @@ struct Peer {
   std::size_t bulk_recv_off = 0;
   std::uint64_t bulk_rpos = 0;      // pieces consumed
   std::uint32_t notices_seen = 0;
+  bool wake = false;  // rang later: flush_wakes()
 };
 
 class ShmTransport final : public Transport {
@@ -497,7 +498,6 @@ class ShmTransport final : public Transport {
     req->is_send = true;
     req->bytes = bytes;
     SendOp op;
-    op.req = req;
     op.hdr = MsgHeader{};
     op.hdr.kind = static_cast<std::uint8_t>(kind);
     op.hdr.coll = encode_coll(call);
@@ -510,7 +510,17 @@ class ShmTransport final : public Transport {
     if (ref) std::memcpy(op.hdr.tail, ref, sizeof *ref);
     op.buf = static_cast<const char*>(buf);
     count_sent(peer, bytes);
-    p.sendq.push_back(op);
+    // A small message with nothing queued ahead goes into the ring now, and
+    // the request is handed back without another owner: a reference-count
+    // change after the slot store is a locked instruction, which would wait
+    // for that store to take the line from the peer's cache.
+    op.req = std::move(req);
+    if (kind == Kind::Inline && p.sendq.empty() && !p.bulk && write_one(p, op)) {
+      wake_later(p);
+      return std::move(op.req);
+    }
+    req = op.req;
+    p.sendq.push_back(std::move(op));
     if (p.sendq.size() == 1) write_sends(p);
     return req;
   }
@@ -526,7 +536,10 @@ class ShmTransport final : public Transport {
     return req;
   }
 
-  void progress() override { progress_once(); }
+  void progress() override {
+    progress_once();
+    flush_wakes();
+  }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
     const auto spin_until = Clock::now() + ctx_.spin;
@@ -534,14 +547,22 @@ class ShmTransport final : public Transport {
     for (unsigned iter = 0;; ++iter) {
       progress_once();
       while (first_pending < reqs.size() && reqs[first_pending]->done) ++first_pending;
-      if (first_pending == reqs.size()) return;
+      if (first_pending == reqs.size()) {
+        flush_wakes();
+        return;
+      }
       fs_.throw_if_aborted();
       const auto now = Clock::now();
       if (now >= deadline || fs_.timeout_reported()) resolve_timeout(reqs);
       if ((iter & 1023) == 1023) check_peers();
+      // A few rounds in, our stores have reached the peers: ring the sleepers.
+      if (iter == 15) flush_wakes();
       if (now < spin_until) {
         cpu_relax();
-        if (ctx_.oversubscribed || (iter & 255) == 255) sched_yield();
+        if (ctx_.oversubscribed || (iter & 255) == 255) {
+          flush_wakes();
+          sched_yield();
+        }
         continue;
       }
       sleep_until(std::min(deadline, now + kSleepSlice));
@@ -795,8 +816,6 @@ class ShmTransport final : public Transport {
   // Writes queued sends into the peer's ring while they fit.
   bool write_sends(Peer& p) {
     bool did = false;
-    Slot* ring = p.seg.ring(my_local_, layout_);
-    ChannelCtl* ctl = p.seg.ctl(my_local_, layout_);
     while (!p.sendq.empty() || p.bulk) {
       if (p.bulk) {
         // Later messages wait until this one's pieces are all written.
@@ -806,52 +825,60 @@ class ShmTransport final : public Transport {
         if (!finished) break;
         continue;
       }
-      SendOp& op = p.sendq.front();
-      const std::size_t n = slots_for(op.hdr);
-      if (p.wpos + n - p.cached_head > kSlots) {
-        p.cached_head = ctl->head.load(std::memory_order_acquire);
-        if (p.wpos + n - p.cached_head > kSlots) break;  // ring full: later
-      }
-      MsgHeader h = op.hdr;
-      const bool mapped = static_cast<Kind>(h.kind) == Kind::Mapped;
-      const bool rndv = static_cast<Kind>(h.kind) == Kind::Rendezvous || mapped;
-      const bool bulk = static_cast<Kind>(h.kind) == Kind::Bulk;
-      if (rndv || bulk) {
-        if (rndv && !mapped) {
-          const auto addr = reinterpret_cast<std::uint64_t>(op.buf);
-          std::memcpy(h.tail, &addr, sizeof addr);
-        }
-      } else if (h.bytes <= kInlineBytes) {
-        if (h.bytes > 0) std::memcpy(h.tail, op.buf, h.bytes);
-      } else {
-        // Data slots first; the header slot's flag, written last, publishes all.
-        std::size_t off = 0;
-        for (std::size_t k = 1; k < n; ++k) {
-          Slot& s = ring[(p.wpos + k) % kSlots];
-          const std::size_t m = std::min<std::size_t>(kSlotData, h.bytes - off);
-          std::memcpy(s.data, op.buf + off, m);
-          s.flag.store(p.wpos + k + 1, std::memory_order_relaxed);
-          off += m;
-        }
-      }
-      Slot& hs = ring[p.wpos % kSlots];
-      std::memcpy(hs.data, &h, sizeof h);
-      hs.flag.store(p.wpos + 1, std::memory_order_release);
-      p.wpos += n;
-      if (rndv) {
-        ++p.rndv_sent;
-        p.rndv.push_back(Unacked{op.req, op.buf, mapped});
-      } else if (bulk) {
-        p.bulk = op;
-        p.bulk_off = 0;
-      } else {
-        op.req->done = true;
-      }
+      if (!write_one(p, p.sendq.front())) break;  // ring full: later
       p.sendq.pop_front();
       did = true;
     }
-    if (did) notify(p.seg);
+    if (did) wake_later(p);
     return did;
+  }
+
+  // Writes one message's slots into the peer's ring if they fit; false when
+  // the ring is full. An inline message is then done; a rendezvous one waits
+  // for its acknowledgement, a bulk one becomes p.bulk.
+  bool write_one(Peer& p, SendOp& op) {
+    Slot* ring = p.seg.ring(my_local_, layout_);
+    const std::size_t n = slots_for(op.hdr);
+    if (p.wpos + n - p.cached_head > kSlots) {
+      p.cached_head = p.seg.ctl(my_local_, layout_)->head.load(std::memory_order_acquire);
+      if (p.wpos + n - p.cached_head > kSlots) return false;
+    }
+    MsgHeader h = op.hdr;
+    const bool mapped = static_cast<Kind>(h.kind) == Kind::Mapped;
+    const bool rndv = static_cast<Kind>(h.kind) == Kind::Rendezvous || mapped;
+    const bool bulk = static_cast<Kind>(h.kind) == Kind::Bulk;
+    if (rndv || bulk) {
+      if (rndv && !mapped) {
+        const auto addr = reinterpret_cast<std::uint64_t>(op.buf);
+        std::memcpy(h.tail, &addr, sizeof addr);
+      }
+    } else if (h.bytes <= kInlineBytes) {
+      if (h.bytes > 0) std::memcpy(h.tail, op.buf, h.bytes);
+    } else {
+      // Data slots first; the header slot's flag, written last, publishes all.
+      std::size_t off = 0;
+      for (std::size_t k = 1; k < n; ++k) {
+        Slot& s = ring[(p.wpos + k) % kSlots];
+        const std::size_t m = std::min<std::size_t>(kSlotData, h.bytes - off);
+        std::memcpy(s.data, op.buf + off, m);
+        s.flag.store(p.wpos + k + 1, std::memory_order_relaxed);
+        off += m;
+      }
+    }
+    Slot& hs = ring[p.wpos % kSlots];
+    std::memcpy(hs.data, &h, sizeof h);
+    hs.flag.store(p.wpos + 1, std::memory_order_release);
+    p.wpos += n;
+    if (rndv) {
+      ++p.rndv_sent;
+      p.rndv.push_back(Unacked{op.req, op.buf, mapped});
+    } else if (bulk) {
+      p.bulk = op;
+      p.bulk_off = 0;
+    } else {
+      op.req->done = true;
+    }
+    return true;
   }
 
   // Writes pieces of the current bulk message while the peer's bulk ring has
@@ -1061,7 +1088,7 @@ class ShmTransport final : public Transport {
         if (!copy) combine_into(op.combine, op.dst, 0, staging_.data(), h.bytes);
       }
       op.req->done = true;
-      notify(p.seg);  // the sender may wait for ring space or for its ack
+      wake_later(p);  // the sender may wait for ring space
       did = true;
     }
     return did;
@@ -1313,12 +1340,40 @@ class ShmTransport final : public Transport {
   // Rings the owner of `seg` if it sleeps. The fence orders our writes
   // before the read of `sleeping` (the owner fences the other way round).
   static void notify(const Segment& seg) {
-    SegHeader* h = seg.hdr();
     std::atomic_thread_fence(std::memory_order_seq_cst);
+    ring_if_sleeping(seg);
+  }
+
+  static void ring_if_sleeping(const Segment& seg) {
+    SegHeader* h = seg.hdr();
     if (h->sleeping.load(std::memory_order_relaxed) != 0) {
       h->doorbell.fetch_add(1, std::memory_order_seq_cst);
       futex(&h->doorbell, FUTEX_WAKE, INT_MAX, nullptr);
     }
+  }
+
+  // A small message's notify, owed until flush_wakes(). The fence right
+  // after a slot store would stall this rank until the store has taken the
+  // line from the peer, which polls it: a cross-core round trip on every
+  // message, in series with waiting for the peer's own message (an 8-byte
+  // allreduce of 2 ranks measured ~0.9 us with it, docs/benchmarks.md). A
+  // peer that spins sees the slot anyway; one that sleeps is rung when this
+  // rank waits a little (wait()), sleeps, finishes waiting or progresses,
+  // and at worst wakes by itself after kSleepSlice.
+  void wake_later(Peer& p) {
+    p.wake = true;
+    wakes_owed_ = true;
+  }
+
+  void flush_wakes() {
+    if (!wakes_owed_) return;
+    wakes_owed_ = false;
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    for (auto& p : peers_)
+      if (p.wake) {
+        p.wake = false;
+        ring_if_sleeping(p.seg);
+      }
   }
 
   static void cpu_relax() {
@@ -1334,6 +1389,7 @@ class ShmTransport final : public Transport {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     // Anything that arrived before we said we sleep is seen here.
     const bool did = progress_once_noexcept();
+    flush_wakes();
     if (!did && !fs_.aborted() && !fs_.failed()) {
       const auto left = until - Clock::now();
       if (left > Clock::duration::zero()) {
@@ -1454,6 +1510,7 @@ class ShmTransport final : public Transport {
   Segment own_;
   std::string name_;
   bool created_ = false;
+  bool wakes_owed_ = false;  // some Peer::wake is set
   std::uint64_t nonce_ = 0;
   volatile std::uint64_t probe_ = 0;  // peers read it with process_vm_readv to test CMA
   int probe_fd_ = -1;                 // peers duplicate it with pidfd_getfd to test that
