@@ -215,33 +215,37 @@ std::uint8_t Selector::wire_id(const Algorithm& a) {
   return 0;
 }
 
-std::size_t Selector::ShapeHash::operator()(const Call& c) const noexcept {
-  std::size_t h = std::hash<std::size_t>{}(c.count);
-  const auto mix = [&h](std::size_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
-  mix(static_cast<std::size_t>(c.coll));
-  mix(static_cast<std::size_t>(c.dtype));
-  mix(static_cast<std::size_t>(c.op));
-  mix(static_cast<std::size_t>(c.root + 1));
-  return h;
+std::size_t Selector::memo_index(const Call& c) noexcept {
+  std::uint64_t h = static_cast<std::uint64_t>(c.count) * 0x9e3779b97f4a7c15ULL;
+  h ^= (static_cast<std::uint64_t>(c.coll) << 8) ^ (static_cast<std::uint64_t>(c.dtype) << 16) ^
+       (static_cast<std::uint64_t>(c.op) << 24) ^ (static_cast<std::uint64_t>(static_cast<std::uint32_t>(c.root + 1)) << 32);
+  h *= 0xff51afd7ed558ccdULL;
+  return static_cast<std::size_t>(h >> 40) & (kMemoSlots - 1);
 }
 
-bool Selector::ShapeEq::operator()(const Call& a, const Call& b) const noexcept {
+namespace {
+
+bool same_shape(const Call& a, const Call& b) {
   return a.coll == b.coll && a.count == b.count && a.dtype == b.dtype && a.op == b.op && a.root == b.root;
 }
 
+}  // namespace
+
 const Algorithm& Selector::choose(const Call& call, const std::string& per_call) {
-  std::string forced = per_call;
+  const std::string* forced_name = &per_call;
   const char* why = "per-call option";
-  if (forced.empty()) {
+  if (per_call.empty() && !forced_.empty()) {
     if (auto it = forced_.find(call.coll); it != forced_.end()) {
-      forced = it->second;
+      forced_name = &it->second;
       why = "CHORUS_ALGO";
     }
   }
+  const std::string& forced = *forced_name;
   const bool info = static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info);
   if (forced.empty() && !info) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (const auto it = chosen_.find(call); it != chosen_.end()) return *it->second;
+    const Memo& m = memo_[memo_index(call)];
+    if (m.pick != nullptr && same_shape(m.call, call)) return *m.pick;
   }
   const Algorithm* pick = nullptr;
   std::vector<Estimate> est;
@@ -265,9 +269,7 @@ const Algorithm& Selector::choose(const Call& call, const std::string& per_call)
       throw Error(ErrorCode::Internal,
                   std::string("no algorithm can run this ") + coll_key(call.coll) + " call");
     std::lock_guard<std::mutex> lock(mu_);
-    // Bounded: a job that calls with ever new counts keeps at most this many.
-    if (chosen_.size() >= 4096) chosen_.clear();
-    chosen_.emplace(call, pick);
+    memo_[memo_index(call)] = Memo{call, pick};
   }
   if (info) {
     const std::size_t bytes = call.bytes();

@@ -11,7 +11,7 @@
 
 #include <map>
 #include <mutex>
-#include <unordered_map>
+#include <array>
 #include <set>
 #include <string>
 #include <tuple>
@@ -71,14 +71,16 @@ class Selector {
   std::set<std::tuple<int, int, std::string>> logged_;  // (coll, log2 size bucket, forced name)
   // The cheapest algorithm per call shape already chosen (not forced): the
   // estimates of every algorithm were a quarter of an 8-byte allreduce's
-  // CPU time. The inputs never change, so neither does the answer.
-  struct ShapeHash {
-    std::size_t operator()(const Call& c) const noexcept;
+  // CPU time. The inputs never change, so neither does the answer. A
+  // direct-mapped table (a shape evicts the one at its index): a hash
+  // map's modulo by a prime was a 64-bit division on every call.
+  struct Memo {
+    Call call;
+    const Algorithm* pick = nullptr;
   };
-  struct ShapeEq {
-    bool operator()(const Call& a, const Call& b) const noexcept;
-  };
-  std::unordered_map<Call, const Algorithm*, ShapeHash, ShapeEq> chosen_;  // under mu_
+  static constexpr std::size_t kMemoSlots = 512;  // a power of two
+  static std::size_t memo_index(const Call& c) noexcept;
+  std::array<Memo, kMemoSlots> memo_{};  // under mu_
 };
 
 }  // namespace chorus::algo
