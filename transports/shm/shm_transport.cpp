@@ -542,7 +542,7 @@ class ShmTransport final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
-    const auto spin_until = Clock::now() + ctx_.spin;
+    Deadline spin_until{};  // read the clock only when the first look finds work left
     std::size_t first_pending = 0;
     for (unsigned iter = 0;; ++iter) {
       progress_once();
@@ -553,6 +553,7 @@ class ShmTransport final : public Transport {
       }
       fs_.throw_if_aborted();
       const auto now = Clock::now();
+      if (iter == 0) spin_until = now + ctx_.spin;
       if (now >= deadline || fs_.timeout_reported()) resolve_timeout(reqs);
       if ((iter & 1023) == 1023) check_peers();
       // A few rounds in, our stores have reached the peers: ring the sleepers.
