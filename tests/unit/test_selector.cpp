@@ -266,7 +266,7 @@ TEST(Selector, RememberedChoicesAreTheCheapestAndForcingStillWins) {
             shapes += round == 0 ? 1 : 0;
           }
   ASSERT_GT(shapes, 100u);
-  // More distinct shapes than it keeps (4096): still the cheapest each time.
+  // More distinct shapes than its table holds (512): still the cheapest each time.
   for (std::size_t count = 1; count <= 5000; ++count) {
     const Call c{Coll::Allreduce, count * 3, DataType::Float32, ReduceOp::Max, -1};
     if (&s.choose(c) != cheapest(c)) ADD_FAILURE() << "allreduce of " << count * 3 << " floats";
