@@ -918,6 +918,10 @@ std::pair<bool, bool> used_buffers(const CallDesc& call, int rank) {
 std::optional<int> device_of(const CallDesc& call, const void* s, const void* r, bool use_s,
                              bool use_r) {
   if (call.count == 0) return std::nullopt;  // nothing is read or written
+  // Without a usable GPU every pointer is host memory (the query would say
+  // so, at 3% of an 8-byte allreduce).
+  static const bool gpus = device::built() && device::unavailable_reason().empty();
+  if (!gpus) return std::nullopt;
   const device::PtrInfo ds = use_s ? device::query(s) : device::PtrInfo{};
   const device::PtrInfo dr = use_r ? device::query(r) : device::PtrInfo{};
   if (!ds.device && !dr.device) return std::nullopt;
