@@ -96,6 +96,7 @@ constexpr std::size_t kBulkBytes = 128 << 10;    // one piece (a multiple of eve
 constexpr int kNoticesPerSender = 4;
 constexpr std::size_t kNoticeText = 1000;
 constexpr auto kSleepSlice = std::chrono::milliseconds(10);  // liveness check period while asleep
+constexpr unsigned kQuickLooks = 32;  // wait(): rounds before the clock is read
 // Messages of at least kMappedMinBytes, of calls of at least
 // CHORUS_SHM_MAPPED_MIN (count x element size, 16 MiB by default), whose
 // send buffer is mem_alloc memory go Mapped. Below that the data sits in
@@ -537,7 +538,7 @@ class ShmTransport final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
-    Deadline spin_until{};  // read the clock only when the first look finds work left
+    Deadline spin_until{};  // read the clock only after kQuickLooks rounds
     std::size_t first_pending = 0;
     for (unsigned iter = 0;; ++iter) {
       progress_once();
@@ -547,11 +548,16 @@ class ShmTransport final : public Transport {
         return;
       }
       fs_.throw_if_aborted();
+      // The first rounds only look: a clock read costs as much as a look.
+      if (iter < kQuickLooks && !ctx_.oversubscribed) {
+        if (iter == 15) flush_wakes();  // our stores have reached the peers: ring the sleepers
+        cpu_relax();
+        continue;
+      }
       const auto now = Clock::now();
-      if (iter == 0) spin_until = now + ctx_.spin;
+      if (spin_until == Deadline{}) spin_until = now + ctx_.spin;
       if (now >= deadline || fs_.timeout_reported()) resolve_timeout(reqs);
       if ((iter & 1023) == 1023) check_peers();
-      // A few rounds in, our stores have reached the peers: ring the sleepers.
       if (iter == 15) flush_wakes();
       if (now < spin_until) {
         cpu_relax();
