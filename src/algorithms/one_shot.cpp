@@ -52,12 +52,14 @@ void one_shot_allreduce(Context& c, const Args& a) {
   }
   std::vector<transport::Request> reqs;
   reqs.reserve(2 * static_cast<std::size_t>(n - 1));
+  // Sends first: the others wait for them, and posting the receives
+  // overlaps with their journey.
+  for (int k = 1; k < n; ++k) reqs.push_back(c.t.isend((c.rank + k) % n, c.call, own, bytes));
   for (int k = 1; k < n; ++k) {
     const int from = (c.rank - k + n) % n;
     reqs.push_back(c.t.irecv(from, c.call, slots + static_cast<std::size_t>(from) * bytes, bytes,
                              transport::Combine::copy()));
   }
-  for (int k = 1; k < n; ++k) reqs.push_back(c.t.isend((c.rank + k) % n, c.call, own, bytes));
   c.t.wait(reqs, c.deadline);
   auto contribution = [&](int r) {
     return r == c.rank ? own : slots + static_cast<std::size_t>(r) * bytes;

@@ -77,10 +77,12 @@ void recursive_doubling_allreduce(Context& c, const Args& a) {
     const int partner_idx = me ^ mask;
     const int partner = active_rank(partner_idx);
     char* dst = dst_of(step++);
+    // The send first: the partner waits for it, and posting the receive
+    // overlaps with its journey instead of delaying it.
     Request reqs[2] = {
+        c.t.isend_reduced(partner, c.call, src, bytes),
         c.t.irecv(partner, c.call, dst, bytes,
-                  Combine::reduce_from(src, a.dtype, a.op, /*incoming_first=*/partner_idx < me)),
-        c.t.isend_reduced(partner, c.call, src, bytes)};
+                  Combine::reduce_from(src, a.dtype, a.op, /*incoming_first=*/partner_idx < me))};
     c.t.wait(reqs, c.deadline);
     src = dst;
   }
