@@ -206,12 +206,26 @@ std::vector<Selector::Estimate> Selector::estimates(const Call& call) const {
 }
 
 std::uint8_t Selector::wire_id(const Algorithm& a) {
-  std::uint8_t id = 0;
-  for (const Algorithm* x : all_algorithms()) {
-    if (x->coll != a.coll) continue;
-    ++id;
-    if (x == &a) return id;
-  }
+  // Worked out once into one contiguous table: walking the descriptors
+  // touched a cache line per algorithm on every call.
+  struct Id {
+    const Algorithm* algo;
+    std::uint8_t id;
+  };
+  static const std::vector<Id> ids = [] {
+    std::vector<Id> v;
+    for (const Algorithm* x : all_algorithms()) {
+      std::uint8_t id = 0;
+      for (const Algorithm* y : all_algorithms()) {
+        if (y->coll == x->coll) ++id;
+        if (y == x) break;
+      }
+      v.push_back({x, id});
+    }
+    return v;
+  }();
+  for (const Id& e : ids)
+    if (e.algo == &a) return e.id;
   return 0;
 }
 
