@@ -5,6 +5,7 @@
 #include <chorus/error.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdlib>
@@ -237,11 +238,25 @@ std::size_t Selector::memo_index(const Call& c) noexcept {
   return static_cast<std::size_t>(h >> 40) & (kMemoSlots - 1);
 }
 
+std::uint64_t Selector::next_serial() {
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
 namespace {
 
 bool same_shape(const Call& a, const Call& b) {
   return a.coll == b.coll && a.count == b.count && a.dtype == b.dtype && a.op == b.op && a.root == b.root;
 }
+
+// This thread's last unforced answer (see Selector::serial_): a loop of
+// calls of one shape takes no lock.
+struct LastPick {
+  std::uint64_t selector = 0;
+  Call call;
+  const Algorithm* pick = nullptr;
+};
+thread_local LastPick t_last;
 
 }  // namespace
 
@@ -257,9 +272,13 @@ const Algorithm& Selector::choose(const Call& call, const std::string& per_call)
   const std::string& forced = *forced_name;
   const bool info = static_cast<int>(log::level()) >= static_cast<int>(log::Level::Info);
   if (forced.empty() && !info) {
+    if (t_last.selector == serial_ && same_shape(t_last.call, call)) return *t_last.pick;
     std::lock_guard<std::mutex> lock(mu_);
     const Memo& m = memo_[memo_index(call)];
-    if (m.pick != nullptr && same_shape(m.call, call)) return *m.pick;
+    if (m.pick != nullptr && same_shape(m.call, call)) {
+      t_last = LastPick{serial_, call, m.pick};
+      return *m.pick;
+    }
   }
   const Algorithm* pick = nullptr;
   std::vector<Estimate> est;
@@ -284,6 +303,7 @@ const Algorithm& Selector::choose(const Call& call, const std::string& per_call)
                   std::string("no algorithm can run this ") + coll_key(call.coll) + " call");
     std::lock_guard<std::mutex> lock(mu_);
     memo_[memo_index(call)] = Memo{call, pick};
+    t_last = LastPick{serial_, call, pick};
   }
   if (info) {
     const std::size_t bytes = call.bytes();

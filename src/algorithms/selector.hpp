@@ -81,6 +81,10 @@ class Selector {
   static constexpr std::size_t kMemoSlots = 512;  // a power of two
   static std::size_t memo_index(const Call& c) noexcept;
   std::array<Memo, kMemoSlots> memo_{};  // under mu_
+  // Tells this selector from every other one of the process (never reused):
+  // each thread keeps its last answer, keyed by it, and asks without a lock.
+  static std::uint64_t next_serial();
+  const std::uint64_t serial_ = next_serial();
 };
 
 }  // namespace chorus::algo
