@@ -385,6 +385,9 @@ struct CommImpl {
       cv.wait(lock, [&] { return now_serving == ticket; });
       --turn_waiters;
     }
+    // Without a worker nothing else drives the transport: a worker started
+    // while this call runs waits for a later turn before it touches it.
+    const bool solo = !worker.joinable();
     lock.unlock();
     struct Advance {
       CommImpl* self;
@@ -393,7 +396,8 @@ struct CommImpl {
         self->next_turn();
       }
     } advance{this};
-    std::lock_guard<std::mutex> t(transport_mu);
+    std::unique_lock<std::mutex> t(transport_mu, std::defer_lock);
+    if (!solo) t.lock();
     run_guarded(fn);
     return Work();
   }
