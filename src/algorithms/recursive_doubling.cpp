@@ -78,11 +78,13 @@ void recursive_doubling_allreduce(Context& c, const Args& a) {
     const int partner = active_rank(partner_idx);
     char* dst = dst_of(step++);
     // The send first: the partner waits for it, and posting the receive
-    // overlaps with its journey instead of delaying it.
-    Request reqs[2] = {
-        c.t.isend_reduced(partner, c.call, src, bytes),
-        c.t.irecv(partner, c.call, dst, bytes,
-                  Combine::reduce_from(src, a.dtype, a.op, /*incoming_first=*/partner_idx < me))};
+    // overlaps with its journey instead of delaying it. The receive's
+    // Combine is built before the send: built after it, its narrow stores
+    // read back whole wait behind the send's store to the partner's line
+    // (a store-forwarding stall the length of a cross-core transfer).
+    const Combine comb = Combine::reduce_from(src, a.dtype, a.op, /*incoming_first=*/partner_idx < me);
+    Request reqs[2] = {c.t.isend_reduced(partner, c.call, src, bytes),
+                       c.t.irecv(partner, c.call, dst, bytes, comb)};
     c.t.wait(reqs, c.deadline);
     src = dst;
   }
