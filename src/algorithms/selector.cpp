@@ -215,14 +215,8 @@ std::uint8_t Selector::wire_id(const Algorithm& a) {
   };
   static const std::vector<Id> ids = [] {
     std::vector<Id> v;
-    for (const Algorithm* x : all_algorithms()) {
-      std::uint8_t id = 0;
-      for (const Algorithm* y : all_algorithms()) {
-        if (y->coll == x->coll) ++id;
-        if (y == x) break;
-      }
-      v.push_back({x, id});
-    }
+    std::map<Coll, std::uint8_t> seen;  // algorithms of each collective so far
+    for (const Algorithm* x : all_algorithms()) v.push_back({x, ++seen[x->coll]});
     return v;
   }();
   for (const Id& e : ids)

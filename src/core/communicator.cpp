@@ -222,8 +222,7 @@ struct CommImpl {
         lock.unlock();
         run_task(task);
         lock.lock();
-        ++now_serving;
-        if (turn_waiters > 0) cv.notify_all();
+        next_turn();
         continue;
       }
       if (!inflight.empty() && stopping && queue.empty()) {

@@ -558,7 +558,6 @@ class ShmTransport final : public Transport {
       if (spin_until == Deadline{}) spin_until = now + ctx_.spin;
       if (now >= deadline || fs_.timeout_reported()) resolve_timeout(reqs);
       if ((iter & 1023) == 1023) check_peers();
-      if (iter == 15) flush_wakes();
       if (now < spin_until) {
         cpu_relax();
         if (ctx_.oversubscribed || (iter & 255) == 255) {
