@@ -18,10 +18,10 @@
 //
 // Running: one binary; meson runs it once per collective (--gtest_filter).
 // A failing case prints each rank's complaint and the case's seed; run just
-// that case with --gtest_filter='Matrix/<Suite>.MatchesClosedForm/<name>'.
+// that case with --gtest_filter='<Collective>/Matrix.MatchesClosedForm/<name>'.
 // What is trimmed at the largest count, and why: see big_modes().
 
-#include "rank_pool.hpp"
+#include "matrix.hpp"
 #include "transport_probe.hpp"
 
 #include <chorus/communicator.hpp>
@@ -57,8 +57,6 @@
 namespace chorus_test {
 namespace {
 
-using chorus::DataType;
-using chorus::ReduceOp;
 using namespace std::chrono_literals;
 
 // ---------------------------------------------------------------------------
@@ -74,44 +72,6 @@ constexpr DataType kTypes[] = {DataType::Int8,    DataType::UInt8,    DataType::
 constexpr ReduceOp kOps[] = {ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max,
                              ReduceOp::Avg};
 
-enum class Coll : std::uint8_t {
-  Allreduce,
-  Broadcast,
-  Allgather,
-  ReduceScatter,
-  Reduce,
-  Gather,
-  Scatter,
-  Alltoall,
-  SendRecv,
-  Barrier,
-  AsyncOrder,
-  AsyncAll,
-  WaitTimeout,
-  Split,
-  ManySmall,
-  // Cases that test the harness itself (never in the matrix).
-  HarnessWrong,
-  HarnessCrash,
-  HarnessHang,
-  HarnessLeak,
-};
-
-// One test case, sent as bytes to every rank of the pool.
-struct Case {
-  Coll coll = Coll::Allreduce;
-  DataType dtype = DataType::Float32;
-  ReduceOp op = ReduceOp::Sum;
-  bool in_place = false;
-  bool async = false;
-  std::int32_t variant = 0;  // meaning depends on coll (Split: how keys are chosen)
-  std::int32_t world = 1;
-  std::int32_t root = 0;
-  std::int32_t misalign = 0;  // bytes by which send buffers miss 64-byte alignment
-  std::uint64_t count = 0;
-  std::uint64_t seed = 0;  // varies the data from case to case
-  bool registered = false;  // buffers from chorus::mem_alloc
-};
 
 const char* coll_name(Coll c) {
   switch (c) {
@@ -269,12 +229,6 @@ std::vector<int> roots_for(int world) {
   return roots;
 }
 
-std::uint64_t mix(std::uint64_t z) {  // splitmix64's finaliser
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // Whether the comma-separated list in environment variable `var` has an
 // item for which `match` holds; true when the variable is unset or empty.
@@ -482,885 +436,6 @@ std::vector<Case> special(Coll coll) {
   return cases;
 }
 
-// ---------------------------------------------------------------------------
-// Element encoding, independent of the library
-
-struct Half {
-  std::uint16_t bits;
-};
-struct BFloat {
-  std::uint16_t bits;
-};
-
-// Encodes an integer that the format holds exactly (normal numbers only);
-// anything else is a bug in this test's choice of inputs.
-std::uint16_t encode_small_float(std::int64_t v, int exp_bits, int mant_bits) {
-  if (v == 0) return 0;
-  const std::uint16_t sign = v < 0 ? 0x8000 : 0;
-  const std::uint64_t m = v < 0 ? static_cast<std::uint64_t>(-v) : static_cast<std::uint64_t>(v);
-  const int e = std::bit_width(m) - 1;  // m in [2^e, 2^(e+1))
-  std::uint64_t frac = m - (std::uint64_t{1} << e);
-  if (e > mant_bits) {
-    if ((frac & ((std::uint64_t{1} << (e - mant_bits)) - 1)) != 0)
-      throw std::logic_error("test bug: " + std::to_string(v) + " is not exact in this format");
-    frac >>= (e - mant_bits);
-  } else {
-    frac <<= (mant_bits - e);
-  }
-  const int biased = e + (1 << (exp_bits - 1)) - 1;
-  if (biased >= (1 << exp_bits) - 1)
-    throw std::logic_error("test bug: " + std::to_string(v) + " overflows this format");
-  return static_cast<std::uint16_t>(sign | (static_cast<unsigned>(biased) << mant_bits) | frac);
-}
-
-double decode_small_float(std::uint16_t b, int exp_bits, int mant_bits) {
-  const int bias = (1 << (exp_bits - 1)) - 1;
-  const int biased = (b >> mant_bits) & ((1 << exp_bits) - 1);
-  const int frac = b & ((1 << mant_bits) - 1);
-  double mag;
-  if (biased == (1 << exp_bits) - 1)
-    mag = frac != 0 ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
-  else if (biased == 0)
-    mag = std::ldexp(frac, 1 - bias - mant_bits);
-  else
-    mag = std::ldexp(frac + (1 << mant_bits), biased - bias - mant_bits);
-  return (b & 0x8000) != 0 ? -mag : mag;
-}
-
-template <typename T>
-T encode(std::int64_t v) {
-  if constexpr (std::is_same_v<T, Half>) return Half{encode_small_float(v, 5, 10)};
-  else if constexpr (std::is_same_v<T, BFloat>) return BFloat{encode_small_float(v, 8, 7)};
-  else return static_cast<T>(v);
-}
-
-template <typename T>
-bool matches(T got, std::int64_t want) {
-  if constexpr (std::is_same_v<T, Half>) return decode_small_float(got.bits, 5, 10) == static_cast<double>(want);
-  else if constexpr (std::is_same_v<T, BFloat>) return decode_small_float(got.bits, 8, 7) == static_cast<double>(want);
-  else if constexpr (std::is_floating_point_v<T>) return got == static_cast<T>(want);
-  else return got == static_cast<T>(want);
-}
-
-template <typename T>
-std::string show(T got) {
-  std::ostringstream s;
-  s.precision(17);
-  if constexpr (std::is_same_v<T, Half>) s << decode_small_float(got.bits, 5, 10) << " (0x" << std::hex << got.bits << ")";
-  else if constexpr (std::is_same_v<T, BFloat>) s << decode_small_float(got.bits, 8, 7) << " (0x" << std::hex << got.bits << ")";
-  else if constexpr (sizeof(T) == 1) s << static_cast<int>(got);
-  else s << got;
-  return s.str();
-}
-
-// Calls fn.template operator()<T>() with T the C++ type of `t`.
-template <typename Fn>
-decltype(auto) with_type(DataType t, Fn&& fn) {
-  switch (t) {
-    case DataType::Int8: return fn.template operator()<std::int8_t>();
-    case DataType::UInt8: return fn.template operator()<std::uint8_t>();
-    case DataType::Int32: return fn.template operator()<std::int32_t>();
-    case DataType::UInt32: return fn.template operator()<std::uint32_t>();
-    case DataType::Int64: return fn.template operator()<std::int64_t>();
-    case DataType::UInt64: return fn.template operator()<std::uint64_t>();
-    case DataType::Float16: return fn.template operator()<Half>();
-    case DataType::BFloat16: return fn.template operator()<BFloat>();
-    case DataType::Float32: return fn.template operator()<float>();
-    case DataType::Float64: return fn.template operator()<double>();
-  }
-  throw std::logic_error("unknown dtype");
-}
-
-bool is_float(DataType t) {
-  return t == DataType::Float16 || t == DataType::BFloat16 || t == DataType::Float32 ||
-         t == DataType::Float64;
-}
-bool is_signed(DataType t) {
-  return is_float(t) || t == DataType::Int8 || t == DataType::Int32 || t == DataType::Int64;
-}
-
-// Scale of the inputs: 1 for the narrow types; for wider ones it spreads the
-// bits (2^16 + 1, 2^33 + 1) so that a kernel that drops high bytes or
-// mantissa bits is caught, while sums of 8 ranks stay exact (< 2^24 for float).
-std::int64_t scale(DataType t) {
-  switch (t) {
-    case DataType::Int32:
-    case DataType::UInt32:
-    case DataType::Float32: return (1 << 16) + 1;
-    case DataType::Int64:
-    case DataType::UInt64:
-    case DataType::Float64: return (std::int64_t{1} << 33) + 1;
-    default: return 1;
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Inputs and closed-form expected values
-
-std::uint64_t elem_hash(const Case& c, std::uint64_t j) { return mix(c.seed ^ (j * 0xD6E8FEB86659FD93ull)); }
-
-// Data that only moves (broadcast, gather, ...): identifies rank and index.
-std::int64_t payload(const Case& c, int rank, std::uint64_t j) {
-  const std::uint64_t h = mix(c.seed ^ (j * 0xD6E8FEB86659FD93ull) ^
-                              (static_cast<std::uint64_t>(rank + 1) * 0x9E3779B97F4A7C15ull));
-  std::int64_t v = static_cast<std::int64_t>(h % 101);  // <= 100: exact in bf16, fits int8
-  if (is_signed(c.dtype)) v -= 50;
-  return v * scale(c.dtype);
-}
-
-// Reduction inputs. Every element j draws its parameters from a hash, and
-// rank r's value is built from a permutation of the ranks, (r + p) mod n, so
-// that the result has a closed form that costs O(1) per element to check
-// (checking by folding n contributions per element would cost more than the
-// collective itself at 8 ranks).
-struct ReductionElement {
-  std::int64_t s;     // base value
-  int p;              // rotation of the ranks
-  int special_rank;   // Sum/Avg: the rank that adds `extra`
-  std::int64_t extra; // Sum/Avg: makes the sum not divide by n
-  int twos;           // Prod: how many ranks give a factor 2
-  int negatives;      // Prod: how many ranks give a negative factor
-  int q;              // Prod: rotation for the signs
-};
-
-// A value in [0, n) from 32 hash bits, without a division (a 64-bit
-// division by a runtime n costs more than everything else per element).
-int below(std::uint64_t bits, int n) {
-  return static_cast<int>(((bits & 0xFFFFFFFFu) * static_cast<std::uint64_t>(n)) >> 32);
-}
-
-ReductionElement element(const Case& c, int n, std::uint64_t j) {
-  const std::uint64_t h = elem_hash(c, j);
-  const bool sgn = is_signed(c.dtype);
-  ReductionElement e{};
-  e.p = below(h >> 32, n);
-  switch (c.op) {
-    case ReduceOp::Sum:
-    case ReduceOp::Avg:
-      // Signed: s in [-3, 3]; unsigned: s >= n - 1 keeps every value >= 0.
-      e.s = sgn ? static_cast<std::int64_t>(h % 7) - 3 : (n - 1) + static_cast<std::int64_t>(h % 5);
-      e.special_rank = below(h >> 16, n);
-      // Float Avg must divide exactly; integer Avg checks truncation toward
-      // zero, including negative sums (-1 / 2 == 0, not -1).
-      e.extra = (c.op == ReduceOp::Avg && is_float(c.dtype)) ? 0 : below(h, n);
-      break;
-    case ReduceOp::Min:
-    case ReduceOp::Max:
-      e.s = sgn ? static_cast<std::int64_t>(h % 11) - 5 : static_cast<std::int64_t>(h % 6);
-      break;
-    case ReduceOp::Prod:
-      // |product| <= 2^6 = 64: exact and in range for int8 and bf16.
-      e.twos = std::min(n, static_cast<int>((h >> 8) % 7));
-      e.negatives = sgn ? below(h >> 16, n + 1) : 0;
-      e.q = below(h, n);
-      break;
-  }
-  return e;
-}
-
-// Rank `rank`'s input. Bounds, for n <= 8: Sum/Avg |x| <= 17 (and the sum of
-// |x| over ranks <= 136, so every partial sum is exact in bf16), Min/Max |x|
-// <= 12, all times scale(dtype).
-std::int64_t contribution(const Case& c, int n, int rank, const ReductionElement& e) {
-  const int rot = rank + e.p < n ? rank + e.p : rank + e.p - n;  // (rank + p) mod n
-  switch (c.op) {
-    case ReduceOp::Sum:
-    case ReduceOp::Avg:
-      // rank - rot sums to 0 over the ranks (rot is a permutation of rank).
-      return (e.s + rank - rot + (rank == e.special_rank ? e.extra : 0)) * scale(c.dtype);
-    case ReduceOp::Min:
-    case ReduceOp::Max:
-      return (e.s + rot) * scale(c.dtype);
-    case ReduceOp::Prod: {
-      const std::int64_t mag = rot < e.twos ? 2 : 1;
-      const int sign_rot = rank + e.q < n ? rank + e.q : rank + e.q - n;
-      return sign_rot < e.negatives ? -mag : mag;
-    }
-  }
-  return 0;
-}
-
-std::int64_t reduced(const Case& c, int n, const ReductionElement& e) {
-  const std::int64_t k = scale(c.dtype);
-  switch (c.op) {
-    case ReduceOp::Sum: return (n * e.s + e.extra) * k;
-    case ReduceOp::Avg: return (n * e.s + e.extra) * k / n;  // C++ division truncates toward zero
-    case ReduceOp::Min: return e.s * k;
-    case ReduceOp::Max: return (e.s + n - 1) * k;
-    case ReduceOp::Prod: return (e.negatives % 2 != 0 ? -1 : 1) * (std::int64_t{1} << e.twos);
-  }
-  return 0;
-}
-
-std::int64_t contribution(const Case& c, int n, int rank, std::uint64_t j) {
-  return contribution(c, n, rank, element(c, n, j));
-}
-std::int64_t reduced(const Case& c, int n, std::uint64_t j) { return reduced(c, n, element(c, n, j)); }
-
-// ---------------------------------------------------------------------------
-// Buffers and checks
-
-constexpr unsigned char kPoison = 0xA5;
-constexpr unsigned char kGuardByte = 0x3C;
-constexpr std::size_t kGuardBytes = 64;
-
-// A buffer poisoned with kPoison, between two guard regions.
-// `misalign` shifts the start by that many bytes from a 64-byte boundary:
-// the API does not require aligned buffers, and vectorised kernels must cope.
-//
-// While a case with `registered` runs, buffers come from chorus::mem_alloc.
-bool g_registered = false;
-
-class Buffer {
- public:
-  Buffer(std::size_t bytes, int misalign)
-      : bytes_(bytes), front_(kGuardBytes + static_cast<std::size_t>(misalign)),
-        storage_(g_registered ? 0 : bytes + front_ + kGuardBytes, kGuardByte) {
-    if (g_registered) {
-      shared_ = static_cast<unsigned char*>(chorus::mem_alloc(bytes + front_ + kGuardBytes));
-      std::memset(shared_, kGuardByte, bytes + front_ + kGuardBytes);
-    }
-    std::memset(data(), kPoison, bytes);
-  }
-  ~Buffer() {
-    if (shared_) chorus::mem_free(shared_);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  unsigned char* data() { return base() + front_; }
-  std::size_t bytes() const { return bytes_; }
-  // Index of the first modified guard byte relative to data() (negative:
-  // before the buffer), or nullopt.
-  std::optional<long> guard_hit() const {
-    const unsigned char* b = shared_ ? shared_ : storage_.data();
-    for (std::size_t i = 0; i < front_; ++i)
-      if (b[i] != kGuardByte) return static_cast<long>(i) - static_cast<long>(front_);
-    for (std::size_t i = 0; i < kGuardBytes; ++i)
-      if (b[front_ + bytes_ + i] != kGuardByte) return static_cast<long>(bytes_ + i);
-    return std::nullopt;
-  }
-
- private:
-  unsigned char* base() { return shared_ ? shared_ : storage_.data(); }
-  std::size_t bytes_;
-  std::size_t front_;
-  std::vector<unsigned char> storage_;
-  unsigned char* shared_ = nullptr;  // mem_alloc memory in place of storage_
-};
-
-// The mem_alloc regions (memfds named "chorus-mem") this process has
-// mapped, by inode: its own buffers, and the regions of peers that the shm
-// transport mapped to read their messages or write into their buffers.
-std::set<std::string> shared_mappings() {
-  std::ifstream maps("/proc/self/maps");
-  std::set<std::string> inodes;
-  for (std::string line; std::getline(maps, line);) {
-    if (line.find("memfd:chorus-mem") == std::string::npos) continue;
-    std::istringstream fields(line);
-    std::string range, perms, offset, dev, inode;
-    fields >> range >> perms >> offset >> dev >> inode;
-    inodes.insert(dev + ":" + inode);
-  }
-  return inodes;
-}
-
-class Checker {
- public:
-  template <typename T, typename Want>
-  void expect(const std::string& what, const unsigned char* buf, std::uint64_t n, Want want) {
-    std::uint64_t wrong = 0;
-    for (std::uint64_t i = 0; i < n; ++i) {
-      T got;
-      std::memcpy(&got, buf + i * sizeof(T), sizeof(T));
-      const std::int64_t w = want(i);
-      if (!matches(got, w)) {
-        if (wrong < kShown)
-          text_ << "\n  " << what << "[" << i << "] = " << show(got) << ", expected " << w;
-        ++wrong;
-      }
-    }
-    if (wrong > kShown) text_ << "\n  ... " << wrong << " of " << n << " elements of " << what << " wrong";
-    failed_ = failed_ || wrong > 0;
-  }
-
-  // `blocks` blocks of n elements; want(b, i) is element i of block b.
-  template <typename T, typename Want>
-  void expect_blocks(const std::string& what, const unsigned char* buf, int blocks, std::uint64_t n,
-                     Want want) {
-    for (int b = 0; b < blocks; ++b)
-      expect<T>(what + " block " + std::to_string(b), buf + static_cast<std::uint64_t>(b) * n * sizeof(T),
-                n, [&](std::uint64_t i) { return want(b, i); });
-  }
-
-  void guards(const char* what, const Buffer& b) {
-    if (auto at = b.guard_hit()) {
-      text_ << "\n  wrote outside " << what << " (" << b.bytes() << " bytes): byte offset " << *at;
-      failed_ = true;
-    }
-  }
-
-  void fail(const std::string& why) {
-    text_ << "\n  " << why;
-    failed_ = true;
-  }
-
-  WorkerReply reply() const {
-    if (!failed_) return {};
-    return {WorkerReply::Status::Failed, text_.str()};
-  }
-
- private:
-  static constexpr std::uint64_t kShown = 5;
-  std::ostringstream text_;
-  bool failed_ = false;
-};
-
-int recv_misalign(const Case& c) { return (c.misalign * 3) % 8; }
-
-template <typename T, typename Value>
-void fill(unsigned char* buf, std::uint64_t n, Value value) {
-  for (std::uint64_t i = 0; i < n; ++i) {
-    const T x = encode<T>(value(i));
-    std::memcpy(buf + i * sizeof(T), &x, sizeof(T));
-  }
-}
-
-// ---------------------------------------------------------------------------
-// The cases, as each rank runs them
-
-template <typename T>
-WorkerReply run_allreduce(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  auto in = [&](std::uint64_t i) { return contribution(c, x.size, x.rank, i); };
-  auto want = [&](std::uint64_t i) { return reduced(c, x.size, i); };
-  Checker chk;
-  Buffer recv(n * sizeof(T), recv_misalign(c));
-  if (c.in_place) {
-    fill<T>(recv.data(), n, in);
-    x.comm.allreduce(recv.data(), recv.data(), n, c.dtype, c.op);
-  } else {
-    Buffer send(n * sizeof(T), c.misalign);
-    fill<T>(send.data(), n, in);
-    x.comm.allreduce(send.data(), recv.data(), n, c.dtype, c.op);
-    chk.expect<T>("sendbuf (must not change)", send.data(), n, in);
-    chk.guards("sendbuf", send);
-  }
-  chk.expect<T>("recvbuf", recv.data(), n, want);
-  chk.guards("recvbuf", recv);
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_broadcast(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const bool root = x.rank == c.root;
-  auto src = [&](std::uint64_t i) { return payload(c, c.root, i); };
-  Checker chk;
-  Buffer recv(n * sizeof(T), recv_misalign(c));
-  if (c.in_place) {
-    if (root) fill<T>(recv.data(), n, src);
-    x.comm.broadcast(recv.data(), recv.data(), n, c.dtype, c.root);
-  } else {
-    // sendbuf is read on the root only: the others pass null.
-    std::optional<Buffer> send;
-    if (root) {
-      send.emplace(n * sizeof(T), c.misalign);
-      fill<T>(send->data(), n, src);
-    }
-    x.comm.broadcast(root ? send->data() : nullptr, recv.data(), n, c.dtype, c.root);
-    if (root) {
-      chk.expect<T>("sendbuf (must not change)", send->data(), n, src);
-      chk.guards("sendbuf", *send);
-    }
-  }
-  chk.expect<T>("recvbuf", recv.data(), n, src);
-  chk.guards("recvbuf", recv);
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_allgather(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const std::uint64_t total = n * static_cast<std::uint64_t>(x.size);
-  auto mine = [&](std::uint64_t i) { return payload(c, x.rank, i); };
-  auto want = [&](int b, std::uint64_t i) { return payload(c, b, i); };
-  Checker chk;
-  Buffer recv(total * sizeof(T), recv_misalign(c));
-  unsigned char* my_block = recv.data() + static_cast<std::uint64_t>(x.rank) * n * sizeof(T);
-  if (c.in_place) {
-    fill<T>(my_block, n, mine);
-    x.comm.allgather(my_block, recv.data(), n, c.dtype);
-  } else {
-    Buffer send(n * sizeof(T), c.misalign);
-    fill<T>(send.data(), n, mine);
-    x.comm.allgather(send.data(), recv.data(), n, c.dtype);
-    chk.expect<T>("sendbuf (must not change)", send.data(), n, mine);
-    chk.guards("sendbuf", send);
-  }
-  chk.expect_blocks<T>("recvbuf", recv.data(), x.size, n, want);
-  chk.guards("recvbuf", recv);
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_reduce_scatter(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const std::uint64_t total = n * static_cast<std::uint64_t>(x.size);
-  const std::uint64_t first = static_cast<std::uint64_t>(x.rank) * n;
-  auto in = [&](std::uint64_t j) { return contribution(c, x.size, x.rank, j); };
-  auto want = [&](std::uint64_t i) { return reduced(c, x.size, first + i); };
-  Checker chk;
-  Buffer send(total * sizeof(T), c.misalign);
-  fill<T>(send.data(), total, in);
-  if (c.in_place) {
-    unsigned char* my_block = send.data() + first * sizeof(T);
-    x.comm.reduce_scatter(send.data(), my_block, n, c.dtype, c.op);
-    chk.expect<T>("recvbuf (block of sendbuf)", my_block, n, want);
-  } else {
-    Buffer recv(n * sizeof(T), recv_misalign(c));
-    x.comm.reduce_scatter(send.data(), recv.data(), n, c.dtype, c.op);
-    chk.expect<T>("recvbuf", recv.data(), n, want);
-    chk.guards("recvbuf", recv);
-    chk.expect<T>("sendbuf (must not change)", send.data(), total, in);
-  }
-  chk.guards("sendbuf", send);
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_reduce(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const bool root = x.rank == c.root;
-  auto in = [&](std::uint64_t i) { return contribution(c, x.size, x.rank, i); };
-  auto want = [&](std::uint64_t i) { return reduced(c, x.size, i); };
-  Checker chk;
-  if (c.in_place) {
-    Buffer buf(n * sizeof(T), c.misalign);
-    fill<T>(buf.data(), n, in);
-    x.comm.reduce(buf.data(), buf.data(), n, c.dtype, c.op, c.root);
-    // Only the root's recvbuf receives the result; elsewhere it is the
-    // (const) sendbuf and must be left alone.
-    if (root) chk.expect<T>("recvbuf", buf.data(), n, want);
-    else chk.expect<T>("non-root buffer (must not change)", buf.data(), n, in);
-    chk.guards("buffer", buf);
-  } else {
-    Buffer send(n * sizeof(T), c.misalign);
-    fill<T>(send.data(), n, in);
-    std::optional<Buffer> recv;
-    if (root) recv.emplace(n * sizeof(T), recv_misalign(c));
-    // recvbuf may be null on the non-roots.
-    x.comm.reduce(send.data(), root ? recv->data() : nullptr, n, c.dtype, c.op, c.root);
-    chk.expect<T>("sendbuf (must not change)", send.data(), n, in);
-    chk.guards("sendbuf", send);
-    if (root) {
-      chk.expect<T>("recvbuf", recv->data(), n, want);
-      chk.guards("recvbuf", *recv);
-    }
-  }
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_gather(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const std::uint64_t total = n * static_cast<std::uint64_t>(x.size);
-  const bool root = x.rank == c.root;
-  auto mine = [&](std::uint64_t i) { return payload(c, x.rank, i); };
-  auto want = [&](int b, std::uint64_t i) { return payload(c, b, i); };
-  Checker chk;
-  std::optional<Buffer> recv;
-  if (root) recv.emplace(total * sizeof(T), recv_misalign(c));
-  if (c.in_place && root) {
-    unsigned char* my_block = recv->data() + static_cast<std::uint64_t>(x.rank) * n * sizeof(T);
-    fill<T>(my_block, n, mine);
-    x.comm.gather(my_block, recv->data(), n, c.dtype, c.root);
-  } else {
-    Buffer send(n * sizeof(T), c.misalign);
-    fill<T>(send.data(), n, mine);
-    // recvbuf is used on the root only: the others pass null.
-    x.comm.gather(send.data(), root ? recv->data() : nullptr, n, c.dtype, c.root);
-    chk.expect<T>("sendbuf (must not change)", send.data(), n, mine);
-    chk.guards("sendbuf", send);
-  }
-  if (root) {
-    chk.expect_blocks<T>("recvbuf", recv->data(), x.size, n, want);
-    chk.guards("recvbuf", *recv);
-  }
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_scatter(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const std::uint64_t total = n * static_cast<std::uint64_t>(x.size);
-  const std::uint64_t first = static_cast<std::uint64_t>(x.rank) * n;
-  const bool root = x.rank == c.root;
-  auto src = [&](std::uint64_t k) { return payload(c, c.root, k); };
-  auto want = [&](std::uint64_t i) { return payload(c, c.root, first + i); };
-  Checker chk;
-  std::optional<Buffer> send;
-  if (root) {
-    send.emplace(total * sizeof(T), c.misalign);
-    fill<T>(send->data(), total, src);
-  }
-  if (c.in_place && root) {
-    unsigned char* my_block = send->data() + first * sizeof(T);
-    x.comm.scatter(send->data(), my_block, n, c.dtype, c.root);
-    // The root's block is already in place; nothing in sendbuf may change.
-    chk.expect<T>("sendbuf with the root's block in place", send->data(), total, src);
-  } else {
-    Buffer recv(n * sizeof(T), recv_misalign(c));
-    // sendbuf is used on the root only: the others pass null.
-    x.comm.scatter(root ? send->data() : nullptr, recv.data(), n, c.dtype, c.root);
-    chk.expect<T>("recvbuf", recv.data(), n, want);
-    chk.guards("recvbuf", recv);
-    if (root) chk.expect<T>("sendbuf (must not change)", send->data(), total, src);
-  }
-  if (root) chk.guards("sendbuf", *send);
-  return chk.reply();
-}
-
-template <typename T>
-WorkerReply run_alltoall(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const std::uint64_t total = n * static_cast<std::uint64_t>(x.size);
-  const std::uint64_t first = static_cast<std::uint64_t>(x.rank) * n;
-  auto mine = [&](std::uint64_t k) { return payload(c, x.rank, k); };
-  // Block b of my recvbuf is block `rank` of rank b's sendbuf.
-  auto want = [&](int b, std::uint64_t i) { return payload(c, b, first + i); };
-  Checker chk;
-  Buffer send(total * sizeof(T), c.misalign);
-  Buffer recv(total * sizeof(T), recv_misalign(c));
-  fill<T>(send.data(), total, mine);
-  x.comm.alltoall(send.data(), recv.data(), n, c.dtype);
-  chk.expect_blocks<T>("recvbuf", recv.data(), x.size, n, want);
-  chk.guards("recvbuf", recv);
-  chk.expect<T>("sendbuf (must not change)", send.data(), total, mine);
-  chk.guards("sendbuf", send);
-  return chk.reply();
-}
-
-// Ring shift: rank r sends to r+1 and receives from r-1.
-template <typename T>
-WorkerReply run_sendrecv(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const int next = (x.rank + 1) % x.size;
-  const int prev = (x.rank + x.size - 1) % x.size;
-  auto mine = [&](std::uint64_t i) { return payload(c, x.rank, i); };
-  auto want = [&](std::uint64_t i) { return payload(c, prev, i); };
-  Checker chk;
-  Buffer send(n * sizeof(T), c.misalign);
-  Buffer recv(n * sizeof(T), recv_misalign(c));
-  fill<T>(send.data(), n, mine);
-  if (c.async) {
-    // Posted send first: operations run in submission order, and a posted
-    // receive ahead of the send would wait for a peer that waits in turn.
-    chorus::Work s = x.comm.send_async(send.data(), n, c.dtype, next);
-    chorus::Work r = x.comm.recv_async(recv.data(), n, c.dtype, prev);
-    r.wait();  // reverse order on purpose
-    s.wait();
-    if (!s.completed() || !r.completed()) chk.fail("completed() is false after wait()");
-  } else if (x.rank % 2 == 0) {
-    // Even ranks send first, odd ranks receive first: no cycle of blocked
-    // sends even without buffering in the transport.
-    x.comm.send(send.data(), n, c.dtype, next);
-    x.comm.recv(recv.data(), n, c.dtype, prev);
-  } else {
-    x.comm.recv(recv.data(), n, c.dtype, prev);
-    x.comm.send(send.data(), n, c.dtype, next);
-  }
-  chk.expect<T>("recvbuf", recv.data(), n, want);
-  chk.guards("recvbuf", recv);
-  chk.expect<T>("sendbuf (must not change)", send.data(), n, mine);
-  chk.guards("sendbuf", send);
-  return chk.reply();
-}
-
-// Each round, ranks arrive at different times (rank-dependent sleeps) and
-// count themselves in shared memory before entering the barrier; whoever
-// leaves must see every rank's arrival of that round.
-WorkerReply run_barrier(WorkerContext& x, const Case& c) {
-  Checker chk;
-  constexpr int kRounds = 4;
-  auto& arrived = x.shared.counter[0];
-  for (int k = 0; k < kRounds; ++k) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(((x.rank + k) % x.size) * 3));
-    arrived.fetch_add(1);
-    if (c.async) {
-      chorus::Work w = x.comm.barrier_async();
-      if (!w.wait(std::chrono::milliseconds(std::chrono::seconds(60))))
-        chk.fail("barrier_async did not complete within 60 s");
-    } else {
-      x.comm.barrier();
-    }
-    const std::int64_t seen = arrived.load();
-    if (seen < static_cast<std::int64_t>(x.size) * (k + 1))
-      chk.fail("round " + std::to_string(k) + ": barrier returned after only " + std::to_string(seen) +
-               " of " + std::to_string(x.size * (k + 1)) + " arrivals");
-  }
-  return chk.reply();
-}
-
-// Several allreduce_async in flight on shared buffers, waited in reverse
-// order: results prove that each ran after the earlier ones on the same
-// buffer (e.g. sum-then-max differs from max-then-sum), and completed()
-// proves that waiting for a later one implies the earlier ones are done.
-WorkerReply run_async_order(WorkerContext& x, const Case& c) {
-  Checker chk;
-  const std::uint64_t n = c.count;
-  const int size = x.size;
-  // x(r, i) = s + (r + p) mod n, with s and p hashed per element: the sum is
-  // n * s + n(n-1)/2 and the max s + n - 1, in closed form.
-  auto element_of = [&](std::uint64_t i, std::uint64_t salt) {
-    const std::uint64_t h = mix(c.seed + salt * 0x9E3779B97F4A7C15ull + i);
-    return std::pair<std::int64_t, int>(static_cast<std::int64_t>(h % 5) + 1,
-                                        static_cast<int>((h >> 8) % static_cast<std::uint64_t>(size)));
-  };
-  auto value = [&](std::pair<std::int64_t, int> e) { return e.first + (x.rank + e.second) % size; };
-  auto sum_of = [&](std::pair<std::int64_t, int> e) { return size * e.first + size * (size - 1) / 2; };
-  std::vector<std::int64_t> a(n), b(n), want_a(n), want_b(n);
-  std::vector<float> f_send(n), f_recv(n, -1.0f), want_f(n);
-  for (std::uint64_t i = 0; i < n; ++i) {
-    const auto ea = element_of(i, 1), eb = element_of(i, 2), ef = element_of(i, 3);
-    a[i] = value(ea);
-    b[i] = value(eb);
-    f_send[i] = static_cast<float>(value(ef));
-    want_a[i] = size * sum_of(ea);              // a: sum, max, sum -> n * sum
-    want_b[i] = size * (eb.first + size - 1);   // b: max, sum, min -> n * max
-    want_f[i] = static_cast<float>(sum_of(ef));
-  }
-  const DataType i64 = DataType::Int64;
-  std::vector<chorus::Work> w;
-  w.push_back(x.comm.allreduce_async(a.data(), a.data(), n, i64, ReduceOp::Sum));
-  w.push_back(x.comm.allreduce_async(b.data(), b.data(), n, i64, ReduceOp::Max));
-  w.push_back(x.comm.allreduce_async(f_send.data(), f_recv.data(), n, DataType::Float32, ReduceOp::Sum));
-  w.push_back(x.comm.allreduce_async(a.data(), a.data(), n, i64, ReduceOp::Max));
-  w.push_back(x.comm.allreduce_async(b.data(), b.data(), n, i64, ReduceOp::Sum));
-  w.push_back(x.comm.allreduce_async(b.data(), b.data(), n, i64, ReduceOp::Min));
-  w.push_back(x.comm.allreduce_async(a.data(), a.data(), n, i64, ReduceOp::Sum));
-  for (std::size_t k = w.size(); k-- > 0;) {
-    if (!w[k].wait(std::chrono::milliseconds(std::chrono::seconds(60))))
-      chk.fail("async op " + std::to_string(k) + ": wait(60 s) returned false");
-    for (std::size_t e = 0; e < k; ++e)
-      if (!w[e].completed())
-        chk.fail("async op " + std::to_string(e) + " not completed although op " + std::to_string(k) +
-                 ", submitted after it, is");
-    if (!w[k].test()) chk.fail("async op " + std::to_string(k) + ": test() false after wait");
-  }
-  auto as_value = [](const auto& v) { return [&v](std::uint64_t i) { return static_cast<std::int64_t>(v[i]); }; };
-  chk.expect<std::int64_t>("a (sum, max, sum)", reinterpret_cast<const unsigned char*>(a.data()), n, as_value(want_a));
-  chk.expect<std::int64_t>("b (max, sum, min)", reinterpret_cast<const unsigned char*>(b.data()), n, as_value(want_b));
-  chk.expect<float>("float sum", reinterpret_cast<const unsigned char*>(f_recv.data()), n, as_value(want_f));
-
-  // A blocking call queues behind earlier async ones: when it returns, they
-  // have all run.
-  std::vector<chorus::Work> later;
-  for (int k = 0; k < 3; ++k)
-    later.push_back(x.comm.allreduce_async(a.data(), a.data(), n, i64, ReduceOp::Max));
-  std::int32_t one = 1, total = 0;
-  x.comm.allreduce(&one, &total, 1, DataType::Int32, ReduceOp::Sum);
-  if (total != size) chk.fail("blocking allreduce after async ones: got " + std::to_string(total));
-  for (std::size_t k = 0; k < later.size(); ++k) {
-    if (!later[k].completed())
-      chk.fail("async op " + std::to_string(k) + " submitted before a blocking call is not completed after it");
-    later[k].wait();
-  }
-  chk.expect<std::int64_t>("a after more max", reinterpret_cast<const unsigned char*>(a.data()), n, as_value(want_a));
-  return chk.reply();
-}
-
-// Every *_async entry point, all in flight together (one of each, in a
-// fixed order on every rank) and waited in reverse order; then each result is
-// checked as in the matrix.
-template <typename T>
-WorkerReply run_async_all(WorkerContext& x, const Case& c) {
-  const std::uint64_t n = c.count;
-  const std::uint64_t total = n * static_cast<std::uint64_t>(x.size);
-  const std::uint64_t first = static_cast<std::uint64_t>(x.rank) * n;
-  const std::size_t es = sizeof(T);
-  const bool root = x.rank == c.root;
-  const DataType t = c.dtype;
-  auto sub = [&](ReduceOp op, std::uint64_t salt) {
-    Case s = c;
-    s.op = op;
-    s.seed = mix(c.seed + salt);
-    return s;
-  };
-  const Case ar = sub(ReduceOp::Sum, 1), bc = sub(ReduceOp::Sum, 2), ag = sub(ReduceOp::Sum, 3),
-             rs = sub(ReduceOp::Max, 4), rd = sub(ReduceOp::Min, 5), ga = sub(ReduceOp::Sum, 6),
-             sc = sub(ReduceOp::Sum, 7), aa = sub(ReduceOp::Sum, 8), pp = sub(ReduceOp::Sum, 9);
-  auto in_of = [&](const Case& k) { return [&x, &k](std::uint64_t j) { return contribution(k, x.size, x.rank, j); }; };
-  auto mine_of = [&](const Case& k) { return [&x, &k](std::uint64_t j) { return payload(k, x.rank, j); }; };
-
-  Buffer ar_send(n * es, 0), ar_recv(n * es, 0), bc_buf(n * es, 0), ag_send(n * es, 0),
-      ag_recv(total * es, 0), rs_send(total * es, 0), rs_recv(n * es, 0), rd_send(n * es, 0),
-      rd_recv(n * es, 0), ga_send(n * es, 0), ga_recv(total * es, 0), sc_send(total * es, 0),
-      sc_recv(n * es, 0), aa_send(total * es, 0), aa_recv(total * es, 0), pp_send(n * es, 0),
-      pp_recv(n * es, 0);
-  fill<T>(ar_send.data(), n, in_of(ar));
-  if (root) fill<T>(bc_buf.data(), n, [&](std::uint64_t i) { return payload(bc, c.root, i); });
-  fill<T>(ag_send.data(), n, mine_of(ag));
-  fill<T>(rs_send.data(), total, in_of(rs));
-  fill<T>(rd_send.data(), n, in_of(rd));
-  fill<T>(ga_send.data(), n, mine_of(ga));
-  if (root) fill<T>(sc_send.data(), total, [&](std::uint64_t k) { return payload(sc, c.root, k); });
-  fill<T>(aa_send.data(), total, mine_of(aa));
-  fill<T>(pp_send.data(), n, mine_of(pp));
-
-  std::vector<std::pair<const char*, chorus::Work>> works;
-  works.emplace_back("allreduce_async", x.comm.allreduce_async(ar_send.data(), ar_recv.data(), n, t, ReduceOp::Sum));
-  works.emplace_back("broadcast_async", x.comm.broadcast_async(bc_buf.data(), bc_buf.data(), n, t, c.root));
-  works.emplace_back("allgather_async", x.comm.allgather_async(ag_send.data(), ag_recv.data(), n, t));
-  works.emplace_back("reduce_scatter_async", x.comm.reduce_scatter_async(rs_send.data(), rs_recv.data(), n, t, ReduceOp::Max));
-  works.emplace_back("reduce_async", x.comm.reduce_async(rd_send.data(), rd_recv.data(), n, t, ReduceOp::Min, c.root));
-  works.emplace_back("gather_async", x.comm.gather_async(ga_send.data(), ga_recv.data(), n, t, c.root));
-  works.emplace_back("scatter_async", x.comm.scatter_async(sc_send.data(), sc_recv.data(), n, t, c.root));
-  works.emplace_back("alltoall_async", x.comm.alltoall_async(aa_send.data(), aa_recv.data(), n, t));
-  works.emplace_back("barrier_async", x.comm.barrier_async());
-  const int next = (x.rank + 1) % x.size;
-  const int prev = (x.rank + x.size - 1) % x.size;
-  if (x.size > 1) {
-    works.emplace_back("send_async", x.comm.send_async(pp_send.data(), n, t, next));
-    works.emplace_back("recv_async", x.comm.recv_async(pp_recv.data(), n, t, prev));
-  }
-  Checker chk;
-  for (std::size_t k = works.size(); k-- > 0;) {
-    if (!works[k].second.wait(std::chrono::milliseconds(std::chrono::seconds(60))))
-      chk.fail(std::string(works[k].first) + ": wait(60 s) returned false");
-    for (std::size_t e = 0; e < k; ++e)
-      if (!works[e].second.completed())
-        chk.fail(std::string(works[e].first) + " is not completed although " + works[k].first +
-                 ", submitted after it, is");
-  }
-
-  chk.expect<T>("allreduce recvbuf", ar_recv.data(), n, [&](std::uint64_t i) { return reduced(ar, x.size, i); });
-  chk.expect<T>("broadcast buffer", bc_buf.data(), n, [&](std::uint64_t i) { return payload(bc, c.root, i); });
-  chk.expect_blocks<T>("allgather recvbuf", ag_recv.data(), x.size, n,
-                       [&](int b, std::uint64_t i) { return payload(ag, b, i); });
-  chk.expect<T>("reduce_scatter recvbuf", rs_recv.data(), n,
-                [&](std::uint64_t i) { return reduced(rs, x.size, first + i); });
-  if (root) chk.expect<T>("reduce recvbuf", rd_recv.data(), n, [&](std::uint64_t i) { return reduced(rd, x.size, i); });
-  if (root)
-    chk.expect_blocks<T>("gather recvbuf", ga_recv.data(), x.size, n,
-                         [&](int b, std::uint64_t i) { return payload(ga, b, i); });
-  chk.expect<T>("scatter recvbuf", sc_recv.data(), n, [&](std::uint64_t i) { return payload(sc, c.root, first + i); });
-  chk.expect_blocks<T>("alltoall recvbuf", aa_recv.data(), x.size, n,
-                       [&](int b, std::uint64_t i) { return payload(aa, b, first + i); });
-  if (x.size > 1)
-    chk.expect<T>("recv_async buffer", pp_recv.data(), n, [&](std::uint64_t i) { return payload(pp, prev, i); });
-  for (const Buffer* b : {&ar_recv, &bc_buf, &ag_recv, &rs_recv, &rd_recv, &ga_recv, &sc_recv, &aa_recv, &pp_recv})
-    chk.guards("a receive buffer", *b);
-  return chk.reply();
-}
-
-// Work::wait(timeout): false while a peer has not joined yet, true once done.
-// Rank 0 submits only after every other rank has seen wait() time out (told
-// through shared memory), so the false case does not depend on timing.
-WorkerReply run_wait_timeout(WorkerContext& x, const Case& c) {
-  Checker chk;
-  auto& checked = x.shared.counter[1];
-  std::int64_t mine = x.rank + 1, sum = 0;
-  const std::int64_t want = static_cast<std::int64_t>(x.size) * (x.size + 1) / 2;
-  chorus::Work w;
-  if (x.rank != 0) {
-    w = x.comm.allreduce_async(&mine, &sum, 1, DataType::Int64, ReduceOp::Sum);
-    if (w.wait(10ms)) chk.fail("wait(10 ms) returned true before rank 0 had joined");
-    if (w.completed() || w.test()) chk.fail("completed()/test() true before rank 0 had joined");
-    checked.fetch_add(1);
-  } else {
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (checked.load() < x.size - 1 && std::chrono::steady_clock::now() < give_up)
-      std::this_thread::sleep_for(1ms);
-    w = x.comm.allreduce_async(&mine, &sum, 1, DataType::Int64, ReduceOp::Sum);
-  }
-  if (!w.wait(std::chrono::milliseconds(std::chrono::seconds(60))))
-    chk.fail("wait(60 s) returned false");
-  if (!w.completed()) chk.fail("completed() false after wait returned true");
-  if (sum != want) chk.fail("sum " + std::to_string(sum) + ", expected " + std::to_string(want));
-  (void)c;
-  return chk.reply();
-}
-
-// split(color, key): even/odd ranks; the last rank (world >= 3) passes color
-// -1. Variant 0: key = rank; 1: key = -rank (reverses the order); 2: all keys
-// equal (ties keep the old order).
-WorkerReply run_split(WorkerContext& x, const Case& c) {
-  Checker chk;
-  const int n = x.size;
-  auto color_of = [&](int r) { return (n >= 3 && r == n - 1) ? -1 : r % 2; };
-  auto key_of = [&](int r) { return c.variant == 0 ? r : c.variant == 1 ? -r : 7; };
-  const int color = color_of(x.rank);
-  chorus::Communicator sub = x.comm.split(color, key_of(x.rank));
-  if (color < 0) {
-    if (sub.valid()) chk.fail("split with color -1 returned a valid communicator");
-    try {
-      std::int32_t v = 0;
-      sub.allreduce(&v, &v, 1, DataType::Int32, ReduceOp::Sum);
-      chk.fail("allreduce on the invalid handle did not throw");
-    } catch (const chorus::Error& e) {
-      if (e.code() != chorus::ErrorCode::InvalidUsage)
-        chk.fail(std::string("invalid handle threw the wrong code: ") + e.what());
-    }
-  } else {
-    // Members in the new order: by key, then by old rank.
-    std::vector<int> members;
-    for (int r = 0; r < n; ++r)
-      if (color_of(r) == color) members.push_back(r);
-    std::stable_sort(members.begin(), members.end(),
-                     [&](int p, int q) { return key_of(p) < key_of(q); });
-    const int want_rank = static_cast<int>(std::find(members.begin(), members.end(), x.rank) - members.begin());
-    if (!sub.valid()) chk.fail("split returned an invalid communicator for color " + std::to_string(color));
-    if (sub.size() != static_cast<int>(members.size()) || sub.rank() != want_rank) {
-      chk.fail("sub-communicator is rank " + std::to_string(sub.rank()) + " of " + std::to_string(sub.size()) +
-               ", expected " + std::to_string(want_rank) + " of " + std::to_string(members.size()));
-      return chk.reply();  // the calls below would mismatch
-    }
-    std::int64_t mine = x.rank + 1, sum = 0;
-    sub.allreduce(&mine, &sum, 1, DataType::Int64, ReduceOp::Sum);
-    std::int64_t want_sum = 0;
-    for (int r : members) want_sum += r + 1;
-    if (sum != want_sum) chk.fail("allreduce on the sub-communicator: " + std::to_string(sum) + ", expected " + std::to_string(want_sum));
-    std::int32_t old_rank = x.rank;
-    std::vector<std::int32_t> order(members.size(), -1);
-    sub.allgather(&old_rank, order.data(), 1, DataType::Int32);
-    chk.expect<std::int32_t>("allgather of old ranks on the sub-communicator",
-                             reinterpret_cast<const unsigned char*>(order.data()), order.size(),
-                             [&](std::uint64_t i) { return members[i]; });
-    // A split of a split, reversing it.
-    chorus::Communicator nested = sub.split(0, -sub.rank());
-    if (!nested.valid() || nested.size() != sub.size() || nested.rank() != sub.size() - 1 - sub.rank()) {
-      chk.fail("nested split: rank " + std::to_string(nested.rank()) + " of " + std::to_string(nested.size()));
-    } else {
-      std::int64_t nested_sum = 0;
-      nested.allreduce(&mine, &nested_sum, 1, DataType::Int64, ReduceOp::Sum);
-      if (nested_sum != want_sum) chk.fail("allreduce on the nested split: " + std::to_string(nested_sum));
-    }
-  }
-  // The parent communicator is unaffected.
-  std::int32_t one = 1, total = 0;
-  x.comm.allreduce(&one, &total, 1, DataType::Int32, ReduceOp::Sum);
-  if (total != n) chk.fail("allreduce on the parent after split: " + std::to_string(total));
-  return chk.reply();
-}
-
-// Thousands of tiny calls: sequence numbers, buffer reuse and per-call
-// bookkeeping over a long run.
-WorkerReply run_many_small(WorkerContext& x, const Case& c) {
-  Checker chk;
-  const std::int64_t n = x.size;
-  const std::int64_t rank_sum = n * (n - 1) / 2;
-  int wrong = 0;
-  for (std::uint64_t k = 0; k < c.count; ++k) {
-    std::int32_t in = static_cast<std::int32_t>(x.rank + static_cast<std::int64_t>(k)), out = -1;
-    if (k % 2 == 0) x.comm.allreduce(&in, &out, 1, DataType::Int32, ReduceOp::Sum);
-    else x.comm.allreduce(&in, &in, 1, DataType::Int32, ReduceOp::Sum), out = in;
-    const std::int64_t want = rank_sum + n * static_cast<std::int64_t>(k);
-    if (out != want && wrong++ < 5)
-      chk.fail("call " + std::to_string(k) + ": " + std::to_string(out) + ", expected " + std::to_string(want));
-  }
-  return chk.reply();
-}
-
 // Loses the only pointer to a block (for the harness's leak-check test).
 [[gnu::noinline]] void leak_memory() {
   void* p = std::malloc(4096);
@@ -1373,26 +448,25 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   if (size != sizeof c) throw std::logic_error("bad case descriptor size");
   std::memcpy(&c, bytes, sizeof c);
   if (x.size != c.world) throw std::logic_error("case for another world size");
-  auto typed = [&]<typename Fn>(Fn fn) { return with_type(c.dtype, fn); };
   WorkerReply reply;
   g_registered = c.registered;
   const std::set<std::string> mappings_before = shared_mappings();
   switch (c.coll) {
-    case Coll::Allreduce: reply = typed([&]<typename T>() { return run_allreduce<T>(x, c); }); break;
-    case Coll::Broadcast: reply = typed([&]<typename T>() { return run_broadcast<T>(x, c); }); break;
-    case Coll::Allgather: reply = typed([&]<typename T>() { return run_allgather<T>(x, c); }); break;
-    case Coll::ReduceScatter: reply = typed([&]<typename T>() { return run_reduce_scatter<T>(x, c); }); break;
-    case Coll::Reduce: reply = typed([&]<typename T>() { return run_reduce<T>(x, c); }); break;
-    case Coll::Gather: reply = typed([&]<typename T>() { return run_gather<T>(x, c); }); break;
-    case Coll::Scatter: reply = typed([&]<typename T>() { return run_scatter<T>(x, c); }); break;
-    case Coll::Alltoall: reply = typed([&]<typename T>() { return run_alltoall<T>(x, c); }); break;
-    case Coll::SendRecv: reply = typed([&]<typename T>() { return run_sendrecv<T>(x, c); }); break;
-    case Coll::Barrier: reply = run_barrier(x, c); break;
-    case Coll::AsyncOrder: reply = run_async_order(x, c); break;
-    case Coll::AsyncAll: reply = typed([&]<typename T>() { return run_async_all<T>(x, c); }); break;
-    case Coll::WaitTimeout: reply = run_wait_timeout(x, c); break;
-    case Coll::Split: reply = run_split(x, c); break;
-    case Coll::ManySmall: reply = run_many_small(x, c); break;
+    case Coll::Allreduce:
+    case Coll::ReduceScatter:
+    case Coll::Reduce: reply = run_reducing_case(x, c); break;
+    case Coll::Broadcast:
+    case Coll::Allgather:
+    case Coll::Gather:
+    case Coll::Scatter:
+    case Coll::Alltoall:
+    case Coll::SendRecv: reply = run_moving_case(x, c); break;
+    case Coll::Barrier:
+    case Coll::AsyncOrder:
+    case Coll::AsyncAll:
+    case Coll::WaitTimeout:
+    case Coll::Split:
+    case Coll::ManySmall: reply = run_special_case(x, c); break;
     case Coll::HarnessWrong:
       if (x.rank == x.size - 1) reply = {WorkerReply::Status::Failed, "deliberately wrong"};
       break;
@@ -1464,32 +538,30 @@ void run_case(const Case& c) {
 
 std::string param_name(const testing::TestParamInfo<Case>& info) { return case_label(info.param); }
 
-// gtest prints the parameter of a failed case with this (found by ADL).
-void PrintTo(const Case& c, std::ostream* os) {
-  *os << coll_name(c.coll) << " " << case_label(c) << " (seed " << c.seed << ")";
-}
 
 
-#define CHORUS_COLLECTIVE_SUITE(Suite, cases)                                              \
-  class Suite : public testing::TestWithParam<Case> {};                                    \
-  TEST_P(Suite, MatchesClosedForm) { run_case(GetParam()); }                               \
-  INSTANTIATE_TEST_SUITE_P(Matrix, Suite, testing::ValuesIn(cases), param_name)
+// One fixture for every collective, instantiated once per collective with
+// the collective as the prefix: tests are named
+// <Collective>/Matrix.MatchesClosedForm/<case>. (One fixture class per
+// collective made gtest's registration code most of this file's build.)
+class Matrix : public testing::TestWithParam<Case> {};
+TEST_P(Matrix, MatchesClosedForm) { run_case(GetParam()); }
 
-CHORUS_COLLECTIVE_SUITE(Allreduce, matrix(Coll::Allreduce));
-CHORUS_COLLECTIVE_SUITE(Broadcast, matrix(Coll::Broadcast));
-CHORUS_COLLECTIVE_SUITE(Allgather, matrix(Coll::Allgather));
-CHORUS_COLLECTIVE_SUITE(ReduceScatter, matrix(Coll::ReduceScatter));
-CHORUS_COLLECTIVE_SUITE(Reduce, matrix(Coll::Reduce));
-CHORUS_COLLECTIVE_SUITE(Gather, matrix(Coll::Gather));
-CHORUS_COLLECTIVE_SUITE(Scatter, matrix(Coll::Scatter));
-CHORUS_COLLECTIVE_SUITE(Alltoall, matrix(Coll::Alltoall));
-CHORUS_COLLECTIVE_SUITE(SendRecv, matrix(Coll::SendRecv));
-CHORUS_COLLECTIVE_SUITE(Barrier, special(Coll::Barrier));
-CHORUS_COLLECTIVE_SUITE(AsyncOrder, special(Coll::AsyncOrder));
-CHORUS_COLLECTIVE_SUITE(AsyncAll, special(Coll::AsyncAll));
-CHORUS_COLLECTIVE_SUITE(WaitTimeout, special(Coll::WaitTimeout));
-CHORUS_COLLECTIVE_SUITE(Split, special(Coll::Split));
-CHORUS_COLLECTIVE_SUITE(ManySmall, special(Coll::ManySmall));
+INSTANTIATE_TEST_SUITE_P(Allreduce, Matrix, testing::ValuesIn(matrix(Coll::Allreduce)), param_name);
+INSTANTIATE_TEST_SUITE_P(Broadcast, Matrix, testing::ValuesIn(matrix(Coll::Broadcast)), param_name);
+INSTANTIATE_TEST_SUITE_P(Allgather, Matrix, testing::ValuesIn(matrix(Coll::Allgather)), param_name);
+INSTANTIATE_TEST_SUITE_P(ReduceScatter, Matrix, testing::ValuesIn(matrix(Coll::ReduceScatter)), param_name);
+INSTANTIATE_TEST_SUITE_P(Reduce, Matrix, testing::ValuesIn(matrix(Coll::Reduce)), param_name);
+INSTANTIATE_TEST_SUITE_P(Gather, Matrix, testing::ValuesIn(matrix(Coll::Gather)), param_name);
+INSTANTIATE_TEST_SUITE_P(Scatter, Matrix, testing::ValuesIn(matrix(Coll::Scatter)), param_name);
+INSTANTIATE_TEST_SUITE_P(Alltoall, Matrix, testing::ValuesIn(matrix(Coll::Alltoall)), param_name);
+INSTANTIATE_TEST_SUITE_P(SendRecv, Matrix, testing::ValuesIn(matrix(Coll::SendRecv)), param_name);
+INSTANTIATE_TEST_SUITE_P(Barrier, Matrix, testing::ValuesIn(special(Coll::Barrier)), param_name);
+INSTANTIATE_TEST_SUITE_P(AsyncOrder, Matrix, testing::ValuesIn(special(Coll::AsyncOrder)), param_name);
+INSTANTIATE_TEST_SUITE_P(AsyncAll, Matrix, testing::ValuesIn(special(Coll::AsyncAll)), param_name);
+INSTANTIATE_TEST_SUITE_P(WaitTimeout, Matrix, testing::ValuesIn(special(Coll::WaitTimeout)), param_name);
+INSTANTIATE_TEST_SUITE_P(Split, Matrix, testing::ValuesIn(special(Coll::Split)), param_name);
+INSTANTIATE_TEST_SUITE_P(ManySmall, Matrix, testing::ValuesIn(special(Coll::ManySmall)), param_name);
 
 // The harness itself: a wrong result fails the case and keeps the ranks; a
 // rank that dies or hangs fails its case promptly, with a message naming it,
@@ -1571,6 +643,12 @@ TEST(RankPoolHarness, LeakInARankIsReportedAtShutdown) {
 }
 
 }  // namespace
+
+// gtest prints the parameter of a failed case with this (found by ADL).
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << coll_name(c.coll) << " " << case_label(c) << " (seed " << c.seed << ")";
+}
+
 }  // namespace chorus_test
 
 int main(int argc, char** argv) {
