@@ -315,7 +315,7 @@ WorkerReply run_special_case(WorkerContext& x, const Case& c) {
     case Coll::AsyncOrder: return run_async_order(x, c);
     case Coll::AsyncAll:
       // Only the types special() gives these cases: each instance is a
-      // large function, and ten of them were most of this file's build.
+      // large function, and ten of them were most of the matrix's build.
       switch (c.dtype) {
         case DataType::Float32: return run_async_all<float>(x, c);
         case DataType::Int32: return run_async_all<std::int32_t>(x, c);

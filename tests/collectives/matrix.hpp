@@ -19,11 +19,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <iosfwd>
 #include <limits>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -345,22 +343,6 @@ class Buffer {
   std::vector<unsigned char> storage_;
   unsigned char* shared_ = nullptr;  // mem_alloc memory in place of storage_
 };
-
-// The mem_alloc regions (memfds named "chorus-mem") this process has
-// mapped, by inode: its own buffers, and the regions of peers that the shm
-// transport mapped to read their messages or write into their buffers.
-inline std::set<std::string> shared_mappings() {
-  std::ifstream maps("/proc/self/maps");
-  std::set<std::string> inodes;
-  for (std::string line; std::getline(maps, line);) {
-    if (line.find("memfd:chorus-mem") == std::string::npos) continue;
-    std::istringstream fields(line);
-    std::string range, perms, offset, dev, inode;
-    fields >> range >> perms >> offset >> dev >> inode;
-    inodes.insert(dev + ":" + inode);
-  }
-  return inodes;
-}
 
 class Checker {
  public:

@@ -436,6 +436,22 @@ std::vector<Case> special(Coll coll) {
   return cases;
 }
 
+// The mem_alloc regions (memfds named "chorus-mem") this process has
+// mapped, by inode: its own buffers, and the regions of peers that the shm
+// transport mapped to read their messages or write into their buffers.
+std::set<std::string> shared_mappings() {
+  std::ifstream maps("/proc/self/maps");
+  std::set<std::string> inodes;
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("memfd:chorus-mem") == std::string::npos) continue;
+    std::istringstream fields(line);
+    std::string range, perms, offset, dev, inode;
+    fields >> range >> perms >> offset >> dev >> inode;
+    inodes.insert(dev + ":" + inode);
+  }
+  return inodes;
+}
+
 // Loses the only pointer to a block (for the harness's leak-check test).
 [[gnu::noinline]] void leak_memory() {
   void* p = std::malloc(4096);
