@@ -975,7 +975,11 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
     req.ordinal = ordinal;
     req.deadline = c.deadline(o);
     c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
-      c.run_host(part, ps, pr, o.algorithm, req.deadline, peer);
+      // An algorithm forced for this call names one of its collective: the
+      // engine's other steps (the alltoall of a reduction combined on the
+      // GPU) take the selector's choice.
+      c.run_host(part, ps, pr, part.coll == call.coll ? o.algorithm : std::string(), req.deadline,
+                 peer);
     });
   }, async);
 }

@@ -126,6 +126,8 @@ Settings resolve_settings(const Config& config, const EnvLookup& getenv) {
     s.cuda_one_shot_bytes = parse_bytes(v, "CHORUS_CUDA_ONE_SHOT_BYTES");
   if (const char* v = lookup(getenv, "CHORUS_CUDA_IPC_MIN_BYTES"))
     s.cuda_ipc_min_bytes = parse_bytes(v, "CHORUS_CUDA_IPC_MIN_BYTES");
+  if (const char* v = lookup(getenv, "CHORUS_CUDA_STAGED_REDUCE"))
+    s.cuda_staged_reduce = one_of(v, "CHORUS_CUDA_STAGED_REDUCE", "cpu", "gpu");
   return s;
 }
 

@@ -37,6 +37,7 @@ struct Settings {
   std::size_t cuda_stage_bytes = 4 << 20;        // CHORUS_CUDA_STAGE_BYTES: pinned staging chunk
   std::size_t cuda_one_shot_bytes = 256 << 10;   // CHORUS_CUDA_ONE_SHOT_BYTES
   std::size_t cuda_ipc_min_bytes = 0;            // CHORUS_CUDA_IPC_MIN_BYTES: smaller calls stage
+  std::string cuda_staged_reduce = "cpu";        // CHORUS_CUDA_STAGED_REDUCE: cpu|gpu
 };
 
 using EnvLookup = std::function<const char*(const char*)>;

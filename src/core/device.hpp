@@ -46,7 +46,9 @@ void synchronize(void* stream);
 
 // Runs the host algorithm of `call` on host buffers (what the communicator
 // would run for a host call with these arguments), within `deadline`. The
-// staged path calls it on pinned copies of the device buffers.
+// staged path calls it on pinned copies of the device buffers: with the call
+// itself, or (reductions combined on the GPU) with the alltoall, allgather or
+// gather steps around the kernel, which every rank runs alike.
 using HostRunner =
     std::function<void(const transport::CallDesc& call, const void* send, void* recv)>;
 

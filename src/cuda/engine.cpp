@@ -182,7 +182,8 @@ struct Hello {
   std::int32_t pid;
   std::uint8_t uuid[16];
   std::uint8_t ipc_wanted;
-  std::uint8_t pad[7];
+  std::uint8_t gpu_reduce_wanted;  // CHORUS_CUDA_STAGED_REDUCE=gpu
+  std::uint8_t pad[6];
 };
 
 // Per call on the IPC path: where this rank's buffers are.
@@ -224,6 +225,7 @@ class CudaEngine final : public Engine {
   explicit CudaEngine(const EngineSetup& s)
       : s_(s),
         ipc_wanted_(s.settings.cuda_ipc),
+        gpu_reduce_wanted_(s.settings.cuda_staged_reduce == "gpu"),
         stage_bytes_(s.settings.cuda_stage_bytes),
         one_shot_bytes_(s.settings.cuda_one_shot_bytes),
         ipc_min_bytes_(s.settings.cuda_ipc_min_bytes) {}
@@ -239,6 +241,7 @@ class CudaEngine final : public Engine {
     for (cudaEvent_t e : stage_events_)
       if (e != nullptr) (void)cudaEventDestroy(e);
     for (auto& p : pinned_) p.release();
+    gathered_.release();
     if (scratch_ != nullptr) (void)cudaFree(scratch_);
     for (cudaStream_t st : {internal_, d2h_, h2d_})
       if (st != nullptr) (void)cudaStreamDestroy(st);
@@ -319,6 +322,7 @@ class CudaEngine final : public Engine {
     CHORUS_CUDA(cudaGetDeviceProperties(&prop, ordinal_));
     std::memcpy(me.uuid, &prop.uuid, 16);
     me.ipc_wanted = (ipc_wanted_ && s_.one_host) ? 1 : 0;
+    me.gpu_reduce_wanted = gpu_reduce_wanted_ ? 1 : 0;
     std::vector<Hello> all(static_cast<std::size_t>(s_.size));
     exchange(r.call, &me, sizeof me, all.data(), r.deadline);
 
@@ -349,9 +353,23 @@ class CudaEngine final : public Engine {
     ipc_ = std::all_of(verdicts.begin(), verdicts.end(), [](std::uint8_t v) { return v != 0; });
     same_gpu_ = std::all_of(all.begin(), all.end(),
                             [&](const Hello& h) { return std::memcmp(h.uuid, me.uuid, 16) == 0; });
+    // Staged reductions combine on the GPU only if every rank asked for it
+    // (the ranks must run the same steps) and one kernel takes every rank's
+    // block (cuda::kMaxInputs).
+    const auto wanting = std::count_if(all.begin(), all.end(),
+                                       [](const Hello& h) { return h.gpu_reduce_wanted != 0; });
+    gpu_reduce_ = wanting == s_.size && s_.size > 1 && s_.size <= cuda::kMaxInputs;
+    if (wanting > 0 && wanting < s_.size && s_.rank == 0)
+      CHORUS_WARN("CHORUS_CUDA_STAGED_REDUCE=gpu on " << wanting << " of " << s_.size
+                  << " ranks only: staged reductions combine on the CPU");
+    if (wanting == s_.size && !gpu_reduce_ && s_.rank == 0 && s_.size > 1)
+      CHORUS_WARN("CHORUS_CUDA_STAGED_REDUCE=gpu: " << s_.size << " ranks are more inputs than one "
+                  << "kernel takes (" << cuda::kMaxInputs
+                  << "): staged reductions combine on the CPU");
     CHORUS_INFO("rank " << s_.rank << ": device collectives on GPU " << ordinal_ << " through "
                          << (ipc_ ? "CUDA IPC" : "pinned host staging over " +
-                                                     s_.transport->name()));
+                                                     s_.transport->name())
+                         << (!ipc_ && gpu_reduce_ ? ", reductions combined on the GPU" : ""));
     introduced_ = true;
   }
 
@@ -683,10 +701,14 @@ class CudaEngine final : public Engine {
   void run_staged(const Request& r, cudaStream_t st, const HostRunner& host) {
     const CallDesc& c = r.call;
     const Sizes sz = sizes_of(c, s_.rank, s_.size);
+    if (c.coll == Coll::ReduceScatter && combines_on_gpu(c)) {
+      run_reduce_scatter_on_gpu(r, st, host);
+      return;
+    }
     const bool elementwise =
         c.coll == Coll::Allreduce || c.coll == Coll::Broadcast || c.coll == Coll::Reduce;
     if (elementwise && sz.recv + sz.send > 0 &&
-        std::max(sz.send, sz.recv) > stage_bytes_) {
+        (std::max(sz.send, sz.recv) > stage_bytes_ || combines_on_gpu(c))) {
       run_pipelined(r, st, host);
       return;
     }
@@ -724,9 +746,92 @@ class CudaEngine final : public Engine {
     }
   }
 
+  // Staged reductions combined by a kernel (CHORUS_CUDA_STAGED_REDUCE=gpu,
+  // agreed by every rank at the introduction) instead of the CPU.
+  bool combines_on_gpu(const CallDesc& c) const {
+    return gpu_reduce_ &&
+           (c.coll == Coll::Allreduce || c.coll == Coll::Reduce || c.coll == Coll::ReduceScatter);
+  }
+
+  // Copies n blocks of `b` bytes each, contiguous in pinned `blocks`, to
+  // device scratch on `st`, each block at a 256-byte pitch so that the
+  // kernel's 16-byte loads apply; `spare` bytes follow them, at `*spare_at`.
+  // Returns the blocks' device addresses in rank order.
+  std::vector<const char*> blocks_to_device(const void* blocks, std::size_t b, std::size_t spare,
+                                            char** spare_at, cudaStream_t st) {
+    const auto n = static_cast<std::size_t>(s_.size);
+    const std::size_t pitch = (b + 255) / 256 * 256;
+    char* d = static_cast<char*>(scratch(pitch * n + spare));
+    CHORUS_CUDA(cudaMemcpy2DAsync(d, pitch, blocks, b, b, n, cudaMemcpyHostToDevice, st));
+    std::vector<const char*> in(n);
+    for (std::size_t j = 0; j < n; ++j) in[j] = d + j * pitch;
+    if (spare_at != nullptr) *spare_at = d + pitch * n;
+    return in;
+  }
+
+  // Reduce-scatter combined on the GPU: block p of every rank's input goes to
+  // rank p (a host alltoall of the staged input), and one kernel reduces the
+  // n copies of this rank's block, in rank order, straight into recv.
+  void run_reduce_scatter_on_gpu(const Request& r, cudaStream_t st, const HostRunner& host) {
+    const CallDesc& c = r.call;
+    const std::size_t b = static_cast<std::size_t>(c.count) * size_of(c.dtype);
+    const std::size_t nb = b * static_cast<std::size_t>(s_.size);
+    pinned_[0].ensure(nb);
+    pinned_[1].ensure(nb);
+    CHORUS_CUDA(cudaMemcpyAsync(pinned_[0].p, r.send, nb, cudaMemcpyDeviceToHost, st));
+    CHORUS_CUDA(cudaStreamSynchronize(st));
+    CallDesc swap = c;
+    swap.coll = Coll::Alltoall;
+    swap.root = -1;
+    host(swap, pinned_[0].p, pinned_[1].p);
+    // In place, recv lies inside send: the copy above has already read it.
+    reduce(blocks_to_device(pinned_[1].p, b, 0, nullptr, st), 0, r.recv,
+           static_cast<std::size_t>(c.count), c, st);
+    CHORUS_CUDA(cudaStreamSynchronize(st));
+  }
+
+  // One chunk of a staged allreduce or reduce combined on the GPU. `buf`
+  // (pinned, room for len + n - 1 elements) holds this rank's `part.count`
+  // elements; padded to n equal blocks, they are swapped so that rank p holds
+  // block p of every rank (a host alltoall), a kernel reduces those n copies
+  // in rank order, and the reduced blocks come back together in `buf`
+  // (allgather; for reduce, gather at the root only).
+  void combine_chunk_on_gpu(const CallDesc& part, char* buf, bool want_result,
+                            const HostRunner& host) {
+    const auto n = static_cast<std::size_t>(s_.size);
+    const std::size_t e = size_of(part.dtype);
+    const std::size_t len = static_cast<std::size_t>(part.count);
+    const std::size_t blk = (len + n - 1) / n;
+    const std::size_t b = blk * e;
+    // The padding is reduced like the rest and dropped: make it defined.
+    if (blk * n > len) std::memset(buf + len * e, 0, (blk * n - len) * e);
+    CallDesc swap = part;
+    swap.coll = Coll::Alltoall;
+    swap.count = blk;
+    swap.root = -1;
+    host(swap, buf, gathered_.p);
+    char* out = nullptr;
+    const auto in = blocks_to_device(gathered_.p, b, b, &out, internal_);
+    reduce(in, 0, out, blk, part, internal_);
+    char* mine = buf + static_cast<std::size_t>(s_.rank) * b;
+    CHORUS_CUDA(cudaMemcpyAsync(mine, out, b, cudaMemcpyDeviceToHost, internal_));
+    CHORUS_CUDA(cudaStreamSynchronize(internal_));
+    CallDesc back = part;
+    back.count = blk;
+    if (part.coll == Coll::Allreduce) {
+      back.coll = Coll::Allgather;  // in place: mine == buf + rank * b
+      back.root = -1;
+      host(back, mine, buf);
+    } else {
+      back.coll = Coll::Gather;
+      host(back, mine, want_result ? buf : nullptr);
+    }
+  }
+
   // Allreduce, broadcast and reduce in chunks: the copy of chunk k+2 to the
   // host and of chunk k-1 back overlap the host collective on chunk k. Three
-  // pinned slots; the copy engines work on their own streams.
+  // pinned slots; the copy engines work on their own streams. Reductions
+  // combined on the GPU come here at every size (one chunk when small).
   void run_pipelined(const Request& r, cudaStream_t st, const HostRunner& host) {
     const CallDesc& c = r.call;
     const std::size_t e = size_of(c.dtype);
@@ -736,7 +841,11 @@ class CudaEngine final : public Engine {
     // The communicator passes null for the buffers a rank does not use.
     const bool reads = r.send != nullptr;
     const bool writes = r.recv != nullptr;
-    for (auto& p : pinned_) p.ensure(per * e);
+    const bool on_gpu = combines_on_gpu(c);
+    // On the GPU, a chunk is padded to n equal blocks.
+    const std::size_t slot_elems = on_gpu ? per + static_cast<std::size_t>(s_.size) : per;
+    for (auto& p : pinned_) p.ensure(slot_elems * e);
+    if (on_gpu) gathered_.ensure(slot_elems * e);
     // Ordered after the caller's prior work on `st`.
     CHORUS_CUDA(cudaEventRecord(stage_events_[6], st));
     CHORUS_CUDA(cudaStreamWaitEvent(d2h_, stage_events_[6], 0));
@@ -760,7 +869,8 @@ class CudaEngine final : public Engine {
       CallDesc part = c;
       part.count = len_of(k);
       char* buf = static_cast<char*>(pinned_[slot].p);
-      host(part, reads ? buf : nullptr, writes ? buf : nullptr);
+      if (on_gpu) combine_chunk_on_gpu(part, buf, writes, host);
+      else host(part, reads ? buf : nullptr, writes ? buf : nullptr);
       if (writes) {
         CHORUS_CUDA(cudaMemcpyAsync(static_cast<char*>(r.recv) + k * per * e, buf, len_of(k) * e,
                                     cudaMemcpyHostToDevice, h2d_));
@@ -777,12 +887,14 @@ class CudaEngine final : public Engine {
 
   EngineSetup s_;
   const bool ipc_wanted_;
+  const bool gpu_reduce_wanted_;
   const std::size_t stage_bytes_;
   const std::size_t one_shot_bytes_;
   const std::size_t ipc_min_bytes_;
   int ordinal_ = -1;
   bool introduced_ = false;
   bool ipc_ = false;
+  bool gpu_reduce_ = false;  // staged reductions combine on the GPU (every rank agreed)
   bool same_gpu_ = false;  // every rank's buffers on this GPU: run_leader
   cudaStream_t internal_ = nullptr, d2h_ = nullptr, h2d_ = nullptr;
   cudaEvent_t phase_event_ = nullptr;
@@ -792,6 +904,7 @@ class CudaEngine final : public Engine {
   std::set<void*> in_use_;          // mappings the current call uses
   std::map<std::uintptr_t, std::pair<std::uint64_t, cudaIpcMemHandle_t>> handles_;  // mine, by base
   Pinned pinned_[3];
+  Pinned gathered_;  // a chunk's blocks from every rank, on their way to the GPU
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
 };

@@ -122,9 +122,12 @@ TEST(Settings, DefaultsAndEnvironment) {
   EXPECT_EQ(s.shm_split, "on");
   EXPECT_EQ(s.fi_rma, "auto");
   EXPECT_EQ(s.llc_bytes, 0u);  // read from sysfs at creation
+  EXPECT_EQ(s.cuda_staged_reduce, "cpu");
 
   FakeEnv rma{{{"CHORUS_FI_RMA", "off"}}};
   EXPECT_EQ(chorus::resolve_settings({}, rma.fn()).fi_rma, "off");
+  FakeEnv gpu_reduce{{{"CHORUS_CUDA_STAGED_REDUCE", "gpu"}}};
+  EXPECT_EQ(chorus::resolve_settings({}, gpu_reduce.fn()).cuda_staged_reduce, "gpu");
 
   FakeEnv env{{{"CHORUS_TIMEOUT", "2.5"}, {"CHORUS_TRANSPORT", "xyz"}, {"CHORUS_SPIN_US", "7"},
                {"CHORUS_CHUNK_BYTES", "64K"}, {"CHORUS_SOCKET_BUFFER", "4M"},
@@ -158,6 +161,7 @@ TEST(Settings, Malformed) {
       {{"CHORUS_SPIN_US", "-1"}},   {{"CHORUS_SPIN_US", "12abc"}},  {{"CHORUS_CHUNK_BYTES", "8"}},
       {{"CHORUS_CHUNK_BYTES", "1T"}}, {{"CHORUS_SOCKET_BUFFER", "-5"}}, {{"CHORUS_SHM_LARGE", "xpmem"}},
       {{"CHORUS_SHM_MAPPED_MIN", "lots"}}, {{"CHORUS_SHM_SPLIT", "yes"}},
+      {{"CHORUS_CUDA_STAGED_REDUCE", "device"}},
       {{"CHORUS_ALGO", "allreduce:nonsense"}}, {{"CHORUS_ALGO", "allreduce"}},
       {{"CHORUS_ALGO", "frobnicate:ring"}}, {{"CHORUS_FI_RMA", "yes"}}, {{"CHORUS_FI_MR", "never"}},
       {{"CHORUS_LLC_BYTES", "1K"}}, {{"CHORUS_LLC_BYTES", "large"}},
