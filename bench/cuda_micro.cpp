@@ -6,12 +6,19 @@
 // Bandwidth counts bytes read plus bytes written: a copy of B bytes moves 2B;
 // a 2-input reduction of B-byte buffers moves 3B. Times are the median of
 // CUDA-event-timed runs after warm-up, on random (never zero) data.
+//
+// Last, what telling host from device memory costs per pointer
+// (chorus::device::query, which every collective calls on its buffers):
+// a malloc'd host pointer (a driver query each time), a device pointer (a
+// cached range), and cudaPointerGetAttributes itself.
 
+#include "core/device.hpp"
 #include "cuda/kernels.hpp"
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -103,6 +110,29 @@ int main(int argc, char** argv) {
     }, repeats);
     const double gbs = static_cast<double>(k.n + 1) * static_cast<double>(bytes) / (ms * 1e-3) / 1e9;
     std::printf("%-28s %12.1f %12.1f %10.1f\n", k.name, ms * 1e3, gbs, 100.0 * gbs / copy_gbs);
+  }
+  {
+    std::vector<char> host(4096);
+    constexpr int kCalls = 200000;
+    auto ns_per_call = [&](auto f) {
+      for (int i = 0; i < 1000; ++i) f();
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < kCalls; ++i) f();
+      const std::chrono::duration<double, std::nano> d = std::chrono::steady_clock::now() - t0;
+      return d.count() / kCalls;
+    };
+    volatile int sink = 0;
+    const double q_host = ns_per_call([&] { sink = sink + chorus::device::query(host.data()).ordinal; });
+    const double q_dev = ns_per_call([&] { sink = sink + chorus::device::query(out).ordinal; });
+    const double attr = ns_per_call([&] {
+      cudaPointerAttributes a{};
+      (void)cudaPointerGetAttributes(&a, host.data());
+      sink = sink + static_cast<int>(a.type);
+    });
+    std::printf("%-40s %10s\n", "memory-kind query", "ns/call");
+    std::printf("%-40s %10.1f\n", "device::query, host pointer", q_host);
+    std::printf("%-40s %10.1f\n", "device::query, device pointer (cached)", q_dev);
+    std::printf("%-40s %10.1f\n", "cudaPointerGetAttributes, host pointer", attr);
   }
   for (auto& p : in) ok(cudaFree(p), "cudaFree");
   ok(cudaFree(out), "cudaFree");

@@ -254,8 +254,9 @@ class CudaEngine final : public Engine {
     const cudaError_t e = cudaStreamQuery(internal_);
     if (e == cudaSuccess || e == cudaErrorNotReady) return std::nullopt;
     std::ostringstream os;
-    os << "an earlier device collective failed on the GPU after its call returned: "
-       << cudaGetErrorName(e) << " (" << cudaGetErrorString(e) << ")";
+    os << "the GPU context of this process is unusable: " << cudaGetErrorName(e) << " ("
+       << cudaGetErrorString(e) << "), a fault of a kernel that ran after an earlier call "
+       << "returned (the application's or a device collective's)";
     return Error(ErrorCode::Cuda, os.str());
   }
 

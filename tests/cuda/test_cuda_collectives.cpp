@@ -16,6 +16,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <chrono>
@@ -349,6 +350,107 @@ TEST(CudaMisuse, MixedHostAndDeviceRanksFailClearly) {
     return 1;
   }, std::chrono::seconds(120));
   for (int r = 0; r < 3; ++r) EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0) << "rank " << r;
+}
+
+// A kernel that traps, as PTX for the driver to compile: a sticky fault on
+// the context, raised by the application's own work after a collective
+// returned.
+constexpr char kTrapPtx[] = R"(.version 7.0
+.target sm_52
+.address_size 64
+.visible .entry chorus_test_trap()
+{
+  trap;
+}
+)";
+
+template <typename Fn>
+Fn driver_fn(const char* name) {
+  void* f = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+  if (cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess)
+    return nullptr;
+  return reinterpret_cast<Fn>(f);
+}
+
+// A fault on the GPU after a device collective returned poisons the process's
+// context: Communicator::error() reports it as Error(Cuda) naming the CUDA
+// error, and the next call, on device or host buffers, throws it instead of
+// running (NCCL's ncclCommGetAsyncError). Both ranks fault, each in its own
+// process, so neither waits for the other.
+TEST(CudaAsyncError, AFaultAfterACallIsReportedByErrorAndTheNextCall) {
+  if (const std::string why = gpu_reason(); !why.empty()) GTEST_SKIP() << "no GPU here: " << why;
+  const auto codes = fork_ranks(2, [](int rank, int n, const std::string& dir) {
+    auto store = std::make_shared<chorus::FileStore>(dir);
+    chorus::Config cfg;
+    cfg.timeout = std::chrono::seconds(30);
+    Communicator comm = Communicator::create(rank, n, store, cfg);
+    const std::size_t count = 1024;
+    float* dev = nullptr;
+    CK(cudaMalloc(reinterpret_cast<void**>(&dev), count * 4));
+    CK(cudaMemset(dev, 0, count * 4));
+    cudaStream_t st = nullptr;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CallOptions o;
+    o.stream = st;
+    comm.allreduce(dev, dev, count, DataType::Float32, ReduceOp::Sum, o);
+    CK(cudaStreamSynchronize(st));
+    if (comm.error()) {
+      std::cerr << "rank " << rank << ": error() before any fault: " << comm.error()->what()
+                << "\n";
+      return 2;
+    }
+    using LoadFn = CUresult (*)(CUmodule*, const void*);
+    using GetFn = CUresult (*)(CUfunction*, CUmodule, const char*);
+    using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                  unsigned, unsigned, CUstream, void**, void**);
+    const auto load = driver_fn<LoadFn>("cuModuleLoadData");
+    const auto get = driver_fn<GetFn>("cuModuleGetFunction");
+    const auto launch = driver_fn<LaunchFn>("cuLaunchKernel");
+    CUmodule mod = nullptr;
+    CUfunction trap = nullptr;
+    if (load == nullptr || get == nullptr || launch == nullptr ||
+        load(&mod, kTrapPtx) != CUDA_SUCCESS ||
+        get(&trap, mod, "chorus_test_trap") != CUDA_SUCCESS ||
+        launch(trap, 1, 1, 1, 1, 1, 1, 0, st, nullptr, nullptr) != CUDA_SUCCESS) {
+      std::cerr << "rank " << rank << ": could not launch the trapping kernel\n";
+      return 3;
+    }
+    const cudaError_t fault = cudaStreamSynchronize(st);
+    if (fault == cudaSuccess) {
+      std::cerr << "rank " << rank << ": the trapping kernel did not fault\n";
+      return 4;
+    }
+    const std::string name = cudaGetErrorName(fault);
+    const auto err = comm.error();
+    if (!err || err->code() != chorus::ErrorCode::Cuda ||
+        std::string(err->what()).find(name) == std::string::npos) {
+      std::cerr << "rank " << rank << ": after " << name << ", error() reports "
+                << (err ? err->what() : std::string("nothing")) << "\n";
+      return 5;
+    }
+    std::vector<float> host(count, 1.0f);
+    for (float* buf : {dev, host.data()}) {
+      try {
+        comm.allreduce(buf, buf, count, DataType::Float32, ReduceOp::Sum,
+                       buf == dev ? o : CallOptions{});
+        std::cerr << "rank " << rank << ": a call after the fault ran\n";
+        return 6;
+      } catch (const chorus::Error& e) {
+        if (e.code() != chorus::ErrorCode::Cuda ||
+            std::string(e.what()).find(name) == std::string::npos) {
+          std::cerr << "rank " << rank << ": the call after the fault threw " << e.what() << "\n";
+          return 7;
+        }
+      }
+    }
+    return 0;
+  }, std::chrono::seconds(120));
+  for (int r = 0; r < 2; ++r)
+    EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0)
+        << "rank " << r << ": 2 error before the fault, 3 no trap kernel, 4 no fault, 5 error() "
+        << "silent or unclear, 6 a later call ran, 7 it threw something else (-1: killed)";
 }
 
 // Without a GPU (this build has CUDA but the machine none), a stream in the
