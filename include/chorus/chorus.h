@@ -1,0 +1,215 @@
+/* chorus.h: the C ABI of libchorus (docs/c_api.md).
+ *
+ * Plain C99 over the C++ library: opaque handles, status codes, no exception
+ * ever crosses it. Every function that can fail returns a chorus_status_t;
+ * CHORUS_OK is 0, and every other value is the number of the C++ ErrorCode
+ * (docs/errors.md). chorus_last_error() then says what happened, in the
+ * calling thread. Semantics (buffers, in place, deadlines, failure of peers)
+ * are those of the C++ API in <chorus/communicator.hpp>.
+ */
+#ifndef CHORUS_CHORUS_H
+#define CHORUS_CHORUS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(CHORUS_BUILDING_LIBRARY)
+#define CHORUS_C_API __attribute__((visibility("default")))
+#else
+#define CHORUS_C_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status of a call: 0, or the C++ ErrorCode's number. Never renumbered. */
+typedef enum chorus_status {
+  CHORUS_OK = 0,
+  CHORUS_INVALID_ARGUMENT = 1, /* a bad argument (null pointer, bad rank, unknown dtype, ...) */
+  CHORUS_INVALID_USAGE = 2,    /* a correct call at the wrong time, or ranks calling different collectives */
+  CHORUS_TIMEOUT = 3,          /* a deadline passed */
+  CHORUS_PEER_FAILURE = 4,     /* a peer died or closed its connection */
+  CHORUS_TRANSPORT = 5,        /* the transport failed */
+  CHORUS_SYSTEM = 6,           /* an operating-system call failed (or memory ran out) */
+  CHORUS_ABORTED = 7,          /* the communicator was aborted */
+  CHORUS_CUDA = 8,             /* a CUDA call failed */
+  CHORUS_INTERNAL = 9,         /* a bug in Chorus: please report it */
+  /* Not statuses: they make every int a value of the type, so that the
+   * library may be handed any int (C++ gives an enum only the values its
+   * enumerators' bits can hold). */
+  CHORUS_STATUS_INVALID = -1,
+  CHORUS_STATUS_MAX_ENUM = 0x7fffffff
+} chorus_status_t;
+
+/* Element types: the values of chorus::DataType (and of the wire). */
+typedef enum chorus_dtype {
+  CHORUS_INT8 = 0,
+  CHORUS_UINT8 = 1,
+  CHORUS_INT32 = 2,
+  CHORUS_UINT32 = 3,
+  CHORUS_INT64 = 4,
+  CHORUS_UINT64 = 5,
+  CHORUS_FLOAT16 = 6,
+  CHORUS_BFLOAT16 = 7,
+  CHORUS_FLOAT32 = 8,
+  CHORUS_FLOAT64 = 9,
+  CHORUS_DTYPE_INVALID = -1, /* not types: every int is a value of the type */
+  CHORUS_DTYPE_MAX_ENUM = 0x7fffffff
+} chorus_dtype_t;
+
+/* Reduction operations: the values of chorus::ReduceOp. */
+typedef enum chorus_op {
+  CHORUS_SUM = 0,
+  CHORUS_PROD = 1,
+  CHORUS_MIN = 2,
+  CHORUS_MAX = 3,
+  CHORUS_AVG = 4, /* sum divided by the world size (integer division for integer types) */
+  CHORUS_OP_INVALID = -1, /* not ops: every int is a value of the type */
+  CHORUS_OP_MAX_ENUM = 0x7fffffff
+} chorus_op_t;
+
+typedef struct chorus_store* chorus_store_t; /* a rendezvous store */
+typedef struct chorus_comm* chorus_comm_t;   /* a communicator */
+typedef struct chorus_work* chorus_work_t;   /* an asynchronous operation */
+
+/* Settings fixed at creation. Start from CHORUS_CONFIG_INIT: struct_size lets
+ * later versions add fields without breaking programs built against this
+ * one. Zero and NULL fields take their value from the environment
+ * (docs/tuning.md), then from the default. */
+typedef struct chorus_config {
+  size_t struct_size;
+  int64_t timeout_ms;        /* default deadline of every call (CHORUS_TIMEOUT) */
+  const char* transport;     /* "auto", "shm", "tcp", ... (CHORUS_TRANSPORT) */
+  const char* socket_ifname; /* network interface for tcp (CHORUS_SOCKET_IFNAME) */
+} chorus_config_t;
+#define CHORUS_CONFIG_INIT {sizeof(chorus_config_t), 0, NULL, NULL}
+
+/* Per-call options; NULL means the defaults. Start from CHORUS_OPTIONS_INIT. */
+typedef struct chorus_options {
+  size_t struct_size;
+  int64_t timeout_ms;    /* this call's deadline; 0: the communicator's */
+  const char* algorithm; /* force an algorithm by name ("ring"); NULL: Chorus chooses */
+  void* stream;          /* a cudaStream_t for calls on device buffers (docs/cuda.md) */
+} chorus_options_t;
+#define CHORUS_OPTIONS_INIT {sizeof(chorus_options_t), 0, NULL, NULL}
+
+/* ---- errors and versions ---------------------------------------------------- */
+
+/* What the last call of this thread that failed said ("" if none has):
+ * "chorus: <Code>: <message>". Valid until this thread's next failing call. */
+CHORUS_C_API const char* chorus_last_error(void);
+/* The rank that last error blames, or -1. */
+CHORUS_C_API int chorus_last_error_peer(void);
+/* The name of a status ("OK", "InvalidArgument", "PeerFailure", ...). */
+CHORUS_C_API const char* chorus_status_string(chorus_status_t status);
+/* The library's version ("0.1.0"). */
+CHORUS_C_API const char* chorus_version(void);
+/* Size in bytes of one element of `dtype`, or 0 for an unknown type. */
+CHORUS_C_API size_t chorus_dtype_size(chorus_dtype_t dtype);
+
+/* ---- stores ------------------------------------------------------------------ */
+
+/* A TCP store at host:port. With is_server, this process also hosts it (the
+ * other ranks connect to it). timeout_ms bounds the connection and every
+ * wait (0: 300 s). */
+CHORUS_C_API chorus_status_t chorus_tcp_store_create(const char* host, uint16_t port,
+                                                     int is_server, int64_t timeout_ms,
+                                                     chorus_store_t* out);
+/* A store in a directory every rank can reach (a shared filesystem). */
+CHORUS_C_API chorus_status_t chorus_file_store_create(const char* path, chorus_store_t* out);
+/* Frees a store handle (communicators made with it keep what they need). */
+CHORUS_C_API void chorus_store_free(chorus_store_t store);
+
+/* ---- communicators ----------------------------------------------------------- */
+
+/* Joins a group of `size` ranks as `rank` through `store`; blocks until every
+ * rank has joined. config may be NULL. */
+CHORUS_C_API chorus_status_t chorus_comm_create(int rank, int size, chorus_store_t store,
+                                                const chorus_config_t* config, chorus_comm_t* out);
+/* Joins the group the environment describes (CHORUS_RANK/WORLD_SIZE/STORE,
+ * or torchrun's, mpirun's, Slurm's variables; docs/tuning.md). */
+CHORUS_C_API chorus_status_t chorus_comm_from_env(const chorus_config_t* config, chorus_comm_t* out);
+/* Ranks with the same color form a new communicator, ordered by (key, rank).
+ * A negative color gives *out = NULL. Collective over every rank of comm. */
+CHORUS_C_API chorus_status_t chorus_comm_split(chorus_comm_t comm, int color, int key,
+                                               chorus_comm_t* out);
+/* Frees the handle; the other ranks are not told (see chorus_comm_abort). */
+CHORUS_C_API void chorus_comm_free(chorus_comm_t comm);
+CHORUS_C_API chorus_status_t chorus_comm_rank(chorus_comm_t comm, int* rank);
+CHORUS_C_API chorus_status_t chorus_comm_size(chorus_comm_t comm, int* size);
+/* The transport's name ("shm", "tcp", ...), or NULL for a null handle. Owned
+ * by the handle. */
+CHORUS_C_API const char* chorus_comm_transport(chorus_comm_t comm);
+/* Any blocked call returns CHORUS_ABORTED, and every later call fails. */
+CHORUS_C_API chorus_status_t chorus_comm_abort(chorus_comm_t comm);
+/* CHORUS_OK while the communicator is usable; else the status of the error
+ * that made it unusable, whose text chorus_last_error() then returns (like
+ * ncclCommGetAsyncError). */
+CHORUS_C_API chorus_status_t chorus_comm_error(chorus_comm_t comm);
+
+/* ---- collectives ------------------------------------------------------------- *
+ * With work == NULL a call blocks until it is done. Otherwise it is queued
+ * and *work receives a handle to wait on and free; calls of one
+ * communicator run in the order they were made. options may be NULL. Buffers
+ * are as in the C++ API: sendbuf == recvbuf is in place (allgather: sendbuf
+ * == recvbuf + rank * count elements; reduce_scatter: recvbuf == sendbuf +
+ * rank * count elements); counts are in elements. */
+CHORUS_C_API chorus_status_t chorus_allreduce(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                              size_t count, chorus_dtype_t dtype, chorus_op_t op,
+                                              const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_broadcast(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                              size_t count, chorus_dtype_t dtype, int root,
+                                              const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_allgather(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                              size_t count, chorus_dtype_t dtype,
+                                              const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_reduce_scatter(chorus_comm_t comm, const void* sendbuf,
+                                                   void* recvbuf, size_t count, chorus_dtype_t dtype,
+                                                   chorus_op_t op, const chorus_options_t* options,
+                                                   chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_reduce(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                           size_t count, chorus_dtype_t dtype, chorus_op_t op,
+                                           int root, const chorus_options_t* options,
+                                           chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_gather(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                           size_t count, chorus_dtype_t dtype, int root,
+                                           const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_scatter(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                            size_t count, chorus_dtype_t dtype, int root,
+                                            const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_alltoall(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                             size_t count, chorus_dtype_t dtype,
+                                             const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_barrier(chorus_comm_t comm, const chorus_options_t* options,
+                                            chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_send(chorus_comm_t comm, const void* buf, size_t count,
+                                         chorus_dtype_t dtype, int peer,
+                                         const chorus_options_t* options, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_recv(chorus_comm_t comm, void* buf, size_t count,
+                                         chorus_dtype_t dtype, int peer,
+                                         const chorus_options_t* options, chorus_work_t* work);
+
+/* ---- asynchronous operations ------------------------------------------------- */
+
+/* Waits for the operation: timeout_ms < 0 waits until it is done. *done
+ * (may be NULL) is 1 when it finished, 0 when the timeout passed first. The
+ * status is the operation's own when it failed. */
+CHORUS_C_API chorus_status_t chorus_work_wait(chorus_work_t work, int64_t timeout_ms, int* done);
+/* Never blocks: *done is 1 when the operation has finished. */
+CHORUS_C_API chorus_status_t chorus_work_test(chorus_work_t work, int* done);
+/* Frees the handle; the operation itself still runs to its end. */
+CHORUS_C_API void chorus_work_free(chorus_work_t work);
+
+/* ---- memory ------------------------------------------------------------------ */
+
+/* Host memory that ranks of one host can read from one another directly
+ * (one copy for large messages; chorus::mem_alloc). */
+CHORUS_C_API chorus_status_t chorus_mem_alloc(size_t bytes, void** out);
+CHORUS_C_API chorus_status_t chorus_mem_free(void* ptr);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* CHORUS_CHORUS_H */

@@ -1,0 +1,300 @@
+/* The C ABI (include/chorus/chorus.h) from a C program: every collective,
+ * blocking and asynchronous, split, memory, and the errors (bad arguments,
+ * a mismatched call) as status codes with their messages. Three ranks are
+ * forked processes meeting through a file store; expected values are closed
+ * forms of every rank's input. Exit status 0 when every check held. */
+
+#include <chorus/chorus.h>
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int g_rank = -1;
+static int g_failures = 0;
+
+#define CHECK(cond, ...)                                                                 \
+  do {                                                                                   \
+    if (!(cond)) {                                                                       \
+      fprintf(stderr, "rank %d: %s:%d: %s: ", g_rank, __FILE__, __LINE__, #cond);        \
+      fprintf(stderr, __VA_ARGS__);                                                      \
+      fprintf(stderr, " (chorus_last_error: %s)\n", chorus_last_error());                 \
+      ++g_failures;                                                                      \
+    }                                                                                    \
+  } while (0)
+
+#define OK(call)                                                                    \
+  do {                                                                              \
+    const chorus_status_t st_ = (call);                                              \
+    CHECK(st_ == CHORUS_OK, "%s returned %s", #call, chorus_status_string(st_));     \
+  } while (0)
+
+/* The call fails with `want`, and the message contains `needle`. */
+#define FAILS(call, want, needle)                                                        \
+  do {                                                                                   \
+    const chorus_status_t st_ = (call);                                                   \
+    CHECK(st_ == (want), "%s returned %s, not %s", #call, chorus_status_string(st_),      \
+          chorus_status_string(want));                                                   \
+    CHECK(strstr(chorus_last_error(), (needle)) != NULL, "%s: message lacks \"%s\"", #call, \
+          (needle));                                                                     \
+  } while (0)
+
+static void checks_without_a_communicator(void) {
+  int r = 0;
+  chorus_store_t s = NULL;
+  CHECK(strcmp(chorus_status_string(CHORUS_OK), "OK") == 0, "OK's name");
+  CHECK(strcmp(chorus_status_string(CHORUS_PEER_FAILURE), "PeerFailure") == 0, "PeerFailure's name");
+  CHECK(strcmp(chorus_status_string((chorus_status_t)77), "UnknownStatus") == 0, "77's name");
+  CHECK(chorus_version()[0] >= '0' && chorus_version()[0] <= '9', "version %s", chorus_version());
+  CHECK(chorus_dtype_size(CHORUS_INT8) == 1 && chorus_dtype_size(CHORUS_BFLOAT16) == 2 &&
+            chorus_dtype_size(CHORUS_UINT32) == 4 && chorus_dtype_size(CHORUS_FLOAT64) == 8,
+        "element sizes");
+  CHECK(chorus_dtype_size((chorus_dtype_t)42) == 0, "an unknown dtype has size 0");
+  FAILS(chorus_comm_rank(NULL, &r), CHORUS_INVALID_ARGUMENT, "communicator handle is NULL");
+  FAILS(chorus_file_store_create(NULL, &s), CHORUS_INVALID_ARGUMENT, "path is NULL");
+  CHECK(s == NULL, "no store on failure");
+  CHECK(chorus_last_error_peer() == -1, "no peer to blame");
+  FAILS(chorus_work_wait(NULL, -1, NULL), CHORUS_INVALID_ARGUMENT, "work handle is NULL");
+}
+
+static void collectives(chorus_comm_t comm, int rank, int n) {
+  enum { C = 1000 };
+  int32_t in32[C], out32[C];
+  /* allreduce int32 sum: sum over ranks of rank*1000 + i. */
+  for (int i = 0; i < C; ++i) in32[i] = rank * 1000 + i;
+  OK(chorus_allreduce(comm, in32, out32, C, CHORUS_INT32, CHORUS_SUM, NULL, NULL));
+  for (int i = 0; i < C; ++i) {
+    const int32_t want = 1000 * n * (n - 1) / 2 + n * i;
+    if (out32[i] != want) {
+      CHECK(out32[i] == want, "allreduce sum element %d: %d, want %d", i, out32[i], want);
+      break;
+    }
+  }
+  /* allreduce float avg in place: (sum of rank) / n + i / 2, exact. */
+  float f[C];
+  for (int i = 0; i < C; ++i) f[i] = (float)rank + 0.5f * (float)i;
+  OK(chorus_allreduce(comm, f, f, C, CHORUS_FLOAT32, CHORUS_AVG, NULL, NULL));
+  for (int i = 0; i < C; ++i) {
+    const float want = (float)(n - 1) / 2.0f + 0.5f * (float)i;
+    const float diff = f[i] > want ? f[i] - want : want - f[i];
+    if (diff > 1e-6f * want) { /* the division may round */
+      CHECK(diff <= 1e-6f * want, "allreduce avg element %d: %g, want %g", i, (double)f[i],
+            (double)want);
+      break;
+    }
+  }
+  /* broadcast double from rank 1. */
+  double d[64];
+  for (int i = 0; i < 64; ++i) d[i] = rank == 1 ? 0.25 * i : -1.0;
+  OK(chorus_broadcast(comm, d, d, 64, CHORUS_FLOAT64, 1, NULL, NULL));
+  for (int i = 0; i < 64; ++i) CHECK(d[i] == 0.25 * i, "broadcast element %d: %g", i, d[i]);
+  /* allgather uint8: rank r's 5 elements are r*10 + i. */
+  uint8_t mine[5], all[5 * 16];
+  for (int i = 0; i < 5; ++i) mine[i] = (uint8_t)(rank * 10 + i);
+  OK(chorus_allgather(comm, mine, all, 5, CHORUS_UINT8, NULL, NULL));
+  for (int i = 0; i < 5 * n; ++i)
+    CHECK(all[i] == (uint8_t)((i / 5) * 10 + i % 5), "allgather element %d: %d", i, all[i]);
+  /* reduce_scatter int64 max: element j of rank r's input is r + j. */
+  int64_t rs_in[3 * 16], rs_out[3];
+  for (int j = 0; j < 3 * n; ++j) rs_in[j] = rank + j;
+  OK(chorus_reduce_scatter(comm, rs_in, rs_out, 3, CHORUS_INT64, CHORUS_MAX, NULL, NULL));
+  for (int i = 0; i < 3; ++i)
+    CHECK(rs_out[i] == (int64_t)(n - 1 + rank * 3 + i), "reduce_scatter element %d: %lld", i,
+          (long long)rs_out[i]);
+  /* reduce prod to rank 2 (recvbuf NULL elsewhere): n! */
+  int32_t p = rank + 1, prod = 0;
+  OK(chorus_reduce(comm, &p, rank == 2 ? &prod : NULL, 1, CHORUS_INT32, CHORUS_PROD, 2, NULL, NULL));
+  if (rank == 2) {
+    int32_t want = 1;
+    for (int k = 2; k <= n; ++k) want *= k;
+    CHECK(prod == want, "reduce prod: %d, want %d", prod, want);
+  }
+  /* gather to 0, scatter from 0, alltoall. */
+  int32_t g[16], one = 100 + rank;
+  OK(chorus_gather(comm, &one, rank == 0 ? g : NULL, 1, CHORUS_INT32, 0, NULL, NULL));
+  if (rank == 0)
+    for (int k = 0; k < n; ++k) CHECK(g[k] == 100 + k, "gather element %d: %d", k, g[k]);
+  int32_t sc_in[16], sc_out = -1;
+  for (int k = 0; k < n; ++k) sc_in[k] = 200 + k;
+  OK(chorus_scatter(comm, rank == 0 ? sc_in : NULL, &sc_out, 1, CHORUS_INT32, 0, NULL, NULL));
+  CHECK(sc_out == 200 + rank, "scatter: %d", sc_out);
+  int32_t a_in[16], a_out[16];
+  for (int k = 0; k < n; ++k) a_in[k] = rank * 100 + k; /* block k goes to rank k */
+  OK(chorus_alltoall(comm, a_in, a_out, 1, CHORUS_INT32, NULL, NULL));
+  for (int k = 0; k < n; ++k)
+    CHECK(a_out[k] == k * 100 + rank, "alltoall element %d: %d", k, a_out[k]);
+  OK(chorus_barrier(comm, NULL, NULL));
+}
+
+static void asynchronous(chorus_comm_t comm, int rank, int n) {
+  /* A ring: send to the next rank, receive from the previous (send first). */
+  int32_t out = 7000 + rank, in = -1;
+  chorus_work_t s = NULL, r = NULL;
+  OK(chorus_send(comm, &out, 1, CHORUS_INT32, (rank + 1) % n, NULL, &s));
+  OK(chorus_recv(comm, &in, 1, CHORUS_INT32, (rank + n - 1) % n, NULL, &r));
+  CHECK(s != NULL && r != NULL, "async calls give handles");
+  int done = 0;
+  OK(chorus_work_wait(s, -1, &done));
+  CHECK(done == 1, "send done");
+  OK(chorus_work_wait(r, 60000, &done));
+  CHECK(done == 1, "recv done");
+  CHECK(in == 7000 + (rank + n - 1) % n, "ring recv: %d", in);
+  chorus_work_free(s);
+  chorus_work_free(r);
+  /* An async allreduce polled with chorus_work_test, with options. */
+  double x[256];
+  for (int i = 0; i < 256; ++i) x[i] = rank + i;
+  chorus_options_t o = CHORUS_OPTIONS_INIT;
+  o.timeout_ms = 60000;
+  o.algorithm = "ring";
+  chorus_work_t w = NULL;
+  OK(chorus_allreduce(comm, x, x, 256, CHORUS_FLOAT64, CHORUS_SUM, &o, &w));
+  done = 0;
+  for (int spins = 0; !done && spins < 60000; ++spins) {
+    OK(chorus_work_test(w, &done));
+    if (!done) usleep(1000);
+  }
+  CHECK(done == 1, "the async allreduce finished");
+  for (int i = 0; i < 256; ++i)
+    CHECK(x[i] == (double)(n * (n - 1) / 2 + n * i), "async allreduce element %d: %g", i, x[i]);
+  chorus_work_free(w);
+}
+
+static void memory(chorus_comm_t comm, int rank, int n) {
+  const size_t count = 1u << 18; /* 1 MiB of float */
+  float* buf = NULL;
+  OK(chorus_mem_alloc(count * sizeof(float), (void**)&buf));
+  if (buf == NULL) return;
+  for (size_t i = 0; i < count; ++i) buf[i] = (float)(rank + 1);
+  OK(chorus_allreduce(comm, buf, buf, count, CHORUS_FLOAT32, CHORUS_SUM, NULL, NULL));
+  const float want = (float)(n * (n + 1) / 2);
+  CHECK(buf[0] == want && buf[count - 1] == want, "mem_alloc allreduce: %g", (double)buf[0]);
+  OK(chorus_mem_free(buf));
+}
+
+static void splitting(chorus_comm_t comm, int rank) {
+  /* Ranks 0 and 1 form a communicator ordered by key -rank (so rank 1 is
+   * its rank 0); rank 2 passes a negative color and gets none. */
+  chorus_comm_t sub = NULL;
+  OK(chorus_comm_split(comm, rank < 2 ? 0 : -1, -rank, &sub));
+  if (rank == 2) {
+    CHECK(sub == NULL, "a negative color gives no communicator");
+    return;
+  }
+  int sr = -1, ss = -1;
+  OK(chorus_comm_rank(sub, &sr));
+  OK(chorus_comm_size(sub, &ss));
+  CHECK(ss == 2 && sr == 1 - rank, "split: rank %d of %d", sr, ss);
+  int32_t v = rank + 5, sum = 0;
+  OK(chorus_allreduce(sub, &v, &sum, 1, CHORUS_INT32, CHORUS_SUM, NULL, NULL));
+  CHECK(sum == 11, "allreduce on the split communicator: %d", sum);
+  chorus_comm_free(sub);
+}
+
+static void bad_arguments(chorus_comm_t comm) {
+  float x[4] = {0, 0, 0, 0};
+  chorus_work_t w = (chorus_work_t)&x; /* must be reset to NULL on failure */
+  FAILS(chorus_allreduce(comm, x, x, 4, (chorus_dtype_t)42, CHORUS_SUM, NULL, NULL),
+        CHORUS_INVALID_ARGUMENT, "unknown dtype 42");
+  FAILS(chorus_allreduce(comm, x, x, 4, CHORUS_FLOAT32, (chorus_op_t)9, NULL, &w),
+        CHORUS_INVALID_ARGUMENT, "unknown op 9");
+  CHECK(w == NULL, "no work handle for a call that failed");
+  FAILS(chorus_allreduce(comm, NULL, x, 4, CHORUS_FLOAT32, CHORUS_SUM, NULL, NULL),
+        CHORUS_INVALID_ARGUMENT, "null");
+  chorus_options_t zero;
+  memset(&zero, 0, sizeof zero);
+  FAILS(chorus_barrier(comm, &zero, NULL), CHORUS_INVALID_ARGUMENT, "CHORUS_OPTIONS_INIT");
+  chorus_options_t o = CHORUS_OPTIONS_INIT;
+  o.algorithm = "no_such_algorithm";
+  FAILS(chorus_allreduce(comm, x, x, 4, CHORUS_FLOAT32, CHORUS_SUM, &o, NULL),
+        CHORUS_INVALID_ARGUMENT, "no_such_algorithm");
+  FAILS(chorus_comm_rank(comm, NULL), CHORUS_INVALID_ARGUMENT, "rank is NULL");
+  /* Bad arguments leave the communicator usable. */
+  OK(chorus_comm_error(comm));
+  OK(chorus_barrier(comm, NULL, NULL));
+}
+
+static void mismatch(chorus_comm_t comm, int rank) {
+  /* Rank 0 allreduces while the others take a broadcast from it: each call
+   * waits for data the other kind never sends, and every rank fails clearly. */
+  int32_t v[8] = {0};
+  const chorus_status_t st =
+      rank == 0 ? chorus_allreduce(comm, v, v, 8, CHORUS_INT32, CHORUS_SUM, NULL, NULL)
+                : chorus_broadcast(comm, v, v, 8, CHORUS_INT32, 0, NULL, NULL);
+  CHECK(st == CHORUS_INVALID_USAGE || st == CHORUS_PEER_FAILURE,
+        "a mismatched call returned %s", chorus_status_string(st));
+  CHECK(chorus_last_error()[0] != '\0', "the mismatch has a message");
+  /* The communicator is unusable from then on, and says why. */
+  const chorus_status_t after = chorus_comm_error(comm);
+  CHECK(after == st, "chorus_comm_error: %s, the call: %s", chorus_status_string(after),
+        chorus_status_string(st));
+  CHECK(chorus_barrier(comm, NULL, NULL) != CHORUS_OK, "a call after the failure succeeded");
+  OK(chorus_comm_abort(comm));
+}
+
+static int rank_main(int rank, int n, const char* dir) {
+  g_rank = rank;
+  alarm(120); /* a hang ends this rank with SIGALRM, which the parent reports */
+  checks_without_a_communicator();
+  chorus_store_t store = NULL;
+  OK(chorus_file_store_create(dir, &store));
+  chorus_config_t cfg = CHORUS_CONFIG_INIT;
+  cfg.timeout_ms = 60000;
+  chorus_comm_t comm = NULL;
+  OK(chorus_comm_create(rank, n, store, &cfg, &comm));
+  chorus_store_free(store); /* the communicator keeps what it needs */
+  if (comm == NULL) return 1;
+  int r = -1, s = -1;
+  OK(chorus_comm_rank(comm, &r));
+  OK(chorus_comm_size(comm, &s));
+  CHECK(r == rank && s == n, "rank %d of %d", r, s);
+  CHECK(chorus_comm_transport(comm) != NULL && chorus_comm_transport(comm)[0] != '\0',
+        "a transport name");
+  collectives(comm, rank, n);
+  asynchronous(comm, rank, n);
+  memory(comm, rank, n);
+  splitting(comm, rank);
+  bad_arguments(comm);
+  mismatch(comm, rank);
+  chorus_comm_free(comm);
+  return g_failures == 0 ? 0 : 1;
+}
+
+int main(void) {
+  const int n = 3;
+  char dir[] = "/tmp/chorus-capi-XXXXXX";
+  if (mkdtemp(dir) == NULL) {
+    perror("mkdtemp");
+    return 2;
+  }
+  pid_t pids[3];
+  for (int r = 0; r < n; ++r) {
+    pids[r] = fork();
+    if (pids[r] == 0) {
+      const int rc = rank_main(r, n, dir);
+      fflush(NULL);
+      _exit(rc);
+    }
+  }
+  int failed = 0;
+  for (int r = 0; r < n; ++r) {
+    int status = 0;
+    waitpid(pids[r], &status, 0);
+    if (WIFSIGNALED(status)) {
+      fprintf(stderr, "rank %d was killed by signal %d%s\n", r, WTERMSIG(status),
+              WTERMSIG(status) == SIGALRM ? " (it hung for 120 s)" : "");
+      failed = 1;
+    } else if (WEXITSTATUS(status) != 0) {
+      fprintf(stderr, "rank %d failed (exit %d)\n", r, WEXITSTATUS(status));
+      failed = 1;
+    }
+  }
+  char cmd[64];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+  if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
+  if (!failed) printf("test_capi: 3 ranks, every check held\n");
+  return failed;
+}
