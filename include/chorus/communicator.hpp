@@ -44,8 +44,10 @@ struct CallOptions {
   /// Opaque CUDA stream (cudaStream_t). A call on device buffers is ordered
   /// after the work queued on it before the call, and work queued after the
   /// call sees the result; without a stream such a call is blocking and
-  /// ordered on the legacy default stream. With host buffers the stream is
-  /// synchronised first. Error(Cuda) where no GPU is usable (docs/cuda.md).
+  /// ordered on the legacy default stream. An _async call is ordered after
+  /// the work queued before it too, and work queued once its Work completed
+  /// sees the result. With host buffers the stream is synchronised first.
+  /// Error(Cuda) where no GPU is usable (docs/cuda.md).
   void* stream = nullptr;
 };
 

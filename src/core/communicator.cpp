@@ -950,12 +950,14 @@ void need_gpu(const CallOptions& o) {
     throw Error(ErrorCode::Cuda, "a CUDA stream was given but " + why);
 }
 
-// A call on device buffers: the device engine runs it in the call's turn
-// (with a stream it may return before the GPU is done).
+// A call on device buffers: the device engine runs it in the call's turn.
+// An asynchronous one marks, now, where it enters its stream: it runs later,
+// on the worker, after the work queued there before the call.
 Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal, int peer,
                 const CallOptions& o, bool async) {
   call.device = true;
   call.algo = 0;
+  std::shared_ptr<device::Entry> entry;
   {
     std::lock_guard<std::mutex> lock(c.mu);
     if (!c.device) {
@@ -963,16 +965,19 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
                                                          c.layout.single_host(), c.settings});
       c.has_device.store(true, std::memory_order_release);
     }
+    // Before the sequence number: a call that fails here never happened.
+    if (async) entry = c.device->enter(o.stream, ordinal);
     if (call.coll != Coll::SendRecv) call.seq = c.coll_seq++;
   }
   CHORUS_TRACE(transport::describe(call) << " on GPU " << ordinal);
-  return c.submit([&c, call, s, r, ordinal, peer, o] {
+  return c.submit([&c, call, s, r, ordinal, peer, o, entry] {
     device::Request req;
     req.call = call;
     req.send = s;
     req.recv = r;
     req.stream = o.stream;
     req.ordinal = ordinal;
+    req.entry = entry.get();
     req.deadline = c.deadline(o);
     c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
       // An algorithm forced for this call names one of its collective: the

@@ -52,6 +52,17 @@ void synchronize(void* stream);
 using HostRunner =
     std::function<void(const transport::CallDesc& call, const void* send, void* recv)>;
 
+// Where an asynchronous call (an _async one: it runs later, on the
+// communicator's worker) entered its stream: made in the caller's thread, an
+// event recorded on the call's stream (the legacy default stream without
+// one). The call's work waits for it instead of for the stream, so it is
+// ordered after the work queued before the call and never behind work queued
+// after it.
+class Entry {
+ public:
+  virtual ~Entry() = default;
+};
+
 // One collective on device buffers.
 struct Request {
   transport::CallDesc call;      // device == true
@@ -59,6 +70,7 @@ struct Request {
   void* recv = nullptr;          // null where this rank does not write it (non-root reduce)
   void* stream = nullptr;        // the caller's cudaStream_t; null: blocking call
   int ordinal = 0;               // the GPU the buffers are on
+  const Entry* entry = nullptr;  // an asynchronous call: where it entered its stream
   transport::Deadline deadline;
 };
 
@@ -73,10 +85,15 @@ struct EngineSetup {
 class Engine {
  public:
   virtual ~Engine() = default;
-  // Runs (or, with a stream, enqueues) the collective. With a stream the call
-  // may return before the GPU has finished; later work on the stream sees the
-  // result. Throws Error(Cuda) for CUDA failures, and the transport's errors.
+  // Runs the collective (docs/cuda.md, Semantics). With a stream, work queued
+  // on the stream after run() returns sees the result; without one the call
+  // is ordered on the legacy default stream and the GPU has finished when it
+  // returns. Throws Error(Cuda) for CUDA failures, and the transport's errors.
   virtual void run(const Request& r, const HostRunner& host) = 0;
+  // Marks where an asynchronous call enters `stream` (null: the legacy default
+  // stream), in the caller's thread; the call's Request carries it. The
+  // buffers are on GPU `ordinal`. The caller's current device is kept.
+  virtual std::shared_ptr<Entry> enter(void* stream, int ordinal) = 0;
   // An error the GPU reported after a call returned (a failed kernel on a
   // stream), or nothing. Checked before every call and by Communicator::error().
   virtual std::optional<Error> async_error() = 0;

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -220,6 +221,36 @@ Sizes sizes_of(const CallDesc& c, int rank, int n) {
   }
 }
 
+// Makes `d` the calling thread's current device for a scope, then restores
+// the caller's: a framework thread that called us keeps its own device.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int d) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) {
+      (void)cudaGetLastError();
+      prev_ = -1;
+    }
+    if (prev_ != d) CHORUS_CUDA(cudaSetDevice(d));
+    else prev_ = -1;  // nothing to restore
+  }
+  ~DeviceScope() {
+    if (prev_ >= 0) (void)cudaSetDevice(prev_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+struct CudaEntry final : Entry {
+  cudaEvent_t event = nullptr;
+  ~CudaEntry() override {
+    // Safe while a stream still waits on it: the driver frees it after.
+    if (event != nullptr) (void)cudaEventDestroy(event);
+  }
+};
+
 class CudaEngine final : public Engine {
  public:
   explicit CudaEngine(const EngineSetup& s)
@@ -234,16 +265,17 @@ class CudaEngine final : public Engine {
     if (ordinal_ < 0) return;
     (void)cudaSetDevice(ordinal_);
     // Quiesce our streams before freeing what they use; never throw here.
-    for (cudaStream_t st : {internal_, d2h_, h2d_})
+    for (cudaStream_t st : {internal_, d2h_, h2d_, async_})
       if (st != nullptr) (void)cudaStreamSynchronize(st);
     close_mappings(-1);
     if (phase_event_ != nullptr) (void)cudaEventDestroy(phase_event_);
+    if (done_event_ != nullptr) (void)cudaEventDestroy(done_event_);
     for (cudaEvent_t e : stage_events_)
       if (e != nullptr) (void)cudaEventDestroy(e);
     for (auto& p : pinned_) p.release();
     gathered_.release();
     if (scratch_ != nullptr) (void)cudaFree(scratch_);
-    for (cudaStream_t st : {internal_, d2h_, h2d_})
+    for (cudaStream_t st : {internal_, d2h_, h2d_, async_})
       if (st != nullptr) (void)cudaStreamDestroy(st);
   }
 
@@ -261,37 +293,73 @@ class CudaEngine final : public Engine {
   }
 
   void run(const Request& r, const HostRunner& host) override {
-    if (ordinal_ < 0) init(r.ordinal);
-    if (r.ordinal != ordinal_)
-      throw Error(ErrorCode::InvalidArgument,
-                  "buffers on GPU " + std::to_string(r.ordinal) + ", but this communicator's " +
-                      "earlier device calls used GPU " + std::to_string(ordinal_) +
-                      ": one communicator drives one GPU per rank");
-    CHORUS_CUDA(cudaSetDevice(ordinal_));
+    ensure_init(r.ordinal);
+    DeviceScope on(ordinal_);
     // Send/recv involve two ranks only and always stage; the introduction is
     // an all-to-all, so the first collective makes it.
     const bool p2p = r.call.coll == Coll::SendRecv;
     if (!introduced_ && !p2p) introduce(r);
     // Without a stream the call is blocking and ordered like a cudaMemcpy: on
     // the legacy default stream, after the work queued there.
-    cudaStream_t st = r.stream != nullptr ? static_cast<cudaStream_t>(r.stream) : cudaStreamLegacy;
+    const cudaStream_t user =
+        r.stream != nullptr ? static_cast<cudaStream_t>(r.stream) : cudaStreamLegacy;
+    // An asynchronous call runs on our own stream, after the point where it
+    // entered the caller's: the caller may have queued more work there since,
+    // which must not hold the call back (or be overtaken by it).
+    cudaStream_t st = user;
+    if (r.entry != nullptr) {
+      CHORUS_CUDA(cudaStreamWaitEvent(async_, static_cast<const CudaEntry*>(r.entry)->event, 0));
+      st = async_;
+    }
     // CHORUS_CUDA_IPC_MIN_BYTES sends smaller calls through the staged path;
     // the call's size, not a rank's buffers, decides, so every rank agrees.
     const std::size_t call_bytes = static_cast<std::size_t>(r.call.count) * size_of(r.call.dtype);
     if (ipc_ && !p2p && call_bytes >= ipc_min_bytes_) run_ipc(r, st);
     else run_staged(r, st, host);
-    if (r.stream == nullptr) CHORUS_CUDA(cudaStreamSynchronize(st));
+    if (r.stream == nullptr) {
+      CHORUS_CUDA(cudaStreamSynchronize(st));
+    } else if (st != user) {
+      // Work the caller queues on its stream from now on sees the result.
+      CHORUS_CUDA(cudaEventRecord(done_event_, st));
+      CHORUS_CUDA(cudaStreamWaitEvent(user, done_event_, 0));
+    }
+  }
+
+  std::shared_ptr<Entry> enter(void* stream, int ordinal) override {
+    ensure_init(ordinal);
+    DeviceScope on(ordinal_);
+    auto e = std::make_shared<CudaEntry>();
+    CHORUS_CUDA(cudaEventCreateWithFlags(&e->event, cudaEventDisableTiming));
+    CHORUS_CUDA(cudaEventRecord(
+        e->event, stream != nullptr ? static_cast<cudaStream_t>(stream) : cudaStreamLegacy));
+    return e;
   }
 
  private:
+  // The first call (or entry) picks the GPU; the caller's thread or the
+  // communicator's worker may make it.
+  void ensure_init(int ordinal) {
+    std::lock_guard<std::mutex> lock(init_mu_);
+    if (ordinal_ < 0) {
+      DeviceScope on(ordinal);
+      init(ordinal);
+    }
+    if (ordinal != ordinal_)
+      throw Error(ErrorCode::InvalidArgument,
+                  "buffers on GPU " + std::to_string(ordinal) + ", but this communicator's " +
+                      "earlier device calls used GPU " + std::to_string(ordinal_) +
+                      ": one communicator drives one GPU per rank");
+  }
+
   void init(int ordinal) {
-    ordinal_ = ordinal;
-    CHORUS_CUDA(cudaSetDevice(ordinal_));
     CHORUS_CUDA(cudaStreamCreateWithFlags(&internal_, cudaStreamNonBlocking));
     CHORUS_CUDA(cudaStreamCreateWithFlags(&d2h_, cudaStreamNonBlocking));
     CHORUS_CUDA(cudaStreamCreateWithFlags(&h2d_, cudaStreamNonBlocking));
+    CHORUS_CUDA(cudaStreamCreateWithFlags(&async_, cudaStreamNonBlocking));
     for (auto& e : stage_events_) CHORUS_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     CHORUS_CUDA(cudaEventCreateWithFlags(&phase_event_, cudaEventDisableTiming));
+    CHORUS_CUDA(cudaEventCreateWithFlags(&done_event_, cudaEventDisableTiming));
+    ordinal_ = ordinal;  // last: a failed init is retried by the next call
   }
 
   // All-to-all of `bytes` per rank over the transport, checked as part of `call`.
@@ -892,13 +960,16 @@ class CudaEngine final : public Engine {
   const std::size_t stage_bytes_;
   const std::size_t one_shot_bytes_;
   const std::size_t ipc_min_bytes_;
-  int ordinal_ = -1;
+  std::atomic<int> ordinal_{-1};  // set once (ensure_init); read by async_error() from any thread
   bool introduced_ = false;
   bool ipc_ = false;
   bool gpu_reduce_ = false;  // staged reductions combine on the GPU (every rank agreed)
   bool same_gpu_ = false;  // every rank's buffers on this GPU: run_leader
+  std::mutex init_mu_;
   cudaStream_t internal_ = nullptr, d2h_ = nullptr, h2d_ = nullptr;
+  cudaStream_t async_ = nullptr;  // asynchronous calls' work (after their entry event)
   cudaEvent_t phase_event_ = nullptr;
+  cudaEvent_t done_event_ = nullptr;  // an asynchronous call's end, for the caller's stream
   cudaEvent_t stage_events_[8] = {};
   using IpcKey = std::tuple<int, std::uint64_t, std::array<char, sizeof(cudaIpcMemHandle_t)>>;
   std::map<IpcKey, void*> opened_;  // (peer, allocation id, handle) -> mapping

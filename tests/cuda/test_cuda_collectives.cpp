@@ -19,6 +19,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -451,6 +452,146 @@ TEST(CudaAsyncError, AFaultAfterACallIsReportedByErrorAndTheNextCall) {
     EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0)
         << "rank " << r << ": 2 error before the fault, 3 no trap kernel, 4 no fault, 5 error() "
         << "silent or unclear, 6 a later call ran, 7 it threw something else (-1: killed)";
+}
+
+// An asynchronous call on a stream enters the stream when it is made: it is
+// ordered after the work queued there before the call, never behind the work
+// queued after it, and work queued once its Work has completed sees the
+// result. After the calls the test blocks the stream with a host function
+// that waits for every Work: a call that waited for the stream itself (where
+// it stood when the worker ran it) would never complete. Without a stream
+// the calls enter the legacy default stream alike.
+int async_rank(int rank, int n, const std::string& dir) {
+  auto store = std::make_shared<chorus::FileStore>(dir);
+  chorus::Config cfg;
+  cfg.timeout = std::chrono::seconds(30);
+  Communicator comm = Communicator::create(rank, n, store, cfg);
+  int ndev = 0;
+  CK(cudaGetDeviceCount(&ndev));
+  CK(cudaSetDevice(rank % ndev));
+  cudaStream_t st = nullptr;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  // Above and below the one-shot and staging sizes; the last call is in place.
+  const std::size_t counts[] = {1000, (std::size_t{1} << 18) + 5, (std::size_t{1} << 21) + 3};
+  constexpr int kCalls = 3;
+  std::vector<float*> host(kCalls), out(kCalls);
+  std::vector<float*> send(kCalls), recv(kCalls);
+  for (int k = 0; k < kCalls; ++k) {
+    const std::size_t cnt = counts[k];
+    CK(cudaMallocHost(reinterpret_cast<void**>(&host[static_cast<std::size_t>(k)]), cnt * 4));
+    CK(cudaMallocHost(reinterpret_cast<void**>(&out[static_cast<std::size_t>(k)]), cnt * 4));
+    CK(cudaMalloc(reinterpret_cast<void**>(&send[static_cast<std::size_t>(k)]), cnt * 4));
+    CK(cudaMalloc(reinterpret_cast<void**>(&recv[static_cast<std::size_t>(k)]), cnt * 4));
+    for (std::size_t i = 0; i < cnt; ++i)
+      host[static_cast<std::size_t>(k)][i] = static_cast<float>(value(rank, i, k));
+  }
+  recv[kCalls - 1] = send[kCalls - 1];
+  auto check = [&](int k, const char* how) {
+    const auto kk = static_cast<std::size_t>(k);
+    for (std::size_t i = 0; i < counts[k]; ++i) {
+      double want = 0;
+      for (int p = 0; p < n; ++p) want += value(p, i, k);
+      if (out[kk][i] != static_cast<float>(want)) {
+        std::cerr << "rank " << rank << ": " << how << " call " << k << " element " << i
+                  << ": got " << out[kk][i] << " want " << want << "\n";
+        return false;
+      }
+    }
+    return true;
+  };
+  // Once blocking, so that the gated calls below allocate nothing: growing
+  // a staging or scratch buffer frees the old one, and cudaFree and
+  // cudaFreeHost wait for the whole device, the blocked stream included
+  // (docs/cuda.md, Semantics).
+  {
+    CallOptions o;
+    o.stream = st;
+    for (int k = 0; k < kCalls; ++k) {
+      const auto kk = static_cast<std::size_t>(k);
+      CK(cudaMemsetAsync(send[kk], 0, counts[k] * 4, st));
+      comm.allreduce(send[kk], recv[kk], counts[k], DataType::Float32, ReduceOp::Sum, o);
+    }
+    CK(cudaStreamSynchronize(st));
+  }
+  struct Gate {
+    std::atomic<bool> open{false};
+  } gate;
+  for (bool with_stream : {true, false}) {
+    cudaStream_t s = with_stream ? st : nullptr;
+    CallOptions o;
+    o.stream = s;
+    // Inputs and poisoned outputs, queued on the stream before the calls.
+    for (int k = 0; k < kCalls; ++k) {
+      const auto kk = static_cast<std::size_t>(k);
+      CK(cudaMemsetAsync(recv[kk], 0xff, counts[k] * 4, s));
+      CK(cudaMemcpyAsync(send[kk], host[kk], counts[k] * 4, cudaMemcpyHostToDevice, s));
+    }
+    std::vector<chorus::Work> works;
+    try {
+      for (int k = 0; k < kCalls; ++k) {
+        const auto kk = static_cast<std::size_t>(k);
+        works.push_back(
+            comm.allreduce_async(send[kk], recv[kk], counts[k], DataType::Float32, ReduceOp::Sum, o));
+      }
+    } catch (const chorus::Error& e) {
+      std::cerr << "rank " << rank << ": allreduce_async threw " << e.what() << "\n";
+      return 2;
+    }
+    gate.open = false;
+    CK(cudaLaunchHostFunc(
+        s,
+        [](void* g) {
+          while (!static_cast<Gate*>(g)->open.load())
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        },
+        &gate));
+    for (auto& w : works) {
+      try {
+        if (!w.wait(std::chrono::seconds(20))) {
+          std::cerr << "rank " << rank << (with_stream ? ": a call on a stream" : ": a call")
+                    << " waited for the work queued after it\n";
+          gate.open = true;
+          return 3;
+        }
+      } catch (const chorus::Error& e) {
+        std::cerr << "rank " << rank << ": an async call failed: " << e.what() << "\n";
+        gate.open = true;
+        return 4;
+      }
+    }
+    gate.open = true;
+    for (int k = 0; k < kCalls; ++k) {
+      const auto kk = static_cast<std::size_t>(k);
+      CK(cudaMemcpyAsync(out[kk], recv[kk], counts[k] * 4, cudaMemcpyDeviceToHost, s));
+    }
+    CK(cudaStreamSynchronize(s));
+    for (int k = 0; k < kCalls; ++k)
+      if (!check(k, with_stream ? "on a stream:" : "without a stream:")) return 5;
+  }
+  if (comm.error()) {
+    std::cerr << "rank " << rank << ": error() reports " << comm.error()->what() << "\n";
+    return 6;
+  }
+  for (int k = 0; k < kCalls; ++k) {
+    const auto kk = static_cast<std::size_t>(k);
+    CK(cudaFreeHost(host[kk]));
+    CK(cudaFreeHost(out[kk]));
+    CK(cudaFree(send[kk]));
+    if (k + 1 < kCalls) CK(cudaFree(recv[kk]));
+  }
+  CK(cudaStreamDestroy(st));
+  return 0;
+}
+
+TEST(CudaStreams, AsyncCallsEnterTheirStreamWhenMade) {
+  if (const std::string why = gpu_reason(); !why.empty()) GTEST_SKIP() << "no GPU here: " << why;
+  for (int n : {2, 3}) {
+    const auto codes = fork_ranks(n, async_rank, std::chrono::seconds(180));
+    for (int r = 0; r < n; ++r)
+      EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0)
+          << "rank " << r << " of " << n << ": 2 a call threw, 3 a call waited for later work, "
+          << "4 a call failed, 5 a wrong result, 6 error() set (-1: killed)";
+  }
 }
 
 // Without a GPU (this build has CUDA but the machine none), a stream in the
