@@ -1,0 +1,288 @@
+// The reference trainer: data-parallel training of a character-level language
+// model (model.hpp) on a text (corpus.hpp), gradients averaged through Chorus.
+//
+//   chorusrun -n 4 -- trainer                 # the licence texts of this machine
+//   chorusrun -n 2 -- trainer --steps 2000 --text book.txt
+//
+// Data parallelism, step by step (docs/trainer.md tells the why):
+//  1. Every rank holds the whole model. Rank 0's initial parameters are
+//     broadcast, so the replicas start equal.
+//  2. Each step draws a global batch of B positions from a generator seeded
+//     by the step number: every rank draws the same batch, and rank r takes
+//     the r-th contiguous share.
+//  3. Each rank runs forward and backward on its share, scaling its gradient
+//     by 1/B. The sum over the ranks is then the gradient of the whole
+//     batch's mean loss: what one process with the whole batch would get.
+//  4. The sum is an allreduce. Backward finishes the output layer first, so
+//     its gradient is averaged (allreduce_async) while the hidden layer's is
+//     computed; then the hidden layer's while the embeddings' is; then the
+//     embeddings'. This overlap is what PyTorch DDP's gradient buckets do.
+//  5. Every rank applies the same Adam step to the same gradient: the
+//     replicas stay equal. The trainer checks that at the end (a hash of the
+//     parameters, allgathered) rather than trusting it.
+
+#include "corpus.hpp"
+#include "model.hpp"
+
+#include <chorus/chorus.hpp>
+
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct Options {
+  int steps = 600;
+  std::size_t batch = 256;
+  double lr = 3e-3;
+  trainer::Shape shape;
+  std::uint64_t seed = 1;
+  std::vector<std::string> text{"/usr/share/common-licenses"};
+  int log_every = 50;
+  int eval_every = 200;
+  std::size_t eval_examples = 8192;
+  std::size_t sample = 240;
+  bool overlap = true;
+  std::string save;
+};
+
+// FNV-1a over the parameters' bytes: equal replicas hash equal.
+std::uint64_t hash_of(const float* p, std::size_t n) {
+  std::uint64_t h = 1469598103934665603ULL;
+  const auto* b = reinterpret_cast<const unsigned char*>(p);
+  for (std::size_t i = 0; i < n * sizeof(float); ++i) h = (h ^ b[i]) * 1099511628211ULL;
+  return h;
+}
+
+// The mean loss over the first `limit` validation examples, shared out over
+// the ranks: each evaluates a contiguous part, one allreduce sums them.
+double validation_loss(chorus::Communicator& comm, trainer::Model<float>& model,
+                       const trainer::Corpus& corpus, std::size_t limit) {
+  const std::size_t C = model.shape().context;
+  const std::size_t total = std::min(limit, corpus.val.size() - C);
+  const auto r = static_cast<std::size_t>(comm.rank()), n = static_cast<std::size_t>(comm.size());
+  const std::size_t lo = total * r / n, hi = total * (r + 1) / n;
+  std::vector<std::size_t> pos;
+  for (std::size_t i = lo; i < hi; ++i) pos.push_back(C + i);
+  std::vector<std::uint8_t> ctx, tgt;
+  double sum[2] = {0, static_cast<double>(pos.size())};
+  for (std::size_t at = 0; at < pos.size(); at += 1024) {
+    const std::size_t m = std::min<std::size_t>(1024, pos.size() - at);
+    trainer::gather_examples(corpus.val, pos.data() + at, m, C, ctx, tgt);
+    sum[0] += model.loss(ctx.data(), tgt.data(), m);
+  }
+  comm.allreduce(sum, sum, 2, chorus::DataType::Float64, chorus::ReduceOp::Sum);
+  return sum[0] / sum[1];
+}
+
+// `n` bytes drawn from the model, one at a time, after the first context of
+// the validation text.
+std::string sample_text(trainer::Model<float>& model, const trainer::Corpus& corpus, std::size_t n,
+                        std::uint64_t seed) {
+  const std::size_t C = model.shape().context, V = model.shape().vocab;
+  std::vector<std::uint8_t> ctx(corpus.val.begin(), corpus.val.begin() + static_cast<std::ptrdiff_t>(C));
+  std::string out;
+  for (std::uint8_t s : ctx) out.push_back(static_cast<char>(corpus.alphabet[s]));
+  trainer::Rng rng(seed);
+  for (std::size_t i = 0; i < n; ++i) {
+    model.forward(ctx.data(), 1);
+    const float* p = model.probs();
+    double u = rng.uniform(), acc = 0;
+    std::size_t s = V - 1;
+    for (std::size_t v = 0; v < V; ++v)
+      if ((acc += static_cast<double>(p[v])) > u) {
+        s = v;
+        break;
+      }
+    out.push_back(static_cast<char>(corpus.alphabet[s]));
+    ctx.erase(ctx.begin());
+    ctx.push_back(static_cast<std::uint8_t>(s));
+  }
+  return out;
+}
+
+int train(const Options& o) {
+  chorus::Communicator comm = chorus::Communicator::from_env();
+  const int rank = comm.rank(), world = comm.size();
+  const bool lead = rank == 0;
+  const trainer::Corpus corpus = trainer::load_corpus(o.text);
+  trainer::Shape shape = o.shape;
+  shape.vocab = corpus.alphabet.size();
+  trainer::Model<float> model(shape);
+  model.init(o.seed);
+  const std::size_t P = model.size();
+  const std::size_t C = shape.context;
+  if (corpus.train.size() <= C + 1 || corpus.val.size() <= C + 1)
+    throw std::runtime_error("the text is too short for a context of " + std::to_string(C));
+  if (o.batch < static_cast<std::size_t>(world))
+    throw std::runtime_error("--batch " + std::to_string(o.batch) + " is smaller than the " +
+                             std::to_string(world) + " ranks");
+
+  // 1. Equal replicas: rank 0's parameters everywhere.
+  comm.broadcast(model.params(), model.params(), P, chorus::DataType::Float32, 0);
+
+  if (lead) {
+    std::printf("chorus trainer: %d ranks over %s, character-level MLP language model\n", world,
+                comm.transport_name().c_str());
+    std::printf("  text: %zu files, %zu bytes (%zu train, %zu validation), %zu symbols\n",
+                corpus.files.size(), corpus.bytes, corpus.train.size(), corpus.val.size(),
+                shape.vocab);
+    std::printf("  model: context %zu, embedding %zu, hidden %zu: %zu parameters\n", C, shape.embed,
+                shape.hidden, P);
+    const std::size_t least = o.batch / static_cast<std::size_t>(world);
+    const std::size_t most = least + (o.batch % static_cast<std::size_t>(world) != 0 ? 1 : 0);
+    std::printf("  global batch %zu (%s%zu per rank), Adam lr %g, %d steps, gradients averaged %s\n",
+                o.batch, least == most ? "" : (std::to_string(least) + " to ").c_str(), most, o.lr,
+                o.steps, o.overlap ? "per layer during backward (allreduce_async)" : "after backward");
+  }
+  const double first_val = validation_loss(comm, model, corpus, o.eval_examples);
+  if (lead) {
+    std::printf("\n%6s  %10s  %10s  %12s  %10s\n", "step", "train loss", "val loss", "examples/s",
+                "comm wait");
+    std::printf("%6d  %10s  %10.4f\n", 0, "", first_val);
+  }
+
+  trainer::Adam<float> adam(P, o.lr);
+  std::vector<float> grad(P);
+  const auto& spans = model.spans();
+  // The gradient's buckets, in the order backward completes them.
+  const std::size_t out_end = spans[1].offset + spans[1].size;
+  const std::size_t hid_end = spans[3].offset + spans[3].size;
+  std::vector<chorus::Work> pending;
+  auto average = [&](std::size_t from, std::size_t to) {
+    pending.push_back(comm.allreduce_async(grad.data() + from, grad.data() + from, to - from,
+                                           chorus::DataType::Float32, chorus::ReduceOp::Sum));
+  };
+  if (o.overlap) {
+    model.on_output_done([&] { average(0, out_end); });
+    model.on_hidden_done([&] { average(out_end, hid_end); });
+  }
+
+  const auto r = static_cast<std::size_t>(rank), w = static_cast<std::size_t>(world);
+  const std::size_t lo = o.batch * r / w, hi = o.batch * (r + 1) / w;
+  std::vector<std::size_t> batch(o.batch);
+  std::vector<std::uint8_t> ctx, tgt;
+  double window_loss = 0, window_wait = 0;
+  std::size_t window_examples = 0;
+  auto window_start = Clock::now();
+  const auto t0 = Clock::now();
+  for (int step = 1; step <= o.steps; ++step) {
+    // 2. The same global batch on every rank; this rank's share.
+    trainer::Rng rng(o.seed * 0x100000001b3ULL + static_cast<std::uint64_t>(step));
+    for (auto& p : batch) p = C + rng.below(corpus.train.size() - C);
+    trainer::gather_examples(corpus.train, batch.data() + lo, hi - lo, C, ctx, tgt);
+    // 3.-4. Gradients, averaged layer by layer as backward produces them.
+    std::fill(grad.begin(), grad.end(), 0.0f);
+    pending.clear();
+    window_loss += model.forward_backward(ctx.data(), tgt.data(), hi - lo, grad.data(),
+                                          1.0f / static_cast<float>(o.batch));
+    const auto waiting = Clock::now();
+    if (o.overlap) average(hid_end, P);
+    else average(0, P);
+    for (auto& work : pending) work.wait();
+    window_wait += seconds_since(waiting);
+    window_examples += o.batch;
+    // 5. The same step on every rank.
+    adam.step(model.params(), grad.data());
+
+    const bool log_now = step % o.log_every == 0 || step == o.steps;
+    const bool eval_now = step % o.eval_every == 0 || step == o.steps;
+    if (log_now || eval_now) {
+      // The training loss of the steps since the last line: every rank's sum.
+      double sum = window_loss;
+      comm.allreduce(&sum, &sum, 1, chorus::DataType::Float64, chorus::ReduceOp::Sum);
+      const double elapsed = seconds_since(window_start);
+      const double val = eval_now ? validation_loss(comm, model, corpus, o.eval_examples) : -1;
+      if (lead) {
+        std::printf("%6d  %10.4f  ", step, sum / static_cast<double>(window_examples));
+        if (val >= 0) std::printf("%10.4f", val);
+        else std::printf("%10s", "");
+        std::printf("  %12.0f  %9.1f%%\n", static_cast<double>(window_examples) / elapsed,
+                    100.0 * window_wait / elapsed);
+        std::fflush(stdout);
+      }
+      window_loss = window_wait = 0;
+      window_examples = 0;
+      window_start = Clock::now();
+    }
+  }
+  const double total = seconds_since(t0);
+
+  // The replicas must still be equal.
+  std::vector<std::uint64_t> hashes(w);
+  const std::uint64_t mine = hash_of(model.params(), P);
+  comm.allgather(&mine, hashes.data(), 1, chorus::DataType::UInt64);
+  for (std::size_t k = 0; k < w; ++k)
+    if (hashes[k] != hashes[0]) {
+      if (lead)
+        std::fprintf(stderr, "trainer: the replicas diverged: rank %zu's parameters differ from rank "
+                     "0's\n", k);
+      return 2;
+    }
+  if (lead) {
+    std::printf("\n%d steps in %.1f s; the %d replicas are equal (parameter hash %016" PRIx64 ")\n",
+                o.steps, total, world, mine);
+    if (o.sample > 0)
+      std::printf("\nsample (the first %zu bytes are the validation text's):\n%s\n", C,
+                  sample_text(model, corpus, o.sample, o.seed).c_str());
+    if (!o.save.empty()) {
+      std::ofstream out(o.save, std::ios::binary);
+      out.write(reinterpret_cast<const char*>(model.params()),
+                static_cast<std::streamsize>(P * sizeof(float)));
+      if (!out) throw std::runtime_error("cannot write " + o.save);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"Chorus reference trainer: a character-level language model trained data-parallel, "
+               "gradients averaged through Chorus. Run it under chorusrun."};
+  app.add_option("--steps", o.steps, "training steps")->check(CLI::NonNegativeNumber);
+  app.add_option("--batch", o.batch, "global batch (examples per step, over all ranks)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lr", o.lr, "Adam learning rate")->check(CLI::PositiveNumber);
+  app.add_option("--context", o.shape.context, "bytes of context")->check(CLI::Range(1, 64));
+  app.add_option("--embed", o.shape.embed, "embedding width")->check(CLI::Range(1, 256));
+  app.add_option("--hidden", o.shape.hidden, "hidden units")->check(CLI::Range(1, 4096));
+  app.add_option("--seed", o.seed, "seed of the initial parameters and of the batches");
+  app.add_option("--text", o.text, "text files or directories (default: /usr/share/common-licenses)");
+  app.add_option("--log-every", o.log_every, "steps between lines")->check(CLI::PositiveNumber);
+  app.add_option("--eval-every", o.eval_every, "steps between validation losses")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--eval-examples", o.eval_examples, "validation examples evaluated")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--sample", o.sample, "bytes of text to generate at the end (0: none)");
+  bool no_overlap = false;
+  app.add_flag("--no-overlap", no_overlap,
+               "average the whole gradient after backward instead of layer by layer during it");
+  app.add_option("--save", o.save, "write the final parameters (raw float32) to this file");
+  CLI11_PARSE(app, argc, argv);
+  o.overlap = !no_overlap;
+  try {
+    return train(o);
+  } catch (const chorus::Error& e) {
+    std::fprintf(stderr, "trainer: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "trainer: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The reference trainer end to end, under chorusrun:
+#  1. Data parallelism changes nothing but the arithmetic's order: 3 ranks
+#     end within float rounding of 1 rank with the same global batch, and
+#     both moved away from the initial parameters.
+#  2. Averaging layer by layer during backward (the default) and after it
+#     (--no-overlap) give bitwise the same parameters at 2 ranks, where a
+#     sum of two floats is the same in any order.
+#  3. It learns: the first validation loss is log V (V counted here from the
+#     text), and after the steps it is well below the loss of the best
+#     model that ignores the context (the training text's byte frequencies),
+#     also computed here. STEPS 0 leaves this part out (the sanitizer pass:
+#     it checks the same code as parts 1 and 2, and 3 is arithmetic).
+# Usage: trainer_test.sh CHORUSRUN TRAINER STEPS
+set -euo pipefail
+run=$1
+trainer=$2
+steps=$3
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+common=(--batch 96 --hidden 64 --sample 0 --eval-examples 2000 --log-every 10)
+echo "== 1. one rank and three ranks, 30 steps"
+"$run" -n 1 -- "$trainer" "${common[@]}" --steps 0 --save "$work/p0" >/dev/null
+"$run" -n 1 -- "$trainer" "${common[@]}" --steps 30 --save "$work/p1" > "$work/one.log"
+"$run" -n 3 -- "$trainer" "${common[@]}" --steps 30 --save "$work/p3" > "$work/three.log"
+echo "== 2. layer by layer during backward, and after it, two ranks"
+"$run" -n 2 -- "$trainer" "${common[@]}" --steps 30 --save "$work/o1" >/dev/null
+"$run" -n 2 -- "$trainer" "${common[@]}" --steps 30 --save "$work/o2" --no-overlap >/dev/null
+cmp "$work/o1" "$work/o2"
+echo "   bitwise equal"
+if [[ "$steps" == 0 ]]; then
+  learn=0
+  echo "== 3. learning: left out (STEPS 0)"
+else
+  learn=1
+  echo "== 3. learning: three ranks, $steps steps"
+"$run" -n 3 -- "$trainer" --steps "$steps" --eval-every "$steps" --log-every "$steps" --eval-examples 8000 --sample 0 \
+  > "$work/learn.log"
+cat "$work/learn.log"
+grep -q "the 3 replicas are equal" "$work/learn.log"
+fi
+
+python3 - "$work" "$learn" <<'PY'
+import array, math, os, re, sys
+work, learn = sys.argv[1], sys.argv[2] == '1'
+def params(name):
+    a = array.array('f')
+    with open(os.path.join(work, name), 'rb') as f:
+        a.frombytes(f.read())
+    return a
+p0, p1, p3 = params('p0'), params('p1'), params('p3')
+assert len(p0) == len(p1) == len(p3) > 0, (len(p0), len(p1), len(p3))
+moved = max(abs(a - b) for a, b in zip(p0, p1))
+diff = max(abs(a - b) for a, b in zip(p1, p3))
+print(f"1 rank moved the parameters by up to {moved:.3g}; 3 ranks differ from 1 by up to {diff:.3g}")
+assert moved > 1e-2, "30 steps did not move the parameters"
+assert diff < 1e-5, "3 ranks diverged from 1 rank"
+if not learn:
+    sys.exit(0)
+
+# The text as the trainer reads it by default: the regular files of
+# /usr/share/common-licenses in name order, the last tenth for validation.
+d = '/usr/share/common-licenses'
+names = sorted(f for f in os.listdir(d)
+               if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
+text = b''.join(open(os.path.join(d, f), 'rb').read() for f in names)
+n_val = len(text) // 10
+train, val = text[:len(text) - n_val], text[len(text) - n_val:]
+V = len(set(text))
+counts = [0] * 256
+for b in train:
+    counts[b] += 1
+# Add-one smoothing over the alphabet: every byte of the text has a probability.
+unigram = -sum(math.log((counts[b] + 1) / (len(train) + V)) for b in val[8:8 + 8000]) / min(8000, len(val) - 8)
+
+log = open(os.path.join(work, 'learn.log')).read()
+rows = re.findall(r'^\[0\]\s+(\d+)\s+(?:([\d.]+)\s+)?([\d.]+)\s', log, re.M)
+first = [float(v) for s, _, v in rows if s == '0']
+last = [float(v) for s, _, v in rows if s != '0']
+assert first and last, "no validation losses in the log"
+print(f"validation loss: first {first[0]:.4f} (log V = {math.log(V):.4f}), last {last[-1]:.4f}; "
+      f"context-free model {unigram:.4f}")
+assert abs(first[0] - math.log(V)) < 0.05, "the first loss is not log V"
+assert last[-1] < 0.85 * unigram, "the model did not learn beyond byte frequencies"
+PY
