@@ -4,6 +4,7 @@
 /// Umbrella header: include this to use Chorus from C++.
 
 #include <chorus/communicator.hpp>  // IWYU pragma: export
+#include <chorus/engine.hpp>        // IWYU pragma: export
 #include <chorus/error.hpp>         // IWYU pragma: export
 #include <chorus/memory.hpp>        // IWYU pragma: export
 #include <chorus/store.hpp>         // IWYU pragma: export

@@ -8,6 +8,7 @@
 #include "algorithms/selector.hpp"
 #include "core/config.hpp"
 #include "core/device.hpp"
+#include "core/work.hpp"
 #include "core/enforce.hpp"
 #include "core/log.hpp"
 #include "core/net.hpp"
@@ -30,26 +31,6 @@
 #include <thread>
 
 namespace chorus {
-
-namespace detail {
-
-struct WorkState {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  std::optional<Error> error;
-
-  void finish(std::optional<Error> e) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      error = std::move(e);
-      done = true;
-    }
-    cv.notify_all();
-  }
-};
-
-}  // namespace detail
 
 // ---- Work -------------------------------------------------------------------
 

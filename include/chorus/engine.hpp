@@ -1,0 +1,102 @@
+#pragma once
+
+/// @file engine.hpp
+/// The negotiated tensor engine (Horovod's model; docs/engine.md).
+///
+/// Ranks submit named tensors in any order, from any thread, and get a Work
+/// back at once. A background thread agrees with the other ranks, every
+/// cycle, on which names every rank has submitted; it runs those in the same
+/// order on every rank, packing small allreduces of one dtype and op into
+/// one collective (fusion). Names seen before are agreed on by a bit each
+/// (the response cache). A name submitted with different arguments on two
+/// ranks fails on every rank with Error(InvalidUsage) naming both; a name
+/// some ranks never submit is reported, naming the missing ranks, instead
+/// of hanging. Rank 0 can write a timeline (Chrome trace JSON) of every
+/// tensor's negotiation and execution.
+
+#include <chorus/communicator.hpp>
+#include <chorus/export.hpp>
+#include <chorus/types.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace chorus {
+
+namespace detail {
+struct EngineImpl;
+}
+
+/// Engine settings. Fields left unset take the environment's value, then the
+/// default (docs/tuning.md).
+struct EngineConfig {
+  /// Time between two negotiations (CHORUS_ENGINE_CYCLE_MS, default 1 ms).
+  std::optional<std::chrono::microseconds> cycle;
+  /// Most bytes one fused allreduce carries; 0 disables fusion
+  /// (CHORUS_FUSION_BYTES, default 64 MiB).
+  std::optional<std::size_t> fusion_bytes;
+  /// Names the response cache holds; 0 disables it (CHORUS_ENGINE_CACHE,
+  /// default 1024).
+  std::optional<std::size_t> cache_capacity;
+  /// Path of the timeline rank 0 writes (CHORUS_TIMELINE; empty: none).
+  std::optional<std::string> timeline;
+  /// How long a name may wait for the ranks that have not submitted it
+  /// before rank 0 warns, naming them (CHORUS_STALL_WARNING, default 60 s).
+  std::optional<std::chrono::milliseconds> stall_warning;
+  /// How long before such a name fails on every rank with Error(Timeout)
+  /// and the engine stops; 0: never (CHORUS_STALL_ABORT, default 0).
+  std::optional<std::chrono::milliseconds> stall_abort;
+};
+
+/// What an engine has done so far (this rank's counts; every rank's agree).
+struct EngineStats {
+  std::uint64_t cycles = 0;        ///< negotiation rounds
+  std::uint64_t negotiations = 0;  ///< rounds that exchanged tensor descriptions
+  std::uint64_t tensors = 0;       ///< tensors completed (successfully or not)
+  std::uint64_t collectives = 0;   ///< collectives run for them
+  std::uint64_t fused = 0;         ///< tensors that shared a collective with others
+  std::uint64_t cache_hits = 0;    ///< tensors agreed on by their cache bit alone
+};
+
+/// A negotiated tensor engine over a communicator. A cheap, copyable handle;
+/// the last copy shuts the engine down.
+class CHORUS_API Engine {
+ public:
+  /// An empty handle; every call on it throws Error(InvalidUsage).
+  Engine();
+  /// Starts an engine on a communicator of its own, split from `comm` (so
+  /// its traffic never mixes with the caller's calls on `comm`). Every rank
+  /// of `comm` calls it, in the same order as their other calls on `comm`.
+  static Engine start(const Communicator& comm, const EngineConfig& config = {});
+
+  /// Allreduce of the tensor `name`: `count` elements of every rank's
+  /// `sendbuf` reduced into every rank's `recvbuf` (in place when equal).
+  /// The buffers are the engine's until the Work completes.
+  Work allreduce(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
+                 DataType dtype, ReduceOp op);
+  /// Allgather of the tensor `name`: every rank's `count` elements, in rank order.
+  Work allgather(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
+                 DataType dtype);
+  /// Broadcast of the tensor `name` from `root`.
+  Work broadcast(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
+                 DataType dtype, int root);
+
+  /// This rank's counts so far.
+  EngineStats stats() const;
+  /// The communicator the engine runs on (its own, split from the one given).
+  Communicator communicator() const;
+  /// Stops the engine once every rank has called shutdown() (collective).
+  /// Tensors still waiting fail with Error(Aborted). Idempotent.
+  void shutdown();
+  /// True for a handle made by start().
+  bool valid() const noexcept { return impl_ != nullptr; }
+
+ private:
+  std::shared_ptr<detail::EngineImpl> impl_;
+};
+
+}  // namespace chorus

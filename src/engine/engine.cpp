@@ -1,0 +1,849 @@
+// The negotiated tensor engine (include/chorus/engine.hpp, docs/engine.md).
+//
+// Every rank runs the same cycle on a background thread, in lockstep with
+// the others through collectives on the engine's own communicator:
+//
+//  1. header: one allgather of a fixed-size record per rank: the bytes of
+//     the tensor descriptions it announces this cycle, its flags (shutdown
+//     wanted; on rank 0, stall abort), and one bit per response-cache slot
+//     (set: this rank has that cached tensor waiting).
+//  2. announcements: when some rank has any, one allgather of every rank's
+//     descriptions (padded to the longest). Every rank adds them to the same
+//     table, in the same order, so every rank reaches the same decisions
+//     without a coordinator's reply.
+//  3. ready: a cached name whose bit every rank set, a table name every rank
+//     announced (with the same description, else an error for it).
+//  4. execute in that order; consecutive-in-order allreduces of one dtype
+//     and op share one collective through the fusion buffer.
+//  5. bookkeeping: the table names executed enter the cache (the same slot
+//     on every rank: the cache's updates are deterministic).
+//  6. stalls: rank 0 warns of names waiting too long for some ranks, and
+//     may decide to stop the engine; its flag reaches every rank next cycle.
+
+#include <chorus/engine.hpp>
+
+#include "core/config.hpp"
+#include "core/log.hpp"
+#include "core/work.hpp"
+#include "engine/timeline.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace chorus {
+
+namespace detail {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+enum class Kind : std::uint8_t { Allreduce = 1, Allgather = 2, Broadcast = 3 };
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::Allreduce: return "allreduce";
+    case Kind::Allgather: return "allgather";
+    case Kind::Broadcast: return "broadcast";
+  }
+  return "?";
+}
+
+// What every rank must agree on for one name.
+struct Desc {
+  Kind kind = Kind::Allreduce;
+  DataType dtype = DataType::Float32;
+  ReduceOp op = ReduceOp::Sum;
+  std::uint64_t count = 0;
+  std::int32_t root = -1;
+  bool operator==(const Desc&) const = default;
+};
+
+std::string describe(const Desc& d) {
+  std::ostringstream os;
+  os << kind_name(d.kind) << " of " << d.count << " " << to_string(d.dtype);
+  if (d.kind == Kind::Allreduce) os << " (" << to_string(d.op) << ")";
+  if (d.kind == Kind::Broadcast) os << " from rank " << d.root;
+  return os.str();
+}
+
+std::string rank_list(const std::vector<int>& ranks) {
+  std::ostringstream os;
+  os << (ranks.size() == 1 ? "rank " : "ranks ");
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (i > 0) os << (i + 1 == ranks.size() ? " and " : ", ");
+    if (i == 8 && ranks.size() > 10) {
+      os << ranks.size() - 8 << " more";
+      break;
+    }
+    os << ranks[i];
+  }
+  return os.str();
+}
+
+// A tensor submitted on this rank and not yet completed.
+struct Request {
+  std::string name;
+  Desc desc;
+  const void* send = nullptr;
+  void* recv = nullptr;
+  std::shared_ptr<WorkState> work;
+  int slot = -1;  // announced by its cache bit
+};
+
+// A name in the shared table (identical on every rank).
+struct Entry {
+  std::vector<std::optional<Desc>> by_rank;
+  std::uint64_t order = 0;         // when it was first announced: (cycle, rank, position)
+  Clock::time_point first_seen;    // this rank's clock
+  std::int64_t first_us = 0;       // for the timeline
+  int have = 0;
+};
+
+struct Slot {
+  bool used = false;
+  std::string name;
+  Desc desc;
+  std::uint64_t last_used = 0;
+};
+
+// One tensor of this cycle's ready list.
+struct Ready {
+  std::string name;
+  Desc desc;
+  bool cached = false;
+  std::string error;  // the ranks disagreed
+  std::int64_t negotiation_start_us = 0;
+};
+
+constexpr std::uint8_t kFlagShutdown = 1;
+constexpr std::uint8_t kFlagStallAbort = 2;
+constexpr std::size_t kHeaderFixed = 8;  // u32 blob bytes, u8 flags, 3 spare
+
+void put(std::string& out, const void* p, std::size_t n) { out.append(static_cast<const char*>(p), n); }
+
+}  // namespace
+
+struct EngineImpl {
+  Communicator comm;
+  int rank = 0, size = 1;
+  Clock::duration cycle;
+  std::size_t fusion_bytes = 0;
+  std::size_t cache_capacity = 0;
+  std::chrono::milliseconds stall_warning{0}, stall_abort{0};
+  Timeline timeline;
+  Clock::time_point t0 = Clock::now();
+
+  // Submissions, handed to the background thread.
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Request> incoming;
+  std::unordered_set<std::string> submitted_names;  // pending on this rank (incoming or in flight)
+  bool shutdown_wanted = false;
+  bool stopped = false;
+  std::optional<Error> failure;  // why the engine stopped
+  EngineStats stats;
+
+  // Background thread only.
+  std::thread thread;
+  std::mutex join_mu;  // shutdown() from several threads joins once
+  std::uint64_t cycle_no = 0;
+  std::map<std::string, Request> pending;  // by name
+  std::map<std::string, Entry> table;
+  std::vector<Slot> cache;
+  std::unordered_map<std::string, int> cache_index;
+  std::vector<char> fusion;
+  bool stall_abort_decided = false;                     // rank 0
+  std::map<std::string, Clock::time_point> warned_at;   // rank 0
+  std::vector<Clock::time_point> partial_since;         // rank 0: cached slots set on some ranks
+  std::vector<std::int64_t> partial_since_us;
+  // Cached names some ranks have set and others not, with the missing ranks
+  // (every rank computes the same, each cycle).
+  std::vector<std::tuple<std::size_t, std::string, std::vector<int>>> partial_now;
+  std::vector<bool> busy;  // cache slots some rank has set this cycle: not to be evicted
+
+  std::int64_t now_us() const {
+    return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count();
+  }
+
+  void run() {
+    try {
+      while (true) {
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait_for(lock, cycle);
+        }
+        if (!one_cycle()) break;
+      }
+    } catch (const Error& e) {
+      stop(e);
+    } catch (const std::exception& e) {
+      stop(Error(ErrorCode::Internal, std::string("the engine's thread failed: ") + e.what()));
+    }
+  }
+
+  // Fails every pending tensor with `e` and refuses later submissions.
+  void stop(const Error& e) {
+    std::vector<Request> left;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!failure) failure = e;
+      stopped = true;
+      for (auto& r : incoming) left.push_back(std::move(r));
+      incoming.clear();
+      submitted_names.clear();
+    }
+    for (auto& [name, r] : pending) left.push_back(std::move(r));
+    pending.clear();
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stats.tensors += left.size();
+    }
+    for (auto& r : left) r.work->finish(e);
+  }
+
+  void describe_fresh(std::vector<Request*>& fresh, std::string& blob) {
+    for (Request* r : fresh) {
+      auto it = cache_index.find(r->name);
+      if (it != cache_index.end() && cache[static_cast<std::size_t>(it->second)].desc == r->desc) {
+        r->slot = it->second;
+        continue;
+      }
+      const auto len = static_cast<std::uint16_t>(r->name.size());
+      put(blob, &len, 2);
+      blob += r->name;
+      const std::uint8_t k = static_cast<std::uint8_t>(r->desc.kind);
+      const std::uint8_t t = static_cast<std::uint8_t>(r->desc.dtype);
+      const std::uint8_t o = static_cast<std::uint8_t>(r->desc.op);
+      const std::uint8_t pad = 0;
+      put(blob, &k, 1);
+      put(blob, &t, 1);
+      put(blob, &o, 1);
+      put(blob, &pad, 1);
+      put(blob, &r->desc.root, 4);
+      put(blob, &r->desc.count, 8);
+    }
+  }
+
+  // One cycle; false when the engine has stopped.
+  bool one_cycle() {
+    ++cycle_no;
+    const std::int64_t cycle_start_us = timeline.open() ? now_us() : 0;
+    // 1. This rank's new submissions.
+    std::vector<Request*> fresh;
+    bool want_stop = false;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      ++stats.cycles;
+      for (auto& r : incoming) {
+        std::string name = r.name;
+        auto [it, ok] = pending.emplace(name, std::move(r));
+        if (!ok) throw Error(ErrorCode::Internal, "engine: tensor '" + name + "' pending twice");
+        fresh.push_back(&it->second);
+      }
+      incoming.clear();
+      want_stop = shutdown_wanted;
+    }
+    std::string blob;
+    describe_fresh(fresh, blob);
+
+    const std::size_t bitmap_bytes = (cache_capacity + 7) / 8;
+    const std::size_t hb = kHeaderFixed + bitmap_bytes;
+    std::vector<std::uint8_t> mine(hb, 0), all(hb * static_cast<std::size_t>(size));
+    const auto blob_bytes = static_cast<std::uint32_t>(blob.size());
+    std::memcpy(mine.data(), &blob_bytes, 4);
+    mine[4] = static_cast<std::uint8_t>((want_stop ? kFlagShutdown : 0) |
+                                        (stall_abort_decided ? kFlagStallAbort : 0));
+    for (const auto& [name, r] : pending)
+      if (r.slot >= 0)
+        mine[kHeaderFixed + static_cast<std::size_t>(r.slot) / 8] |=
+            static_cast<std::uint8_t>(1u << (r.slot % 8));
+    comm.allgather(mine.data(), all.data(), hb, DataType::UInt8);
+    auto header = [&](int p) { return all.data() + hb * static_cast<std::size_t>(p); };
+    auto bit = [&](int p, int slot) {
+      return (header(p)[kHeaderFixed + static_cast<std::size_t>(slot) / 8] >> (slot % 8)) & 1;
+    };
+    std::uint32_t longest = 0;
+    bool all_stop = true, abort_stall = false;
+    for (int p = 0; p < size; ++p) {
+      std::uint32_t b = 0;
+      std::memcpy(&b, header(p), 4);
+      longest = std::max(longest, b);
+      all_stop = all_stop && (header(p)[4] & kFlagShutdown) != 0;
+      abort_stall = abort_stall || (header(p)[4] & kFlagStallAbort) != 0;
+    }
+    // Cache slots this cycle's announcements invalidate: ignore their bits.
+    std::vector<bool> dropped(cache_capacity, false);
+
+    // 2. Announcements.
+    if (longest > 0) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ++stats.negotiations;
+      }
+      blob.resize(longest, '\0');
+      std::string every(static_cast<std::size_t>(longest) * static_cast<std::size_t>(size), '\0');
+      comm.allgather(blob.data(), every.data(), longest, DataType::UInt8);
+      for (int p = 0; p < size; ++p) {
+        std::uint32_t b = 0;
+        std::memcpy(&b, header(p), 4);
+        const char* at = every.data() + static_cast<std::size_t>(longest) * static_cast<std::size_t>(p);
+        std::size_t off = 0, index = 0;
+        while (off < b) {
+          auto need = [&](std::size_t n) {
+            if (off + n > b)
+              throw Error(ErrorCode::Transport, "engine: rank " + std::to_string(p) +
+                                                    "'s tensor descriptions are truncated");
+          };
+          need(2);
+          std::uint16_t len = 0;
+          std::memcpy(&len, at + off, 2);
+          off += 2;
+          need(len + 16u);
+          std::string name(at + off, len);
+          off += len;
+          Desc d;
+          d.kind = static_cast<Kind>(static_cast<std::uint8_t>(at[off]));
+          d.dtype = static_cast<DataType>(static_cast<std::uint8_t>(at[off + 1]));
+          d.op = static_cast<ReduceOp>(static_cast<std::uint8_t>(at[off + 2]));
+          std::memcpy(&d.root, at + off + 4, 4);
+          std::memcpy(&d.count, at + off + 8, 8);
+          off += 16;
+          if (name.empty() || static_cast<int>(d.kind) < 1 || static_cast<int>(d.kind) > 3 ||
+              static_cast<int>(d.dtype) >= kNumDataTypes || static_cast<int>(d.op) >= kNumReduceOps)
+            throw Error(ErrorCode::Transport, "engine: rank " + std::to_string(p) +
+                                                  " announced a malformed tensor description");
+          announce(p, name, d, (cycle_no << 24) | (static_cast<std::uint64_t>(p) << 12) | index++,
+                   bit, dropped);
+        }
+      }
+    }
+
+    if (abort_stall) {
+      stop(Error(ErrorCode::Timeout, stalled_message()));
+      return false;
+    }
+    if (all_stop) {
+      stop(Error(ErrorCode::Aborted, "the engine was shut down with this tensor waiting for "
+                                      "other ranks"));
+      return false;
+    }
+
+    // 3. Ready: cached names every rank has set, in slot order; then table
+    // names every rank has announced, in announcement order.
+    std::vector<Ready> ready;
+    partial_now.clear();
+    busy.assign(cache_capacity, false);
+    for (std::size_t s = 0; s < cache_capacity; ++s) {
+      if (!cache[s].used || dropped[s]) continue;
+      int have = 0;
+      for (int p = 0; p < size; ++p) have += bit(p, static_cast<int>(s));
+      busy[s] = have > 0;
+      if (have > 0 && have < size) {
+        std::vector<int> missing;
+        for (int p = 0; p < size; ++p)
+          if (!bit(p, static_cast<int>(s))) missing.push_back(p);
+        partial_now.emplace_back(s, cache[s].name, std::move(missing));
+      }
+      if (have == size) {
+        // Negotiated from when the first rank set the bit (this cycle if all did).
+        Ready r{cache[s].name, cache[s].desc, true, {}, cycle_start_us};
+        if (rank == 0 && !partial_since_us.empty() && partial_since_us[s] >= 0)
+          r.negotiation_start_us = partial_since_us[s];
+        ready.push_back(std::move(r));
+        cache[s].last_used = cycle_no;
+      }
+      if (rank == 0 && !partial_since.empty()) {
+        if (have > 0 && have < size) {
+          if (partial_since_us[s] < 0) {
+            partial_since[s] = Clock::now();
+            partial_since_us[s] = now_us();
+          }
+        } else {
+          partial_since_us[s] = -1;
+        }
+      }
+    }
+    std::vector<std::pair<std::uint64_t, std::string>> done_names;
+    for (auto& [name, e] : table)
+      if (e.have == size) done_names.emplace_back(e.order, name);
+    std::sort(done_names.begin(), done_names.end());
+    for (const auto& [order, name] : done_names) {
+      Entry& e = table[name];
+      Ready r{name, *e.by_rank[0], false, {}, e.first_us};
+      std::vector<int> differ;
+      for (int p = 1; p < size; ++p)
+        if (!(*e.by_rank[static_cast<std::size_t>(p)] == r.desc)) differ.push_back(p);
+      if (!differ.empty()) {
+        std::ostringstream os;
+        os << "tensor '" << name << "' was submitted as " << describe(r.desc) << " on rank 0 but as "
+           << describe(*e.by_rank[static_cast<std::size_t>(differ[0])]) << " on rank " << differ[0];
+        if (differ.size() > 1) os << " (and differently on " << rank_list(differ) << ")";
+        os << "; every rank must submit a name with the same collective, count, dtype, op and root";
+        r.error = os.str();
+      }
+      if (timeline.open()) {
+        timeline.complete(name, "NEGOTIATE_" + std::string(kind_name(r.desc.kind)), e.first_us,
+                          now_us() - e.first_us, "");
+      }
+      ready.push_back(std::move(r));
+      table.erase(name);
+    }
+
+    // 4.-5. Execute, then complete.
+    if (!ready.empty()) execute(ready);
+
+    // 6. Stalls (rank 0 decides; every rank acts on its flag next cycle).
+    if (rank == 0) inspect_stalls();
+    timeline.flush();
+    return true;
+  }
+
+  template <typename Bit>
+  void announce(int p, const std::string& name, const Desc& d, std::uint64_t order, Bit bit,
+                std::vector<bool>& dropped) {
+    // A cached name announced anew (another description on that rank): the
+    // ranks whose cache bit is set count as announcing the cached
+    // description, and the slot is dropped, the same on every rank.
+    auto c = cache_index.find(name);
+    if (c != cache_index.end()) {
+      const int s = c->second;
+      const Desc old = cache[static_cast<std::size_t>(s)].desc;
+      cache_index.erase(c);
+      cache[static_cast<std::size_t>(s)].used = false;
+      dropped[static_cast<std::size_t>(s)] = true;
+      for (int q = 0; q < size; ++q)
+        if (bit(q, s)) add(q, name, old, order);
+      auto mine = pending.find(name);
+      if (mine != pending.end() && mine->second.slot == s) mine->second.slot = -1;
+    }
+    add(p, name, d, order);
+  }
+
+  void add(int p, const std::string& name, const Desc& d, std::uint64_t order) {
+    auto [it, fresh] = table.try_emplace(name);
+    Entry& e = it->second;
+    if (fresh) {
+      e.by_rank.resize(static_cast<std::size_t>(size));
+      e.order = order;
+      e.first_seen = Clock::now();
+      e.first_us = now_us();
+    }
+    auto& slot = e.by_rank[static_cast<std::size_t>(p)];
+    if (slot) return;  // a rank's cached and fresh announcement of one name: keep the first
+    slot = d;
+    ++e.have;
+    if (timeline.open()) timeline.instant(name, "rank " + std::to_string(p) + " ready", now_us());
+  }
+
+  void execute(std::vector<Ready>& ready) {
+    std::vector<bool> taken(ready.size(), false);
+    for (std::size_t i = 0; i < ready.size(); ++i) {
+      if (taken[i]) continue;
+      taken[i] = true;
+      std::vector<std::size_t> group{i};
+      const Ready& head = ready[i];
+      std::size_t bytes = head.desc.count * size_of(head.desc.dtype);
+      if (head.error.empty() && head.desc.kind == Kind::Allreduce && fusion_bytes > 0) {
+        for (std::size_t j = i + 1; j < ready.size(); ++j) {
+          const Ready& r = ready[j];
+          if (taken[j] || !r.error.empty() || r.desc.kind != Kind::Allreduce ||
+              r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op)
+            continue;
+          const std::size_t b = r.desc.count * size_of(r.desc.dtype);
+          if (bytes + b > fusion_bytes) continue;
+          bytes += b;
+          taken[j] = true;
+          group.push_back(j);
+        }
+      }
+      run_group(ready, group, bytes);
+    }
+  }
+
+  void run_group(std::vector<Ready>& ready, const std::vector<std::size_t>& group,
+                 std::size_t bytes) {
+    const Ready& head = ready[group[0]];
+    std::vector<Request> reqs;
+    for (std::size_t k : group) {
+      auto it = pending.find(ready[k].name);
+      if (it == pending.end())
+        throw Error(ErrorCode::Internal, "engine: ready tensor '" + ready[k].name +
+                                             "' has no submission on rank " + std::to_string(rank));
+      reqs.push_back(std::move(it->second));
+      pending.erase(it);
+    }
+    auto complete = [&](const std::optional<Error>& e) {
+      {
+        // Before the Works complete: a waiter then sees its tensor counted.
+        std::lock_guard<std::mutex> lock(mu);
+        for (auto& r : reqs) submitted_names.erase(r.name);
+        stats.tensors += reqs.size();
+        if (!e) {
+          ++stats.collectives;
+          if (reqs.size() > 1) stats.fused += reqs.size();
+          for (std::size_t k : group) stats.cache_hits += ready[k].cached ? 1 : 0;
+        }
+      }
+      for (auto& r : reqs) r.work->finish(e);
+    };
+    if (!head.error.empty()) {
+      complete(Error(ErrorCode::InvalidUsage, head.error));
+      return;
+    }
+    const Desc& d = head.desc;
+    const std::int64_t start = now_us();
+    std::int64_t in_us = 0, op_us = 0;
+    if (reqs.size() == 1) {
+      Request& r = reqs[0];
+      switch (d.kind) {
+        case Kind::Allreduce: comm.allreduce(r.send, r.recv, d.count, d.dtype, d.op); break;
+        case Kind::Allgather: comm.allgather(r.send, r.recv, d.count, d.dtype); break;
+        case Kind::Broadcast: comm.broadcast(r.send, r.recv, d.count, d.dtype, d.root); break;
+      }
+      op_us = now_us() - start;
+    } else {
+      if (fusion.size() < bytes) fusion.resize(bytes);
+      std::size_t at = 0;
+      for (std::size_t k = 0; k < reqs.size(); ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        if (b > 0) std::memcpy(fusion.data() + at, reqs[k].send, b);
+        at += b;
+      }
+      in_us = now_us() - start;
+      comm.allreduce(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.op);
+      op_us = now_us() - start - in_us;
+      at = 0;
+      for (std::size_t k = 0; k < reqs.size(); ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        if (b > 0) std::memcpy(reqs[k].recv, fusion.data() + at, b);
+        at += b;
+      }
+    }
+    const std::int64_t end = now_us();
+    if (timeline.open()) {
+      std::ostringstream args;
+      args << "\"bytes\": " << bytes << ", \"tensors\": " << reqs.size();
+      for (std::size_t k : group) {
+        const std::string& name = ready[k].name;
+        if (ready[k].cached)
+          timeline.complete(name, "NEGOTIATE_" + std::string(kind_name(d.kind)) + " (cached)",
+                            ready[k].negotiation_start_us, start - ready[k].negotiation_start_us, "");
+        if (reqs.size() > 1) timeline.complete(name, "MEMCPY_IN_FUSION_BUFFER", start, in_us, "");
+        std::string what = kind_name(d.kind);
+        for (auto& ch : what) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+        timeline.complete(name, what, start + in_us, op_us, args.str());
+        if (reqs.size() > 1)
+          timeline.complete(name, "MEMCPY_OUT_FUSION_BUFFER", start + in_us + op_us,
+                            end - start - in_us - op_us, "");
+      }
+    }
+    // Names that went through the table enter the cache.
+    for (std::size_t k : group)
+      if (!ready[k].cached) remember(ready[k].name, ready[k].desc);
+    complete(std::nullopt);
+  }
+
+  // Puts a name in the cache: a free slot, else the least recently used
+  // (lowest slot on ties), the same choice on every rank.
+  void remember(const std::string& name, const Desc& d) {
+    if (cache_capacity == 0 || cache_index.count(name) != 0) return;
+    std::size_t best = 0;
+    bool found_free = false;
+    for (std::size_t s = 0; s < cache_capacity; ++s)
+      if (!cache[s].used) {
+        best = s;
+        found_free = true;
+        break;
+      }
+    if (!found_free) {
+      // A slot some rank has set this cycle must not change meaning: its
+      // bit stands for the old name there. Every rank sees the same bits.
+      bool any = false;
+      for (std::size_t s = 0; s < cache_capacity; ++s) {
+        if (busy[s]) continue;
+        if (!any || cache[s].last_used < cache[best].last_used) best = s;
+        any = true;
+      }
+      if (!any) return;
+      cache_index.erase(cache[best].name);
+    }
+    cache[best] = Slot{true, name, d, cycle_no};
+    cache_index[name] = static_cast<int>(best);
+  }
+
+  // The names waiting for some ranks, and which (every rank computes the same).
+  std::vector<std::pair<std::string, std::vector<int>>> waiting_names() const {
+    std::vector<std::pair<std::string, std::vector<int>>> out;
+    for (const auto& [name, e] : table) {
+      std::vector<int> missing;
+      for (int p = 0; p < size; ++p)
+        if (!e.by_rank[static_cast<std::size_t>(p)]) missing.push_back(p);
+      out.emplace_back(name, missing);
+    }
+    for (const auto& [slot, name, missing] : partial_now) out.emplace_back(name, missing);
+    return out;
+  }
+
+  std::string stalled_message() const {
+    std::ostringstream os;
+    os << "the engine stopped: ";
+    const auto waiting = waiting_names();
+    if (waiting.empty()) {
+      os << "a tensor waited for other ranks longer than CHORUS_STALL_ABORT ("
+         << stall_abort.count() << " ms)";
+      return os.str();
+    }
+    std::size_t shown = 0;
+    for (const auto& [name, missing] : waiting) {
+      if (shown++ == 3) {
+        os << "; and " << waiting.size() - 3 << " more";
+        break;
+      }
+      os << (shown > 1 ? "; " : "") << "tensor '" << name << "' was not submitted by "
+         << rank_list(missing);
+    }
+    os << " within CHORUS_STALL_ABORT (" << stall_abort.count()
+       << " ms) of another rank submitting it";
+    return os.str();
+  }
+
+  void inspect_stalls() {
+    const auto now = Clock::now();
+    auto check = [&](const std::string& name, Clock::time_point since,
+                     const std::vector<int>& missing) {
+      const auto waited = now - since;
+      if (stall_abort.count() > 0 && waited >= stall_abort) stall_abort_decided = true;
+      if (waited < stall_warning) return;
+      auto w = warned_at.find(name);
+      if (w != warned_at.end() && now - w->second < stall_warning) return;
+      warned_at[name] = now;
+      std::vector<int> have;
+      for (int p = 0; p < size; ++p)
+        if (std::find(missing.begin(), missing.end(), p) == missing.end()) have.push_back(p);
+      CHORUS_WARN("engine: tensor '"
+                  << name << "' was submitted by " << rank_list(have) << " but not by "
+                  << rank_list(missing) << " for "
+                  << std::chrono::duration_cast<std::chrono::seconds>(waited).count()
+                  << " s: they may be stalled, or submitting other names (CHORUS_STALL_WARNING)");
+    };
+    std::map<std::string, bool> still;
+    for (const auto& [name, e] : table) {
+      std::vector<int> missing;
+      for (int p = 0; p < size; ++p)
+        if (!e.by_rank[static_cast<std::size_t>(p)]) missing.push_back(p);
+      check(name, e.first_seen, missing);
+      still[name] = true;
+    }
+    for (const auto& [slot, name, missing] : partial_now) {
+      check(name, partial_since[slot], missing);
+      still[name] = true;
+    }
+    for (auto it = warned_at.begin(); it != warned_at.end();)
+      it = still.count(it->first) != 0 ? std::next(it) : warned_at.erase(it);
+  }
+};
+
+}  // namespace detail
+
+// ---- settings ------------------------------------------------------------------
+
+namespace {
+
+const char* env(const char* name) { return std::getenv(name); }
+
+std::size_t parse_count_or_off(const char* text, const char* what, bool bytes) {
+  const std::string v(text);
+  if (v == "off" || v == "0") return 0;
+  if (bytes) return parse_bytes(v, what);
+  std::size_t pos = 0;
+  unsigned long long n = 0;
+  try {
+    n = std::stoull(v, &pos);
+  } catch (const std::exception&) {
+    pos = 0;
+  }
+  if (pos != v.size() || v.empty() || v[0] == '-')
+    throw Error(ErrorCode::InvalidArgument,
+                std::string(what) + "=" + v + ": expected a count, or off");
+  return static_cast<std::size_t>(n);
+}
+
+}  // namespace
+
+// ---- Engine ----------------------------------------------------------------------
+
+Engine::Engine() = default;
+
+Engine Engine::start(const Communicator& comm, const EngineConfig& config) {
+  if (!comm.valid()) throw Error(ErrorCode::InvalidUsage, "Engine::start: empty communicator");
+  auto impl = std::shared_ptr<detail::EngineImpl>(new detail::EngineImpl(), [](detail::EngineImpl* p) {
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      p->shutdown_wanted = true;
+    }
+    p->cv.notify_all();
+    {
+      std::lock_guard<std::mutex> lock(p->join_mu);
+      if (p->thread.joinable()) p->thread.join();
+    }
+    delete p;
+  });
+  // Settings: the config, else the environment, else the defaults.
+  using namespace std::chrono;
+  if (config.cycle) {
+    impl->cycle = *config.cycle;
+  } else if (const char* v = env("CHORUS_ENGINE_CYCLE_MS")) {
+    double ms = -1;
+    try {
+      std::size_t pos = 0;
+      ms = std::stod(v, &pos);
+      if (pos != std::string(v).size()) ms = -1;
+    } catch (const std::exception&) {
+      ms = -1;
+    }
+    if (!(ms > 0 && ms <= 10000))
+      throw Error(ErrorCode::InvalidArgument,
+                  std::string("CHORUS_ENGINE_CYCLE_MS=") + v + ": expected milliseconds in (0, 10000]");
+    impl->cycle = duration_cast<detail::Clock::duration>(duration<double, std::milli>(ms));
+  } else {
+    impl->cycle = milliseconds(1);
+  }
+  if (impl->cycle <= detail::Clock::duration::zero())
+    throw Error(ErrorCode::InvalidArgument, "EngineConfig::cycle must be positive");
+  impl->fusion_bytes = config.fusion_bytes ? *config.fusion_bytes
+                       : env("CHORUS_FUSION_BYTES")
+                           ? parse_count_or_off(env("CHORUS_FUSION_BYTES"), "CHORUS_FUSION_BYTES", true)
+                           : std::size_t{64} << 20;
+  impl->cache_capacity = config.cache_capacity ? *config.cache_capacity
+                         : env("CHORUS_ENGINE_CACHE")
+                             ? parse_count_or_off(env("CHORUS_ENGINE_CACHE"), "CHORUS_ENGINE_CACHE", false)
+                             : 1024;
+  if (impl->cache_capacity > (1u << 20))
+    throw Error(ErrorCode::InvalidArgument, "the engine's cache holds at most 1048576 names");
+  impl->stall_warning = config.stall_warning ? *config.stall_warning
+                        : env("CHORUS_STALL_WARNING")
+                            ? parse_duration(env("CHORUS_STALL_WARNING"), "CHORUS_STALL_WARNING")
+                            : seconds(60);
+  impl->stall_abort = config.stall_abort ? *config.stall_abort
+                      : env("CHORUS_STALL_ABORT")
+                          ? parse_duration(env("CHORUS_STALL_ABORT"), "CHORUS_STALL_ABORT")
+                          : milliseconds(0);
+  const std::string timeline =
+      config.timeline ? *config.timeline : (env("CHORUS_TIMELINE") ? env("CHORUS_TIMELINE") : "");
+
+  // Its own communicator: the engine's collectives never meet the caller's.
+  impl->comm = comm.split(0, comm.rank());
+  impl->rank = impl->comm.rank();
+  impl->size = impl->comm.size();
+  impl->cache.resize(impl->cache_capacity);
+  if (impl->rank == 0) {
+    impl->partial_since.assign(impl->cache_capacity, detail::Clock::time_point{});
+    impl->partial_since_us.assign(impl->cache_capacity, -1);
+    if (!timeline.empty()) impl->timeline.start(timeline);
+  }
+  detail::EngineImpl* p = impl.get();
+  impl->thread = std::thread([p] { p->run(); });
+  Engine e;
+  e.impl_ = std::move(impl);
+  return e;
+}
+
+namespace {
+
+detail::EngineImpl& need(const std::shared_ptr<detail::EngineImpl>& impl) {
+  if (!impl) throw Error(ErrorCode::InvalidUsage, "call on an empty Engine handle (use Engine::start)");
+  return *impl;
+}
+
+Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, const void* s, void* r) {
+  if (name.empty() || name.size() > 4096)
+    throw Error(ErrorCode::InvalidArgument, "engine: a tensor name must have 1 to 4096 bytes");
+  if (static_cast<int>(d.dtype) >= kNumDataTypes)
+    throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': unknown dtype " +
+                                                std::to_string(static_cast<int>(d.dtype)));
+  if (static_cast<int>(d.op) >= kNumReduceOps)
+    throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': unknown reduce op " +
+                                                std::to_string(static_cast<int>(d.op)));
+  if (d.count > 0 && (r == nullptr || (s == nullptr && (d.kind != detail::Kind::Broadcast || d.root == e.rank))))
+    throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': null buffer with count " +
+                                                std::to_string(d.count));
+  if (d.kind == detail::Kind::Broadcast && (d.root < 0 || d.root >= e.size))
+    throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': root " +
+                                                std::to_string(d.root) + " outside [0, " +
+                                                std::to_string(e.size) + ")");
+  detail::Request req;
+  req.name = name;
+  req.desc = d;
+  req.send = s;
+  req.recv = r;
+  req.work = std::make_shared<detail::WorkState>();
+  Work w(req.work);
+  {
+    std::lock_guard<std::mutex> lock(e.mu);
+    if (e.shutdown_wanted) throw Error(ErrorCode::InvalidUsage, "engine: submission after shutdown()");
+    if (e.stopped) throw *e.failure;
+    if (e.submitted_names.count(name) != 0)
+      throw Error(ErrorCode::InvalidUsage, "engine: tensor '" + name +
+                                               "' was submitted again before its earlier submission "
+                                               "completed; wait for it, or use another name");
+    e.submitted_names.insert(name);
+    e.incoming.push_back(std::move(req));
+  }
+  return w;
+}
+
+}  // namespace
+
+Work Engine::allreduce(const std::string& name, const void* s, void* r, std::size_t count,
+                       DataType dtype, ReduceOp op) {
+  auto& e = need(impl_);
+  detail::Desc d{detail::Kind::Allreduce, dtype, op, count, -1};
+  return submit(e, name, d, s, r);
+}
+
+Work Engine::allgather(const std::string& name, const void* s, void* r, std::size_t count,
+                       DataType dtype) {
+  auto& e = need(impl_);
+  detail::Desc d{detail::Kind::Allgather, dtype, ReduceOp::Sum, count, -1};
+  return submit(e, name, d, s, r);
+}
+
+Work Engine::broadcast(const std::string& name, const void* s, void* r, std::size_t count,
+                       DataType dtype, int root) {
+  auto& e = need(impl_);
+  detail::Desc d{detail::Kind::Broadcast, dtype, ReduceOp::Sum, count, root};
+  return submit(e, name, d, s, r);
+}
+
+EngineStats Engine::stats() const {
+  auto& e = need(impl_);
+  std::lock_guard<std::mutex> lock(e.mu);
+  return e.stats;
+}
+
+Communicator Engine::communicator() const { return need(impl_).comm; }
+
+void Engine::shutdown() {
+  auto& e = need(impl_);
+  {
+    std::lock_guard<std::mutex> lock(e.mu);
+    e.shutdown_wanted = true;
+  }
+  e.cv.notify_all();
+  std::lock_guard<std::mutex> lock(e.join_mu);
+  if (e.thread.joinable()) e.thread.join();
+}
+
+}  // namespace chorus

@@ -1,0 +1,481 @@
+// The negotiated tensor engine (include/chorus/engine.hpp): ranks are forked
+// processes. Every expected value is a closed form of the ranks' inputs.
+
+#include <chorus/chorus.hpp>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+using chorus::Communicator;
+using chorus::DataType;
+using chorus::Engine;
+using chorus::EngineConfig;
+using chorus::ErrorCode;
+using chorus::ReduceOp;
+using chorus::Work;
+using namespace std::chrono_literals;
+
+namespace {
+
+using Body = std::function<int(int rank, int n, Communicator& comm, const std::string& dir)>;
+
+// Forks `n` ranks that join one communicator through a FileStore and run
+// `body`; returns their exit codes (-1: killed, or still running at the limit).
+std::vector<int> run_ranks(int n, const Body& body, std::chrono::seconds limit = 60s) {
+  char tmpl[] = "/tmp/chorus-engine-test-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  std::vector<pid_t> pids;
+  for (int r = 0; r < n; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      int rc = 1;
+      try {
+        chorus::Config cfg;
+        cfg.timeout = 30s;
+        auto comm = Communicator::create(r, n, std::make_shared<chorus::FileStore>(dir + "/store"), cfg);
+        rc = body(r, n, comm, dir);
+      } catch (const std::exception& e) {
+        std::cerr << "rank " << r << ": " << e.what() << "\n";
+        rc = 99;
+      }
+      std::fflush(nullptr);
+      std::_Exit(std::min(rc, 100));
+    }
+    pids.push_back(pid);
+  }
+  std::vector<int> codes(static_cast<std::size_t>(n), -1);
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  int left = n;
+  while (left > 0 && std::chrono::steady_clock::now() < deadline) {
+    for (int r = 0; r < n; ++r) {
+      auto& pid = pids[static_cast<std::size_t>(r)];
+      int status = 0;
+      if (pid != 0 && waitpid(pid, &status, WNOHANG) == pid) {
+        codes[static_cast<std::size_t>(r)] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        pid = 0;
+        --left;
+      }
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  for (pid_t p : pids)
+    if (p != 0) {
+      kill(p, SIGKILL);
+      waitpid(p, nullptr, 0);
+    }
+  std::system(("rm -rf " + dir).c_str());
+  return codes;
+}
+
+void expect_all_zero(const std::vector<int>& codes, const std::string& what) {
+  for (std::size_t r = 0; r < codes.size(); ++r)
+    EXPECT_EQ(codes[r], 0) << what << ": rank " << r << " (-1: killed or hung)";
+}
+
+// Waits for `w` and checks that it failed with `code` and a message holding
+// every one of `parts`; prints why not and returns false otherwise.
+bool fails_with(Work& w, ErrorCode code, const std::vector<std::string>& parts, int rank) {
+  try {
+    if (!w.wait(20s)) {
+      std::cerr << "rank " << rank << ": still waiting after 20 s\n";
+      return false;
+    }
+    std::cerr << "rank " << rank << ": completed, but should have failed\n";
+    return false;
+  } catch (const chorus::Error& e) {
+    bool ok = e.code() == code;
+    for (const auto& p : parts) ok = ok && std::string(e.what()).find(p) != std::string::npos;
+    if (!ok) std::cerr << "rank " << rank << ": failed with " << e.what() << "\n";
+    return ok;
+  }
+}
+
+// prefix + i, built in steps: GCC 12's -Wrestrict misfires on
+// "t" + std::to_string(i) at -O3.
+std::string named(const char* prefix, int i) {
+  std::string s = prefix;
+  s += std::to_string(i);
+  return s;
+}
+
+std::size_t size_of_tensor(int i) { return static_cast<std::size_t>(1 + (i * 997) % 3000); }
+
+// Submission orders differ per rank; every tensor's allreduce sum, allgather
+// and broadcast are the closed forms; small allreduces share collectives.
+TEST(Engine, TensorsSubmittedInAnyOrderCompleteWithTheRightValues) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 20ms;  // the whole batch lands in few cycles
+    Engine eng = Engine::start(comm, cfg);
+    constexpr int kTensors = 24;
+    std::vector<int> order(kTensors);
+    for (int i = 0; i < kTensors; ++i) order[static_cast<std::size_t>(i)] = i;
+    if (rank == 1) std::reverse(order.begin(), order.end());
+    if (rank == 2) std::rotate(order.begin(), order.begin() + 7, order.end());
+    std::vector<std::vector<float>> in(kTensors), out(kTensors);
+    std::vector<Work> works(kTensors);
+    for (int i : order) {
+      const std::size_t cnt = size_of_tensor(i);
+      auto& x = in[static_cast<std::size_t>(i)];
+      auto& y = out[static_cast<std::size_t>(i)];
+      x.resize(cnt);
+      for (std::size_t k = 0; k < cnt; ++k) x[k] = static_cast<float>(rank + 1) * static_cast<float>(k % 7 + i);
+      y.assign(cnt * (i % 6 == 5 ? static_cast<std::size_t>(n) : 1), -1.0f);
+      const std::string name = named("t", i);
+      if (i % 6 == 5) works[static_cast<std::size_t>(i)] = eng.allgather(name, x.data(), y.data(), cnt, DataType::Float32);
+      else if (i % 6 == 4) works[static_cast<std::size_t>(i)] = eng.broadcast(name, x.data(), y.data(), cnt, DataType::Float32, i % n);
+      else works[static_cast<std::size_t>(i)] = eng.allreduce(name, x.data(), y.data(), cnt, DataType::Float32, ReduceOp::Sum);
+    }
+    for (auto& w : works) w.wait();
+    const float ranks_sum = static_cast<float>(n * (n + 1) / 2);
+    for (int i = 0; i < kTensors; ++i) {
+      const std::size_t cnt = size_of_tensor(i);
+      const auto& y = out[static_cast<std::size_t>(i)];
+      for (std::size_t k = 0; k < y.size(); ++k) {
+        const float base = static_cast<float>(k % cnt % 7 + static_cast<std::size_t>(i));
+        float want = base * ranks_sum;
+        if (i % 6 == 5) want = base * static_cast<float>(k / cnt + 1);
+        if (i % 6 == 4) want = base * static_cast<float>(i % n + 1);
+        if (y[k] != want) {
+          std::cerr << "rank " << rank << ": tensor t" << i << " element " << k << ": " << y[k]
+                    << " want " << want << "\n";
+          return 2;
+        }
+      }
+    }
+    const auto s = eng.stats();
+    if (s.tensors != kTensors || s.fused < 2 || s.collectives >= s.tensors) {
+      std::cerr << "rank " << rank << ": tensors " << s.tensors << ", collectives " << s.collectives
+                << ", fused " << s.fused << "\n";
+      return 3;
+    }
+    eng.shutdown();
+    return 0;
+  });
+  expect_all_zero(codes, "any order");
+}
+
+// The second round of the same names is agreed on by cache bits alone: no
+// descriptions exchanged, every tensor a cache hit, the values right.
+TEST(Engine, RepeatedNamesAreAgreedOnByTheCache) {
+  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    constexpr int kTensors = 12;
+    std::uint64_t negotiations_after_first = 0;
+    for (int round = 0; round < 3; ++round) {
+      std::vector<std::vector<double>> buf(kTensors);
+      std::vector<Work> works;
+      for (int i = 0; i < kTensors; ++i) {
+        auto& b = buf[static_cast<std::size_t>(i)];
+        b.assign(static_cast<std::size_t>(10 + i), static_cast<double>((rank + 1) * (round + 1)));
+        works.push_back(eng.allreduce(named("layer", i), b.data(), b.data(), b.size(),
+                                      DataType::Float64, ReduceOp::Max));
+      }
+      for (auto& w : works) w.wait();
+      for (const auto& b : buf)
+        for (double v : b)
+          if (v != 2.0 * (round + 1)) {
+            std::cerr << "rank " << rank << " round " << round << ": got " << v << "\n";
+            return 2;
+          }
+      if (round == 0) negotiations_after_first = eng.stats().negotiations;
+    }
+    const auto s = eng.stats();
+    if (s.cache_hits != 2 * kTensors || s.negotiations != negotiations_after_first) {
+      std::cerr << "rank " << rank << ": cache hits " << s.cache_hits << " (want " << 2 * kTensors
+                << "), negotiations " << negotiations_after_first << " then " << s.negotiations << "\n";
+      return 3;
+    }
+    eng.shutdown();
+    return 0;
+  });
+  expect_all_zero(codes, "cache");
+}
+
+// One name, two descriptions: every rank's Work fails with InvalidUsage
+// naming the tensor, both ranks and both descriptions; the engine goes on.
+// The same for a cached name submitted later with another dtype.
+TEST(Engine, MismatchedSubmissionsFailOnEveryRankNamingBoth) {
+  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    std::vector<float> a(12, 1.0f), b(12, 0.0f);
+    Work w = eng.allreduce("w", a.data(), b.data(), rank == 0 ? 10 : 12, DataType::Float32,
+                           ReduceOp::Sum);
+    if (!fails_with(w, ErrorCode::InvalidUsage,
+                    {"tensor 'w'", "allreduce of 10 ", "rank 0", "allreduce of 12 ", "rank 1"},
+                    rank))
+      return 2;
+    Work ok = eng.allreduce("ok", a.data(), b.data(), 12, DataType::Float32, ReduceOp::Sum);
+    ok.wait();
+    if (b[11] != 2.0f) return 3;
+    // "ok" is cached now; rank 1 submits it as int32.
+    std::vector<std::int32_t> ia(12, 1), ib(12, 0);
+    Work again = rank == 0 ? eng.allreduce("ok", a.data(), b.data(), 12, DataType::Float32, ReduceOp::Sum)
+                           : eng.allreduce("ok", ia.data(), ib.data(), 12, DataType::Int32, ReduceOp::Sum);
+    if (!fails_with(again, ErrorCode::InvalidUsage,
+                    {"tensor 'ok'", std::string(chorus::to_string(DataType::Float32)),
+                     std::string(chorus::to_string(DataType::Int32))},
+                    rank))
+      return 4;
+    Work after = eng.allreduce("after", a.data(), b.data(), 12, DataType::Float32, ReduceOp::Sum);
+    after.wait();
+    eng.shutdown();
+    return b[0] == 2.0f ? 0 : 5;
+  });
+  expect_all_zero(codes, "mismatch");
+}
+
+// A name one rank never submits: rank 0 warns, naming the tensor and the
+// missing rank; after CHORUS_STALL_ABORT it fails on the ranks that did
+// submit it, with Timeout naming the missing rank, and the engine stops on
+// every rank. Once through the table (a new name), once through the cache.
+void stall_case(bool cached) {
+  const auto codes = run_ranks(3, [cached](int rank, int, Communicator& comm, const std::string& dir) {
+    const std::string log = dir + "/stderr-" + std::to_string(rank);
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 2);
+    ::close(fd);
+    EngineConfig cfg;
+    cfg.stall_warning = 300ms;
+    cfg.stall_abort = 1500ms;
+    Engine eng = Engine::start(comm, cfg);
+    std::vector<float> x(64, 1.0f);
+    if (cached) eng.allreduce("lonely", x.data(), x.data(), 64, DataType::Float32, ReduceOp::Sum).wait();
+    int rc = 0;
+    if (rank != 1) {
+      Work w = eng.allreduce("lonely", x.data(), x.data(), 64, DataType::Float32, ReduceOp::Sum);
+      if (!fails_with(w, ErrorCode::Timeout, {"tensor 'lonely'", "not submitted by rank 1", "CHORUS_STALL_ABORT"}, rank))
+        rc = 2;
+    } else {
+      // Rank 1 learns of it at its next submission: the engine has stopped.
+      std::this_thread::sleep_for(3s);
+      try {
+        eng.allreduce("late", x.data(), x.data(), 64, DataType::Float32, ReduceOp::Sum).wait();
+        rc = 3;
+      } catch (const chorus::Error& e) {
+        if (e.code() != ErrorCode::Timeout || std::string(e.what()).find("lonely") == std::string::npos) rc = 4;
+      }
+    }
+    std::fflush(stderr);
+    if (rank == 0 && rc == 0) {
+      std::ifstream in(log);
+      std::stringstream all;
+      all << in.rdbuf();
+      if (all.str().find("engine: tensor 'lonely' was submitted by ranks 0 and 2 but not by rank 1") ==
+          std::string::npos)
+        rc = 5;
+    }
+    return rc;
+  });
+  EXPECT_EQ(codes[0], 0) << "rank 0: 2 wrong error, 5 no stall warning naming rank 1";
+  EXPECT_EQ(codes[1], 0) << "rank 1: 3 a submission after the stop ran, 4 wrong error";
+  EXPECT_EQ(codes[2], 0) << "rank 2: 2 wrong error";
+}
+
+TEST(Engine, AStalledNameIsReportedNamingTheMissingRank) { stall_case(false); }
+TEST(Engine, AStalledCachedNameIsReportedNamingTheMissingRank) { stall_case(true); }
+
+// A rank that dies makes the other's waiting tensor fail, naming it.
+TEST(Engine, ADeadRankFailsTheOthersTensors) {
+  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    std::vector<float> x(8, 1.0f);
+    eng.allreduce("first", x.data(), x.data(), 8, DataType::Float32, ReduceOp::Sum).wait();
+    if (rank == 1) std::_Exit(0);  // dies without a word
+    Work w = eng.allreduce("second", x.data(), x.data(), 8, DataType::Float32, ReduceOp::Sum);
+    try {
+      if (!w.wait(20s)) return 2;
+      return 3;
+    } catch (const chorus::Error& e) {
+      const bool names = e.peer() == 1 || std::string(e.what()).find("rank 1") != std::string::npos;
+      if ((e.code() != ErrorCode::PeerFailure && e.code() != ErrorCode::Timeout) || !names) {
+        std::cerr << "rank 0: " << e.what() << "\n";
+        return 4;
+      }
+    }
+    return 0;
+  });
+  EXPECT_EQ(codes[0], 0) << "rank 0: 2 hung, 3 completed, 4 wrong error";
+}
+
+// The timeline: valid JSON; a row per tensor; negotiation, the ranks'
+// arrivals, the fused allreduce and its copies, the cached round.
+TEST(Engine, TheTimelineIsValidJsonWithEveryPhase) {
+  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string& dir) {
+    EngineConfig cfg;
+    cfg.timeline = dir + "/timeline.json";
+    cfg.cycle = 20ms;
+    Engine eng = Engine::start(comm, cfg);
+    std::vector<std::vector<float>> b(3, std::vector<float>(100, 1.0f));
+    for (int round = 0; round < 2; ++round) {
+      std::vector<Work> ws;
+      for (int i = 0; i < 3; ++i) {
+        // A quote in the name: the timeline must escape it.
+        std::string name = named("grad/\"", i);
+        name += '"';
+        ws.push_back(eng.allreduce(name, b[static_cast<std::size_t>(i)].data(),
+                                   b[static_cast<std::size_t>(i)].data(), 100, DataType::Float32, ReduceOp::Sum));
+      }
+      for (auto& w : ws) w.wait();
+    }
+    eng.shutdown();
+    eng = Engine();
+    if (rank != 0) return 0;
+    std::ifstream in(cfg.timeline.value());
+    nlohmann::json events;
+    try {
+      events = nlohmann::json::parse(in);
+    } catch (const std::exception& e) {
+      std::cerr << "the timeline is not JSON: " << e.what() << "\n";
+      return 2;
+    }
+    std::map<std::string, int> count;
+    std::vector<std::string> rows;
+    for (const auto& ev : events) {
+      const std::string name = ev.at("name");
+      ++count[name];
+      if (name == "process_name") rows.push_back(ev.at("args").at("name"));
+      if (name == "ALLREDUCE" && ev.at("args").at("tensors") != 3) {
+        std::cerr << "an allreduce of " << ev.at("args").at("tensors") << " tensors\n";
+        return 3;
+      }
+    }
+    std::sort(rows.begin(), rows.end());
+    if (rows != std::vector<std::string>{"grad/\"0\"", "grad/\"1\"", "grad/\"2\""}) return 4;
+    if (count["NEGOTIATE_allreduce"] != 3 || count["NEGOTIATE_allreduce (cached)"] != 3 ||
+        count["rank 0 ready"] != 3 || count["rank 1 ready"] != 3 ||
+        count["ALLREDUCE"] != 6 || count["MEMCPY_IN_FUSION_BUFFER"] != 6 ||
+        count["MEMCPY_OUT_FUSION_BUFFER"] != 6) {
+      for (const auto& [k, v] : count) std::cerr << k << ": " << v << "\n";
+      return 5;
+    }
+    return 0;
+  });
+  EXPECT_EQ(codes[0], 0) << "rank 0: 2 not JSON, 3 not fused, 4 wrong rows, 5 wrong events";
+  EXPECT_EQ(codes[1], 0);
+}
+
+// Bad arguments fail at once, in the caller's thread.
+TEST(Engine, BadArgumentsAreRejectedAtOnce) {
+  const auto codes = run_ranks(1, [](int, int, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 200ms;  // "dup" below is still pending when submitted again
+    Engine eng = Engine::start(comm, cfg);
+    float x[4] = {1, 2, 3, 4};
+    int bad = 0;
+    auto expect = [&](ErrorCode code, const std::function<void()>& f, const char* what) {
+      try {
+        f();
+        std::cerr << what << ": no error\n";
+        ++bad;
+      } catch (const chorus::Error& e) {
+        if (e.code() != code) {
+          std::cerr << what << ": " << e.what() << "\n";
+          ++bad;
+        }
+      }
+    };
+    expect(ErrorCode::InvalidArgument, [&] { eng.allreduce("", x, x, 4, DataType::Float32, ReduceOp::Sum); }, "empty name");
+    expect(ErrorCode::InvalidArgument, [&] { eng.allreduce("n", nullptr, x, 4, DataType::Float32, ReduceOp::Sum); }, "null send");
+    expect(ErrorCode::InvalidArgument, [&] { eng.allreduce("n", x, x, 4, static_cast<DataType>(77), ReduceOp::Sum); }, "dtype");
+    expect(ErrorCode::InvalidArgument, [&] { eng.allreduce("n", x, x, 4, DataType::Float32, static_cast<ReduceOp>(9)); }, "op");
+    expect(ErrorCode::InvalidArgument, [&] { eng.broadcast("n", x, x, 4, DataType::Float32, 1); }, "root");
+    // A name pending twice: the second is refused, the first completes.
+    Work first = eng.allreduce("dup", x, x, 4, DataType::Float32, ReduceOp::Sum);
+    expect(ErrorCode::InvalidUsage, [&] { eng.allreduce("dup", x, x, 4, DataType::Float32, ReduceOp::Sum); }, "duplicate");
+    first.wait();
+    eng.shutdown();
+    expect(ErrorCode::InvalidUsage, [&] { eng.allreduce("late", x, x, 4, DataType::Float32, ReduceOp::Sum); }, "after shutdown");
+    Engine empty;
+    expect(ErrorCode::InvalidUsage, [&] { empty.allreduce("e", x, x, 4, DataType::Float32, ReduceOp::Sum); }, "empty handle");
+    return bad;
+  });
+  EXPECT_EQ(codes[0], 0) << "that many checks failed (see stderr)";
+}
+
+// The environment: fusion and the cache switched off, a malformed value
+// refused naming its variable.
+TEST(Engine, TheEnvironmentSetsWhatTheConfigLeavesUnset) {
+  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
+    ::setenv("CHORUS_ENGINE_CYCLE_MS", "30", 1);
+    ::setenv("CHORUS_FUSION_BYTES", "off", 1);
+    ::setenv("CHORUS_ENGINE_CACHE", "0", 1);
+    Engine eng = Engine::start(comm);
+    std::vector<float> x(16, 1.0f);
+    for (int round = 0; round < 2; ++round) {
+      std::vector<Work> ws;
+      for (int i = 0; i < 3; ++i)
+        ws.push_back(eng.allreduce(named("x", i), x.data() + 4 * i, x.data() + 4 * i, 4, DataType::Float32,
+                                   ReduceOp::Max));
+      for (auto& w : ws) w.wait();
+    }
+    const auto s = eng.stats();
+    eng.shutdown();
+    if (s.fused != 0 || s.collectives != 6 || s.cache_hits != 0 || s.negotiations < 2) {
+      std::cerr << "rank " << rank << ": fused " << s.fused << ", collectives " << s.collectives
+                << ", cache hits " << s.cache_hits << ", negotiations " << s.negotiations << "\n";
+      return 2;
+    }
+    ::setenv("CHORUS_ENGINE_CYCLE_MS", "soon", 1);
+    try {
+      Engine::start(comm);
+      return 3;
+    } catch (const chorus::Error& e) {
+      if (e.code() != ErrorCode::InvalidArgument ||
+          std::string(e.what()).find("CHORUS_ENGINE_CYCLE_MS=soon") == std::string::npos)
+        return 4;
+    }
+    ::setenv("CHORUS_ENGINE_CYCLE_MS", "1", 1);
+    ::setenv("CHORUS_FUSION_BYTES", "lots", 1);
+    try {
+      Engine::start(comm);
+      return 5;
+    } catch (const chorus::Error& e) {
+      if (e.code() != ErrorCode::InvalidArgument ||
+          std::string(e.what()).find("CHORUS_FUSION_BYTES") == std::string::npos)
+        return 6;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "environment (2 counts wrong, 3-6 a malformed value not refused clearly)");
+}
+
+// A tensor only some ranks submitted fails with Aborted when every rank
+// shuts down.
+TEST(Engine, ShutdownFailsWhatIsStillWaiting) {
+  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    float x[2] = {1, 1};
+    Work w;
+    if (rank == 0) w = eng.allreduce("only-0", x, x, 2, DataType::Float32, ReduceOp::Sum);
+    std::this_thread::sleep_for(100ms);
+    eng.shutdown();
+    if (rank == 0 && !fails_with(w, ErrorCode::Aborted, {"shut down"}, rank)) return 2;
+    return 0;
+  });
+  expect_all_zero(codes, "shutdown");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
