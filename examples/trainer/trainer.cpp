@@ -17,6 +17,9 @@
 //     its gradient is averaged (allreduce_async) while the hidden layer's is
 //     computed; then the hidden layer's while the embeddings' is; then the
 //     embeddings'. This overlap is what PyTorch DDP's gradient buckets do.
+//     With --engine the layers' gradients go to chorus::Engine as named
+//     tensors instead (Horovod's model, docs/engine.md): it pairs them by
+//     name across ranks and fuses the small ones into one allreduce.
 //  5. Every rank applies the same Adam step to the same gradient: the
 //     replicas stay equal. The trainer checks that at the end (a hash of the
 //     parameters, allgathered) rather than trusting it.
@@ -57,6 +60,8 @@ struct Options {
   std::size_t eval_examples = 8192;
   std::size_t sample = 240;
   bool overlap = true;
+  bool engine = false;
+  std::string timeline;
   std::string save;
 };
 
@@ -147,7 +152,10 @@ int train(const Options& o) {
     const std::size_t most = least + (o.batch % static_cast<std::size_t>(world) != 0 ? 1 : 0);
     std::printf("  global batch %zu (%s%zu per rank), Adam lr %g, %d steps, gradients averaged %s\n",
                 o.batch, least == most ? "" : (std::to_string(least) + " to ").c_str(), most, o.lr,
-                o.steps, o.overlap ? "per layer during backward (allreduce_async)" : "after backward");
+                o.steps,
+                o.engine    ? "per layer during backward, as named tensors (chorus::Engine)"
+                : o.overlap ? "per layer during backward (allreduce_async)"
+                            : "after backward");
   }
   const double first_val = validation_loss(comm, model, corpus, o.eval_examples);
   if (lead) {
@@ -163,11 +171,27 @@ int train(const Options& o) {
   const std::size_t out_end = spans[1].offset + spans[1].size;
   const std::size_t hid_end = spans[3].offset + spans[3].size;
   std::vector<chorus::Work> pending;
+  // The engine takes each parameter's gradient as a tensor named after it;
+  // it fuses them (one allreduce per step when they fit CHORUS_FUSION_BYTES).
+  chorus::Engine engine;
+  if (o.engine) {
+    chorus::EngineConfig ec;
+    if (!o.timeline.empty()) ec.timeline = o.timeline;
+    engine = chorus::Engine::start(comm, ec);
+  }
   auto average = [&](std::size_t from, std::size_t to) {
-    pending.push_back(comm.allreduce_async(grad.data() + from, grad.data() + from, to - from,
+    if (!o.engine) {
+      pending.push_back(comm.allreduce_async(grad.data() + from, grad.data() + from, to - from,
+                                             chorus::DataType::Float32, chorus::ReduceOp::Sum));
+      return;
+    }
+    for (const auto& sp : spans)
+      if (sp.offset >= from && sp.offset + sp.size <= to)
+        pending.push_back(engine.allreduce(sp.name, grad.data() + sp.offset,
+                                           grad.data() + sp.offset, sp.size,
                                            chorus::DataType::Float32, chorus::ReduceOp::Sum));
   };
-  if (o.overlap) {
+  if (o.overlap || o.engine) {
     model.on_output_done([&] { average(0, out_end); });
     model.on_hidden_done([&] { average(out_end, hid_end); });
   }
@@ -191,7 +215,7 @@ int train(const Options& o) {
     window_loss += model.forward_backward(ctx.data(), tgt.data(), hi - lo, grad.data(),
                                           1.0f / static_cast<float>(o.batch));
     const auto waiting = Clock::now();
-    if (o.overlap) average(hid_end, P);
+    if (o.overlap || o.engine) average(hid_end, P);
     else average(0, P);
     for (auto& work : pending) work.wait();
     window_wait += seconds_since(waiting);
@@ -236,6 +260,14 @@ int train(const Options& o) {
   if (lead) {
     std::printf("\n%d steps in %.1f s; the %d replicas are equal (parameter hash %016" PRIx64 ")\n",
                 o.steps, total, world, mine);
+    if (o.engine) {
+      const chorus::EngineStats st = engine.stats();
+      std::printf("engine: %" PRIu64 " tensors in %" PRIu64 " allreduces (%" PRIu64
+                  " fused), %" PRIu64 " agreed on by the cache alone, %" PRIu64
+                  " cycles%s%s\n",
+                  st.tensors, st.collectives, st.fused, st.cache_hits, st.cycles,
+                  o.timeline.empty() ? "" : "; timeline in ", o.timeline.c_str());
+    }
     if (o.sample > 0)
       std::printf("\nsample (the first %zu bytes are the validation text's):\n%s\n", C,
                   sample_text(model, corpus, o.sample, o.seed).c_str());
@@ -273,6 +305,10 @@ int main(int argc, char** argv) {
   bool no_overlap = false;
   app.add_flag("--no-overlap", no_overlap,
                "average the whole gradient after backward instead of layer by layer during it");
+  app.add_flag("--engine", o.engine,
+               "average the gradients as named tensors through chorus::Engine (docs/engine.md)");
+  app.add_option("--timeline", o.timeline,
+                 "with --engine: rank 0 writes the engine's timeline (Chrome trace) here");
   app.add_option("--save", o.save, "write the final parameters (raw float32) to this file");
   CLI11_PARSE(app, argc, argv);
   o.overlap = !no_overlap;

@@ -3,9 +3,10 @@
 #  1. Data parallelism changes nothing but the arithmetic's order: 3 ranks
 #     end within float rounding of 1 rank with the same global batch, and
 #     both moved away from the initial parameters.
-#  2. Averaging layer by layer during backward (the default) and after it
-#     (--no-overlap) give bitwise the same parameters at 2 ranks, where a
-#     sum of two floats is the same in any order.
+#  2. Averaging layer by layer during backward (the default), after it
+#     (--no-overlap), and as named tensors through the engine (--engine)
+#     give bitwise the same parameters at 2 ranks, where a sum of two floats
+#     is the same in any order.
 #  3. It learns: the first validation loss is log V (V counted here from the
 #     text), and after the steps it is well below the loss of the best
 #     model that ignores the context (the training text's byte frequencies),
@@ -29,6 +30,14 @@ echo "== 2. layer by layer during backward, and after it, two ranks"
 "$run" -n 2 -- "$trainer" "${common[@]}" --steps 30 --save "$work/o2" --no-overlap >/dev/null
 cmp "$work/o1" "$work/o2"
 echo "   bitwise equal"
+echo "== 2b. the same through the tensor engine (--engine), with its timeline"
+"$run" -n 2 -- "$trainer" "${common[@]}" --steps 30 --save "$work/o3" --engine \
+  --timeline "$work/timeline.json" > "$work/engine.log"
+cmp "$work/o1" "$work/o3"
+grep -q "engine: 150 tensors in" "$work/engine.log"
+python3 -c "import json, sys; e = json.load(open(sys.argv[1])); assert any(x['name'] == 'ALLREDUCE' for x in e)" \
+  "$work/timeline.json"
+echo "   bitwise equal; 150 tensors; the timeline is JSON"
 if [[ "$steps" == 0 ]]; then
   learn=0
   echo "== 3. learning: left out (STEPS 0)"
