@@ -23,6 +23,7 @@
 #include <chorus/engine.hpp>
 
 #include "core/config.hpp"
+#include "core/device.hpp"
 #include "core/log.hpp"
 #include "core/work.hpp"
 #include "engine/timeline.hpp"
@@ -67,6 +68,9 @@ struct Desc {
   ReduceOp op = ReduceOp::Sum;
   std::uint64_t count = 0;
   std::int32_t root = -1;
+  // CUDA device buffers: run alone, never through the (host) fusion buffer.
+  // Part of what the ranks agree on, so that every rank groups alike.
+  bool device = false;
   bool operator==(const Desc&) const = default;
 };
 
@@ -75,6 +79,7 @@ std::string describe(const Desc& d) {
   os << kind_name(d.kind) << " of " << d.count << " " << to_string(d.dtype);
   if (d.kind == Kind::Allreduce) os << " (" << to_string(d.op) << ")";
   if (d.kind == Kind::Broadcast) os << " from rank " << d.root;
+  if (d.device) os << " in CUDA device memory";
   return os.str();
 }
 
@@ -232,7 +237,7 @@ struct EngineImpl {
       const std::uint8_t k = static_cast<std::uint8_t>(r->desc.kind);
       const std::uint8_t t = static_cast<std::uint8_t>(r->desc.dtype);
       const std::uint8_t o = static_cast<std::uint8_t>(r->desc.op);
-      const std::uint8_t pad = 0;
+      const std::uint8_t pad = r->desc.device ? 1 : 0;
       put(blob, &k, 1);
       put(blob, &t, 1);
       put(blob, &o, 1);
@@ -323,6 +328,7 @@ struct EngineImpl {
           d.kind = static_cast<Kind>(static_cast<std::uint8_t>(at[off]));
           d.dtype = static_cast<DataType>(static_cast<std::uint8_t>(at[off + 1]));
           d.op = static_cast<ReduceOp>(static_cast<std::uint8_t>(at[off + 2]));
+          d.device = at[off + 3] != 0;
           std::memcpy(&d.root, at + off + 4, 4);
           std::memcpy(&d.count, at + off + 8, 8);
           off += 16;
@@ -461,10 +467,11 @@ struct EngineImpl {
       std::vector<std::size_t> group{i};
       const Ready& head = ready[i];
       std::size_t bytes = head.desc.count * size_of(head.desc.dtype);
-      if (head.error.empty() && head.desc.kind == Kind::Allreduce && fusion_bytes > 0) {
+      if (head.error.empty() && head.desc.kind == Kind::Allreduce && !head.desc.device &&
+          fusion_bytes > 0) {
         for (std::size_t j = i + 1; j < ready.size(); ++j) {
           const Ready& r = ready[j];
-          if (taken[j] || !r.error.empty() || r.desc.kind != Kind::Allreduce ||
+          if (taken[j] || !r.error.empty() || r.desc.kind != Kind::Allreduce || r.desc.device ||
               r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op)
             continue;
           const std::size_t b = r.desc.count * size_of(r.desc.dtype);
@@ -789,6 +796,9 @@ Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, cons
     throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': root " +
                                                 std::to_string(d.root) + " outside [0, " +
                                                 std::to_string(e.size) + ")");
+  // Device buffers go to the communicator as they are (it runs them on the
+  // GPU); the fusion buffer is host memory, so they are never fused.
+  d.device = device::query(s).device || device::query(r).device;
   detail::Request req;
   req.name = name;
   req.desc = d;

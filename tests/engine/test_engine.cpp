@@ -253,8 +253,8 @@ void stall_case(bool cached) {
     ::dup2(fd, 2);
     ::close(fd);
     EngineConfig cfg;
-    cfg.stall_warning = 300ms;
-    cfg.stall_abort = 1500ms;
+    cfg.stall_warning = 200ms;
+    cfg.stall_abort = 1000ms;
     Engine eng = Engine::start(comm, cfg);
     std::vector<float> x(64, 1.0f);
     if (cached) eng.allreduce("lonely", x.data(), x.data(), 64, DataType::Float32, ReduceOp::Sum).wait();
@@ -265,7 +265,7 @@ void stall_case(bool cached) {
         rc = 2;
     } else {
       // Rank 1 learns of it at its next submission: the engine has stopped.
-      std::this_thread::sleep_for(3s);
+      std::this_thread::sleep_for(2s);
       try {
         eng.allreduce("late", x.data(), x.data(), 64, DataType::Float32, ReduceOp::Sum).wait();
         rc = 3;

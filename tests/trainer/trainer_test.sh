@@ -10,8 +10,7 @@
 #  3. It learns: the first validation loss is log V (V counted here from the
 #     text), and after the steps it is well below the loss of the best
 #     model that ignores the context (the training text's byte frequencies),
-#     also computed here. STEPS 0 leaves this part out (the sanitizer pass:
-#     it checks the same code as parts 1 and 2, and 3 is arithmetic).
+#     also computed here. STEPS 0 leaves this part out.
 # Usage: trainer_test.sh CHORUSRUN TRAINER STEPS
 set -euo pipefail
 run=$1
