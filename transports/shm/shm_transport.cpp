@@ -61,11 +61,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <climits>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <thread>
 #include <tuple>
 #include <mutex>
 #include <optional>
@@ -1269,6 +1271,11 @@ class ShmTransport final : public Transport {
   // Fails the communicator after reading (or writing) `bytes` of peer p's
   // memory failed with `err`: PeerFailure when p is gone.
   [[noreturn]] void cma_failed(const Peer& p, int err, std::size_t bytes, bool write) {
+    // A peer killed mid-copy can fail the copy with EFAULT before it is
+    // gone: the kernel tears its memory down before the process exits (seen
+    // in CI: "process_vm_readv: Bad address" from a SIGKILLed rank). Give it
+    // a moment to finish dying before blaming the transport.
+    if (err != ESRCH && exits_soon(p, std::chrono::milliseconds(500))) err = ESRCH;
     if (err == ESRCH)
       fail(Error(ErrorCode::PeerFailure,
                  "rank " + std::to_string(p.rank) + " (pid " + std::to_string(p.pid) + ") died while this rank was " +
@@ -1279,6 +1286,20 @@ class ShmTransport final : public Transport {
                    std::to_string(p.rank) + (write ? "'s buffer" : "") + " failed (" +
                    (write ? "process_vm_writev: " : "process_vm_readv: ") + std::strerror(err) + ")",
                p.rank));
+  }
+
+  // True if peer p has exited, or does within `limit`.
+  static bool exits_soon(const Peer& p, std::chrono::milliseconds limit) {
+    if (p.pidfd >= 0) {
+      pollfd f{p.pidfd, POLLIN, 0};
+      return ::poll(&f, 1, static_cast<int>(limit.count())) > 0;
+    }
+    const auto end = std::chrono::steady_clock::now() + limit;
+    do {
+      if (::kill(p.pid, 0) != 0 && errno == ESRCH) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    } while (std::chrono::steady_clock::now() < end);
+    return false;
   }
 
   // Fails the receive `op` (of `bytes`) when reading the sender's memory
