@@ -362,7 +362,10 @@ TEST(PeerDeath, SigstopDuringAllreduceFailsSurvivorsWithTimeout) {
 // rank's deadline passes first is a race (about one run in three, rank 0's);
 // its notice then reaches rank 2 and fails it with rank 0's blame. Rank 0's
 // shorter timeout here makes that ordering certain: rank 2's error must still
-// say that it was waiting for rank 1.
+// say that it was waiting for rank 1. The ring is forced, so that rank 2's
+// only source is rank 1: with the selector's pick on UCX (recursive
+// doubling) rank 2 could be waiting on rank 0 instead, which had failed
+// waiting on rank 2 (seen once in CI, 2026-11-24).
 TEST(PeerDeath, SigstopTimeoutSeenByTheStoppedRanksNeighbourNamesIt) {
   static constexpr int kRanks = 4;
   static constexpr int kVictim = 1;
@@ -372,11 +375,13 @@ TEST(PeerDeath, SigstopTimeoutSeenByTheStoppedRanksNeighbourNamesIt) {
     auto comm = ctx.create(ctx.rank() == 0 ? 1s : 3s);
     const auto in = rank_values(ctx.rank(), kCount);
     std::vector<float> out(kCount);
-    comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
+    chorus::CallOptions ring;
+    ring.algorithm = "ring";
+    comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum, ring);
     check_sum(out, ctx.size());
     ctx.started();
     ctx.attempt("loop", [&] {
-      for (;;) comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum);
+      for (;;) comm.allreduce(in.data(), out.data(), kCount, DataType::Float32, ReduceOp::Sum, ring);
     });
     ctx.hold();
   });
