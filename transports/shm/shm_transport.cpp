@@ -1288,18 +1288,18 @@ class ShmTransport final : public Transport {
                p.rank));
   }
 
-  // True if peer p has exited, or does within `limit`.
+  // True if peer p has exited, or does within `limit` (0: has exited).
   static bool exits_soon(const Peer& p, std::chrono::milliseconds limit) {
     if (p.pidfd >= 0) {
       pollfd f{p.pidfd, POLLIN, 0};
       return ::poll(&f, 1, static_cast<int>(limit.count())) > 0;
     }
     const auto end = std::chrono::steady_clock::now() + limit;
-    do {
+    for (;;) {
       if (::kill(p.pid, 0) != 0 && errno == ESRCH) return true;
+      if (std::chrono::steady_clock::now() >= end) return false;
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    } while (std::chrono::steady_clock::now() < end);
-    return false;
+    }
   }
 
   // Fails the receive `op` (of `bytes`) when reading the sender's memory
@@ -1484,13 +1484,7 @@ class ShmTransport final : public Transport {
     if (fs_.failed()) return;
     for (auto& p : peers_) {
       if (!p.used || p.exited) continue;
-      bool gone = false;
-      if (p.pidfd >= 0) {
-        pollfd f{p.pidfd, POLLIN, 0};
-        gone = ::poll(&f, 1, 0) > 0;
-      } else {
-        gone = ::kill(p.pid, 0) != 0 && errno == ESRCH;
-      }
+      const bool gone = exits_soon(p, std::chrono::milliseconds(0));
       const bool goodbye = p.seg.hdr()->state.load(std::memory_order_acquire) ==
                            static_cast<std::uint32_t>(State::Goodbye);
       if (!gone && !goodbye) continue;
