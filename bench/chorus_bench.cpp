@@ -8,8 +8,9 @@
 
 #include <chorus/chorus.hpp>
 
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include "cli/cli.hpp"
+#include "sweep_options.hpp"
 
 #include <unistd.h>
 
@@ -170,7 +171,10 @@ void Bench::print_header() {
   const std::string ranks = bench::rank_table(comm_, plain_options_);
 
   std::string colls;
-  for (const auto* c : colls_) colls += (colls.empty() ? "" : ",") + std::string(c->name);
+  for (const auto* c : colls_) {  // in steps: GCC 12's false -Wrestrict at -O3 on "," + string
+    if (!colls.empty()) colls += ',';
+    colls += c->name;
+  }
   const std::string transport = comm_.transport_name();
   print("# Chorus chorus-bench %s: coll %s, %d ranks, transport %s%s%s\n", CHORUS_VERSION,
         colls.c_str(), nranks_, transport.c_str(), opt_.algorithm.empty() ? "" : ", algorithm ",
@@ -738,7 +742,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const int env_rank = rank_from_env();
   Options opt;
-  CLI::App app{
+  chorus::cli::Parser app{
       "chorus-bench: nccl-tests style benchmark of Chorus collectives.\n"
       "Run every rank, e.g.: chorusrun -n 4 -- chorus-bench -b 8 -e 128M -f 2 --coll allreduce",
       "chorus-bench"};
@@ -750,84 +754,62 @@ int main(int argc, char** argv) {
       "(alltoall has no in-place form: N/A). size, count, algbw and busbw follow\n"
       "nccl-tests (allgather/reduce_scatter/alltoall: size is n blocks of count).\n"
       "Exit status: 0 if every check passed, 1 if any element was wrong, 2 on error.");
-  app.add_option("-b,--minbytes", opt.minbytes, "Smallest size in bytes (K/M/G suffixes)")
-      ->capture_default_str();
-  app.add_option("-e,--maxbytes", opt.maxbytes, "Largest size in bytes (K/M/G suffixes)")
-      ->capture_default_str();
-  auto* step_bytes = app.add_option("-i,--stepbytes", opt.stepbytes,
-                                    "Add this many bytes between sizes (used when the factor is 1)")
-                         ->capture_default_str();
-  auto* step_factor = app.add_option("-f,--stepfactor", opt.stepfactor,
-                                     "Multiply the size by this between sizes")
-                          ->capture_default_str()
-                          ->check(CLI::PositiveNumber);
-  app.add_option("-n,--iters", opt.iters, "Timed iterations per size")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("-w,--warmup_iters", opt.warmup_iters, "Untimed iterations before timing")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("-c,--check", opt.check, "Checked iterations per size (0: no verification)")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("-d,--datatype", opt.datatype,
-                 "float, half, bfloat16, double, int8, uint8, int32, uint32, int64, uint64, or all")
-      ->capture_default_str();
-  app.add_option("-o,--op", opt.op, "sum, prod, min, max, avg, or all")->capture_default_str();
-  app.add_option("-r,--root", opt.root, "Root rank of rooted collectives")->capture_default_str();
-  app.add_option("--coll", opt.colls, "Collectives, comma-separated: " + bench::collective_names())
-      ->capture_default_str();
-  app.add_option("--json", opt.json,
-                 "Also write the results as JSON to FILE ('-': stdout, the table then goes to stderr)");
-  app.add_option("-A,--algo,--algorithm", opt.algorithm,
-                 "Force an algorithm by name (e.g. ring; see docs/algorithms.md), or 'all': one "
-                 "column group per algorithm plus the selector's pick");
-  app.add_option("--rounds", opt.rounds,
-                 "--algo all: time every algorithm this many times per size, in turn, and report "
-                 "the median")
-      ->check(CLI::Range(1, 100))
-      ->capture_default_str();
-  auto* calibrate_opt =
-      app.add_option("--calibrate", opt.calibrate,
-                     "Measure the alpha-beta model's parameters on these ranks and write them to "
-                     "FILE (read it back with CHORUS_TUNING_FILE)");
-  app.add_option("--device", opt.device,
-                 "Where the collectives' buffers live: host, or cuda (GPU memory; rank r uses GPU "
-                 "r mod the visible GPUs; calls are enqueued on a stream)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"host", "cuda"}));
-  app.add_flag("--p2p", opt.p2p,
-               "Point-to-point bandwidth and latency of every ordered pair of ranks, one pair at "
-               "a time (matrices: rows sender, columns receiver); -n, -w, -c and --json apply")
-      ->excludes(calibrate_opt);
-  app.add_option("--p2p-bytes", opt.p2p_bytes, "--p2p bandwidth message size (K/M/G suffixes)")
-      ->capture_default_str();
-  app.add_option("--p2p-window", opt.p2p_window,
-                 "--p2p messages in flight per bandwidth iteration (the receiver holds this many "
-                 "buffers of --p2p-bytes for the checked iterations)")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_flag("--p2p-distinct-buffers", opt.p2p_distinct,
-               "--p2p timed bandwidth receives each into a buffer of their own (default: the "
-               "window's receives share one, as osu_bw and ucx_perftest do; checked iterations "
-               "always use one per message)");
-  app.add_option("--p2p-lat-bytes", opt.p2p_lat_bytes,
-                 "--p2p latency (ping-pong) message size (K/M/G suffixes)")
-      ->capture_default_str();
-  app.add_flag("--huge-pages", opt.huge_pages,
-               "Host buffers of 2 MiB and more on transparent huge pages (madvise "
-               "MADV_HUGEPAGE): kernel copies between processes (CMA) pin 512x fewer pages");
+  bench::add_sweep_options(app, opt);
+  app.add("-d,--datatype", opt.datatype,
+          "float, half, bfloat16, double, int8, uint8, int32, uint32, int64, uint64, or all")
+      .show_default();
+  app.add("-o,--op", opt.op, "sum, prod, min, max, avg, or all").show_default();
+  app.add("-r,--root", opt.root, "Root rank of rooted collectives").show_default();
+  app.add("--coll", opt.colls, "Collectives, comma-separated: " + bench::collective_names())
+      .show_default();
+  app.add("--json", opt.json,
+          "Also write the results as JSON to FILE ('-': stdout, the table then goes to stderr)");
+  app.add("-A,--algo,--algorithm", opt.algorithm,
+          "Force an algorithm by name (e.g. ring; see docs/algorithms.md), or 'all': one "
+          "column group per algorithm plus the selector's pick");
+  app.add("--rounds", opt.rounds,
+          "--algo all: time every algorithm this many times per size, in turn, and report "
+          "the median")
+      .range(1, 100)
+      .show_default();
+  chorus::cli::Option calibrate_opt =
+      app.add("--calibrate", opt.calibrate,
+              "Measure the alpha-beta model's parameters on these ranks and write them to "
+              "FILE (read it back with CHORUS_TUNING_FILE)");
+  app.add("--device", opt.device,
+          "Where the collectives' buffers live: host, or cuda (GPU memory; rank r uses GPU "
+          "r mod the visible GPUs; calls are enqueued on a stream)")
+      .show_default()
+      .one_of({"host", "cuda"});
+  app.flag("--p2p", opt.p2p,
+           "Point-to-point bandwidth and latency of every ordered pair of ranks, one pair at "
+           "a time (matrices: rows sender, columns receiver); -n, -w, -c and --json apply")
+      .excludes(calibrate_opt);
+  app.add("--p2p-bytes", opt.p2p_bytes, "--p2p bandwidth message size (K/M/G suffixes)")
+      .show_default();
+  app.add("--p2p-window", opt.p2p_window,
+          "--p2p messages in flight per bandwidth iteration (the receiver holds this many "
+          "buffers of --p2p-bytes for the checked iterations)")
+      .show_default()
+      .positive();
+  app.flag("--p2p-distinct-buffers", opt.p2p_distinct,
+           "--p2p timed bandwidth receives each into a buffer of their own (default: the "
+           "window's receives share one, as osu_bw and ucx_perftest do; checked iterations "
+           "always use one per message)");
+  app.add("--p2p-lat-bytes", opt.p2p_lat_bytes,
+          "--p2p latency (ping-pong) message size (K/M/G suffixes)")
+      .show_default();
+  app.flag("--huge-pages", opt.huge_pages,
+           "Host buffers of 2 MiB and more on transparent huge pages (madvise "
+           "MADV_HUGEPAGE): kernel copies between processes (CMA) pin 512x fewer pages");
 
-  app.add_flag("--registered", opt.registered,
-               "Host buffers from chorus::mem_alloc (nccl-tests' -R): same-host ranks read "
-               "large messages straight from one another's buffers, one copy instead of two");
+  app.flag("--registered", opt.registered,
+           "Host buffers from chorus::mem_alloc (nccl-tests' -R): same-host ranks read "
+           "large messages straight from one another's buffers, one copy instead of two");
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    if (env_rank != 0) return e.get_exit_code() == 0 ? 0 : 2;
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  // Every rank parses the same line; rank 0 reports.
+  if (const std::optional<int> status = app.parse(argc, argv, env_rank == 0))
+    return *status == 0 ? 0 : 2;
   bench::set_huge_pages(opt.huge_pages);
   if (opt.registered) {
     if (opt.huge_pages) {
@@ -837,9 +819,7 @@ int main(int argc, char** argv) {
     bench::set_allocator([](std::size_t n) { return chorus::mem_alloc(n); },
                          [](void* p) { chorus::mem_free(p); });
   }
-  // nccl-tests semantics: -i matters only with a factor of 1. Giving -i alone
-  // asks for additive steps, so the default factor then yields to it.
-  if (step_bytes->count() > 0 && step_factor->count() == 0) opt.stepfactor = 1;
+  bench::settle_step(app, opt);
 
   std::vector<std::size_t> sizes;
   std::vector<const bench::Collective*> colls;

@@ -174,7 +174,7 @@ int main(int argc, char** argv) {
   chorus_peer::Options opt;
   std::string algorithm = "ring";
   std::string host = "127.0.0.1";
-  CLI::App app{
+  chorus::cli::Parser app{
       "gloo_bench: Gloo allreduce/broadcast/allgather (float32, TCP) in chorus-bench's table.\n"
       "Run every rank under chorusrun, e.g.: chorusrun -n 4 -- gloo_bench -b 8 -e 128M -f 2",
       "gloo_bench"};
@@ -185,17 +185,15 @@ int main(int argc, char** argv) {
       "and CHORUS_STORE. Exit status: 0 if every check passed, 1 if any element was\n"
       "wrong, 2 on error.");
   chorus_peer::add_options(app, opt);
-  app.add_option("-A,--algorithm", algorithm, "Gloo allreduce algorithm: ring or bcube")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"ring", "bcube"}));
-  app.add_option("--host", host, "Address Gloo's TCP device binds to")->capture_default_str();
+  app.add("-A,--algorithm", algorithm, "Gloo allreduce algorithm: ring or bcube")
+      .show_default()
+      .one_of({"ring", "bcube"});
+  app.add("--host", host, "Address Gloo's TCP device binds to").show_default();
   chorus_peer::Plan plan;
   try {
-    app.parse(argc, argv);
+    if (const std::optional<int> status = app.parse(argc, argv, env_rank == 0))
+      return *status == 0 ? 0 : 2;
     plan = chorus_peer::finish_options(app, opt);
-  } catch (const CLI::ParseError& e) {
-    if (env_rank != 0) return e.get_exit_code() == 0 ? 0 : 2;
-    return app.exit(e) == 0 ? 0 : 2;
   } catch (const std::exception& e) {
     if (env_rank == 0) std::fprintf(stderr, "gloo_bench: %s\n", e.what());
     return 2;

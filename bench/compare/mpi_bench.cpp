@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const int env_rank = chorus_peer::rank_from_env();
   chorus_peer::Options opt;
-  CLI::App app{
+  chorus::cli::Parser app{
       "mpi_bench: MPI_Allreduce/MPI_Bcast/MPI_Allgather (float32) in chorus-bench's table.\n"
       "Run under mpirun, e.g.: mpirun -np 4 mpi_bench -b 8 -e 128M -f 2 --coll allreduce",
       "mpi_bench"};
@@ -139,11 +139,9 @@ int main(int argc, char** argv) {
   chorus_peer::add_options(app, opt);
   chorus_peer::Plan plan;
   try {
-    app.parse(argc, argv);
+    if (const std::optional<int> status = app.parse(argc, argv, env_rank == 0))
+      return *status == 0 ? 0 : 2;
     plan = chorus_peer::finish_options(app, opt);
-  } catch (const CLI::ParseError& e) {
-    if (env_rank != 0) return e.get_exit_code() == 0 ? 0 : 2;
-    return app.exit(e) == 0 ? 0 : 2;
   } catch (const std::exception& e) {
     if (env_rank == 0) std::fprintf(stderr, "mpi_bench: %s\n", e.what());
     return 2;

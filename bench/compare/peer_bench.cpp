@@ -1,6 +1,7 @@
 #include "peer_bench.hpp"
 
 #include "bench_common.hpp"
+#include "sweep_options.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -150,7 +151,10 @@ void Runner::print(const char* fmt, ...) {
 void Runner::header() {
   const std::vector<std::int64_t> pids = comm_.allgather_i64(static_cast<std::int64_t>(::getpid()));
   std::string colls;
-  for (Coll c : plan_.colls) colls += (colls.empty() ? "" : ",") + std::string(info(c).name);
+  for (Coll c : plan_.colls) {  // in steps: GCC 12's false -Wrestrict at -O3 on "," + string
+    if (!colls.empty()) colls += ',';
+    colls += info(c).name;
+  }
   print("# %s (%s): coll %s, %d ranks, transport %s\n", comm_.tool().c_str(),
         comm_.version().c_str(), colls.c_str(), nranks_, comm_.transport().c_str());
   const bool multiply = opt_.stepfactor > 1;
@@ -366,42 +370,20 @@ std::vector<std::string> split_list(const std::vector<std::string>& items) {
 
 }  // namespace
 
-void add_options(CLI::App& app, Options& opt) {
-  app.add_option("-b,--minbytes", opt.minbytes, "Smallest size in bytes (K/M/G suffixes)")
-      ->capture_default_str();
-  app.add_option("-e,--maxbytes", opt.maxbytes, "Largest size in bytes (K/M/G suffixes)")
-      ->capture_default_str();
-  app.add_option("-i,--stepbytes", opt.stepbytes,
-                 "Add this many bytes between sizes (used when the factor is 1)")
-      ->capture_default_str();
-  app.add_option("-f,--stepfactor", opt.stepfactor, "Multiply the size by this between sizes")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("-n,--iters", opt.iters, "Timed iterations per size")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("-w,--warmup_iters", opt.warmup_iters, "Untimed iterations before timing")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("-c,--check", opt.check, "Checked iterations per size (0: no verification)")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("-d,--datatype", opt.datatype, "float (the only type measured)")
-      ->capture_default_str();
-  app.add_option("-o,--op", opt.op, "sum (the only reduction measured)")->capture_default_str();
-  app.add_option("-r,--root", opt.root, "Root rank of broadcast")->capture_default_str();
-  app.add_option("--coll", opt.colls,
-                 "Collectives, comma-separated: allreduce, broadcast, allgather")
-      ->capture_default_str();
-  app.add_option("--json", opt.json,
-                 "Also write the results as JSON (chorus-bench's schema) to FILE ('-': stdout, the "
-                 "table then goes to stderr)");
+void add_options(chorus::cli::Parser& app, Options& opt) {
+  chorus::bench::add_sweep_options(app, opt);
+  app.add("-d,--datatype", opt.datatype, "float (the only type measured)").show_default();
+  app.add("-o,--op", opt.op, "sum (the only reduction measured)").show_default();
+  app.add("-r,--root", opt.root, "Root rank of broadcast").show_default();
+  app.add("--coll", opt.colls, "Collectives, comma-separated: allreduce, broadcast, allgather")
+      .show_default();
+  app.add("--json", opt.json,
+          "Also write the results as JSON (chorus-bench's schema) to FILE ('-': stdout, the "
+          "table then goes to stderr)");
 }
 
-Plan finish_options(CLI::App& app, Options& opt) {
-  // As chorus-bench: -i alone asks for additive steps.
-  if (app.get_option("--stepbytes")->count() > 0 && app.get_option("--stepfactor")->count() == 0)
-    opt.stepfactor = 1;
+Plan finish_options(chorus::cli::Parser& app, Options& opt) {
+  chorus::bench::settle_step(app, opt);
   if (opt.datatype != "float" && opt.datatype != "float32")
     throw std::invalid_argument("-d " + opt.datatype + ": only float is measured");
   if (opt.op != "sum") throw std::invalid_argument("-o " + opt.op + ": only sum is measured");

@@ -7,7 +7,7 @@
 // Only float32 is measured (sum for allreduce): the peers are compared on
 // what every one of them implements. A peer library plugs in through Comm.
 
-#include <CLI/CLI.hpp>
+#include "cli/cli.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -64,14 +64,14 @@ class Comm {
 
 // Adds chorus-bench's options (-b -e -i -f -n -w -c -d -o -r --coll --json).
 // Call finish_options() after parsing.
-void add_options(CLI::App& app, Options& opt);
+void add_options(chorus::cli::Parser& app, Options& opt);
 
 // Checks the parsed options; throws std::invalid_argument with a message.
 struct Plan {
   std::vector<std::size_t> sizes;
   std::vector<Coll> colls;
 };
-Plan finish_options(CLI::App& app, Options& opt);
+Plan finish_options(chorus::cli::Parser& app, Options& opt);
 
 // Which rank this process is before the library is up (for error messages):
 // CHORUS_RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, else 0.

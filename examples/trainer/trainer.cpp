@@ -29,7 +29,7 @@
 
 #include <chorus/chorus.hpp>
 
-#include <CLI/CLI.hpp>
+#include "cli/cli.hpp"
 
 #include <chrono>
 #include <cinttypes>
@@ -37,6 +37,7 @@
 #include <cstring>
 #include <exception>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -285,32 +286,30 @@ int train(const Options& o) {
 
 int main(int argc, char** argv) {
   Options o;
-  CLI::App app{"Chorus reference trainer: a character-level language model trained data-parallel, "
-               "gradients averaged through Chorus. Run it under chorusrun."};
-  app.add_option("--steps", o.steps, "training steps")->check(CLI::NonNegativeNumber);
-  app.add_option("--batch", o.batch, "global batch (examples per step, over all ranks)")
-      ->check(CLI::PositiveNumber);
-  app.add_option("--lr", o.lr, "Adam learning rate")->check(CLI::PositiveNumber);
-  app.add_option("--context", o.shape.context, "bytes of context")->check(CLI::Range(1, 64));
-  app.add_option("--embed", o.shape.embed, "embedding width")->check(CLI::Range(1, 256));
-  app.add_option("--hidden", o.shape.hidden, "hidden units")->check(CLI::Range(1, 4096));
-  app.add_option("--seed", o.seed, "seed of the initial parameters and of the batches");
-  app.add_option("--text", o.text, "text files or directories (default: /usr/share/common-licenses)");
-  app.add_option("--log-every", o.log_every, "steps between lines")->check(CLI::PositiveNumber);
-  app.add_option("--eval-every", o.eval_every, "steps between validation losses")
-      ->check(CLI::PositiveNumber);
-  app.add_option("--eval-examples", o.eval_examples, "validation examples evaluated")
-      ->check(CLI::PositiveNumber);
-  app.add_option("--sample", o.sample, "bytes of text to generate at the end (0: none)");
+  chorus::cli::Parser app{
+      "Chorus reference trainer: a character-level language model trained data-parallel, "
+      "gradients averaged through Chorus. Run it under chorusrun."};
+  app.add("--steps", o.steps, "training steps").non_negative();
+  app.add("--batch", o.batch, "global batch (examples per step, over all ranks)").positive();
+  app.add("--lr", o.lr, "Adam learning rate").positive();
+  app.add("--context", o.shape.context, "bytes of context").range(1, 64);
+  app.add("--embed", o.shape.embed, "embedding width").range(1, 256);
+  app.add("--hidden", o.shape.hidden, "hidden units").range(1, 4096);
+  app.add("--seed", o.seed, "seed of the initial parameters and of the batches");
+  app.add("--text", o.text, "text files or directories (default: /usr/share/common-licenses)");
+  app.add("--log-every", o.log_every, "steps between lines").positive();
+  app.add("--eval-every", o.eval_every, "steps between validation losses").positive();
+  app.add("--eval-examples", o.eval_examples, "validation examples evaluated").positive();
+  app.add("--sample", o.sample, "bytes of text to generate at the end (0: none)");
   bool no_overlap = false;
-  app.add_flag("--no-overlap", no_overlap,
-               "average the whole gradient after backward instead of layer by layer during it");
-  app.add_flag("--engine", o.engine,
-               "average the gradients as named tensors through chorus::Engine (docs/engine.md)");
-  app.add_option("--timeline", o.timeline,
-                 "with --engine: rank 0 writes the engine's timeline (Chrome trace) here");
-  app.add_option("--save", o.save, "write the final parameters (raw float32) to this file");
-  CLI11_PARSE(app, argc, argv);
+  app.flag("--no-overlap", no_overlap,
+           "average the whole gradient after backward instead of layer by layer during it");
+  app.flag("--engine", o.engine,
+           "average the gradients as named tensors through chorus::Engine (docs/engine.md)");
+  app.add("--timeline", o.timeline,
+          "with --engine: rank 0 writes the engine's timeline (Chrome trace) here");
+  app.add("--save", o.save, "write the final parameters (raw float32) to this file");
+  if (const std::optional<int> status = app.parse(argc, argv)) return *status;
   o.overlap = !no_overlap;
   try {
     return train(o);

@@ -14,6 +14,7 @@
 
 #include "child_probe.hpp"
 #include "cuda_test_util.hpp"
+#include "fork_ranks.hpp"
 
 #include <gtest/gtest.h>
 
@@ -265,48 +266,7 @@ int rank_main(int rank, int n, const std::string& dir) {
 // Forks `n` ranks running `body`; returns their exit codes (-1: killed).
 std::vector<int> fork_ranks(int n, const std::function<int(int, int, const std::string&)>& body,
                             std::chrono::seconds limit) {
-  char tmpl[] = "/tmp/chorus-cuda-test-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  std::vector<pid_t> pids;
-  for (int r = 0; r < n; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      int rc = 1;
-      try {
-        rc = body(r, n, dir);
-      } catch (const std::exception& e) {
-        std::cerr << "rank " << r << ": " << e.what() << "\n";
-        rc = 99;
-      }
-      std::fflush(nullptr);
-      std::_Exit(std::min(rc, 100));
-    }
-    pids.push_back(pid);
-  }
-  std::vector<int> codes(static_cast<std::size_t>(n), -1);
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  int left = n;
-  while (left > 0) {
-    for (int r = 0; r < n; ++r) {
-      if (pids[static_cast<std::size_t>(r)] == 0) continue;
-      int status = 0;
-      if (waitpid(pids[static_cast<std::size_t>(r)], &status, WNOHANG) == pids[static_cast<std::size_t>(r)]) {
-        codes[static_cast<std::size_t>(r)] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-        pids[static_cast<std::size_t>(r)] = 0;
-        --left;
-      }
-    }
-    if (left > 0 && std::chrono::steady_clock::now() > deadline) {
-      for (pid_t p : pids)
-        if (p != 0) kill(p, SIGKILL);
-      for (pid_t p : pids)
-        if (p != 0) waitpid(p, nullptr, 0);
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  std::system(("rm -rf " + dir).c_str());
-  return codes;
+  return chorus_test::fork_ranks(n, body, limit, "chorus-cuda-test");
 }
 
 class CudaCollectives : public ::testing::TestWithParam<int> {

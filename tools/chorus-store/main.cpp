@@ -10,7 +10,7 @@
 #include <chorus/store.hpp>
 
 #if defined(CHORUS_HAVE_CLI11)
-#include <CLI/CLI.hpp>
+#include "cli/cli.hpp"
 #endif
 
 #include <csignal>
@@ -36,16 +36,11 @@ struct Args {
 
 #if defined(CHORUS_HAVE_CLI11)
 int parse(int argc, char** argv, Args& args) {
-  CLI::App app{"Standalone rendezvous store for Chorus jobs (serves until SIGINT/SIGTERM)",
-               "chorus-store"};
-  app.add_option("--host", args.host, "Address to listen on (0.0.0.0: all interfaces)")
-      ->capture_default_str();
-  app.add_option("--port", args.port, "TCP port; 0 picks a free one")->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
-  }
+  chorus::cli::Parser app{
+      "Standalone rendezvous store for Chorus jobs (serves until SIGINT/SIGTERM)", "chorus-store"};
+  app.add("--host", args.host, "Address to listen on (0.0.0.0: all interfaces)").show_default();
+  app.add("--port", args.port, "TCP port; 0 picks a free one").show_default();
+  if (const std::optional<int> status = app.parse(argc, argv)) return *status == 0 ? 0 : 2;
   return -1;
 }
 #else

@@ -11,10 +11,9 @@
 #include <chorus/error.hpp>
 #include <chorus/store.hpp>
 
+#include "cli/cli.hpp"
 #include "core/topology.hpp"
 #include "transport.hpp"
-
-#include <CLI/CLI.hpp>
 
 #include <fcntl.h>
 #include <poll.h>
@@ -153,7 +152,10 @@ bool failed(int status) { return !(WIFEXITED(status) && WEXITSTATUS(status) == 0
 // grows past kMaxLineBytes) the remainder too, terminated by a newline so that
 // it cannot merge with another rank's output.
 void emit_lines(Stream& s, int rank, bool eof) {
-  const std::string tag = "[" + std::to_string(rank) + "] ";
+  // Built in steps: GCC 12 at -O3 warns falsely (-Wrestrict) on "[" + std::string.
+  std::string tag = "[";
+  tag += std::to_string(rank);
+  tag += "] ";
   std::string out;
   std::size_t start = 0;
   for (;;) {
@@ -209,7 +211,7 @@ std::optional<std::string> resolve_program(const std::string& prog) {
   for (;;) {
     const std::size_t colon = dirs.find(':', start);
     std::string dir = dirs.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
-    if (dir.empty()) dir = ".";
+    if (dir.empty()) dir.push_back('.');  // not dir = ".": GCC 12's false -Wrestrict at -O3
     const std::string candidate = dir + "/" + prog;
     struct stat st{};
     if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
@@ -658,20 +660,12 @@ void Launcher::remove_segments() {
     if (opt_.verbose) say("removed the stale shared-memory segment /dev/shm/" + name);
 }
 
-// CLI11's generated usage line cannot say that a program follows the options.
-class UsageFormatter : public CLI::Formatter {
- public:
-  std::string make_usage(const CLI::App*, std::string) const override {
-    return "Usage: chorusrun -n N [options] [--] program [args...]\n";
-  }
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
   Options opt;
-  CLI::App app{"chorusrun: start N local ranks of a Chorus program.", "chorusrun"};
-  app.formatter(std::make_shared<UsageFormatter>());
+  chorus::cli::Parser app{"chorusrun: start N local ranks of a Chorus program.", "chorusrun"};
+  app.usage("Usage: chorusrun -n N [options] [--] program [args...]");
   app.footer(
       "Hosts a TCP rendezvous store in this process and starts N copies of the\n"
       "program with CHORUS_RANK, CHORUS_WORLD_SIZE, CHORUS_LOCAL_RANK,\n"
@@ -687,56 +681,48 @@ int main(int argc, char** argv) {
       "was interrupted by signal N; 127 if the program is not found; 1 for\n"
       "launcher errors.\n\n"
       "Example: chorusrun -n 4 -- chorus-bench -b 8 -e 128M -f 2");
-  app.prefix_command();  // everything from the program name on belongs to the program
-  app.add_option("-n,--np", opt.np, "Number of ranks to start")->required()->check(CLI::Range(1, 4096));
-  app.add_option("--store-host", opt.store_host,
-                 "Address the rendezvous store listens on (0.0.0.0: all interfaces)")
-      ->capture_default_str();
-  app.add_option("--store-port", opt.store_port, "Port of the rendezvous store (0: any free port)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 65535));
-  app.add_option("--transport", opt.transport, "Transport for the ranks (sets CHORUS_TRANSPORT)");
-  app.add_option("-x,--env", opt.env,
-                 "Extra environment for the ranks: VAR=VALUE, or VAR to pass the launcher's value "
-                 "(repeatable)")
-      ->allow_extra_args(false);
-  app.add_option("--timeout", opt.timeout_s,
-                 "Default deadline of every Chorus call, in seconds (sets CHORUS_TIMEOUT)")
-      ->check(CLI::PositiveNumber);
-  app.add_flag("--tag-output,!--no-tag-output", opt.tag_output,
-               "Prefix every line of rank r's stdout/stderr with \"[r] \" (default: on)");
-  app.add_option("--grace", opt.grace_s,
-                 "Seconds the other ranks get after a failure before SIGTERM, and again before SIGKILL")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("--bind-to", opt.bind_to,
-                 "Pin each rank to a core of its own, round-robin over NUMA nodes: auto (when "
-                 "2 <= ranks <= cores), core (also a single rank), none, or a CPU list, one entry "
-                 "per rank (0,2,4-7, or 0-3;4-7 for sets). Default: CHORUS_CPU_BIND, else auto. "
-                 "Never two ranks on one core. The ranks get CHORUS_CPU_BIND=none. Ranks that "
-                 "busy-poll (Chorus, MPI) lose tens of microseconds per call when the scheduler "
-                 "puts two on one CPU");
-  app.add_flag("-v,--verbose", opt.verbose, "Report the store address, pids and every exit");
+  app.stop_at_first_positional();  // everything from the program name on belongs to the program
+  app.add("-n,--np", opt.np, "Number of ranks to start").required().range(1, 4096);
+  app.add("--store-host", opt.store_host,
+          "Address the rendezvous store listens on (0.0.0.0: all interfaces)")
+      .show_default();
+  app.add("--store-port", opt.store_port, "Port of the rendezvous store (0: any free port)")
+      .show_default()
+      .range(0, 65535);
+  app.add("--transport", opt.transport, "Transport for the ranks (sets CHORUS_TRANSPORT)");
+  app.add("-x,--env", opt.env,
+          "Extra environment for the ranks: VAR=VALUE, or VAR to pass the launcher's value "
+          "(repeatable)")
+      .one_value_per_use();
+  app.add("--timeout", opt.timeout_s,
+          "Default deadline of every Chorus call, in seconds (sets CHORUS_TIMEOUT)")
+      .positive();
+  app.flag("--tag-output,!--no-tag-output", opt.tag_output,
+           "Prefix every line of rank r's stdout/stderr with \"[r] \" (default: on)");
+  app.add("--grace", opt.grace_s,
+          "Seconds the other ranks get after a failure before SIGTERM, and again before SIGKILL")
+      .show_default()
+      .non_negative();
+  app.add("--bind-to", opt.bind_to,
+          "Pin each rank to a core of its own, round-robin over NUMA nodes: auto (when "
+          "2 <= ranks <= cores), core (also a single rank), none, or a CPU list, one entry "
+          "per rank (0,2,4-7, or 0-3;4-7 for sets). Default: CHORUS_CPU_BIND, else auto. "
+          "Never two ranks on one core. The ranks get CHORUS_CPU_BIND=none. Ranks that "
+          "busy-poll (Chorus, MPI) lose tens of microseconds per call when the scheduler "
+          "puts two on one CPU");
+  app.flag("-v,--verbose", opt.verbose, "Report the store address, pids and every exit");
 
   // Split at the first "--" ourselves: what follows is the program and its
   // arguments verbatim, even when they look like chorusrun options.
   std::vector<std::string> before;
   bool have_sep = false;
-  for (int i = argc - 1; i >= 1; --i) before.emplace_back(argv[i]);  // CLI11 wants reverse order
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--") == 0) {
-      have_sep = true;
-      before.clear();
-      for (int j = i - 1; j >= 1; --j) before.emplace_back(argv[j]);
-      for (int j = i + 1; j < argc; ++j) opt.command.emplace_back(argv[j]);
-      break;
-    }
+  int i = 1;
+  for (; i < argc && std::strcmp(argv[i], "--") != 0; ++i) before.emplace_back(argv[i]);
+  if (i < argc) {
+    have_sep = true;
+    for (int j = i + 1; j < argc; ++j) opt.command.emplace_back(argv[j]);
   }
-  try {
-    app.parse(before);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
-  }
+  if (const std::optional<int> status = app.parse(before)) return *status;
   std::vector<std::string> rest = app.remaining();
   if (have_sep && !rest.empty()) {
     say("unexpected arguments before '--': " + rest.front());
