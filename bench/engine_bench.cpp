@@ -9,12 +9,14 @@
 
 #include <chorus/chorus.hpp>
 
-#include <CLI/CLI.hpp>
+#include "cli/cli.hpp"
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -29,7 +31,38 @@ std::size_t parse_size(const std::string& s) {
   if (unit.empty()) return n;
   if (unit == "K") return n << 10;
   if (unit == "M") return n << 20;
-  throw CLI::ValidationError("--bytes", "expected a number with an optional K or M suffix");
+  throw std::invalid_argument("--bytes " + s +
+                              ": expected a number with an optional K or M suffix");
+}
+
+// One step of T allgathers: through the engine, one allgather_async each, or
+// packed by hand into one allgather (each rank's shares side by side) and
+// unpacked per tensor.
+void run_allgather_step(const std::string& m, chorus::Engine& eng, chorus::Communicator& comm,
+                        const std::vector<std::string>& names,
+                        std::vector<std::vector<float>>& shares,
+                        std::vector<std::vector<float>>& gathered, std::vector<float>& packed,
+                        std::vector<float>& packed_all, std::size_t count,
+                        std::vector<chorus::Work>& works) {
+  const std::size_t T = shares.size();
+  const auto n = static_cast<std::size_t>(comm.size());
+  if (m == "engine") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(eng.allgather(names[i], shares[i].data(), gathered[i].data(), count,
+                                    chorus::DataType::Float32));
+  } else if (m == "async") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(comm.allgather_async(shares[i].data(), gathered[i].data(), count,
+                                           chorus::DataType::Float32));
+  } else {
+    for (std::size_t i = 0; i < T; ++i)
+      std::memcpy(packed.data() + i * count, shares[i].data(), count * 4);
+    comm.allgather(packed.data(), packed_all.data(), T * count, chorus::DataType::Float32);
+    for (std::size_t i = 0; i < T; ++i)
+      for (std::size_t p = 0; p < n; ++p)
+        std::memcpy(gathered[i].data() + p * count, packed_all.data() + (p * T + i) * count,
+                    count * 4);
+  }
 }
 
 double median(std::vector<double> v) {
@@ -45,29 +78,38 @@ int main(int argc, char** argv) {
   int steps = 200;
   int warmup = 20;
   std::string mode = "all";
-  CLI::App app{"chorus-engine-bench: T tensors of B bytes averaged per step through the tensor "
-               "engine, one allreduce_async each, or one hand-packed allreduce"};
-  app.add_option("--tensors", tensors, "tensors per step")->check(CLI::Range(1, 100000));
-  app.add_option("--bytes", bytes_text, "bytes per tensor (K, M suffixes)");
-  app.add_option("--steps", steps, "timed steps")->check(CLI::PositiveNumber);
-  app.add_option("--warmup", warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
-  app.add_option("--mode", mode, "engine, async, packed or all")
-      ->check(CLI::IsMember({"engine", "async", "packed", "all"}));
-  CLI11_PARSE(app, argc, argv);
+  std::string coll = "allreduce";
+  chorus::cli::Parser app{
+      "chorus-engine-bench: T tensors of B bytes averaged (or gathered) per step through the "
+      "tensor engine, one allreduce_async (allgather_async) each, or one hand-packed call"};
+  app.add("--tensors", tensors, "tensors per step").range(1, 100000);
+  app.add("--bytes", bytes_text, "bytes per tensor (K, M suffixes)");
+  app.add("--steps", steps, "timed steps").positive();
+  app.add("--warmup", warmup, "untimed steps first").non_negative();
+  app.add("--mode", mode, "engine, async, packed or all")
+      .one_of({"engine", "async", "packed", "all"});
+  app.add("--coll", coll, "allreduce, or allgather (B is each rank's share)")
+      .one_of({"allreduce", "allgather"})
+      .show_default();
+  if (const std::optional<int> status = app.parse(argc, argv)) return *status;
   try {
     const std::size_t bytes = parse_size(bytes_text);
     const std::size_t count = std::max<std::size_t>(1, bytes / 4);
     auto comm = chorus::Communicator::from_env();
     const auto T = static_cast<std::size_t>(tensors);
     std::vector<std::vector<float>> grads(T, std::vector<float>(count, 1.0f));
-    std::vector<float> packed(T * count);
+    const bool gather = coll == "allgather";
+    const auto n = static_cast<std::size_t>(comm.size());
+    std::vector<float> packed(T * count), packed_all(gather ? T * count * n : 0);
+    std::vector<std::vector<float>> gathered(gather ? T : 0, std::vector<float>(count * n));
     std::vector<std::string> names;
     for (std::size_t i = 0; i < T; ++i) names.push_back("grad." + std::to_string(i));
     if (comm.rank() == 0)
-      std::printf("# %d ranks over %s, %zu tensors of %zu bytes per step, median of %d steps\n"
-                  "# %-8s %12s %14s %s\n",
-                  comm.size(), comm.transport_name().c_str(), T, count * 4, steps, "mode",
-                  "step (us)", "per tensor (us)", "");
+      std::printf(
+          "# %s: %d ranks over %s, %zu tensors of %zu bytes per step, median of %d steps\n"
+          "# %-8s %12s %14s %s\n",
+          coll.c_str(), comm.size(), comm.transport_name().c_str(), T, count * 4, steps, "mode",
+          "step (us)", "per tensor (us)", "");
     for (const std::string m : {"engine", "async", "packed"}) {
       if (mode != "all" && mode != m) continue;
       chorus::Engine eng;
@@ -78,7 +120,10 @@ int main(int argc, char** argv) {
         comm.barrier();
         const auto t0 = Clock::now();
         works.clear();
-        if (m == "engine") {
+        if (gather) {
+          run_allgather_step(m, eng, comm, names, grads, gathered, packed, packed_all, count,
+                             works);
+        } else if (m == "engine") {
           for (std::size_t i = 0; i < T; ++i)
             works.push_back(eng.allreduce(names[i], grads[i].data(), grads[i].data(), count,
                                           chorus::DataType::Float32, chorus::ReduceOp::Sum));
@@ -107,7 +152,7 @@ int main(int argc, char** argv) {
         std::printf("  %-8s %12.1f %14.2f", m.c_str(), med, med / static_cast<double>(T));
         if (m == "engine") {
           const auto st = eng.stats();
-          std::printf("   (%.2f allreduces per step)",
+          std::printf(gather ? "   (%.2f allgathers per step)" : "   (%.2f allreduces per step)",
                       static_cast<double>(st.collectives) / static_cast<double>(warmup + steps));
         }
         std::printf("\n");

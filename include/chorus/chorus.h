@@ -72,6 +72,7 @@ typedef enum chorus_op {
 typedef struct chorus_store* chorus_store_t; /* a rendezvous store */
 typedef struct chorus_comm* chorus_comm_t;   /* a communicator */
 typedef struct chorus_work* chorus_work_t;   /* an asynchronous operation */
+typedef struct chorus_engine* chorus_engine_t; /* a negotiated tensor engine */
 
 /* Settings fixed at creation. Start from CHORUS_CONFIG_INIT: struct_size lets
  * later versions add fields without breaking programs built against this
@@ -200,6 +201,80 @@ CHORUS_C_API chorus_status_t chorus_work_wait(chorus_work_t work, int64_t timeou
 CHORUS_C_API chorus_status_t chorus_work_test(chorus_work_t work, int* done);
 /* Frees the handle; the operation itself still runs to its end. */
 CHORUS_C_API void chorus_work_free(chorus_work_t work);
+
+/* ---- the tensor engine (docs/engine.md) ------------------------------------- *
+ * Named tensors submitted in any order, agreed on across ranks every cycle,
+ * small allreduces fused; a name submitted differently on two ranks fails on
+ * every rank, a name some ranks never submit is reported (chorus::Engine). */
+
+/* Engine settings. Start from CHORUS_ENGINE_CONFIG_INIT: fields left at -1
+ * (NULL for timeline) take the environment's value, then the default
+ * (docs/tuning.md). */
+typedef struct chorus_engine_config {
+  size_t struct_size;
+  int64_t cycle_us;         /* time between negotiations, > 0 (CHORUS_ENGINE_CYCLE_MS) */
+  int64_t fusion_bytes;     /* most bytes of one fused collective; 0: none (CHORUS_FUSION_BYTES) */
+  int64_t cache_capacity;   /* names the response cache holds; 0: none (CHORUS_ENGINE_CACHE) */
+  const char* timeline;     /* rank 0 writes a Chrome trace here; "": none (CHORUS_TIMELINE) */
+  int64_t stall_warning_ms; /* rank 0 warns of a name waiting this long (CHORUS_STALL_WARNING) */
+  int64_t stall_abort_ms;   /* such a name then fails everywhere; 0: never (CHORUS_STALL_ABORT) */
+} chorus_engine_config_t;
+#define CHORUS_ENGINE_CONFIG_INIT {sizeof(chorus_engine_config_t), -1, -1, -1, NULL, -1, -1}
+
+/* What an engine has done so far (chorus::EngineStats). */
+typedef struct chorus_engine_stats {
+  size_t struct_size;
+  uint64_t cycles;       /* negotiation rounds */
+  uint64_t negotiations; /* rounds that exchanged tensor descriptions */
+  uint64_t tensors;      /* tensors completed (successfully or not) */
+  uint64_t collectives;  /* collectives run for them */
+  uint64_t fused;        /* tensors that shared a collective with others */
+  uint64_t cache_hits;   /* tensors agreed on by their cache bit alone */
+} chorus_engine_stats_t;
+#define CHORUS_ENGINE_STATS_INIT {sizeof(chorus_engine_stats_t), 0, 0, 0, 0, 0, 0}
+
+/* Starts an engine on a communicator of its own split from comm: collective
+ * over every rank of comm, in the same order as their other calls on it.
+ * config may be NULL. */
+CHORUS_C_API chorus_status_t chorus_engine_start(chorus_comm_t comm,
+                                                 const chorus_engine_config_t* config,
+                                                 chorus_engine_t* out);
+/* Submit the tensor `name` (1 to 4096 bytes). With work == NULL the call
+ * waits for the tensor; otherwise *work receives a handle to wait on and
+ * free. The buffers are the engine's until it completes. A name may be
+ * submitted again once its earlier submission has completed. */
+CHORUS_C_API chorus_status_t chorus_engine_allreduce(chorus_engine_t engine, const char* name,
+                                                     const void* sendbuf, void* recvbuf,
+                                                     size_t count, chorus_dtype_t dtype,
+                                                     chorus_op_t op, chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_engine_allgather(chorus_engine_t engine, const char* name,
+                                                     const void* sendbuf, void* recvbuf,
+                                                     size_t count, chorus_dtype_t dtype,
+                                                     chorus_work_t* work);
+CHORUS_C_API chorus_status_t chorus_engine_broadcast(chorus_engine_t engine, const char* name,
+                                                     const void* sendbuf, void* recvbuf,
+                                                     size_t count, chorus_dtype_t dtype, int root,
+                                                     chorus_work_t* work);
+/* Where an allgatherv's result goes: called on the engine's thread with every
+ * rank's count (nranks of them, in rank order), it returns memory for their
+ * sum of elements. NULL for a nonzero sum fails this rank's tensor. */
+typedef void* (*chorus_alloc_fn)(void* user, const size_t* counts, int nranks);
+/* Allgather of a tensor whose count differs between ranks: every rank's
+ * `count` elements, concatenated in rank order where alloc(user, ...) says.
+ * Host memory only; each submission exchanges the counts. */
+CHORUS_C_API chorus_status_t chorus_engine_allgatherv(chorus_engine_t engine, const char* name,
+                                                      const void* sendbuf, size_t count,
+                                                      chorus_dtype_t dtype, chorus_alloc_fn alloc,
+                                                      void* user, chorus_work_t* work);
+/* This rank's counts so far; start *out from CHORUS_ENGINE_STATS_INIT. */
+CHORUS_C_API chorus_status_t chorus_engine_stats(chorus_engine_t engine,
+                                                 chorus_engine_stats_t* out);
+/* Stops the engine once every rank has called it (collective); tensors still
+ * waiting fail with CHORUS_ABORTED. Idempotent. */
+CHORUS_C_API chorus_status_t chorus_engine_shutdown(chorus_engine_t engine);
+/* Frees the handle. An engine not shut down is shut down here, which waits
+ * for the other ranks to do the same. */
+CHORUS_C_API void chorus_engine_free(chorus_engine_t engine);
 
 /* ---- memory ------------------------------------------------------------------ */
 

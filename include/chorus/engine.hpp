@@ -6,13 +6,13 @@
 /// Ranks submit named tensors in any order, from any thread, and get a Work
 /// back at once. A background thread agrees with the other ranks, every
 /// cycle, on which names every rank has submitted; it runs those in the same
-/// order on every rank, packing small allreduces of one dtype and op into
-/// one collective (fusion). Names seen before are agreed on by a bit each
-/// (the response cache). A name submitted with different arguments on two
-/// ranks fails on every rank with Error(InvalidUsage) naming both; a name
-/// some ranks never submit is reported, naming the missing ranks, instead
-/// of hanging. Rank 0 can write a timeline (Chrome trace JSON) of every
-/// tensor's negotiation and execution.
+/// order on every rank, packing small allreduces of one dtype and op (and
+/// small allgathers of one dtype, broadcasts of one dtype and root) into one
+/// collective (fusion). Names seen
+/// before are agreed on by a bit each (the response cache). A name submitted with different
+/// arguments on two ranks fails on every rank with Error(InvalidUsage) naming both; a name some
+/// ranks never submit is reported, naming the missing ranks, instead of hanging. Rank 0 can write a
+/// timeline (Chrome trace JSON) of every tensor's negotiation and execution.
 
 #include <chorus/communicator.hpp>
 #include <chorus/export.hpp>
@@ -21,9 +21,11 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace chorus {
 
@@ -36,7 +38,8 @@ struct EngineImpl;
 struct EngineConfig {
   /// Time between two negotiations (CHORUS_ENGINE_CYCLE_MS, default 1 ms).
   std::optional<std::chrono::microseconds> cycle;
-  /// Most bytes one fused allreduce carries; 0 disables fusion
+  /// Most bytes one fused allreduce or broadcast carries (a fused allgather:
+  /// all ranks' shares together); 0 disables fusion
   /// (CHORUS_FUSION_BYTES, default 64 MiB).
   std::optional<std::size_t> fusion_bytes;
   /// Names the response cache holds; 0 disables it (CHORUS_ENGINE_CACHE,
@@ -84,6 +87,21 @@ class CHORUS_API Engine {
   /// Broadcast of the tensor `name` from `root`.
   Work broadcast(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
                  DataType dtype, int root);
+
+  /// Where an allgatherv's result goes: called with every rank's count, in
+  /// rank order, it returns memory for their sum of elements (nullptr when
+  /// the sum is 0). It runs on the engine's thread.
+  using Allocator = std::function<void*(const std::vector<std::size_t>& counts)>;
+  /// Allgather of the tensor `name` whose count may differ between ranks
+  /// (Horovod's allgather of tensors whose first dimension differs): every
+  /// rank's `count` elements of `sendbuf`, concatenated in rank order where
+  /// `alloc` says, once every rank has submitted the name. Host memory
+  /// only. An allocator that throws or returns nullptr for a nonzero sum
+  /// fails this rank's tensor (InvalidArgument, or the chorus::Error it
+  /// threw); the other ranks still get theirs. Each submission exchanges
+  /// the counts (such names are never answered from the response cache).
+  Work allgatherv(const std::string& name, const void* sendbuf, std::size_t count, DataType dtype,
+                  Allocator alloc);
 
   /// This rank's counts so far.
   EngineStats stats() const;

@@ -7,13 +7,16 @@
 #include <chorus/chorus.h>
 
 #include <chorus/communicator.hpp>
+#include <chorus/engine.hpp>
 #include <chorus/memory.hpp>
 #include <chorus/version.hpp>
 
 #include <exception>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
+#include <vector>
 
 struct chorus_store {
   std::shared_ptr<chorus::Store> store;
@@ -26,6 +29,10 @@ struct chorus_comm {
 
 struct chorus_work {
   chorus::Work work;
+};
+
+struct chorus_engine {
+  chorus::Engine engine;
 };
 
 namespace {
@@ -95,19 +102,18 @@ chorus::ReduceOp op_of(chorus_op_t o) {
 #define CHORUS_HAS_FIELD(ptr, type, field) \
   ((ptr)->struct_size >= offsetof(type, field) + sizeof((ptr)->field))
 
-void check_size(std::size_t size, const char* what) {
+// `what` is the struct's type, `init` the macro its values start from.
+void check_size(std::size_t size, const char* what, const char* init) {
   if (size < sizeof(std::size_t))
-    throw chorus::Error(chorus::ErrorCode::InvalidArgument,
-                        std::string(what) + ".struct_size is " + std::to_string(size) +
-                            ": start from " +
-                            (std::string(what) == "chorus_config_t" ? "CHORUS_CONFIG_INIT"
-                                                                    : "CHORUS_OPTIONS_INIT"));
+    throw chorus::Error(
+        chorus::ErrorCode::InvalidArgument,
+        std::string(what) + ".struct_size is " + std::to_string(size) + ": start from " + init);
 }
 
 chorus::Config config_of(const chorus_config_t* c) {
   chorus::Config cfg;
   if (c == nullptr) return cfg;
-  check_size(c->struct_size, "chorus_config_t");
+  check_size(c->struct_size, "chorus_config_t", "CHORUS_CONFIG_INIT");
   if (CHORUS_HAS_FIELD(c, chorus_config_t, timeout_ms)) {
     if (c->timeout_ms < 0)
       throw chorus::Error(chorus::ErrorCode::InvalidArgument,
@@ -124,7 +130,7 @@ chorus::Config config_of(const chorus_config_t* c) {
 chorus::CallOptions options_of(const chorus_options_t* o) {
   chorus::CallOptions opt;
   if (o == nullptr) return opt;
-  check_size(o->struct_size, "chorus_options_t");
+  check_size(o->struct_size, "chorus_options_t", "CHORUS_OPTIONS_INIT");
   if (CHORUS_HAS_FIELD(o, chorus_options_t, timeout_ms)) {
     if (o->timeout_ms < 0)
       throw chorus::Error(chorus::ErrorCode::InvalidArgument,
@@ -135,6 +141,55 @@ chorus::CallOptions options_of(const chorus_options_t* o) {
     opt.algorithm = o->algorithm;
   if (CHORUS_HAS_FIELD(o, chorus_options_t, stream)) opt.stream = o->stream;
   return opt;
+}
+
+// An engine field: -1 leaves it unset (the environment, then the default).
+std::optional<std::int64_t> engine_field(std::int64_t v, const char* field) {
+  if (v == -1) return std::nullopt;
+  if (v < 0)
+    throw chorus::Error(chorus::ErrorCode::InvalidArgument,
+                        std::string("chorus_engine_config_t.") + field + " is " +
+                            std::to_string(v) + " (-1: the environment's value, else the default)");
+  return v;
+}
+
+chorus::EngineConfig engine_config_of(const chorus_engine_config_t* c) {
+  using namespace std::chrono;
+  chorus::EngineConfig cfg;
+  if (c == nullptr) return cfg;
+  check_size(c->struct_size, "chorus_engine_config_t", "CHORUS_ENGINE_CONFIG_INIT");
+  if (CHORUS_HAS_FIELD(c, chorus_engine_config_t, cycle_us))
+    if (auto v = engine_field(c->cycle_us, "cycle_us")) {
+      if (*v == 0)
+        throw chorus::Error(chorus::ErrorCode::InvalidArgument,
+                            "chorus_engine_config_t.cycle_us is 0 (it must be positive)");
+      cfg.cycle = microseconds(*v);
+    }
+  if (CHORUS_HAS_FIELD(c, chorus_engine_config_t, fusion_bytes))
+    if (auto v = engine_field(c->fusion_bytes, "fusion_bytes"))
+      cfg.fusion_bytes = static_cast<std::size_t>(*v);
+  if (CHORUS_HAS_FIELD(c, chorus_engine_config_t, cache_capacity))
+    if (auto v = engine_field(c->cache_capacity, "cache_capacity"))
+      cfg.cache_capacity = static_cast<std::size_t>(*v);
+  if (CHORUS_HAS_FIELD(c, chorus_engine_config_t, timeline) && c->timeline != nullptr)
+    cfg.timeline = std::string(c->timeline);
+  if (CHORUS_HAS_FIELD(c, chorus_engine_config_t, stall_warning_ms))
+    if (auto v = engine_field(c->stall_warning_ms, "stall_warning_ms"))
+      cfg.stall_warning = milliseconds(*v);
+  if (CHORUS_HAS_FIELD(c, chorus_engine_config_t, stall_abort_ms))
+    if (auto v = engine_field(c->stall_abort_ms, "stall_abort_ms"))
+      cfg.stall_abort = milliseconds(*v);
+  return cfg;
+}
+
+chorus::Engine& engine_of(chorus_engine_t e) {
+  need(e, "the engine handle");
+  return e->engine;
+}
+
+const char* name_of(const char* name) {
+  need(name, "the tensor name");
+  return name;
 }
 
 // Runs a collective blocking (work == NULL) or queued (*work gets the handle).
@@ -150,6 +205,13 @@ chorus_status_t run(chorus_work_t* work, Blocking&& blocking, Async&& async) {
     w->work = async();
     *work = w.release();
   });
+}
+
+// The engine has only asynchronous submissions: a blocking call waits on one.
+template <typename Submit>
+chorus_status_t submit(chorus_work_t* work, Submit&& s) {
+  return run(
+      work, [&] { s().wait(); }, s);
 }
 
 }  // namespace
@@ -441,6 +503,80 @@ chorus_status_t chorus_work_test(chorus_work_t work, int* done) {
 }
 
 void chorus_work_free(chorus_work_t work) { delete work; }
+
+chorus_status_t chorus_engine_start(chorus_comm_t comm, const chorus_engine_config_t* config,
+                                    chorus_engine_t* out) {
+  return guarded([&] {
+    need(out, "out");
+    *out = nullptr;
+    const chorus::EngineConfig cfg = engine_config_of(config);
+    auto e = std::make_unique<chorus_engine>();
+    e->engine = chorus::Engine::start(comm_of(comm), cfg);
+    *out = e.release();
+  });
+}
+
+chorus_status_t chorus_engine_allreduce(chorus_engine_t engine, const char* name,
+                                        const void* sendbuf, void* recvbuf, size_t count,
+                                        chorus_dtype_t dtype, chorus_op_t op, chorus_work_t* work) {
+  return submit(work, [&] {
+    return engine_of(engine).allreduce(name_of(name), sendbuf, recvbuf, count, dtype_of(dtype),
+                                       op_of(op));
+  });
+}
+
+chorus_status_t chorus_engine_allgather(chorus_engine_t engine, const char* name,
+                                        const void* sendbuf, void* recvbuf, size_t count,
+                                        chorus_dtype_t dtype, chorus_work_t* work) {
+  return submit(work, [&] {
+    return engine_of(engine).allgather(name_of(name), sendbuf, recvbuf, count, dtype_of(dtype));
+  });
+}
+
+chorus_status_t chorus_engine_broadcast(chorus_engine_t engine, const char* name,
+                                        const void* sendbuf, void* recvbuf, size_t count,
+                                        chorus_dtype_t dtype, int root, chorus_work_t* work) {
+  return submit(work, [&] {
+    return engine_of(engine).broadcast(name_of(name), sendbuf, recvbuf, count, dtype_of(dtype),
+                                       root);
+  });
+}
+
+chorus_status_t chorus_engine_allgatherv(chorus_engine_t engine, const char* name,
+                                         const void* sendbuf, size_t count, chorus_dtype_t dtype,
+                                         chorus_alloc_fn alloc, void* user, chorus_work_t* work) {
+  return submit(work, [&] {
+    need(reinterpret_cast<const void*>(alloc), "the allocator");
+    return engine_of(engine).allgatherv(name_of(name), sendbuf, count, dtype_of(dtype),
+                                        [alloc, user](const std::vector<std::size_t>& c) {
+                                          return alloc(user, c.data(), static_cast<int>(c.size()));
+                                        });
+  });
+}
+
+chorus_status_t chorus_engine_stats(chorus_engine_t engine, chorus_engine_stats_t* out) {
+  return guarded([&] {
+    need(out, "out");
+    check_size(out->struct_size, "chorus_engine_stats_t", "CHORUS_ENGINE_STATS_INIT");
+    const chorus::EngineStats s = engine_of(engine).stats();
+    // Only the fields the caller's struct holds are written.
+    if (CHORUS_HAS_FIELD(out, chorus_engine_stats_t, cycles)) out->cycles = s.cycles;
+    if (CHORUS_HAS_FIELD(out, chorus_engine_stats_t, negotiations))
+      out->negotiations = s.negotiations;
+    if (CHORUS_HAS_FIELD(out, chorus_engine_stats_t, tensors)) out->tensors = s.tensors;
+    if (CHORUS_HAS_FIELD(out, chorus_engine_stats_t, collectives)) out->collectives = s.collectives;
+    if (CHORUS_HAS_FIELD(out, chorus_engine_stats_t, fused)) out->fused = s.fused;
+    if (CHORUS_HAS_FIELD(out, chorus_engine_stats_t, cache_hits)) out->cache_hits = s.cache_hits;
+  });
+}
+
+chorus_status_t chorus_engine_shutdown(chorus_engine_t engine) {
+  return guarded([&] { engine_of(engine).shutdown(); });
+}
+
+void chorus_engine_free(chorus_engine_t engine) {
+  (void)guarded([&] { delete engine; });
+}
 
 chorus_status_t chorus_mem_alloc(size_t bytes, void** out) {
   return guarded([&] {

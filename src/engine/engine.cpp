@@ -48,13 +48,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Kind : std::uint8_t { Allreduce = 1, Allgather = 2, Broadcast = 3 };
+enum class Kind : std::uint8_t { Allreduce = 1, Allgather = 2, Broadcast = 3, Allgatherv = 4 };
 
 const char* kind_name(Kind k) {
   switch (k) {
     case Kind::Allreduce: return "allreduce";
     case Kind::Allgather: return "allgather";
     case Kind::Broadcast: return "broadcast";
+    case Kind::Allgatherv:
+      return "allgatherv";
   }
   return "?";
 }
@@ -72,11 +74,23 @@ struct Desc {
   bool operator==(const Desc&) const = default;
 };
 
+// Whether two ranks' descriptions of one name agree: all of it, except an
+// allgatherv's count, which is each rank's own.
+bool agree(const Desc& a, const Desc& b) {
+  if (a.kind == Kind::Allgatherv && b.kind == Kind::Allgatherv) {
+    Desc c = b;
+    c.count = a.count;
+    return a == c;
+  }
+  return a == b;
+}
+
 std::string describe(const Desc& d) {
   std::ostringstream os;
   os << kind_name(d.kind) << " of " << d.count << " " << to_string(d.dtype);
   if (d.kind == Kind::Allreduce) os << " (" << to_string(d.op) << ")";
   if (d.kind == Kind::Broadcast) os << " from rank " << d.root;
+  if (d.kind == Kind::Allgatherv) os << " (this rank's share)";
   if (d.device) os << " in CUDA device memory";
   return os.str();
 }
@@ -103,6 +117,7 @@ struct Request {
   void* recv = nullptr;
   std::shared_ptr<WorkState> work;
   int slot = -1;  // announced by its cache bit
+  Engine::Allocator alloc;  // allgatherv: where the result goes, once the counts are known
 };
 
 // A name in the shared table (identical on every rank).
@@ -128,6 +143,7 @@ struct Ready {
   bool cached = false;
   std::string error;  // the ranks disagreed
   std::int64_t negotiation_start_us = 0;
+  std::vector<std::size_t> counts;  // allgatherv: every rank's count
 };
 
 constexpr std::uint8_t kFlagShutdown = 1;
@@ -330,7 +346,7 @@ struct EngineImpl {
           std::memcpy(&d.root, at + off + 4, 4);
           std::memcpy(&d.count, at + off + 8, 8);
           off += 16;
-          if (name.empty() || static_cast<int>(d.kind) < 1 || static_cast<int>(d.kind) > 3 ||
+          if (name.empty() || static_cast<int>(d.kind) < 1 || static_cast<int>(d.kind) > 4 ||
               static_cast<int>(d.dtype) >= kNumDataTypes || static_cast<int>(d.op) >= kNumReduceOps)
             throw Error(ErrorCode::Transport, "engine: rank " + std::to_string(p) +
                                                   " announced a malformed tensor description");
@@ -394,14 +410,19 @@ struct EngineImpl {
       Ready r{name, *e.by_rank[0], false, {}, e.first_us};
       std::vector<int> differ;
       for (int p = 1; p < size; ++p)
-        if (!(*e.by_rank[static_cast<std::size_t>(p)] == r.desc)) differ.push_back(p);
+        if (!agree(*e.by_rank[static_cast<std::size_t>(p)], r.desc)) differ.push_back(p);
       if (!differ.empty()) {
         std::ostringstream os;
         os << "tensor '" << name << "' was submitted as " << describe(r.desc) << " on rank 0 but as "
            << describe(*e.by_rank[static_cast<std::size_t>(differ[0])]) << " on rank " << differ[0];
         if (differ.size() > 1) os << " (and differently on " << rank_list(differ) << ")";
-        os << "; every rank must submit a name with the same collective, count, dtype, op and root";
+        os << "; every rank must submit a name with the same collective, count, dtype, op and root"
+           << (r.desc.kind == Kind::Allgatherv ? " (an allgatherv's count may differ)" : "");
         r.error = os.str();
+      } else if (r.desc.kind == Kind::Allgatherv) {
+        for (int p = 0; p < size; ++p)
+          r.counts.push_back(
+              static_cast<std::size_t>(e.by_rank[static_cast<std::size_t>(p)]->count));
       }
       if (timeline.open()) {
         timeline.complete(name, "NEGOTIATE_" + std::string(kind_name(r.desc.kind)), e.first_us,
@@ -464,16 +485,22 @@ struct EngineImpl {
       taken[i] = true;
       std::vector<std::size_t> group{i};
       const Ready& head = ready[i];
+      // Bytes per rank: an allreduce's buffer, an allgather's share. A
+      // fused allgather's buffer holds every rank's shares.
       std::size_t bytes = head.desc.count * size_of(head.desc.dtype);
-      if (head.error.empty() && head.desc.kind == Kind::Allreduce && !head.desc.device &&
-          fusion_bytes > 0) {
+      const bool fusable = head.desc.kind == Kind::Allreduce || head.desc.kind == Kind::Allgather ||
+                           head.desc.kind == Kind::Broadcast;
+      const std::size_t ranks_in_buffer =
+          head.desc.kind == Kind::Allgather ? static_cast<std::size_t>(size) : 1;
+      if (head.error.empty() && fusable && !head.desc.device && fusion_bytes > 0) {
         for (std::size_t j = i + 1; j < ready.size(); ++j) {
           const Ready& r = ready[j];
-          if (taken[j] || !r.error.empty() || r.desc.kind != Kind::Allreduce || r.desc.device ||
-              r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op)
+          if (taken[j] || !r.error.empty() || r.desc.kind != head.desc.kind || r.desc.device ||
+              r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op ||
+              r.desc.root != head.desc.root)
             continue;
           const std::size_t b = r.desc.count * size_of(r.desc.dtype);
-          if (bytes + b > fusion_bytes) continue;
+          if ((bytes + b) * ranks_in_buffer > fusion_bytes) continue;
           bytes += b;
           taken[j] = true;
           group.push_back(j);
@@ -516,14 +543,60 @@ struct EngineImpl {
     const Desc& d = head.desc;
     const std::int64_t start = now_us();
     std::int64_t in_us = 0, op_us = 0;
+    std::optional<Error> local;  // this rank's alone: the collective itself went through
     if (reqs.size() == 1) {
       Request& r = reqs[0];
       switch (d.kind) {
         case Kind::Allreduce: comm.allreduce(r.send, r.recv, d.count, d.dtype, d.op); break;
         case Kind::Allgather: comm.allgather(r.send, r.recv, d.count, d.dtype); break;
         case Kind::Broadcast: comm.broadcast(r.send, r.recv, d.count, d.dtype, d.root); break;
+        case Kind::Allgatherv:
+          local = allgatherv(r, head.counts, d.dtype);
+          break;
       }
       op_us = now_us() - start;
+    } else if (d.kind == Kind::Broadcast) {
+      // The root packs, one broadcast, every rank unpacks (the root too,
+      // where its receive buffers are not its send buffers).
+      if (fusion.size() < bytes) fusion.resize(bytes);
+      std::size_t at = 0;
+      for (std::size_t k = 0; k < reqs.size() && rank == d.root; ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        if (b > 0) std::memcpy(fusion.data() + at, reqs[k].send, b);
+        at += b;
+      }
+      in_us = now_us() - start;
+      comm.broadcast(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.root);
+      op_us = now_us() - start - in_us;
+      at = 0;
+      for (std::size_t k = 0; k < reqs.size(); ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        if (b > 0 && (rank != d.root || reqs[k].recv != reqs[k].send))
+          std::memcpy(reqs[k].recv, fusion.data() + at, b);
+        at += b;
+      }
+    } else if (d.kind == Kind::Allgather) {
+      // This rank's shares packed at its place in the buffer, one allgather
+      // in place, then every rank's share of each tensor to that tensor.
+      const auto n = static_cast<std::size_t>(size);
+      if (fusion.size() < bytes * n) fusion.resize(bytes * n);
+      char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
+      std::size_t at = 0;
+      for (std::size_t k = 0; k < reqs.size(); ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        if (b > 0) std::memcpy(own + at, reqs[k].send, b);
+        at += b;
+      }
+      in_us = now_us() - start;
+      comm.allgather(own, fusion.data(), bytes / size_of(d.dtype), d.dtype);
+      op_us = now_us() - start - in_us;
+      at = 0;
+      for (std::size_t k = 0; k < reqs.size(); ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        for (std::size_t p = 0; p < n && b > 0; ++p)
+          std::memcpy(static_cast<char*>(reqs[k].recv) + p * b, fusion.data() + p * bytes + at, b);
+        at += b;
+      }
     } else {
       if (fusion.size() < bytes) fusion.resize(bytes);
       std::size_t at = 0;
@@ -561,9 +634,47 @@ struct EngineImpl {
       }
     }
     // Names that went through the table enter the cache.
+    // Allgatherv names are not: their counts are news every time.
     for (std::size_t k : group)
-      if (!ready[k].cached) remember(ready[k].name, ready[k].desc);
-    complete(std::nullopt);
+      if (!ready[k].cached && d.kind != Kind::Allgatherv) remember(ready[k].name, ready[k].desc);
+    complete(local);
+  }
+
+  // Every rank's share, padded to the longest, through one allgather; then
+  // the caller's allocator is asked where the concatenation goes. An
+  // allocator that fails fails this rank's tensor only: the others have
+  // their result.
+  std::optional<Error> allgatherv(Request& r, const std::vector<std::size_t>& counts,
+                                  DataType dtype) {
+    const std::size_t es = size_of(dtype);
+    const std::size_t longest = *std::max_element(counts.begin(), counts.end());
+    std::size_t total = 0;
+    for (std::size_t c : counts) total += c;
+    std::vector<char> mine(longest * es, 0), every(longest * es * counts.size());
+    if (r.desc.count > 0) std::memcpy(mine.data(), r.send, r.desc.count * es);
+    if (longest > 0) comm.allgather(mine.data(), every.data(), longest, dtype);
+    void* out = nullptr;
+    try {
+      out = r.alloc(counts);
+    } catch (const Error& e) {
+      return e;
+    } catch (const std::exception& e) {
+      return Error(ErrorCode::InvalidArgument,
+                   "engine: tensor '" + r.name + "': the allgatherv allocator threw: " + e.what());
+    }
+    if (out == nullptr && total > 0)
+      return Error(ErrorCode::InvalidArgument,
+                   "engine: tensor '" + r.name +
+                       "': the allgatherv allocator returned no memory for " +
+                       std::to_string(total) + " elements");
+    std::size_t at = 0;
+    for (std::size_t p = 0; p < counts.size(); ++p) {
+      if (counts[p] > 0)
+        std::memcpy(static_cast<char*>(out) + at * es, every.data() + p * longest * es,
+                    counts[p] * es);
+      at += counts[p];
+    }
+    return std::nullopt;
   }
 
   // Puts a name in the cache: a free slot, else the least recently used
@@ -778,7 +889,8 @@ detail::EngineImpl& need(const std::shared_ptr<detail::EngineImpl>& impl) {
   return *impl;
 }
 
-Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, const void* s, void* r) {
+Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, const void* s, void* r,
+            Engine::Allocator alloc = {}) {
   if (name.empty() || name.size() > 4096)
     throw Error(ErrorCode::InvalidArgument, "engine: a tensor name must have 1 to 4096 bytes");
   if (static_cast<int>(d.dtype) >= kNumDataTypes)
@@ -787,7 +899,12 @@ Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, cons
   if (static_cast<int>(d.op) >= kNumReduceOps)
     throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': unknown reduce op " +
                                                 std::to_string(static_cast<int>(d.op)));
-  if (d.count > 0 && (r == nullptr || (s == nullptr && (d.kind != detail::Kind::Broadcast || d.root == e.rank))))
+  const bool gatherv = d.kind == detail::Kind::Allgatherv;
+  if (gatherv && !alloc)
+    throw Error(ErrorCode::InvalidArgument,
+                "engine: tensor '" + name + "': allgatherv needs an allocator");
+  if (d.count > 0 && ((r == nullptr && !gatherv) ||
+                      (s == nullptr && (d.kind != detail::Kind::Broadcast || d.root == e.rank))))
     throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': null buffer with count " +
                                                 std::to_string(d.count));
   if (d.kind == detail::Kind::Broadcast && (d.root < 0 || d.root >= e.size))
@@ -797,12 +914,18 @@ Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, cons
   // Device buffers go to the communicator as they are (it runs them on the
   // GPU); the fusion buffer is host memory, so they are never fused.
   d.device = device::query(s).device || device::query(r).device;
+  if (gatherv && d.device)
+    throw Error(ErrorCode::InvalidArgument,
+                "engine: tensor '" + name +
+                    "': allgatherv takes host memory only (the result "
+                    "goes where the allocator says, after a host copy)");
   detail::Request req;
   req.name = name;
   req.desc = d;
   req.send = s;
   req.recv = r;
   req.work = std::make_shared<detail::WorkState>();
+  req.alloc = std::move(alloc);
   Work w(req.work);
   {
     std::lock_guard<std::mutex> lock(e.mu);
@@ -839,6 +962,13 @@ Work Engine::broadcast(const std::string& name, const void* s, void* r, std::siz
   auto& e = need(impl_);
   detail::Desc d{detail::Kind::Broadcast, dtype, ReduceOp::Sum, count, root};
   return submit(e, name, d, s, r);
+}
+
+Work Engine::allgatherv(const std::string& name, const void* s, std::size_t count, DataType dtype,
+                        Allocator alloc) {
+  auto& e = need(impl_);
+  detail::Desc d{detail::Kind::Allgatherv, dtype, ReduceOp::Sum, count, -1};
+  return submit(e, name, d, s, nullptr, std::move(alloc));
 }
 
 EngineStats Engine::stats() const {

@@ -1,5 +1,5 @@
 /* The C ABI (include/chorus/chorus.h) from a C program: every collective,
- * blocking and asynchronous, split, memory, and the errors (bad arguments,
+ * blocking and asynchronous, split, memory, the tensor engine, and the errors (bad arguments,
  * a mismatched call) as status codes with their messages. Three ranks are
  * forked processes meeting through a file store; expected values are closed
  * forms of every rank's input. Exit status 0 when every check held. */
@@ -194,6 +194,152 @@ static void splitting(chorus_comm_t comm, int rank) {
   chorus_comm_free(sub);
 }
 
+/* An allgatherv's allocator: room for up to 64 values. */
+struct gathered {
+  int64_t values[64];
+  int nranks;
+  size_t total;
+};
+static void* give_room(void* user, const size_t* counts, int nranks) {
+  struct gathered* g = (struct gathered*)user;
+  g->nranks = nranks;
+  g->total = 0;
+  for (int r = 0; r < nranks; ++r) g->total += counts[r];
+  return g->total <= 64 ? g->values : NULL;
+}
+
+/* The tensor engine: names submitted in a different order on every rank,
+ * twice (the second time through the response cache), a mismatch, and the
+ * engine's bad arguments. */
+static void engine(chorus_comm_t comm, int rank, int n) {
+  chorus_engine_t e = (chorus_engine_t)&g_rank; /* must be reset to NULL on failure */
+  chorus_engine_config_t bad = CHORUS_ENGINE_CONFIG_INIT;
+  bad.cycle_us = -5;
+  FAILS(chorus_engine_start(comm, &bad, &e), CHORUS_INVALID_ARGUMENT, "cycle_us is -5");
+  CHECK(e == NULL, "no engine on failure");
+  chorus_engine_config_t zero;
+  memset(&zero, 0, sizeof zero);
+  FAILS(chorus_engine_start(comm, &zero, &e), CHORUS_INVALID_ARGUMENT, "CHORUS_ENGINE_CONFIG_INIT");
+  FAILS(chorus_engine_start(NULL, NULL, &e), CHORUS_INVALID_ARGUMENT,
+        "communicator handle is NULL");
+
+  chorus_engine_config_t cfg = CHORUS_ENGINE_CONFIG_INIT;
+  cfg.cycle_us = 2000;
+  cfg.cache_capacity = 16;
+  cfg.stall_warning_ms = 600000; /* rank 0's lone tensor below must not be reported */
+  OK(chorus_engine_start(comm, &cfg, &e));
+  if (e == NULL) return;
+
+  enum { K = 4, C = 100 };
+  static const char* names[K] = {"layer.0", "layer.1", "layer.2", "layer.3"};
+  for (int round = 0; round < 2; ++round) {
+    float a[K][C + K];
+    chorus_work_t w[K + 2];
+    for (int k = 0; k < K; ++k)
+      for (int i = 0; i < C + k; ++i) a[k][i] = (float)(rank + 1) * (float)(i + k + round);
+    /* Rank r submits layer r, r+1, ...: every rank in another order. */
+    for (int j = 0; j < K; ++j) {
+      const int k = (j + rank) % K;
+      OK(chorus_engine_allreduce(e, names[k], a[k], a[k], (size_t)(C + k), CHORUS_FLOAT32,
+                                 CHORUS_SUM, &w[k]));
+    }
+    int32_t mine[2] = {rank * 10, rank * 10 + 1}, all[2 * 8];
+    OK(chorus_engine_allgather(e, "gathered", mine, all, 2, CHORUS_INT32, &w[K]));
+    int64_t b[3] = {0, 0, 0};
+    if (rank == 1) b[0] = 5, b[1] = 6, b[2] = 7 + round;
+    OK(chorus_engine_broadcast(e, "broadcast", b, b, 3, CHORUS_INT64, 1, &w[K + 1]));
+    int32_t one = rank, total = -1; /* a blocking submission */
+    OK(chorus_engine_allreduce(e, "blocking", &one, &total, 1, CHORUS_INT32, CHORUS_SUM, NULL));
+    CHECK(total == n * (n - 1) / 2, "engine blocking allreduce: %d", total);
+    for (int k = 0; k < K + 2; ++k) {
+      int done = 0;
+      OK(chorus_work_wait(w[k], 60000, &done));
+      CHECK(done == 1, "engine tensor %d done", k);
+      chorus_work_free(w[k]);
+    }
+    const float ranks_sum = (float)(n * (n + 1) / 2);
+    for (int k = 0; k < K; ++k)
+      for (int i = 0; i < C + k; ++i)
+        CHECK(a[k][i] == ranks_sum * (float)(i + k + round), "engine %s[%d] = %g (round %d)",
+              names[k], i, (double)a[k][i], round);
+    for (int r = 0; r < n; ++r)
+      CHECK(all[2 * r] == r * 10 && all[2 * r + 1] == r * 10 + 1, "engine allgather from rank %d",
+            r);
+    CHECK(b[0] == 5 && b[1] == 6 && b[2] == 7 + round, "engine broadcast: %lld %lld %lld",
+          (long long)b[0], (long long)b[1], (long long)b[2]);
+  }
+  /* allgatherv: rank r shares r + 1 values; the allocator sees every count. */
+  {
+    int64_t share[8];
+    for (int k = 0; k <= rank; ++k) share[k] = 10 * rank + k;
+    struct gathered g = {{0}, 0, 0};
+    OK(chorus_engine_allgatherv(e, "shares", share, (size_t)(rank + 1), CHORUS_INT64, give_room, &g,
+                                NULL));
+    CHECK(g.nranks == n, "allgatherv: the allocator saw %d ranks", g.nranks);
+    size_t at = 0;
+    for (int r = 0; r < n && g.nranks == n; ++r)
+      for (int k = 0; k <= r; ++k, ++at)
+        CHECK(g.values[at] == 10 * r + k, "allgatherv element %d of rank %d: %lld", k, r,
+              (long long)g.values[at]);
+    FAILS(chorus_engine_allgatherv(e, "shares", share, 1, CHORUS_INT64, NULL, NULL, NULL),
+          CHORUS_INVALID_ARGUMENT, "allocator is NULL");
+  }
+  chorus_engine_stats_t st = CHORUS_ENGINE_STATS_INIT;
+  OK(chorus_engine_stats(e, &st));
+  /* 7 tensors a round, the second round's all from the cache, and the
+   * allgatherv. */
+  CHECK(st.tensors == 15, "engine stats: %llu tensors", (unsigned long long)st.tensors);
+  CHECK(st.cache_hits >= 7, "engine stats: %llu cache hits", (unsigned long long)st.cache_hits);
+  CHECK(st.collectives >= 1 && st.collectives <= st.tensors && st.cycles >= 2,
+        "engine stats: %llu collectives in %llu cycles", (unsigned long long)st.collectives,
+        (unsigned long long)st.cycles);
+  chorus_engine_stats_t unsized;
+  memset(&unsized, 0, sizeof unsized);
+  FAILS(chorus_engine_stats(e, &unsized), CHORUS_INVALID_ARGUMENT, "CHORUS_ENGINE_STATS_INIT");
+
+  /* One name, two counts: every rank's submission fails, naming it. */
+  float m[5] = {1, 1, 1, 1, 1};
+  FAILS(chorus_engine_allreduce(e, "mismatched", m, m, rank == 2 ? 5 : 4, CHORUS_FLOAT32,
+                                CHORUS_SUM, NULL),
+        CHORUS_INVALID_USAGE, "mismatched");
+
+  /* Bad submissions fail at once, on this rank only. */
+  chorus_work_t w = (chorus_work_t)&g_rank;
+  FAILS(chorus_engine_allreduce(e, NULL, m, m, 1, CHORUS_FLOAT32, CHORUS_SUM, &w),
+        CHORUS_INVALID_ARGUMENT, "tensor name is NULL");
+  CHECK(w == NULL, "no work handle for a submission that failed");
+  FAILS(chorus_engine_allreduce(e, "x", m, m, 1, (chorus_dtype_t)42, CHORUS_SUM, NULL),
+        CHORUS_INVALID_ARGUMENT, "unknown dtype 42");
+  FAILS(chorus_engine_broadcast(e, "x", m, m, 1, CHORUS_FLOAT32, n, NULL), CHORUS_INVALID_ARGUMENT,
+        "root");
+  FAILS(chorus_engine_allreduce(NULL, "x", m, m, 1, CHORUS_FLOAT32, CHORUS_SUM, NULL),
+        CHORUS_INVALID_ARGUMENT, "engine handle is NULL");
+
+  /* A name only rank 0 submits waits; submitting it again before it is done
+   * is refused, and shutting down fails it with CHORUS_ABORTED. */
+  chorus_work_t lone = NULL;
+  float l = 1;
+  if (rank == 0) {
+    OK(chorus_engine_allreduce(e, "lone", &l, &l, 1, CHORUS_FLOAT32, CHORUS_SUM, &lone));
+    FAILS(chorus_engine_allreduce(e, "lone", &l, &l, 1, CHORUS_FLOAT32, CHORUS_SUM, NULL),
+          CHORUS_INVALID_USAGE, "submitted again");
+  }
+  OK(chorus_engine_shutdown(e));
+  OK(chorus_engine_shutdown(e)); /* idempotent */
+  if (lone != NULL) {
+    int done = 0;
+    FAILS(chorus_work_wait(lone, 60000, &done), CHORUS_ABORTED, "");
+    CHECK(done == 1, "the lone tensor finished (failed)");
+    chorus_work_free(lone);
+  }
+  FAILS(chorus_engine_allreduce(e, "late", &l, &l, 1, CHORUS_FLOAT32, CHORUS_SUM, NULL),
+        CHORUS_INVALID_USAGE, "after shutdown");
+  chorus_engine_free(e);
+  chorus_engine_free(NULL); /* a no-op, like free(NULL) */
+  /* The communicator the engine was split from is still usable. */
+  OK(chorus_barrier(comm, NULL, NULL));
+}
+
 static void bad_arguments(chorus_comm_t comm) {
   float x[4] = {0, 0, 0, 0};
   chorus_work_t w = (chorus_work_t)&x; /* must be reset to NULL on failure */
@@ -257,6 +403,7 @@ static int rank_main(int rank, int n, const char* dir) {
   asynchronous(comm, rank, n);
   memory(comm, rank, n);
   splitting(comm, rank);
+  engine(comm, rank, n);
   bad_arguments(comm);
   mismatch(comm, rank);
   chorus_comm_free(comm);

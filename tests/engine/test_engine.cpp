@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "fork_ranks.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <csignal>
@@ -39,49 +41,16 @@ using Body = std::function<int(int rank, int n, Communicator& comm, const std::s
 // Forks `n` ranks that join one communicator through a FileStore and run
 // `body`; returns their exit codes (-1: killed, or still running at the limit).
 std::vector<int> run_ranks(int n, const Body& body, std::chrono::seconds limit = 60s) {
-  char tmpl[] = "/tmp/chorus-engine-test-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  std::vector<pid_t> pids;
-  for (int r = 0; r < n; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      int rc = 1;
-      try {
+  return chorus_test::fork_ranks(
+      n,
+      [&](int r, int size, const std::string& dir) {
         chorus::Config cfg;
         cfg.timeout = 30s;
-        auto comm = Communicator::create(r, n, std::make_shared<chorus::FileStore>(dir + "/store"), cfg);
-        rc = body(r, n, comm, dir);
-      } catch (const std::exception& e) {
-        std::cerr << "rank " << r << ": " << e.what() << "\n";
-        rc = 99;
-      }
-      std::fflush(nullptr);
-      std::_Exit(std::min(rc, 100));
-    }
-    pids.push_back(pid);
-  }
-  std::vector<int> codes(static_cast<std::size_t>(n), -1);
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  int left = n;
-  while (left > 0 && std::chrono::steady_clock::now() < deadline) {
-    for (int r = 0; r < n; ++r) {
-      auto& pid = pids[static_cast<std::size_t>(r)];
-      int status = 0;
-      if (pid != 0 && waitpid(pid, &status, WNOHANG) == pid) {
-        codes[static_cast<std::size_t>(r)] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-        pid = 0;
-        --left;
-      }
-    }
-    std::this_thread::sleep_for(10ms);
-  }
-  for (pid_t p : pids)
-    if (p != 0) {
-      kill(p, SIGKILL);
-      waitpid(p, nullptr, 0);
-    }
-  std::system(("rm -rf " + dir).c_str());
-  return codes;
+        auto comm =
+            Communicator::create(r, size, std::make_shared<chorus::FileStore>(dir + "/store"), cfg);
+        return body(r, size, comm, dir);
+      },
+      limit, "chorus-engine-test");
 }
 
 void expect_all_zero(const std::vector<int>& codes, const std::string& what) {
@@ -240,6 +209,207 @@ TEST(Engine, MismatchedSubmissionsFailOnEveryRankNamingBoth) {
     return b[0] == 2.0f ? 0 : 5;
   });
   expect_all_zero(codes, "mismatch");
+}
+
+// Small allgathers of one dtype share a collective, as small allreduces do:
+// ten of different counts, submitted in another order on each rank.
+TEST(Engine, SmallAllgathersAreFusedAndEachGetsItsShares) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 30ms;  // the ten land in one or two cycles
+    Engine eng = Engine::start(comm, cfg);
+    constexpr int kTensors = 10;
+    // Element k of rank p's share of tensor i (count i + 1): 1000 p + 10 i + k.
+    std::vector<std::vector<std::int32_t>> in(kTensors), out(kTensors);
+    std::vector<Work> works(kTensors);
+    for (int j = 0; j < kTensors; ++j) {
+      const int i = (j + 3 * rank) % kTensors;
+      const auto cnt = static_cast<std::size_t>(i + 1);
+      auto& x = in[static_cast<std::size_t>(i)];
+      for (std::size_t k = 0; k < cnt; ++k)
+        x.push_back(1000 * rank + 10 * i + static_cast<std::int32_t>(k));
+      out[static_cast<std::size_t>(i)].assign(cnt * static_cast<std::size_t>(n), -1);
+      works[static_cast<std::size_t>(i)] = eng.allgather(
+          named("g", i), x.data(), out[static_cast<std::size_t>(i)].data(), cnt, DataType::Int32);
+    }
+    for (auto& w : works) w.wait();
+    for (int i = 0; i < kTensors; ++i) {
+      const auto cnt = static_cast<std::size_t>(i + 1);
+      for (int p = 0; p < n; ++p)
+        for (std::size_t k = 0; k < cnt; ++k) {
+          const std::int32_t got =
+              out[static_cast<std::size_t>(i)][static_cast<std::size_t>(p) * cnt + k];
+          if (got != 1000 * p + 10 * i + static_cast<std::int32_t>(k)) {
+            std::cerr << "rank " << rank << ": g" << i << " from rank " << p << " element " << k
+                      << ": " << got << "\n";
+            return 2;
+          }
+        }
+    }
+    const auto st = eng.stats();
+    eng.shutdown();
+    if (st.fused < 2 || st.collectives >= st.tensors) {
+      std::cerr << "rank " << rank << ": " << st.tensors << " tensors in " << st.collectives
+                << " collectives, " << st.fused << " fused\n";
+      return 3;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "fused allgathers");
+}
+
+// Broadcasts from one root share a collective (a framework broadcasting its
+// parameters at the start): twelve, half of them in place, from roots 1 and
+// 2, submitted in another order on each rank.
+TEST(Engine, BroadcastsFromOneRootAreFusedInPlaceOrNot) {
+  const auto codes = run_ranks(3, [](int rank, int, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 30ms;
+    Engine eng = Engine::start(comm, cfg);
+    constexpr int kTensors = 12;
+    // Tensor i (count i + 2) comes from root 1 + i % 2; element k is 100 i + k there.
+    std::vector<std::vector<double>> send(kTensors), recv(kTensors);
+    std::vector<Work> works(kTensors);
+    for (int j = 0; j < kTensors; ++j) {
+      const int i = (j + 5 * rank) % kTensors;
+      const int root = 1 + i % 2;
+      const auto cnt = static_cast<std::size_t>(i + 2);
+      auto& x = send[static_cast<std::size_t>(i)];
+      auto& y = recv[static_cast<std::size_t>(i)];
+      x.assign(cnt, -7.0);
+      if (rank == root)
+        for (std::size_t k = 0; k < cnt; ++k) x[k] = 100.0 * i + static_cast<double>(k);
+      y.assign(cnt, -9.0);
+      const bool in_place = i % 4 < 2;
+      works[static_cast<std::size_t>(i)] = eng.broadcast(
+          named("p", i), x.data(), in_place ? x.data() : y.data(), cnt, DataType::Float64, root);
+    }
+    for (auto& w : works) w.wait();
+    for (int i = 0; i < kTensors; ++i) {
+      const bool in_place = i % 4 < 2;
+      const auto& got =
+          in_place ? send[static_cast<std::size_t>(i)] : recv[static_cast<std::size_t>(i)];
+      for (std::size_t k = 0; k < got.size(); ++k)
+        if (got[k] != 100.0 * i + static_cast<double>(k)) {
+          std::cerr << "rank " << rank << ": p" << i << (in_place ? " (in place)" : "")
+                    << " element " << k << ": " << got[k] << "\n";
+          return 2;
+        }
+    }
+    const auto st = eng.stats();
+    eng.shutdown();
+    if (st.fused < 2 || st.collectives >= st.tensors) {
+      std::cerr << "rank " << rank << ": " << st.tensors << " tensors in " << st.collectives
+                << " collectives, " << st.fused << " fused\n";
+      return 3;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "fused broadcasts");
+}
+
+// allgatherv: rank r shares 2r elements (rank 0 none), different again in
+// each of three rounds, among allreduces submitted in another order per rank.
+// The allocator must see every rank's count, and the result must be every
+// rank's share in rank order; a failing allocator fails that rank alone; a
+// dtype that differs fails every rank.
+TEST(Engine, AllgathervGathersSharesOfDifferentSizes) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 5ms;
+    Engine eng = Engine::start(comm, cfg);
+    // Element k of rank p's share in round t: 1000 t + 100 p + k.
+    auto share_count = [](int p, int t) { return static_cast<std::size_t>(2 * p + t); };
+    for (int t = 0; t < 3; ++t) {
+      std::vector<std::int64_t> mine(share_count(rank, t));
+      for (std::size_t k = 0; k < mine.size(); ++k)
+        mine[k] = 1000 * t + 100 * rank + static_cast<std::int64_t>(k);
+      std::vector<std::int64_t> out;
+      std::vector<std::size_t> seen;
+      std::vector<float> x(64, static_cast<float>(rank + 1)), y(64, 0.0f);
+      Work g, a;
+      auto gather = [&] {
+        g = eng.allgatherv("shares", mine.data(), mine.size(), DataType::Int64,
+                           [&](const std::vector<std::size_t>& counts) {
+                             seen = counts;
+                             std::size_t total = 0;
+                             for (std::size_t c : counts) total += c;
+                             out.assign(total, -1);
+                             return static_cast<void*>(out.data());
+                           });
+      };
+      auto reduce = [&] {
+        a = eng.allreduce("sum", x.data(), y.data(), 64, DataType::Float32, ReduceOp::Sum);
+      };
+      if (rank % 2 == 0) {
+        gather();
+        reduce();
+      } else {
+        reduce();
+        gather();
+      }
+      g.wait();
+      a.wait();
+      std::vector<std::int64_t> want;
+      for (int p = 0; p < n; ++p) {
+        if (seen.size() != static_cast<std::size_t>(n) ||
+            seen[static_cast<std::size_t>(p)] != share_count(p, t)) {
+          std::cerr << "rank " << rank << " round " << t
+                    << ": the allocator saw the wrong counts\n";
+          return 2;
+        }
+        for (std::size_t k = 0; k < share_count(p, t); ++k)
+          want.push_back(1000 * t + 100 * p + static_cast<std::int64_t>(k));
+      }
+      if (out != want) {
+        std::cerr << "rank " << rank << " round " << t << ": wrong concatenation\n";
+        return 3;
+      }
+      if (y[63] != static_cast<float>(n * (n + 1) / 2)) return 4;
+    }
+    // An allocator that throws on rank 1: rank 1's tensor fails, the others' do not.
+    std::int32_t v = rank;
+    std::vector<std::int32_t> all;
+    Work w =
+        eng.allgatherv("throws", &v, 1, DataType::Int32, [&](const std::vector<std::size_t>& c) {
+          if (rank == 1) throw std::runtime_error("no room here");
+          all.resize(c.size());
+          return static_cast<void*>(all.data());
+        });
+    if (rank == 1) {
+      if (!fails_with(w, ErrorCode::InvalidArgument,
+                      {"tensor 'throws'", "allocator threw: no room here"}, rank))
+        return 5;
+    } else {
+      w.wait();
+      if (all != std::vector<std::int32_t>{0, 1, 2}) return 6;
+    }
+    // One name, two dtypes: every rank fails, naming both.
+    float f = 1.0f;
+    Work bad = rank == 2 ? eng.allgatherv("mixed", &f, 1, DataType::Float32,
+                                          [&](const auto&) { return static_cast<void*>(nullptr); })
+                         : eng.allgatherv("mixed", &v, 1, DataType::Int32,
+                                          [&](const auto&) { return static_cast<void*>(nullptr); });
+    if (!fails_with(
+            bad, ErrorCode::InvalidUsage,
+            {"tensor 'mixed'", "allgatherv", std::string(chorus::to_string(DataType::Int32)),
+             std::string(chorus::to_string(DataType::Float32))},
+            rank))
+      return 7;
+    // Nothing anywhere: the allocator may return nullptr.
+    Work none = eng.allgatherv("empty", nullptr, 0, DataType::Int32,
+                               [](const auto&) { return static_cast<void*>(nullptr); });
+    none.wait();
+    const auto st = eng.stats();
+    eng.shutdown();
+    // "sum" came from the cache in rounds 2 and 3; "shares" never did.
+    if (st.cache_hits != 2) {
+      std::cerr << "rank " << rank << ": " << st.cache_hits << " cache hits, want 2\n";
+      return 8;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "allgatherv");
 }
 
 // A name one rank never submits: rank 0 warns, naming the tensor and the
