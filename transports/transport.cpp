@@ -113,7 +113,7 @@ Error timeout_error(std::span<const Request> reqs) {
   return Error(ErrorCode::Timeout, os.str(), blamed);
 }
 
-Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank) {
+Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank, int size) {
   int culprit = waits_for.count(my_rank) ? my_rank : -1;
   if (culprit < 0 && !waits_for.empty()) culprit = waits_for.begin()->first;
   std::ostringstream chain;
@@ -126,9 +126,30 @@ Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank) {
     culprit = next;
   }
   std::ostringstream os;
-  os << "rank " << culprit << " did not respond within the deadline (" << chain.str()
-     << "); it is stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
-  return Error(ErrorCode::Timeout, os.str(), culprit);
+  if (culprit < 0 || waits_for.count(culprit) == 0) {
+    os << "rank " << culprit << " did not respond within the deadline (" << chain.str()
+       << "); it is stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
+    return Error(ErrorCode::Timeout, os.str(), culprit);
+  }
+  // The chain came back to a rank already in it: those ranks waited for one
+  // another, each having given up on the next. What held them up is a rank
+  // outside the cycle, one that reported nothing (a stopped rank cannot).
+  std::vector<int> silent;
+  for (int r = 0; r < size; ++r)
+    if (waits_for.count(r) == 0) silent.push_back(r);
+  os << "the ranks that timed out waited for one another in a cycle (" << chain.str() << ")";
+  if (silent.empty()) {
+    os << ", and every rank did: a deadlock, each waiting for the next (two ranks that both "
+          "receive first, or calls made in different orders)";
+    return Error(ErrorCode::Timeout, os.str(), -1);
+  }
+  os << "; ";
+  for (std::size_t i = 0; i < silent.size(); ++i)
+    os << (i == 0 ? "" : " and ") << "rank " << silent[i];
+  os << (silent.size() == 1 ? " reported nothing: it is"
+                            : " reported nothing: the one that takes part in this call is")
+     << " stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.";
+  return Error(ErrorCode::Timeout, os.str(), silent.size() == 1 ? silent.front() : -1);
 }
 
 void FailureState::fail(const Error& e) {

@@ -266,8 +266,11 @@ void combine_into(const Combine& combine, char* dst, std::size_t offset, const c
 Error timeout_error(std::span<const Request> reqs);
 
 // Follows the wait chain (rank -> rank it timed out waiting for) from this
-// rank to the rank that reported nothing: the stopped or stuck one.
-Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank);
+// rank to the rank that reported nothing: the stopped or stuck one. When the
+// chain closes on itself (ranks that gave up on one another), the ranks of
+// the `size` that reported nothing are named instead, and blamed if there
+// is one.
+Error timeout_chain_error(const std::map<int, int>& waits_for, int my_rank, int size);
 
 // The error a rank takes from a failure notice that `from` sent, reporting
 // `code` and blaming `blamed` (or -1).
@@ -302,7 +305,9 @@ class FailureState {
   // This rank's own timeout: records its edge and returns the error to tell the peers.
   Error own_timeout(std::span<const Request> reqs, int my_rank);
   // After the grace period: fails with the end of the wait chain.
-  [[noreturn]] void fail_timeout_chain(int my_rank) { fail(timeout_chain_error(waits_for_, my_rank)); }
+  [[noreturn]] void fail_timeout_chain(int my_rank, int size) {
+    fail(timeout_chain_error(waits_for_, my_rank, size));
+  }
   // How long to listen for the other ranks' reports: a tenth of the timeout, 0.1 to 1 s.
   static std::chrono::milliseconds grace(std::chrono::milliseconds timeout);
 

@@ -72,6 +72,46 @@ TEST(CallCheck, DescribeIsReadable) {
   EXPECT_NE(chorus::transport::describe(garbage).find("dtype 200"), std::string::npos);
 }
 
+// The wait chain a timed-out rank follows through the timeout reports of
+// the others (rank -> the rank it gave up waiting for).
+TEST(TimeoutChain, EndsAtTheRankThatReportedNothing) {
+  // 3 waited for 2, 2 for 1; 1 (stopped) never reported.
+  const chorus::Error e = chorus::transport::timeout_chain_error({{3, 2}, {2, 1}}, 3, 4);
+  EXPECT_EQ(e.code(), ErrorCode::Timeout);
+  EXPECT_EQ(e.peer(), 1);
+  EXPECT_EQ(e.message(),
+            "rank 1 did not respond within the deadline (rank 3 waited for rank 2, rank "
+            "2 waited for rank 1); it is stopped, stuck or much slower. Raise "
+            "CHORUS_TIMEOUT if it is only slow.");
+}
+
+TEST(TimeoutChain, ACycleBlamesTheOneRankThatReportedNothing) {
+  // Ranks 0 and 2 gave up on each other (0 with a shorter deadline); 3 too,
+  // on 2. Rank 1, stopped, is the only one that never reported.
+  const chorus::Error e = chorus::transport::timeout_chain_error({{0, 2}, {2, 0}, {3, 2}}, 2, 4);
+  EXPECT_EQ(e.peer(), 1);
+  EXPECT_EQ(e.message(),
+            "the ranks that timed out waited for one another in a cycle (rank 2 waited "
+            "for rank 0, rank 0 waited for rank 2); rank 1 reported nothing: it is "
+            "stopped, stuck or much slower. Raise CHORUS_TIMEOUT if it is only slow.");
+}
+
+TEST(TimeoutChain, ACycleWithSeveralSilentRanksNamesThemAndBlamesNone) {
+  const chorus::Error e = chorus::transport::timeout_chain_error({{0, 2}, {2, 0}}, 0, 4);
+  EXPECT_EQ(e.peer(), -1);
+  EXPECT_NE(e.message().find("rank 1 and rank 3 reported nothing"), std::string::npos)
+      << e.message();
+}
+
+TEST(TimeoutChain, ACycleOfEveryRankIsADeadlock) {
+  const chorus::Error e = chorus::transport::timeout_chain_error({{0, 1}, {1, 0}}, 1, 2);
+  EXPECT_EQ(e.peer(), -1);
+  EXPECT_NE(e.message().find("(rank 1 waited for rank 0, rank 0 waited for rank 1), and every rank "
+                             "did: a deadlock"),
+            std::string::npos)
+      << e.message();
+}
+
 TEST(Registry, TcpIsRegisteredAndUnknownNamesAreRejected) {
   const auto names = chorus::transport::transport_names();
   EXPECT_NE(std::find(names.begin(), names.end(), "tcp"), names.end());

@@ -1522,7 +1522,7 @@ class ShmTransport final : public Transport {
       if (left > Clock::duration::zero())
         sleep_until(Clock::now() + std::min<Clock::duration>(left, kSleepSlice));
     }
-    fs_.fail_timeout_chain(ctx_.rank);
+    fs_.fail_timeout_chain(ctx_.rank, ctx_.size);
   }
 
   Peer& usable(int peer) {

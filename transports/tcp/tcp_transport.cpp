@@ -781,7 +781,7 @@ class TcpTransport final : public Transport {
       progress(true);  // throws at once on any other failure (a death, a mismatch)
       block(until);
     }
-    fs_.fail_timeout_chain(ctx_.rank);
+    fs_.fail_timeout_chain(ctx_.rank, ctx_.size);
   }
 
   void check_usable(int peer) {
