@@ -50,6 +50,16 @@ class Composite final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
+    try {
+      wait_all(reqs, deadline);
+    } catch (const Error&) {
+      // Done despite the failure (Transport::wait): the transport that
+      // raised it keeps it and throws it in the next call.
+      if (!all_done(reqs)) throw;
+    }
+  }
+
+  void wait_all(std::span<const Request> reqs, Deadline deadline) {
     const auto spin_until = Clock::now() + spin_;
     std::size_t first_pending = 0;
     for (bool near_turn = true;; near_turn = !near_turn) {

@@ -244,6 +244,15 @@ class TaggedTransport final : public Transport {
   void progress() override { progress(control_due(Clock::now())); }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
+    try {
+      wait_all(reqs, deadline);
+    } catch (const Error&) {
+      // Done despite the failure (Transport::wait): the next call throws it.
+      if (!fs_.failed() || !all_done(reqs)) throw;
+    }
+  }
+
+  void wait_all(std::span<const Request> reqs, Deadline deadline) {
     auto spin_until = Clock::now() + ctx_.spin;
     auto last_moved = Clock::now();
     auto nap = std::chrono::microseconds(20);
@@ -479,7 +488,6 @@ class TaggedTransport final : public Transport {
   // Returns whether anything moved. `control` also reads the control sockets.
   bool progress(bool control) {
     fs_.throw_if_failed();
-    if (control) guarded([&] { control_->progress(); });
     unsigned events = 0;
     guarded([&] { events = fabric_->progress(); });
     check_peer_errors();
@@ -501,6 +509,9 @@ class TaggedTransport final : public Transport {
         ++it;
       }
     }
+    // The control sockets last: a failure notice read there must not keep
+    // this round from completing receives whose data had already arrived.
+    if (control) guarded([&] { control_->progress(); });
     return moved;
   }
 

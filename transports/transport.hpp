@@ -152,14 +152,24 @@ struct Combine {
 };
 
 // State of one posted send or receive. Owned jointly by the caller and the
-// transport; `done` flips once, inside progress().
+// transport; `done` flips once, inside progress(). A request the transport
+// failed on (a mismatched or malformed message) is done and `failed`: it
+// never completes, and the transport's error says why.
 struct RequestState {
   int peer = -1;
   bool is_send = false;
   bool done = false;
   std::size_t bytes = 0;
+  bool failed = false;
 };
 using Request = std::shared_ptr<RequestState>;
+
+// Whether every request in `reqs` completed (done, and not failed).
+inline bool all_done(std::span<const Request> reqs) {
+  for (const Request& r : reqs)
+    if (!r->done || r->failed) return false;
+  return true;
+}
 
 // What an algorithm or selector may ask of a transport without naming it.
 struct Capabilities {
@@ -203,7 +213,11 @@ class Transport {
   // Error(Timeout) when `deadline` passes (naming the peers still pending),
   // Error(PeerFailure) when a peer dies, Error(InvalidUsage) on a call
   // mismatch, Error(Aborted) after abort(). After a throw the transport is
-  // failed: every later call throws the same error.
+  // failed: every later call throws the same error. A failure found while
+  // waiting after every request completed (their data had arrived before a
+  // peer's notice was read) does not fail this wait: the transport keeps
+  // it, and its next call throws it. The last rank to leave a collective
+  // must not fail it on the others' failure in the next one.
   virtual void wait(std::span<const Request> reqs, Deadline deadline) = 0;
 
   // Makes whatever progress is possible without blocking.

@@ -540,6 +540,16 @@ class ShmTransport final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
+    try {
+      wait_all(reqs, deadline);
+    } catch (const Error&) {
+      // Done despite the failure (Transport::wait): the next call throws it.
+      if (!fs_.failed() || !all_done(reqs)) throw;
+      flush_wakes();
+    }
+  }
+
+  void wait_all(std::span<const Request> reqs, Deadline deadline) {
     Deadline spin_until{};  // read the clock only after kQuickLooks rounds
     std::size_t first_pending = 0;
     for (unsigned iter = 0;; ++iter) {
@@ -1029,7 +1039,7 @@ class ShmTransport final : public Transport {
       p.posted.pop_front();
       const auto kind = static_cast<Kind>(h.kind);
       if (kind != Kind::Inline && kind != Kind::Rendezvous && kind != Kind::Bulk && kind != Kind::Mapped) {
-        op.req->done = true;
+        op.req->done = op.req->failed = true;
         fail(Error(ErrorCode::Transport,
                    "malformed message from rank " + std::to_string(p.rank) + ": kind " +
                        std::to_string(h.kind) + "; the shared segment is corrupt",
@@ -1105,7 +1115,7 @@ class ShmTransport final : public Transport {
     ErrorCode code = ErrorCode::Transport;
     const char* at = map_peer(p, ref, bytes, false, &why, &code);
     if (!at) {
-      op.req->done = true;
+      op.req->done = op.req->failed = true;
       fail(Error(code, "mapping the buffer of rank " + std::to_string(p.rank) + ": " + why, p.rank));
     }
     return at;
@@ -1306,7 +1316,7 @@ class ShmTransport final : public Transport {
   // failed with `err`.
   void cma_check(const Peer& p, RecvOp& op, std::size_t bytes, int err) {
     if (err == 0) return;
-    op.req->done = true;
+    op.req->done = op.req->failed = true;
     cma_failed(p, err, bytes, false);
   }
 
@@ -1337,7 +1347,7 @@ class ShmTransport final : public Transport {
                         " bytes in " + describe(op.call),
                     peer);
     } catch (const Error& e) {
-      op.req->done = true;  // never completes; the error says why
+      op.req->done = op.req->failed = true;  // never completes; the error says why
       fail(e);
     }
   }

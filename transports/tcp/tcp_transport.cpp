@@ -239,10 +239,29 @@ class TcpTransport final : public Transport {
       if (p.in && !p.in->closed) read_some(*p.in);
     }
     settle_losses();
+    settle_notice();
     throw_if_failed();
   }
 
+  // A peer's failure notice fails this transport only after everything else
+  // that has arrived was read: data sent before the failure completes its
+  // receives first (Transport::wait), whichever socket was read first.
+  void settle_notice() {
+    if (!notice_ || fs_.failed()) return;
+    read_all_pending();
+    fail(*notice_);
+  }
+
   void wait(std::span<const Request> reqs, Deadline deadline) override {
+    try {
+      wait_all(reqs, deadline);
+    } catch (const Error&) {
+      // Done despite the failure (Transport::wait): the next call throws it.
+      if (!fs_.failed() || !all_done(reqs)) throw;
+    }
+  }
+
+  void wait_all(std::span<const Request> reqs, Deadline deadline) {
     const auto spin_until = Clock::now() + ctx_.spin;
     std::size_t first_pending = 0;
     bool woke = false;
@@ -579,6 +598,7 @@ class TcpTransport final : public Transport {
   void settle_losses() {
     if (losses_.empty() || fs_.failed()) return;
     read_all_pending();
+    if (notice_) fail(*notice_);  // what the peer said before it went
     std::vector<std::pair<int, std::string>> losses;
     losses.swap(losses_);
     for (const auto& [peer, why] : losses)
@@ -639,7 +659,7 @@ class TcpTransport final : public Transport {
       try {
         check_frame(op, h, c.peer);
       } catch (const Error& e) {
-        op.req->done = true;  // never completes; the error says why
+        op.req->done = op.req->failed = true;  // never completes; the error says why
         fail(e);
         return;
       }
@@ -662,7 +682,7 @@ class TcpTransport final : public Transport {
     try {
       check_frame(op, c.hdr, c.peer);
     } catch (const Error& e) {
-      op.req->done = true;
+      op.req->done = op.req->failed = true;
       fail(e);
     }
     c.target = std::move(op);
@@ -710,7 +730,7 @@ class TcpTransport final : public Transport {
       fs_.note_reported_wait(c.peer, blamed);
       return;
     }
-    fail(notice_error(c.hdr.seq, blamed, c.peer, text));
+    if (!notice_) notice_ = notice_error(c.hdr.seq, blamed, c.peer, text);
   }
 
   void match_unexpected(int peer) {
@@ -723,7 +743,7 @@ class TcpTransport final : public Transport {
       try {
         check_frame(op, u.hdr, peer);
       } catch (const Error& e) {
-        op.req->done = true;
+        op.req->done = op.req->failed = true;
         fail(e);
         return;
       }
@@ -801,6 +821,7 @@ class TcpTransport final : public Transport {
   std::vector<pollfd> fds_;
   // Peers whose socket broke (and why), declared dead in settle_losses().
   std::vector<std::pair<int, std::string>> losses_;
+  std::optional<Error> notice_;  // the first failure notice, until settle_notice
 };
 
 [[maybe_unused]] const bool kRegistered = register_transport("tcp", [](const TransportContext& ctx) {
