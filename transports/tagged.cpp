@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstring>
 #include <list>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -47,6 +48,9 @@ constexpr int kMaxRanks = 1 << 16;
 // While a wait polls: how often it reads the control sockets, and how often
 // a rank that has a core to itself yields it anyway.
 constexpr std::chrono::microseconds kControlEvery{100};
+// How long a failure the control sockets report waits for the fabric to
+// deliver what the failed peers sent before it (read_control).
+constexpr std::chrono::milliseconds kNoticeDrain{100};
 constexpr std::chrono::microseconds kYieldEvery{20};
 // How long a rank with a core of its own keeps polling, after the last
 // movement, while a payload chunk of its own is in flight. In a rendezvous
@@ -511,8 +515,29 @@ class TaggedTransport final : public Transport {
     }
     // The control sockets last: a failure notice read there must not keep
     // this round from completing receives whose data had already arrived.
-    if (control) guarded([&] { control_->progress(); });
+    if (control) read_control();
+    settle_notice();
     return moved;
+  }
+
+  // Reads the control sockets. A failure they report (a peer's notice, a
+  // death) is acted on once nothing is outstanding here, or kNoticeDrain
+  // after it arrived: a fabric delivers what a peer sent before it failed
+  // over several progress rounds, and those receives complete first
+  // (Transport::wait; the TCP transport does the same within one round).
+  void read_control() {
+    if (notice_) return;  // the control transport has failed: it would throw it again
+    try {
+      control_->progress();
+    } catch (const Error& e) {
+      notice_ = e;
+      notice_deadline_ = Clock::now() + kNoticeDrain;
+    }
+  }
+
+  void settle_notice() {
+    if (notice_ && ((sends_.empty() && recvs_.empty()) || Clock::now() >= notice_deadline_))
+      fs_.fail(*notice_);
   }
 
   bool post_send(SendTask& t, FabricOp& op, std::uint32_t part, const void* buf, std::size_t len) {
@@ -550,7 +575,8 @@ class TaggedTransport final : public Transport {
   [[noreturn]] void fail_peer(int peer, const std::string& what) {
     const auto until = Clock::now() + std::chrono::milliseconds(500);
     while (Clock::now() < until) {
-      guarded([&] { control_->progress(); });
+      read_control();
+      if (notice_) fs_.fail(*notice_);
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     fs_.fail(Error(
@@ -842,6 +868,8 @@ class TaggedTransport final : public Transport {
   std::vector<char*> staging_free_;
   std::map<int, std::string> dead_;
   Clock::time_point next_control_{};  // when the control sockets are next read (control_due)
+  std::optional<Error> notice_;       // what the control sockets reported (read_control)
+  Clock::time_point notice_deadline_{};
   Clock::time_point last_moved_{};    // the fabric's last completion (block_for)
 };
 
