@@ -6,6 +6,7 @@
 //   packed  - the T tensors copied into one buffer by hand, one allreduce
 //
 //   chorusrun -n 4 -- chorus-engine-bench --tensors 64 --bytes 4K --mode all
+//   (--coll allgather or allgatherv: T tensors gathered instead)
 
 #include <chorus/chorus.hpp>
 
@@ -37,16 +38,25 @@ std::size_t parse_size(const std::string& s) {
 
 // One step of T allgathers: through the engine, one allgather_async each, or
 // packed by hand into one allgather (each rank's shares side by side) and
-// unpacked per tensor.
+// unpacked per tensor. With `varying` (--coll allgatherv) this rank's share
+// is `mine` of the `count` elements: the engine gathers it by allgatherv,
+// negotiating the counts; the other two, which a caller who knew every
+// rank's count could write, pad every share to `count`.
 void run_allgather_step(const std::string& m, chorus::Engine& eng, chorus::Communicator& comm,
                         const std::vector<std::string>& names,
                         std::vector<std::vector<float>>& shares,
                         std::vector<std::vector<float>>& gathered, std::vector<float>& packed,
-                        std::vector<float>& packed_all, std::size_t count,
-                        std::vector<chorus::Work>& works) {
+                        std::vector<float>& packed_all, std::size_t count, bool varying,
+                        std::size_t mine, std::vector<chorus::Work>& works) {
   const std::size_t T = shares.size();
   const auto n = static_cast<std::size_t>(comm.size());
-  if (m == "engine") {
+  if (m == "engine" && varying) {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(eng.allgatherv(names[i], shares[i].data(), mine, chorus::DataType::Float32,
+                                     [&gathered, i](const std::vector<std::size_t>&) {
+                                       return static_cast<void*>(gathered[i].data());
+                                     }));
+  } else if (m == "engine") {
     for (std::size_t i = 0; i < T; ++i)
       works.push_back(eng.allgather(names[i], shares[i].data(), gathered[i].data(), count,
                                     chorus::DataType::Float32));
@@ -88,8 +98,10 @@ int main(int argc, char** argv) {
   app.add("--warmup", warmup, "untimed steps first").non_negative();
   app.add("--mode", mode, "engine, async, packed or all")
       .one_of({"engine", "async", "packed", "all"});
-  app.add("--coll", coll, "allreduce, or allgather (B is each rank's share)")
-      .one_of({"allreduce", "allgather"})
+  app.add("--coll", coll,
+          "allreduce, allgather (B is each rank's share) or allgatherv (rank r shares "
+          "(r+1)/n of B)")
+      .one_of({"allreduce", "allgather", "allgatherv"})
       .show_default();
   if (const std::optional<int> status = app.parse(argc, argv)) return *status;
   try {
@@ -98,8 +110,12 @@ int main(int argc, char** argv) {
     auto comm = chorus::Communicator::from_env();
     const auto T = static_cast<std::size_t>(tensors);
     std::vector<std::vector<float>> grads(T, std::vector<float>(count, 1.0f));
-    const bool gather = coll == "allgather";
+    const bool varying = coll == "allgatherv";
+    const bool gather = coll == "allgather" || varying;
     const auto n = static_cast<std::size_t>(comm.size());
+    const std::size_t mine =
+        varying ? std::max<std::size_t>(1, count * static_cast<std::size_t>(comm.rank() + 1) / n)
+                : count;
     std::vector<float> packed(T * count), packed_all(gather ? T * count * n : 0);
     std::vector<std::vector<float>> gathered(gather ? T : 0, std::vector<float>(count * n));
     std::vector<std::string> names;
@@ -122,7 +138,7 @@ int main(int argc, char** argv) {
         works.clear();
         if (gather) {
           run_allgather_step(m, eng, comm, names, grads, gathered, packed, packed_all, count,
-                             works);
+                             varying, mine, works);
         } else if (m == "engine") {
           for (std::size_t i = 0; i < T; ++i)
             works.push_back(eng.allreduce(names[i], grads[i].data(), grads[i].data(), count,

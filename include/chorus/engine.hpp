@@ -39,7 +39,8 @@ struct EngineConfig {
   /// Time between two negotiations (CHORUS_ENGINE_CYCLE_MS, default 1 ms).
   std::optional<std::chrono::microseconds> cycle;
   /// Most bytes one fused allreduce or broadcast carries (a fused allgather:
-  /// all ranks' shares together); 0 disables fusion
+  /// all ranks' shares together; a fused allgatherv: all ranks' shares, each
+  /// rank's padded to the longest); 0 disables fusion
   /// (CHORUS_FUSION_BYTES, default 64 MiB).
   std::optional<std::size_t> fusion_bytes;
   /// Names the response cache holds; 0 disables it (CHORUS_ENGINE_CACHE,

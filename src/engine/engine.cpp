@@ -486,12 +486,16 @@ struct EngineImpl {
       std::vector<std::size_t> group{i};
       const Ready& head = ready[i];
       // Bytes per rank: an allreduce's buffer, an allgather's share. A
-      // fused allgather's buffer holds every rank's shares.
-      std::size_t bytes = head.desc.count * size_of(head.desc.dtype);
+      // fused allgather's buffer holds every rank's shares; a fused
+      // allgatherv's, every rank's shares padded to the longest rank's.
+      const std::size_t es = size_of(head.desc.dtype);
+      std::size_t bytes = head.desc.count * es;
+      const bool gatherv = head.desc.kind == Kind::Allgatherv;
       const bool fusable = head.desc.kind == Kind::Allreduce || head.desc.kind == Kind::Allgather ||
-                           head.desc.kind == Kind::Broadcast;
+                           head.desc.kind == Kind::Broadcast || gatherv;
       const std::size_t ranks_in_buffer =
-          head.desc.kind == Kind::Allgather ? static_cast<std::size_t>(size) : 1;
+          head.desc.kind == Kind::Allgather || gatherv ? static_cast<std::size_t>(size) : 1;
+      std::vector<std::size_t> totals = head.counts;  // allgatherv: each rank's elements so far
       if (head.error.empty() && fusable && !head.desc.device && fusion_bytes > 0) {
         for (std::size_t j = i + 1; j < ready.size(); ++j) {
           const Ready& r = ready[j];
@@ -499,13 +503,23 @@ struct EngineImpl {
               r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op ||
               r.desc.root != head.desc.root)
             continue;
-          const std::size_t b = r.desc.count * size_of(r.desc.dtype);
-          if ((bytes + b) * ranks_in_buffer > fusion_bytes) continue;
-          bytes += b;
+          if (gatherv) {
+            std::vector<std::size_t> with = totals;
+            for (std::size_t p = 0; p < with.size(); ++p) with[p] += r.counts[p];
+            const std::size_t longest = *std::max_element(with.begin(), with.end());
+            if (longest * es * ranks_in_buffer > fusion_bytes) continue;
+            totals = std::move(with);
+          } else {
+            const std::size_t b = r.desc.count * es;
+            if ((bytes + b) * ranks_in_buffer > fusion_bytes) continue;
+            bytes += b;
+          }
           taken[j] = true;
           group.push_back(j);
         }
       }
+      if (gatherv && !totals.empty())  // no counts: a mismatch, which fails alone
+        bytes = *std::max_element(totals.begin(), totals.end()) * es;
       run_group(ready, group, bytes);
     }
   }
@@ -522,6 +536,9 @@ struct EngineImpl {
       reqs.push_back(std::move(it->second));
       pending.erase(it);
     }
+    // `e` fails the group; without it, each tensor's own error (an
+    // allgatherv's allocator) fails that tensor alone.
+    std::vector<std::optional<Error>> local(reqs.size());
     auto complete = [&](const std::optional<Error>& e) {
       {
         // Before the Works complete: a waiter then sees its tensor counted.
@@ -534,7 +551,7 @@ struct EngineImpl {
           for (std::size_t k : group) stats.cache_hits += ready[k].cached ? 1 : 0;
         }
       }
-      for (auto& r : reqs) r.work->finish(e);
+      for (std::size_t k = 0; k < reqs.size(); ++k) reqs[k].work->finish(e ? e : local[k]);
     };
     if (!head.error.empty()) {
       complete(Error(ErrorCode::InvalidUsage, head.error));
@@ -543,16 +560,21 @@ struct EngineImpl {
     const Desc& d = head.desc;
     const std::int64_t start = now_us();
     std::int64_t in_us = 0, op_us = 0;
-    std::optional<Error> local;  // this rank's alone: the collective itself went through
-    if (reqs.size() == 1) {
+    if (d.kind == Kind::Allgatherv) {
+      // One tensor gathers through a buffer of its own, several through the
+      // fusion buffer (bounded by fusion_bytes, so it does not grow past it).
+      std::vector<char> own_buffer;
+      std::vector<const std::vector<std::size_t>*> counts;
+      for (std::size_t k : group) counts.push_back(&ready[k].counts);
+      gatherv(reqs, counts, d.dtype, reqs.size() == 1 ? own_buffer : fusion, local, in_us, op_us);
+    } else if (reqs.size() == 1) {
       Request& r = reqs[0];
       switch (d.kind) {
         case Kind::Allreduce: comm.allreduce(r.send, r.recv, d.count, d.dtype, d.op); break;
         case Kind::Allgather: comm.allgather(r.send, r.recv, d.count, d.dtype); break;
         case Kind::Broadcast: comm.broadcast(r.send, r.recv, d.count, d.dtype, d.root); break;
         case Kind::Allgatherv:
-          local = allgatherv(r, head.counts, d.dtype);
-          break;
+          break;  // above
       }
       op_us = now_us() - start;
     } else if (d.kind == Kind::Broadcast) {
@@ -637,22 +659,56 @@ struct EngineImpl {
     // Allgatherv names are not: their counts are news every time.
     for (std::size_t k : group)
       if (!ready[k].cached && d.kind != Kind::Allgatherv) remember(ready[k].name, ready[k].desc);
-    complete(local);
+    complete(std::nullopt);
   }
 
-  // Every rank's share, padded to the longest, through one allgather; then
-  // the caller's allocator is asked where the concatenation goes. An
-  // allocator that fails fails this rank's tensor only: the others have
-  // their result.
-  std::optional<Error> allgatherv(Request& r, const std::vector<std::size_t>& counts,
-                                  DataType dtype) {
+  // Allgatherv of `reqs` (one tensor, or several fused): this rank packs
+  // its shares of them in order at its place in `buf`, every rank's block
+  // padded to the longest rank's total; one allgather in place; then each
+  // tensor's allocator, told its counts, gets its pieces. An allocator that
+  // fails fails its tensor on this rank only (`errs`): the others have their
+  // result. `in_us`, `op_us`: the packing and the allgather, for the
+  // timeline.
+  void gatherv(std::vector<Request>& reqs,
+               const std::vector<const std::vector<std::size_t>*>& counts, DataType dtype,
+               std::vector<char>& buf, std::vector<std::optional<Error>>& errs, std::int64_t& in_us,
+               std::int64_t& op_us) {
+    const std::int64_t start = now_us();
     const std::size_t es = size_of(dtype);
-    const std::size_t longest = *std::max_element(counts.begin(), counts.end());
+    const auto n = static_cast<std::size_t>(size);
+    std::vector<std::size_t> totals(n, 0);
+    for (const auto* c : counts)
+      for (std::size_t p = 0; p < n; ++p) totals[p] += (*c)[p];
+    const std::size_t longest = *std::max_element(totals.begin(), totals.end());
+    const std::size_t stride = longest * es;
+    if (buf.size() < stride * n) buf.resize(stride * n);
+    char* own = buf.data() + stride * static_cast<std::size_t>(rank);
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < reqs.size(); ++k) {
+      const std::size_t b = (*counts[k])[static_cast<std::size_t>(rank)] * es;
+      if (b > 0) std::memcpy(own + at, reqs[k].send, b);
+      at += b;
+    }
+    in_us = now_us() - start;
+    if (longest > 0) comm.allgather(own, buf.data(), longest, dtype);
+    op_us = now_us() - start - in_us;
+    std::vector<std::size_t> offset(n, 0);  // elements into each rank's block
+    for (std::size_t k = 0; k < reqs.size(); ++k) {
+      const std::vector<std::size_t>& c = *counts[k];
+      errs[k] = deliver(reqs[k], c, dtype,
+                        [&](std::size_t p) { return buf.data() + p * stride + offset[p] * es; });
+      for (std::size_t p = 0; p < n; ++p) offset[p] += c[p];
+    }
+  }
+
+  // Asks `r`'s allocator where its result goes and copies rank p's share
+  // from share(p) there, in rank order.
+  template <typename Share>
+  std::optional<Error> deliver(Request& r, const std::vector<std::size_t>& counts, DataType dtype,
+                               Share&& share) {
+    const std::size_t es = size_of(dtype);
     std::size_t total = 0;
     for (std::size_t c : counts) total += c;
-    std::vector<char> mine(longest * es, 0), every(longest * es * counts.size());
-    if (r.desc.count > 0) std::memcpy(mine.data(), r.send, r.desc.count * es);
-    if (longest > 0) comm.allgather(mine.data(), every.data(), longest, dtype);
     void* out = nullptr;
     try {
       out = r.alloc(counts);
@@ -669,9 +725,7 @@ struct EngineImpl {
                        std::to_string(total) + " elements");
     std::size_t at = 0;
     for (std::size_t p = 0; p < counts.size(); ++p) {
-      if (counts[p] > 0)
-        std::memcpy(static_cast<char*>(out) + at * es, every.data() + p * longest * es,
-                    counts[p] * es);
+      if (counts[p] > 0) std::memcpy(static_cast<char*>(out) + at * es, share(p), counts[p] * es);
       at += counts[p];
     }
     return std::nullopt;

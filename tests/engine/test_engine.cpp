@@ -14,9 +14,10 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
-#include <map>
 #include <iostream>
+#include <map>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -410,6 +411,72 @@ TEST(Engine, AllgathervGathersSharesOfDifferentSizes) {
     return 0;
   });
   expect_all_zero(codes, "allgatherv");
+}
+
+// Small allgathervs of one dtype share collectives, within the fusion bound
+// on the longest rank's shares: eight tensors, rank p's share of tensor i
+// (i + p) % 4 elements (12 per rank in all), submitted in another order per
+// rank, with room for 8 elements per rank: at least two collectives. The
+// allocator of tensor 5 throws on rank 2: that tensor fails there alone.
+TEST(Engine, SmallAllgathervsAreFusedWithinTheBoundAndEachGetsItsShares) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 30ms;  // the eight land in one or two cycles
+    cfg.fusion_bytes = 3 * 8 * sizeof(std::int32_t);
+    Engine eng = Engine::start(comm, cfg);
+    constexpr int kTensors = 8;
+    auto count = [](int p, int i) { return static_cast<std::size_t>((i + p) % 4); };
+    // Element k of rank p's share of tensor i: 1000 p + 10 i + k.
+    auto value = [](int p, int i, std::size_t k) {
+      return 1000 * p + 10 * i + static_cast<std::int32_t>(k);
+    };
+    std::vector<std::vector<std::int32_t>> in(kTensors), out(kTensors);
+    std::vector<std::vector<std::size_t>> seen(kTensors);
+    std::vector<Work> works(kTensors);
+    for (int j = 0; j < kTensors; ++j) {
+      const int i = (j + 3 * rank) % kTensors;
+      const auto u = static_cast<std::size_t>(i);
+      for (std::size_t k = 0; k < count(rank, i); ++k) in[u].push_back(value(rank, i, k));
+      works[u] = eng.allgatherv(named("v", i), in[u].data(), in[u].size(), DataType::Int32,
+                                [&, i, u](const std::vector<std::size_t>& c) {
+                                  if (i == 5 && rank == 2) throw std::runtime_error("no room");
+                                  seen[u] = c;
+                                  std::size_t total = 0;
+                                  for (std::size_t x : c) total += x;
+                                  out[u].assign(total, -1);
+                                  return static_cast<void*>(out[u].data());
+                                });
+    }
+    for (int i = 0; i < kTensors; ++i) {
+      auto& w = works[static_cast<std::size_t>(i)];
+      if (i == 5 && rank == 2) {
+        if (!fails_with(w, ErrorCode::InvalidArgument, {"tensor 'v5'", "no room"}, rank)) return 2;
+        continue;
+      }
+      w.wait();
+      std::vector<std::int32_t> want;
+      std::vector<std::size_t> want_counts;
+      for (int p = 0; p < n; ++p) {
+        want_counts.push_back(count(p, i));
+        for (std::size_t k = 0; k < count(p, i); ++k) want.push_back(value(p, i, k));
+      }
+      if (seen[static_cast<std::size_t>(i)] != want_counts ||
+          out[static_cast<std::size_t>(i)] != want) {
+        std::cerr << "rank " << rank << ": v" << i << " has the wrong counts or values\n";
+        return 3;
+      }
+    }
+    const auto st = eng.stats();
+    eng.shutdown();
+    if (st.tensors != kTensors || st.fused < 2 || st.collectives < 2 ||
+        st.collectives >= st.tensors) {
+      std::cerr << "rank " << rank << ": " << st.tensors << " tensors in " << st.collectives
+                << " collectives, " << st.fused << " fused\n";
+      return 4;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "fused allgathervs");
 }
 
 // A name one rank never submits: rank 0 warns, naming the tensor and the
