@@ -52,6 +52,7 @@ bool Work::test() {
 
 void Work::wait() {
   if (!state_) return;
+  if (!completed()) state_->mark_waited();
   std::unique_lock<std::mutex> lock(state_->mu);
   state_->cv.wait(lock, [&] { return state_->done; });
   if (state_->error) throw *state_->error;
@@ -59,6 +60,7 @@ void Work::wait() {
 
 bool Work::wait(std::chrono::milliseconds timeout) {
   if (!state_) return true;
+  if (!completed()) state_->mark_waited();
   std::unique_lock<std::mutex> lock(state_->mu);
   if (!state_->cv.wait_for(lock, timeout, [&] { return state_->done; })) return false;
   if (state_->error) throw *state_->error;

@@ -203,11 +203,17 @@ struct EngineImpl {
       // together too. (Sleeping until fixed ticks instead kept each rank on
       // its own phase, and every cycle waited for the latest: a 2-rank
       // step of 64 small tensors took 1.96 ms against 1.38.) Tensors
-      // submitted meanwhile are agreed on, and fused, together.
+      // submitted meanwhile are agreed on, and fused, together. A thread
+      // that waits for a tensor this rank has not announced yet ends the
+      // sleep (wake): what was submitted before the wait is what the caller
+      // needs now. Each rank does so when its own caller waits, so in a
+      // data-parallel step they meet without waiting out the rest of a
+      // cycle. A tensor already announced does not: its cycle is under way,
+      // or it waits for other ranks, whose own waits wake them.
       while (true) {
         {
           std::unique_lock<std::mutex> lock(mu);
-          cv.wait_for(lock, cycle, [&] { return shutdown_wanted; });
+          cv.wait_for(lock, cycle, [&] { return shutdown_wanted || unannounced_wait(); });
         }
         if (!one_cycle()) break;
       }
@@ -216,6 +222,20 @@ struct EngineImpl {
     } catch (const std::exception& e) {
       stop(Error(ErrorCode::Internal, std::string("the engine's thread failed: ") + e.what()));
     }
+  }
+
+  // Work::wait on one of this engine's tensors: the sleep re-checks
+  // unannounced_wait().
+  void wake() {
+    { std::lock_guard<std::mutex> lock(mu); }  // the sleeper is in wait_for or before its check
+    cv.notify_all();
+  }
+
+  // Under mu: is a thread waiting for a tensor submitted since the last cycle?
+  bool unannounced_wait() const {
+    for (const auto& r : incoming)
+      if (r.work->waited.load(std::memory_order_relaxed)) return true;
+    return false;
   }
 
   // Fails every pending tensor with `e` and refuses later submissions.
@@ -943,8 +963,9 @@ detail::EngineImpl& need(const std::shared_ptr<detail::EngineImpl>& impl) {
   return *impl;
 }
 
-Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, const void* s, void* r,
-            Engine::Allocator alloc = {}) {
+Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& name,
+            detail::Desc d, const void* s, void* r, Engine::Allocator alloc = {}) {
+  detail::EngineImpl& e = need(impl);
   if (name.empty() || name.size() > 4096)
     throw Error(ErrorCode::InvalidArgument, "engine: a tensor name must have 1 to 4096 bytes");
   if (static_cast<int>(d.dtype) >= kNumDataTypes)
@@ -979,6 +1000,10 @@ Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, cons
   req.send = s;
   req.recv = r;
   req.work = std::make_shared<detail::WorkState>();
+  // Weak: a Work may outlive the engine.
+  req.work->on_wait = [weak = std::weak_ptr<detail::EngineImpl>(impl)] {
+    if (auto engine = weak.lock()) engine->wake();
+  };
   req.alloc = std::move(alloc);
   Work w(req.work);
   {
@@ -999,30 +1024,26 @@ Work submit(detail::EngineImpl& e, const std::string& name, detail::Desc d, cons
 
 Work Engine::allreduce(const std::string& name, const void* s, void* r, std::size_t count,
                        DataType dtype, ReduceOp op) {
-  auto& e = need(impl_);
   detail::Desc d{detail::Kind::Allreduce, dtype, op, count, -1};
-  return submit(e, name, d, s, r);
+  return submit(impl_, name, d, s, r);
 }
 
 Work Engine::allgather(const std::string& name, const void* s, void* r, std::size_t count,
                        DataType dtype) {
-  auto& e = need(impl_);
   detail::Desc d{detail::Kind::Allgather, dtype, ReduceOp::Sum, count, -1};
-  return submit(e, name, d, s, r);
+  return submit(impl_, name, d, s, r);
 }
 
 Work Engine::broadcast(const std::string& name, const void* s, void* r, std::size_t count,
                        DataType dtype, int root) {
-  auto& e = need(impl_);
   detail::Desc d{detail::Kind::Broadcast, dtype, ReduceOp::Sum, count, root};
-  return submit(e, name, d, s, r);
+  return submit(impl_, name, d, s, r);
 }
 
 Work Engine::allgatherv(const std::string& name, const void* s, std::size_t count, DataType dtype,
                         Allocator alloc) {
-  auto& e = need(impl_);
   detail::Desc d{detail::Kind::Allgatherv, dtype, ReduceOp::Sum, count, -1};
-  return submit(e, name, d, s, nullptr, std::move(alloc));
+  return submit(impl_, name, d, s, nullptr, std::move(alloc));
 }
 
 EngineStats Engine::stats() const {

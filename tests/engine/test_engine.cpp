@@ -413,6 +413,63 @@ TEST(Engine, AllgathervGathersSharesOfDifferentSizes) {
   expect_all_zero(codes, "allgatherv");
 }
 
+// Work::wait starts the next cycle: with a cycle of 120 s, tensors every
+// rank submitted and waits for complete within a minute (the wait's limit),
+// twice (the second time from the cache). Work::test does not wake the
+// engine: a tensor only polled is still waiting 300 ms later.
+TEST(Engine, WaitingForATensorStartsTheNextCycle) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = std::chrono::seconds(120);
+    Engine eng = Engine::start(comm, cfg);
+    std::vector<float> polled(4, 1.0f);
+    Work p = eng.allreduce("polled", polled.data(), polled.data(), polled.size(), DataType::Float32,
+                           ReduceOp::Sum);
+    for (int i = 0; i < 30; ++i) {
+      if (p.test()) {
+        std::cerr << "rank " << rank << ": a tensor only polled completed\n";
+        return 2;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    for (int round = 0; round < 2; ++round) {
+      std::vector<std::vector<double>> x(4);
+      std::vector<Work> works;
+      for (int j = 0; j < 4; ++j) {
+        const int i = (j + rank) % 4;
+        auto& v = x[static_cast<std::size_t>(i)];
+        v.assign(static_cast<std::size_t>(10 + i), static_cast<double>(rank + i + round));
+        works.push_back(eng.allreduce(named("w", i), v.data(), v.data(), v.size(),
+                                      DataType::Float64, ReduceOp::Sum));
+      }
+      for (auto& w : works)
+        if (!w.wait(60s)) {
+          std::cerr << "rank " << rank << " round " << round << ": still waiting after 60 s\n";
+          return 3;
+        }
+      for (int i = 0; i < 4; ++i) {
+        // sum over ranks r of (r + i + round)
+        const double want = n * (n - 1) / 2.0 + n * static_cast<double>(i + round);
+        for (double got : x[static_cast<std::size_t>(i)])
+          if (got != want) {
+            std::cerr << "rank " << rank << ": w" << i << " = " << got << ", want " << want << "\n";
+            return 4;
+          }
+      }
+    }
+    // "polled" went with the first cycle; waiting for it is immediate now.
+    if (!p.wait(60s) || polled[0] != static_cast<float>(n)) return 5;
+    const auto st = eng.stats();
+    eng.shutdown();
+    if (st.cache_hits < 4) {
+      std::cerr << "rank " << rank << ": " << st.cache_hits << " cache hits, want 4\n";
+      return 6;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "waiting wakes the engine");
+}
+
 // Small allgathervs of one dtype share collectives, within the fusion bound
 // on the longest rank's shares: eight tensors, rank p's share of tensor i
 // (i + p) % 4 elements (12 per rank in all), submitted in another order per

@@ -231,9 +231,13 @@ TEST(MismatchedPointToPoint, DataThatArrivedBeforeAFailureNoticeIsStillReceived)
     auto comm = ctx.create(kLongTimeout);
     std::vector<float> buf(20, 0.0f);
     // Every pair connected first: over a fabric, a send to a peer it has not
-    // met completes only once that peer takes part in the handshake.
+    // met completes only once that peer takes part in the handshake. Ranks
+    // 0 and 1 go on only once every rank has left the barrier: rank 1's
+    // notice read while rank 2 is still in it would rightly fail rank 2's
+    // next call.
     comm.barrier();
     ctx.started();
+    if (ctx.rank() != 2 && !ctx.wait_go()) return;
     if (ctx.rank() == 0) {
       const std::vector<float> data = {1.5f, -2.0f, 3.25f, 4.0f};
       ctx.attempt("data", [&] { comm.send(data.data(), data.size(), DataType::Float32, 2); });
@@ -255,6 +259,8 @@ TEST(MismatchedPointToPoint, DataThatArrivedBeforeAFailureNoticeIsStillReceived)
   });
   std::string why;
   ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  g.go(0);
+  g.go(1);
   const auto data = g.result(0, "data", kReportWait);
   ASSERT_TRUE(data) << "rank 0's send to rank 2 did not return; it is " << g.status(0);
   ASSERT_TRUE(data->ok) << data->describe();
