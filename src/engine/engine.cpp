@@ -857,7 +857,12 @@ struct EngineImpl {
 
 namespace {
 
-const char* env(const char* name) { return std::getenv(name); }
+// A variable set to the empty string is unset, as for the communicator's
+// (src/core/config.cpp): `export CHORUS_FUSION_BYTES=` restores the default.
+const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
 
 std::size_t parse_count_or_off(const char* text, const char* what, bool bytes) {
   const std::string v(text);

@@ -756,9 +756,26 @@ TEST(Engine, TheEnvironmentSetsWhatTheConfigLeavesUnset) {
           std::string(e.what()).find("CHORUS_FUSION_BYTES") == std::string::npos)
         return 6;
     }
+    // Set to the empty string: unset, the defaults apply (fusion and the cache on).
+    ::setenv("CHORUS_FUSION_BYTES", "", 1);
+    ::setenv("CHORUS_ENGINE_CACHE", "", 1);
+    ::setenv("CHORUS_ENGINE_CYCLE_MS", "", 1);
+    try {
+      Engine again = Engine::start(comm);
+      for (int round = 0; round < 2; ++round)
+        again.allreduce("y", x.data(), x.data(), 4, DataType::Float32, ReduceOp::Max).wait();
+      const auto st = again.stats();
+      again.shutdown();
+      if (st.cache_hits != 1) return 7;
+    } catch (const chorus::Error& e) {
+      std::cerr << "rank " << rank << ": empty variables refused: " << e.what() << "\n";
+      return 8;
+    }
     return 0;
   });
-  expect_all_zero(codes, "environment (2 counts wrong, 3-6 a malformed value not refused clearly)");
+  expect_all_zero(codes,
+                  "environment (2 counts wrong, 3-6 a malformed value not refused clearly, "
+                  "7-8 an empty one not taken as unset)");
 }
 
 // A tensor only some ranks submitted fails with Aborted when every rank
