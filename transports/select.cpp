@@ -50,13 +50,8 @@ class Composite final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
-    try {
-      wait_all(reqs, deadline);
-    } catch (const Error&) {
-      // Done despite the failure (Transport::wait): the transport that
-      // raised it keeps it and throws it in the next call.
-      if (!all_done(reqs)) throw;
-    }
+    // The part that raised a failure keeps it for its next call.
+    wait_keeping_late_failure(reqs, nullptr, [&] { wait_all(reqs, deadline); });
   }
 
   void wait_all(std::span<const Request> reqs, Deadline deadline) {

@@ -335,6 +335,23 @@ class FailureState {
   bool timeout_reported_ = false;
 };
 
+// Transport::wait's rule for a failure found once every request is done:
+// runs `wait_all()`; an error it throws after every request in `reqs`
+// completed does not fail this wait, provided the transport keeps it for its
+// next call (`fs` has recorded it; nullptr: a composite whose parts do).
+// Returns false when it kept one.
+template <typename WaitAll>
+bool wait_keeping_late_failure(std::span<const Request> reqs, const FailureState* fs,
+                               WaitAll&& wait_all) {
+  try {
+    wait_all();
+    return true;
+  } catch (const Error&) {
+    if ((fs != nullptr && !fs->failed()) || !all_done(reqs)) throw;
+    return false;
+  }
+}
+
 // Everything a transport factory needs.
 struct TransportContext {
   int rank = 0;

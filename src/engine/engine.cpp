@@ -601,38 +601,22 @@ struct EngineImpl {
       // The root packs, one broadcast, every rank unpacks (the root too,
       // where its receive buffers are not its send buffers).
       if (fusion.size() < bytes) fusion.resize(bytes);
-      std::size_t at = 0;
-      for (std::size_t k = 0; k < reqs.size() && rank == d.root; ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        if (b > 0) std::memcpy(fusion.data() + at, reqs[k].send, b);
-        at += b;
-      }
+      if (rank == d.root) pack(fusion.data(), reqs, ready, group, d.dtype);
       in_us = now_us() - start;
       comm.broadcast(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.root);
       op_us = now_us() - start - in_us;
-      at = 0;
-      for (std::size_t k = 0; k < reqs.size(); ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        if (b > 0 && (rank != d.root || reqs[k].recv != reqs[k].send))
-          std::memcpy(reqs[k].recv, fusion.data() + at, b);
-        at += b;
-      }
+      unpack(fusion.data(), reqs, ready, group, d.dtype, rank == d.root);
     } else if (d.kind == Kind::Allgather) {
       // This rank's shares packed at its place in the buffer, one allgather
       // in place, then every rank's share of each tensor to that tensor.
       const auto n = static_cast<std::size_t>(size);
       if (fusion.size() < bytes * n) fusion.resize(bytes * n);
       char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
-      std::size_t at = 0;
-      for (std::size_t k = 0; k < reqs.size(); ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        if (b > 0) std::memcpy(own + at, reqs[k].send, b);
-        at += b;
-      }
+      pack(own, reqs, ready, group, d.dtype);
       in_us = now_us() - start;
       comm.allgather(own, fusion.data(), bytes / size_of(d.dtype), d.dtype);
       op_us = now_us() - start - in_us;
-      at = 0;
+      std::size_t at = 0;
       for (std::size_t k = 0; k < reqs.size(); ++k) {
         const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
         for (std::size_t p = 0; p < n && b > 0; ++p)
@@ -641,21 +625,11 @@ struct EngineImpl {
       }
     } else {
       if (fusion.size() < bytes) fusion.resize(bytes);
-      std::size_t at = 0;
-      for (std::size_t k = 0; k < reqs.size(); ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        if (b > 0) std::memcpy(fusion.data() + at, reqs[k].send, b);
-        at += b;
-      }
+      pack(fusion.data(), reqs, ready, group, d.dtype);
       in_us = now_us() - start;
       comm.allreduce(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.op);
       op_us = now_us() - start - in_us;
-      at = 0;
-      for (std::size_t k = 0; k < reqs.size(); ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        if (b > 0) std::memcpy(reqs[k].recv, fusion.data() + at, b);
-        at += b;
-      }
+      unpack(fusion.data(), reqs, ready, group, d.dtype, false);
     }
     const std::int64_t end = now_us();
     if (timeline.open()) {
@@ -680,6 +654,31 @@ struct EngineImpl {
     for (std::size_t k : group)
       if (!ready[k].cached && d.kind != Kind::Allgatherv) remember(ready[k].name, ready[k].desc);
     complete(std::nullopt);
+  }
+
+  // A fused group's send buffers, in order, copied to `dst`.
+  static void pack(char* dst, const std::vector<Request>& reqs, const std::vector<Ready>& ready,
+                   const std::vector<std::size_t>& group, DataType dtype) {
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < reqs.size(); ++k) {
+      const std::size_t b = ready[group[k]].desc.count * size_of(dtype);
+      if (b > 0) std::memcpy(dst + at, reqs[k].send, b);
+      at += b;
+    }
+  }
+
+  // The reverse, into the receive buffers; `skip_in_place`: tensors whose
+  // receive buffer is their send buffer already hold the result (a root's).
+  static void unpack(const char* src, const std::vector<Request>& reqs,
+                     const std::vector<Ready>& ready, const std::vector<std::size_t>& group,
+                     DataType dtype, bool skip_in_place) {
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < reqs.size(); ++k) {
+      const std::size_t b = ready[group[k]].desc.count * size_of(dtype);
+      if (b > 0 && !(skip_in_place && reqs[k].recv == reqs[k].send))
+        std::memcpy(reqs[k].recv, src + at, b);
+      at += b;
+    }
   }
 
   // Allgatherv of `reqs` (one tensor, or several fused): this rank packs

@@ -540,13 +540,9 @@ class ShmTransport final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
-    try {
-      wait_all(reqs, deadline);
-    } catch (const Error&) {
-      // Done despite the failure (Transport::wait): the next call throws it.
-      if (!fs_.failed() || !all_done(reqs)) throw;
-      flush_wakes();
-    }
+    // wait_all rings the peers it owes a wake on a normal return; so must a
+    // wait that kept a failure.
+    if (!wait_keeping_late_failure(reqs, &fs_, [&] { wait_all(reqs, deadline); })) flush_wakes();
   }
 
   void wait_all(std::span<const Request> reqs, Deadline deadline) {

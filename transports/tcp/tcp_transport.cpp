@@ -253,12 +253,7 @@ class TcpTransport final : public Transport {
   }
 
   void wait(std::span<const Request> reqs, Deadline deadline) override {
-    try {
-      wait_all(reqs, deadline);
-    } catch (const Error&) {
-      // Done despite the failure (Transport::wait): the next call throws it.
-      if (!fs_.failed() || !all_done(reqs)) throw;
-    }
+    wait_keeping_late_failure(reqs, &fs_, [&] { wait_all(reqs, deadline); });
   }
 
   void wait_all(std::span<const Request> reqs, Deadline deadline) {
