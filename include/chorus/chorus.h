@@ -269,8 +269,10 @@ CHORUS_C_API chorus_status_t chorus_engine_allgatherv(chorus_engine_t engine, co
 /* This rank's counts so far; start *out from CHORUS_ENGINE_STATS_INIT. */
 CHORUS_C_API chorus_status_t chorus_engine_stats(chorus_engine_t engine,
                                                  chorus_engine_stats_t* out);
-/* Stops the engine once every rank has called it (collective); tensors still
- * waiting fail with CHORUS_ABORTED. Idempotent. */
+/* Stops the engine once every rank has called it (collective): what every
+ * rank submitted still runs, tensors still waiting then fail with
+ * CHORUS_ABORTED. Meanwhile, on the other ranks, a name this rank never
+ * submitted fails at once with CHORUS_ABORTED naming it. Idempotent. */
 CHORUS_C_API chorus_status_t chorus_engine_shutdown(chorus_engine_t engine);
 /* Frees the handle. An engine not shut down is shut down here, which waits
  * for the other ranks to do the same. */

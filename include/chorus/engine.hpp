@@ -108,8 +108,13 @@ class CHORUS_API Engine {
   EngineStats stats() const;
   /// The communicator the engine runs on (its own, split from the one given).
   Communicator communicator() const;
-  /// Stops the engine once every rank has called shutdown() (collective).
-  /// Tensors still waiting fail with Error(Aborted). Idempotent.
+  /// Stops the engine once every rank has called shutdown() (collective):
+  /// this rank submits nothing more, what every rank submitted still runs,
+  /// and tensors still waiting then fail with Error(Aborted). Meanwhile, on
+  /// the other ranks, a name this rank never submitted fails at once with
+  /// Error(Aborted) naming this rank, instead of waiting forever: a rank
+  /// that unwinds from an exception through ~Engine does not hang the rest.
+  /// Idempotent.
   void shutdown();
   /// True for a handle made by start().
   bool valid() const noexcept { return impl_ != nullptr; }

@@ -170,6 +170,7 @@ struct EngineImpl {
   std::vector<Request> incoming;
   std::unordered_set<std::string> submitted_names;  // pending on this rank (incoming or in flight)
   bool shutdown_wanted = false;
+  bool shutdown_sent = false;  // the flag went out in a header: sleep again between cycles
   bool stopped = false;
   std::optional<Error> failure;  // why the engine stopped
   EngineStats stats;
@@ -213,7 +214,8 @@ struct EngineImpl {
       while (true) {
         {
           std::unique_lock<std::mutex> lock(mu);
-          cv.wait_for(lock, cycle, [&] { return shutdown_wanted || unannounced_wait(); });
+          cv.wait_for(lock, cycle,
+                      [&] { return (shutdown_wanted && !shutdown_sent) || unannounced_wait(); });
         }
         if (!one_cycle()) break;
       }
@@ -299,6 +301,7 @@ struct EngineImpl {
       }
       incoming.clear();
       want_stop = shutdown_wanted;
+      shutdown_sent = shutdown_wanted;
     }
     std::string blob;
     describe_fresh(fresh, blob);
@@ -320,14 +323,16 @@ struct EngineImpl {
       return (header(p)[kHeaderFixed + static_cast<std::size_t>(slot) / 8] >> (slot % 8)) & 1;
     };
     std::uint32_t longest = 0;
-    bool all_stop = true, abort_stall = false;
+    bool abort_stall = false;
+    std::vector<int> quitting;  // ranks whose shutdown() has begun
     for (int p = 0; p < size; ++p) {
       std::uint32_t b = 0;
       std::memcpy(&b, header(p), 4);
       longest = std::max(longest, b);
-      all_stop = all_stop && (header(p)[4] & kFlagShutdown) != 0;
+      if ((header(p)[4] & kFlagShutdown) != 0) quitting.push_back(p);
       abort_stall = abort_stall || (header(p)[4] & kFlagStallAbort) != 0;
     }
+    const bool all_stop = static_cast<int>(quitting.size()) == size;
     // Cache slots this cycle's announcements invalidate: ignore their bits.
     std::vector<bool> dropped(cache_capacity, false);
 
@@ -378,11 +383,6 @@ struct EngineImpl {
 
     if (abort_stall) {
       stop(Error(ErrorCode::Timeout, stalled_message()));
-      return false;
-    }
-    if (all_stop) {
-      stop(Error(ErrorCode::Aborted, "the engine was shut down with this tensor waiting for "
-                                      "other ranks"));
       return false;
     }
 
@@ -452,13 +452,75 @@ struct EngineImpl {
       table.erase(name);
     }
 
-    // 4.-5. Execute, then complete.
+    // A rank whose shutdown flag came in this header has announced all it
+    // ever will: a name it lacks can never complete.
+    if (!quitting.empty()) fail_unreachable(quitting);
+
+    // 4.-5. Execute, then complete. When every rank is shutting down, what
+    // every rank submitted still runs, and nothing else is left.
     if (!ready.empty()) execute(ready);
+    if (all_stop) {
+      stop(Error(ErrorCode::Aborted,
+                 "the engine was shut down with this tensor waiting for "
+                 "other ranks"));
+      return false;
+    }
 
     // 6. Stalls (rank 0 decides; every rank acts on its flag next cycle).
     if (rank == 0) inspect_stalls();
     timeline.flush();
     return true;
+  }
+
+  // Fails, on every rank that has it, each name that a rank in `quitting`
+  // has neither announced nor set the cache bit of: that rank's shutdown()
+  // refuses further submissions, so the name would wait forever (a rank
+  // leaving its training loop early, or unwinding from an exception
+  // through the Engine's destructor). Every rank sees the same table and
+  // bits, so every rank drops the same names. What the quitting ranks did
+  // submit still waits for the others.
+  void fail_unreachable(const std::vector<int>& quitting) {
+    std::vector<std::pair<std::string, std::vector<int>>> gone;  // name, quitting ranks lacking it
+    auto lacking = [&](auto&& has) {
+      std::vector<int> out;
+      for (int q : quitting)
+        if (!has(q)) out.push_back(q);
+      return out;
+    };
+    for (auto it = table.begin(); it != table.end();) {
+      auto l = lacking(
+          [&](int q) { return it->second.by_rank[static_cast<std::size_t>(q)].has_value(); });
+      if (l.empty()) {
+        ++it;
+        continue;
+      }
+      gone.emplace_back(it->first, std::move(l));
+      it = table.erase(it);
+    }
+    for (const auto& [slot, name, missing] : partial_now) {
+      auto l = lacking(
+          [&](int q) { return std::find(missing.begin(), missing.end(), q) == missing.end(); });
+      if (!l.empty()) gone.emplace_back(name, std::move(l));
+    }
+    std::vector<std::pair<Request, Error>> failed;
+    for (const auto& [name, ranks] : gone) {
+      auto it = pending.find(name);
+      if (it == pending.end()) continue;  // not submitted here
+      failed.emplace_back(std::move(it->second),
+                          Error(ErrorCode::Aborted,
+                                "engine: tensor '" + name + "' can never complete: " +
+                                    rank_list(ranks) + (ranks.size() == 1 ? " has" : " have") +
+                                    " shut down the engine without submitting it",
+                                ranks[0]));
+      pending.erase(it);
+    }
+    if (failed.empty()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto& [r, e] : failed) submitted_names.erase(r.name);
+      stats.tensors += failed.size();
+    }
+    for (auto& [r, e] : failed) r.work->finish(e);
   }
 
   template <typename Bit>

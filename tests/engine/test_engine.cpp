@@ -775,20 +775,90 @@ TEST(Engine, TheEnvironmentSetsWhatTheConfigLeavesUnset) {
                   "7-8 an empty one not taken as unset)");
 }
 
-// A tensor only some ranks submitted fails with Aborted when every rank
-// shuts down.
-TEST(Engine, ShutdownFailsWhatIsStillWaiting) {
-  const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
+// Every rank shuts down at once, just after submitting: what every rank
+// submitted still runs, with its closed-form value; what only rank 0
+// submitted fails with Aborted.
+TEST(Engine, ShutdownRunsWhatEveryRankSubmittedAndFailsTheRest) {
+  const auto codes = run_ranks(2, [](int rank, int n, Communicator& comm, const std::string&) {
     Engine eng = Engine::start(comm);
+    std::vector<float> every(5, static_cast<float>(rank + 1));
     float x[2] = {1, 1};
-    Work w;
-    if (rank == 0) w = eng.allreduce("only-0", x, x, 2, DataType::Float32, ReduceOp::Sum);
-    std::this_thread::sleep_for(100ms);
+    Work w_every =
+        eng.allreduce("every", every.data(), every.data(), 5, DataType::Float32, ReduceOp::Sum);
+    Work w_only;
+    if (rank == 0) w_only = eng.allreduce("only-0", x, x, 2, DataType::Float32, ReduceOp::Sum);
     eng.shutdown();
-    if (rank == 0 && !fails_with(w, ErrorCode::Aborted, {"shut down"}, rank)) return 2;
+    try {
+      if (!w_every.wait(20s)) return 2;
+    } catch (const chorus::Error& e) {
+      std::cerr << "rank " << rank << ": 'every' failed: " << e.what() << "\n";
+      return 3;
+    }
+    const float want = static_cast<float>(n * (n + 1) / 2);
+    for (float v : every)
+      if (v != want) return 4;
+    if (rank == 0 && !fails_with(w_only, ErrorCode::Aborted, {"only-0", "shut down"}, rank))
+      return 5;
     return 0;
   });
-  expect_all_zero(codes, "shutdown");
+  expect_all_zero(codes, "shutdown (2 hung, 3 failed, 4 wrong value, 5 'only-0' not Aborted)");
+}
+
+// Rank 1 leaves early: its Engine goes out of scope (as when an exception
+// unwinds a training loop) while ranks 0 and 2 go on. A name rank 1
+// submitted still completes when the others submit it; a new name and a
+// cached one that rank 1 never submitted fail at once with Aborted naming
+// rank 1, where they used to wait forever (no CHORUS_STALL_ABORT here).
+// Rank 1's destructor returns once the others shut down too.
+TEST(Engine, ARankThatShutsDownFailsTheNamesItNeverSubmitted) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    std::vector<float> kept(3, static_cast<float>(rank + 1));
+    std::vector<float> c(4, 1.0f);
+    const float want = static_cast<float>(n * (n + 1) / 2);
+    if (rank == 1) {
+      Work w;
+      {
+        Engine eng = Engine::start(comm);
+        eng.allreduce("cached", c.data(), c.data(), 4, DataType::Float32, ReduceOp::Sum).wait();
+        w = eng.allreduce("kept", kept.data(), kept.data(), 3, DataType::Float32, ReduceOp::Sum);
+      }  // ~Engine: shutdown, which returns when ranks 0 and 2 have shut down too
+      try {
+        if (!w.wait(1s)) return 2;  // the engine has stopped: it completed or failed
+      } catch (const chorus::Error& e) {
+        std::cerr << "rank 1: 'kept' failed: " << e.what() << "\n";
+        return 3;
+      }
+      return kept == std::vector<float>(3, want) ? 0 : 4;
+    }
+    Engine eng = Engine::start(comm);
+    eng.allreduce("cached", c.data(), c.data(), 4, DataType::Float32, ReduceOp::Sum).wait();
+    std::this_thread::sleep_for(300ms);  // rank 1's shutdown has (most likely) been announced
+    Work w_kept =
+        eng.allreduce("kept", kept.data(), kept.data(), 3, DataType::Float32, ReduceOp::Sum);
+    Work w_fresh = eng.allreduce("fresh", c.data(), c.data(), 4, DataType::Float32, ReduceOp::Sum);
+    Work w_cached =
+        eng.allreduce("cached", c.data(), c.data(), 4, DataType::Float32, ReduceOp::Sum);
+    try {
+      if (!w_kept.wait(20s)) return 5;
+    } catch (const chorus::Error& e) {
+      std::cerr << "rank " << rank << ": 'kept' failed: " << e.what() << "\n";
+      return 6;
+    }
+    if (kept != std::vector<float>(3, want)) return 7;
+    const std::vector<std::string> why = {"can never complete", "rank 1 has shut down"};
+    if (!fails_with(w_fresh, ErrorCode::Aborted, why, rank)) return 8;
+    if (!fails_with(w_cached, ErrorCode::Aborted, why, rank)) return 9;
+    // The name can be submitted again, and fails the same way.
+    Work again = eng.allreduce("fresh", c.data(), c.data(), 4, DataType::Float32, ReduceOp::Sum);
+    if (!fails_with(again, ErrorCode::Aborted, why, rank)) return 10;
+    eng.shutdown();
+    return 0;
+  });
+  EXPECT_EQ(codes[1], 0) << "rank 1: 2 'kept' still waiting, 3 failed, 4 wrong value (-1: hung)";
+  for (int r : {0, 2})
+    EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0)
+        << "rank " << r << ": 5 'kept' hung, 6 failed, 7 wrong value, 8-10 a name rank 1 never "
+        << "submitted did not fail naming it";
 }
 
 }  // namespace
