@@ -6,7 +6,12 @@
 //   packed  - the T tensors copied into one buffer by hand, one allreduce
 //
 //   chorusrun -n 4 -- chorus-engine-bench --tensors 64 --bytes 4K --mode all
-//   (--coll allgather or allgatherv: T tensors gathered instead)
+//   (--coll allgather or allgatherv: T tensors gathered instead; --gap-ms G:
+//   every rank sleeps G ms before each step, as a training loop computes
+//   between its collectives, and the engine sits idle meanwhile; --poll:
+//   wait by polling Work::test() every 50 us, as a framework that only
+//   checks its tensors does; --idle-s S: first, the CPU this process uses
+//   while its engine sits idle S seconds, and the cycles it runs)
 
 #include <chorus/chorus.hpp>
 
@@ -19,7 +24,10 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include <sys/resource.h>
 
 namespace {
 
@@ -75,6 +83,16 @@ void run_allgather_step(const std::string& m, chorus::Engine& eng, chorus::Commu
   }
 }
 
+// User and system CPU of this process so far, every thread's.
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  auto s = [](const timeval& t) {
+    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) * 1e-6;
+  };
+  return s(u.ru_utime) + s(u.ru_stime);
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -89,6 +107,9 @@ int main(int argc, char** argv) {
   int warmup = 20;
   std::string mode = "all";
   std::string coll = "allreduce";
+  double gap_ms = 0;
+  bool poll = false;
+  double idle_s = 0;
   chorus::cli::Parser app{
       "chorus-engine-bench: T tensors of B bytes averaged (or gathered) per step through the "
       "tensor engine, one allreduce_async (allgather_async) each, or one hand-packed call"};
@@ -103,6 +124,12 @@ int main(int argc, char** argv) {
           "(r+1)/n of B)")
       .one_of({"allreduce", "allgather", "allgatherv"})
       .show_default();
+  app.add("--gap-ms", gap_ms, "milliseconds every rank sleeps before each step (untimed)")
+      .non_negative();
+  app.flag("--poll", poll, "wait by polling Work::test() every 50 us (engine and async modes)");
+  app.add("--idle-s", idle_s,
+          "first, the CPU used while the engine sits idle this many seconds (engine mode)")
+      .non_negative();
   if (const std::optional<int> status = app.parse(argc, argv)) return *status;
   try {
     const std::size_t bytes = parse_size(bytes_text);
@@ -130,9 +157,25 @@ int main(int argc, char** argv) {
       if (mode != "all" && mode != m) continue;
       chorus::Engine eng;
       if (m == "engine") eng = chorus::Engine::start(comm);
+      std::uint64_t idle_cycles = 0;  // not counted per step
+      if (m == "engine" && idle_s > 0) {
+        comm.barrier();
+        const double cpu0 = cpu_seconds();
+        const auto cycles0 = eng.stats().cycles;
+        std::this_thread::sleep_for(std::chrono::duration<double>(idle_s));
+        double cpu = cpu_seconds() - cpu0;
+        const auto cycles = eng.stats().cycles - cycles0;
+        idle_cycles = eng.stats().cycles;
+        comm.allreduce(&cpu, &cpu, 1, chorus::DataType::Float64, chorus::ReduceOp::Max);
+        if (comm.rank() == 0)
+          std::printf("# idle %.1f s: %.3f s of CPU (the busiest rank), %llu cycles\n", idle_s, cpu,
+                      static_cast<unsigned long long>(cycles));
+      }
       std::vector<double> times;
       std::vector<chorus::Work> works;
       for (int s = 0; s < warmup + steps; ++s) {
+        if (gap_ms > 0)
+          std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(gap_ms));
         comm.barrier();
         const auto t0 = Clock::now();
         works.clear();
@@ -155,7 +198,13 @@ int main(int argc, char** argv) {
           for (std::size_t i = 0; i < T; ++i)
             std::memcpy(grads[i].data(), packed.data() + i * count, count * 4);
         }
-        for (auto& w : works) w.wait();
+        for (auto& w : works) {
+          if (!poll) {
+            w.wait();
+            continue;
+          }
+          while (!w.test()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
         const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
         if (s >= warmup) times.push_back(us);
         // Keep the values small: the sums would overflow float after enough steps.
@@ -168,8 +217,11 @@ int main(int argc, char** argv) {
         std::printf("  %-8s %12.1f %14.2f", m.c_str(), med, med / static_cast<double>(T));
         if (m == "engine") {
           const auto st = eng.stats();
-          std::printf(gather ? "   (%.2f allgathers per step)" : "   (%.2f allreduces per step)",
-                      static_cast<double>(st.collectives) / static_cast<double>(warmup + steps));
+          std::printf(
+              gather ? "   (%.2f allgathers, %.2f cycles per step)"
+                     : "   (%.2f allreduces, %.2f cycles per step)",
+              static_cast<double>(st.collectives) / static_cast<double>(warmup + steps),
+              static_cast<double>(st.cycles - idle_cycles) / static_cast<double>(warmup + steps));
         }
         std::printf("\n");
       }

@@ -146,6 +146,10 @@ struct Ready {
   std::vector<std::size_t> counts;  // allgatherv: every rank's count
 };
 
+// The idle back-off (EngineImpl::run).
+constexpr std::uint64_t kIdleCycles = 16;
+constexpr std::chrono::milliseconds kIdleCap{50};
+
 constexpr std::uint8_t kFlagShutdown = 1;
 constexpr std::uint8_t kFlagStallAbort = 2;
 constexpr std::size_t kHeaderFixed = 8;  // u32 blob bytes, u8 flags, 3 spare
@@ -171,6 +175,8 @@ struct EngineImpl {
   std::unordered_set<std::string> submitted_names;  // pending on this rank (incoming or in flight)
   bool shutdown_wanted = false;
   bool shutdown_sent = false;  // the flag went out in a header: sleep again between cycles
+  bool backing_off = false;    // the engine's thread sleeps longer than a cycle: idle
+  Clock::time_point incoming_since;  // when `incoming` last became non-empty
   bool stopped = false;
   std::optional<Error> failure;  // why the engine stopped
   EngineStats stats;
@@ -179,6 +185,7 @@ struct EngineImpl {
   std::thread thread;
   std::mutex join_mu;  // shutdown() from several threads joins once
   std::uint64_t cycle_no = 0;
+  std::uint64_t idle_streak = 0;  // cycles in a row with nothing announced or waiting anywhere
   std::map<std::string, Request> pending;  // by name
   std::map<std::string, Entry> table;
   std::vector<Slot> cache;
@@ -211,11 +218,33 @@ struct EngineImpl {
       // data-parallel step they meet without waiting out the rest of a
       // cycle. A tensor already announced does not: its cycle is under way,
       // or it waits for other ranks, whose own waits wake them.
+      //
+      // An idle engine backs off: after kIdleCycles cycles in which no rank
+      // had anything to announce or waiting, the sleep doubles every
+      // kIdleCycles cycles up to kIdleCap (never past 32 cycles, never
+      // shorter than one). Every rank counts the same idle cycles from the
+      // same headers, so their sleeps stay equal. A submission during a
+      // longer sleep ends it at the next tick of the normal pace (start +
+      // k cycles), so a rank's work waits no longer than before for its
+      // own next cycle; the sleeping ranks have nothing to announce yet.
       while (true) {
         {
           std::unique_lock<std::mutex> lock(mu);
-          cv.wait_for(lock, cycle,
-                      [&] { return (shutdown_wanted && !shutdown_sent) || unannounced_wait(); });
+          const auto start = Clock::now();
+          const auto sleep = idle_sleep();
+          backing_off = sleep > cycle;
+          while (true) {
+            if ((shutdown_wanted && !shutdown_sent) || unannounced_wait()) break;
+            auto until = start + sleep;
+            if (backing_off && !incoming.empty()) {
+              // The tick the normal pace would have woken at next.
+              const auto ticks = (std::max(incoming_since, start) - start) / cycle + 1;
+              until = std::min(until, start + ticks * cycle);
+            }
+            if (Clock::now() >= until) break;
+            cv.wait_until(lock, until);
+          }
+          backing_off = false;
         }
         if (!one_cycle()) break;
       }
@@ -224,6 +253,16 @@ struct EngineImpl {
     } catch (const std::exception& e) {
       stop(Error(ErrorCode::Internal, std::string("the engine's thread failed: ") + e.what()));
     }
+  }
+
+  // The sleep before the next cycle: `cycle`, longer when every rank has
+  // been idle (see run()).
+  Clock::duration idle_sleep() const {
+    if (idle_streak < kIdleCycles) return cycle;
+    const auto cap = std::min(
+        cycle * 32, std::max(cycle, std::chrono::duration_cast<Clock::duration>(kIdleCap)));
+    const auto steps = std::min<std::uint64_t>(idle_streak / kIdleCycles, 5);
+    return std::min(cap, cycle * (std::int64_t{1} << steps));
   }
 
   // Work::wait on one of this engine's tensors: the sleep re-checks
@@ -333,6 +372,11 @@ struct EngineImpl {
       abort_stall = abort_stall || (header(p)[4] & kFlagStallAbort) != 0;
     }
     const bool all_stop = static_cast<int>(quitting.size()) == size;
+    // Idle: nothing announced, no cache bit or flag set, nothing waiting
+    // (the same on every rank).
+    bool idle = longest == 0 && table.empty();
+    for (std::size_t i = 0; i < all.size() && idle; ++i) idle = i % hb < 4 || all[i] == 0;
+    idle_streak = idle ? idle_streak + 1 : 0;
     // Cache slots this cycle's announcements invalidate: ignore their bits.
     std::vector<bool> dropped(cache_capacity, false);
 
@@ -1081,7 +1125,9 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
                                                "' was submitted again before its earlier submission "
                                                "completed; wait for it, or use another name");
     e.submitted_names.insert(name);
+    if (e.incoming.empty()) e.incoming_since = detail::Clock::now();
     e.incoming.push_back(std::move(req));
+    if (e.backing_off) e.cv.notify_all();  // the long sleep ends a cycle from now
   }
   return w;
 }

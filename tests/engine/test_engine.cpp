@@ -583,6 +583,48 @@ void stall_case(bool cached) {
 TEST(Engine, AStalledNameIsReportedNamingTheMissingRank) { stall_case(false); }
 TEST(Engine, AStalledCachedNameIsReportedNamingTheMissingRank) { stall_case(true); }
 
+// An idle engine backs off: a second with nothing submitted runs far fewer
+// cycles than a second of 2 ms cycles would (about 80 against up to 500),
+// yet still some (a dead peer is still noticed). Work submitted afterwards,
+// polled or waited for, completes with its closed form.
+TEST(Engine, AnIdleEngineBacksOffAndStillTakesWork) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 2ms;
+    Engine eng = Engine::start(comm, cfg);
+    std::vector<float> x(6, 1.0f);
+    eng.allreduce("warm", x.data(), x.data(), 6, DataType::Float32, ReduceOp::Sum).wait();
+    const auto before = eng.stats().cycles;
+    std::this_thread::sleep_for(1s);
+    const auto idle = eng.stats().cycles - before;
+    if (idle == 0 || idle >= 200) {
+      std::cerr << "rank " << rank << ": " << idle << " cycles in an idle second\n";
+      return 2;
+    }
+    const float want = static_cast<float>(n * (n + 1) / 2);
+    std::vector<float> polled(6, static_cast<float>(rank + 1)),
+        waited(6, static_cast<float>(rank + 1));
+    Work p =
+        eng.allreduce("polled", polled.data(), polled.data(), 6, DataType::Float32, ReduceOp::Sum);
+    const auto limit = std::chrono::steady_clock::now() + 20s;
+    while (!p.test()) {
+      if (std::chrono::steady_clock::now() > limit) return 3;
+      std::this_thread::sleep_for(1ms);
+    }
+    if (polled != std::vector<float>(6, want)) return 4;
+    std::this_thread::sleep_for(300ms);  // idle again
+    Work w =
+        eng.allreduce("waited", waited.data(), waited.data(), 6, DataType::Float32, ReduceOp::Sum);
+    if (!w.wait(20s)) return 5;
+    if (waited != std::vector<float>(6, want)) return 6;
+    eng.shutdown();
+    return 0;
+  });
+  expect_all_zero(codes,
+                  "idle (2 cycle count, 3 polled tensor hung, 4 its value, 5 waited tensor "
+                  "hung, 6 its value)");
+}
+
 // A rank that dies makes the other's waiting tensor fail, naming it.
 TEST(Engine, ADeadRankFailsTheOthersTensors) {
   const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
