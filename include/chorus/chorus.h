@@ -269,6 +269,14 @@ CHORUS_C_API chorus_status_t chorus_engine_allgatherv(chorus_engine_t engine, co
 /* This rank's counts so far; start *out from CHORUS_ENGINE_STATS_INIT. */
 CHORUS_C_API chorus_status_t chorus_engine_stats(chorus_engine_t engine,
                                                  chorus_engine_stats_t* out);
+/* Horovod's join (Engine::join): this rank has no more data; until every
+ * rank has joined it stands in for the names it lacks (an allreduce gets
+ * the op's identity from it, an average divides by the ranks that
+ * submitted, an allgatherv gets no share; an allgather, a broadcast whose
+ * root joined or a device tensor fails with CHORUS_INVALID_USAGE). Blocks
+ * until every rank has joined; *last_rank (may be NULL) is the rank that
+ * joined last. */
+CHORUS_C_API chorus_status_t chorus_engine_join(chorus_engine_t engine, int* last_rank);
 /* Stops the engine once every rank has called it (collective): what every
  * rank submitted still runs, tensors still waiting then fail with
  * CHORUS_ABORTED. Meanwhile, on the other ranks, a name this rank never

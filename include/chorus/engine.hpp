@@ -104,6 +104,21 @@ class CHORUS_API Engine {
   Work allgatherv(const std::string& name, const void* sendbuf, std::size_t count, DataType dtype,
                   Allocator alloc);
 
+  /// Horovod's join, for inputs of different lengths: this rank has no
+  /// more data. Until every rank has joined, it stands in for every name
+  /// the others submit and it does not: an allreduce gets the op's
+  /// identity from it (0 for Sum, 1 for Prod, the largest value for Min,
+  /// the lowest for Max), so the result is the reduction over the ranks
+  /// that submitted it; an Avg divides by their number. An allgatherv gets
+  /// no share from it. An allgather, a broadcast whose root joined, or a
+  /// device tensor cannot be stood in for: it fails with
+  /// Error(InvalidUsage) on every rank, naming the joined ranks. Blocks
+  /// until every rank has joined; what this rank submitted before still
+  /// completes. Returns the rank that joined last (the one that had the
+  /// most data, to broadcast from). Submitting while join() waits throws
+  /// Error(InvalidUsage); after it returns, the engine takes work again.
+  int join();
+
   /// This rank's counts so far.
   EngineStats stats() const;
   /// The communicator the engine runs on (its own, split from the one given).

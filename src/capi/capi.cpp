@@ -570,6 +570,13 @@ chorus_status_t chorus_engine_stats(chorus_engine_t engine, chorus_engine_stats_
   });
 }
 
+chorus_status_t chorus_engine_join(chorus_engine_t engine, int* last_rank) {
+  return guarded([&] {
+    const int last = engine_of(engine).join();
+    if (last_rank != nullptr) *last_rank = last;
+  });
+}
+
 chorus_status_t chorus_engine_shutdown(chorus_engine_t engine) {
   return guarded([&] { engine_of(engine).shutdown(); });
 }

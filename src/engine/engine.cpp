@@ -5,14 +5,16 @@
 //
 //  1. header: one allgather of a fixed-size record per rank: the bytes of
 //     the tensor descriptions it announces this cycle, its flags (shutdown
-//     wanted; on rank 0, stall abort), and one bit per response-cache slot
-//     (set: this rank has that cached tensor waiting).
+//     wanted; joined; on rank 0, stall abort), and one bit per
+//     response-cache slot (set: this rank has that cached tensor waiting).
 //  2. announcements: when some rank has any, one allgather of every rank's
 //     descriptions (padded to the longest). Every rank adds them to the same
 //     table, in the same order, so every rank reaches the same decisions
 //     without a coordinator's reply.
 //  3. ready: a cached name whose bit every rank set, a table name every rank
-//     announced (with the same description, else an error for it).
+//     announced (with the same description, else an error for it). A rank
+//     that has joined counts as having every name and stands in for those
+//     it lacks; a rank shutting down fails the names it lacks.
 //  4. execute in that order; consecutive-in-order allreduces of one dtype
 //     and op share one collective through the fusion buffer.
 //  5. bookkeeping: the table names executed enter the cache (the same slot
@@ -27,6 +29,7 @@
 #include "core/log.hpp"
 #include "core/work.hpp"
 #include "engine/timeline.hpp"
+#include "reduce/reduce.hpp"
 
 #include <algorithm>
 #include <condition_variable>
@@ -144,6 +147,10 @@ struct Ready {
   std::string error;  // the ranks disagreed
   std::int64_t negotiation_start_us = 0;
   std::vector<std::size_t> counts;  // allgatherv: every rank's count
+  // Joined ranks that never submitted it: they stand in with nothing (the
+  // op's identity, no share). `contributors`: the ranks that did.
+  std::vector<int> absent;
+  int contributors = 0;
 };
 
 // The idle back-off (EngineImpl::run).
@@ -152,6 +159,7 @@ constexpr std::chrono::milliseconds kIdleCap{50};
 
 constexpr std::uint8_t kFlagShutdown = 1;
 constexpr std::uint8_t kFlagStallAbort = 2;
+constexpr std::uint8_t kFlagJoined = 4;  // join(): stand in for every name this rank lacks
 constexpr std::size_t kHeaderFixed = 8;  // u32 blob bytes, u8 flags, 3 spare
 
 void put(std::string& out, const void* p, std::size_t n) { out.append(static_cast<const char*>(p), n); }
@@ -171,10 +179,14 @@ struct EngineImpl {
   // Submissions, handed to the background thread.
   mutable std::mutex mu;
   std::condition_variable cv;
+  std::condition_variable join_cv;  // join() waits on joins_done
   std::vector<Request> incoming;
   std::unordered_set<std::string> submitted_names;  // pending on this rank (incoming or in flight)
   bool shutdown_wanted = false;
-  bool shutdown_sent = false;  // the flag went out in a header: sleep again between cycles
+  bool join_wanted = false;      // join() waits: the joined flag goes out every cycle
+  bool flag_news = false;        // shutdown() or join() since the last header: no sleep
+  std::uint64_t joins_done = 0;  // join() returns when this moves
+  int last_joined = -1;          // what the last completed join() returns
   bool backing_off = false;    // the engine's thread sleeps longer than a cycle: idle
   Clock::time_point incoming_since;  // when `incoming` last became non-empty
   bool stopped = false;
@@ -186,6 +198,9 @@ struct EngineImpl {
   std::mutex join_mu;  // shutdown() from several threads joins once
   std::uint64_t cycle_no = 0;
   std::uint64_t idle_streak = 0;  // cycles in a row with nothing announced or waiting anywhere
+  std::vector<bool> joined;       // ranks whose header has the joined flag this cycle
+  std::vector<bool> joined_before;         // the same, last cycle
+  int newest_joined = -1;                  // the last rank to join, as every rank sees it
   std::map<std::string, Request> pending;  // by name
   std::map<std::string, Entry> table;
   std::vector<Slot> cache;
@@ -234,7 +249,7 @@ struct EngineImpl {
           const auto sleep = idle_sleep();
           backing_off = sleep > cycle;
           while (true) {
-            if ((shutdown_wanted && !shutdown_sent) || unannounced_wait()) break;
+            if (flag_news || unannounced_wait()) break;
             auto until = start + sleep;
             if (backing_off && !incoming.empty()) {
               // The tick the normal pace would have woken at next.
@@ -290,6 +305,7 @@ struct EngineImpl {
       incoming.clear();
       submitted_names.clear();
     }
+    join_cv.notify_all();  // a join() waiting fails with the engine
     for (auto& [name, r] : pending) left.push_back(std::move(r));
     pending.clear();
     {
@@ -328,7 +344,7 @@ struct EngineImpl {
     const std::int64_t cycle_start_us = timeline.open() ? now_us() : 0;
     // 1. This rank's new submissions.
     std::vector<Request*> fresh;
-    bool want_stop = false;
+    bool want_stop = false, want_join = false;
     {
       std::lock_guard<std::mutex> lock(mu);
       ++stats.cycles;
@@ -340,7 +356,8 @@ struct EngineImpl {
       }
       incoming.clear();
       want_stop = shutdown_wanted;
-      shutdown_sent = shutdown_wanted;
+      want_join = join_wanted && !shutdown_wanted;
+      flag_news = false;
     }
     std::string blob;
     describe_fresh(fresh, blob);
@@ -351,7 +368,8 @@ struct EngineImpl {
     const auto blob_bytes = static_cast<std::uint32_t>(blob.size());
     std::memcpy(mine.data(), &blob_bytes, 4);
     mine[4] = static_cast<std::uint8_t>((want_stop ? kFlagShutdown : 0) |
-                                        (stall_abort_decided ? kFlagStallAbort : 0));
+                                        (stall_abort_decided ? kFlagStallAbort : 0) |
+                                        (want_join ? kFlagJoined : 0));
     for (const auto& [name, r] : pending)
       if (r.slot >= 0)
         mine[kHeaderFixed + static_cast<std::size_t>(r.slot) / 8] |=
@@ -364,14 +382,23 @@ struct EngineImpl {
     std::uint32_t longest = 0;
     bool abort_stall = false;
     std::vector<int> quitting;  // ranks whose shutdown() has begun
+    joined_before = joined;
+    joined.assign(static_cast<std::size_t>(size), false);
+    int joined_count = 0;
     for (int p = 0; p < size; ++p) {
       std::uint32_t b = 0;
       std::memcpy(&b, header(p), 4);
       longest = std::max(longest, b);
       if ((header(p)[4] & kFlagShutdown) != 0) quitting.push_back(p);
       abort_stall = abort_stall || (header(p)[4] & kFlagStallAbort) != 0;
+      if ((header(p)[4] & kFlagJoined) != 0) {
+        joined[static_cast<std::size_t>(p)] = true;
+        ++joined_count;
+        if (joined_before.empty() || !joined_before[static_cast<std::size_t>(p)]) newest_joined = p;
+      }
     }
     const bool all_stop = static_cast<int>(quitting.size()) == size;
+    const bool all_joined = joined_count == size;
     // Idle: nothing announced, no cache bit or flag set, nothing waiting
     // (the same on every rank).
     bool idle = longest == 0 && table.empty();
@@ -431,31 +458,34 @@ struct EngineImpl {
     }
 
     // 3. Ready: cached names every rank has set, in slot order; then table
-    // names every rank has announced, in announcement order.
+    // names every rank has announced, in announcement order. A joined rank
+    // counts as having every name (it stands in for those it lacks).
     std::vector<Ready> ready;
     partial_now.clear();
     busy.assign(cache_capacity, false);
     for (std::size_t s = 0; s < cache_capacity; ++s) {
       if (!cache[s].used || dropped[s]) continue;
       int have = 0;
-      for (int p = 0; p < size; ++p) have += bit(p, static_cast<int>(s));
-      busy[s] = have > 0;
-      if (have > 0 && have < size) {
-        std::vector<int> missing;
-        for (int p = 0; p < size; ++p)
-          if (!bit(p, static_cast<int>(s))) missing.push_back(p);
-        partial_now.emplace_back(s, cache[s].name, std::move(missing));
+      std::vector<int> missing, absent;
+      for (int p = 0; p < size; ++p) {
+        const bool set = bit(p, static_cast<int>(s)) != 0;
+        have += set ? 1 : 0;
+        if (!set) (is_joined(p) ? absent : missing).push_back(p);
       }
-      if (have == size) {
+      busy[s] = have > 0;
+      const bool partial = have > 0 && !missing.empty();
+      if (partial) partial_now.emplace_back(s, cache[s].name, std::move(missing));
+      if (have > 0 && !partial) {
         // Negotiated from when the first rank set the bit (this cycle if all did).
         Ready r{cache[s].name, cache[s].desc, true, {}, cycle_start_us};
         if (rank == 0 && !partial_since_us.empty() && partial_since_us[s] >= 0)
           r.negotiation_start_us = partial_since_us[s];
+        stand_in(r, std::move(absent));
         ready.push_back(std::move(r));
         cache[s].last_used = cycle_no;
       }
       if (rank == 0 && !partial_since.empty()) {
-        if (have > 0 && have < size) {
+        if (partial) {
           if (partial_since_us[s] < 0) {
             partial_since[s] = Clock::now();
             partial_since_us[s] = now_us();
@@ -467,27 +497,39 @@ struct EngineImpl {
     }
     std::vector<std::pair<std::uint64_t, std::string>> done_names;
     for (auto& [name, e] : table)
-      if (e.have == size) done_names.emplace_back(e.order, name);
+      if (missing_from(e).empty()) done_names.emplace_back(e.order, name);
     std::sort(done_names.begin(), done_names.end());
     for (const auto& [order, name] : done_names) {
       Entry& e = table[name];
-      Ready r{name, *e.by_rank[0], false, {}, e.first_us};
-      std::vector<int> differ;
-      for (int p = 1; p < size; ++p)
-        if (!agree(*e.by_rank[static_cast<std::size_t>(p)], r.desc)) differ.push_back(p);
+      int first = 0;  // the lowest rank that announced it (0 unless it joined without)
+      while (!e.by_rank[static_cast<std::size_t>(first)]) ++first;
+      Ready r{name, *e.by_rank[static_cast<std::size_t>(first)], false, {}, e.first_us};
+      std::vector<int> differ, absent;
+      for (int p = first + 1; p < size; ++p) {
+        const auto& d = e.by_rank[static_cast<std::size_t>(p)];
+        if (!d)
+          absent.push_back(p);
+        else if (!agree(*d, r.desc))
+          differ.push_back(p);
+      }
       if (!differ.empty()) {
         std::ostringstream os;
-        os << "tensor '" << name << "' was submitted as " << describe(r.desc) << " on rank 0 but as "
-           << describe(*e.by_rank[static_cast<std::size_t>(differ[0])]) << " on rank " << differ[0];
+        os << "tensor '" << name << "' was submitted as " << describe(r.desc) << " on rank "
+           << first << " but as " << describe(*e.by_rank[static_cast<std::size_t>(differ[0])])
+           << " on rank " << differ[0];
         if (differ.size() > 1) os << " (and differently on " << rank_list(differ) << ")";
         os << "; every rank must submit a name with the same collective, count, dtype, op and root"
            << (r.desc.kind == Kind::Allgatherv ? " (an allgatherv's count may differ)" : "");
         r.error = os.str();
       } else if (r.desc.kind == Kind::Allgatherv) {
-        for (int p = 0; p < size; ++p)
-          r.counts.push_back(
-              static_cast<std::size_t>(e.by_rank[static_cast<std::size_t>(p)]->count));
+        for (int p = 0; p < size; ++p) {
+          const auto& d = e.by_rank[static_cast<std::size_t>(p)];
+          r.counts.push_back(d ? static_cast<std::size_t>(d->count) : 0);  // a joined rank: none
+        }
       }
+      for (int p = 0; p < first; ++p) absent.push_back(p);
+      std::sort(absent.begin(), absent.end());
+      stand_in(r, std::move(absent));
       if (timeline.open()) {
         timeline.complete(name, "NEGOTIATE_" + std::string(kind_name(r.desc.kind)), e.first_us,
                           now_us() - e.first_us, "");
@@ -503,6 +545,19 @@ struct EngineImpl {
     // 4.-5. Execute, then complete. When every rank is shutting down, what
     // every rank submitted still runs, and nothing else is left.
     if (!ready.empty()) execute(ready);
+    // Every rank has joined: everything any rank submitted has run just
+    // now (the others stood in), and every rank's join() returns the rank
+    // that joined last.
+    if (all_joined && !all_stop) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        join_wanted = false;
+        ++joins_done;
+        last_joined = newest_joined;
+      }
+      join_cv.notify_all();
+      joined.assign(static_cast<std::size_t>(size), false);
+    }
     if (all_stop) {
       stop(Error(ErrorCode::Aborted,
                  "the engine was shut down with this tensor waiting for "
@@ -514,6 +569,39 @@ struct EngineImpl {
     if (rank == 0) inspect_stalls();
     timeline.flush();
     return true;
+  }
+
+  bool is_joined(int p) const { return !joined.empty() && joined[static_cast<std::size_t>(p)]; }
+
+  // The ranks a table name still waits for: those that neither announced
+  // it nor joined.
+  std::vector<int> missing_from(const Entry& e) const {
+    std::vector<int> out;
+    for (int p = 0; p < size; ++p)
+      if (!e.by_rank[static_cast<std::size_t>(p)] && !is_joined(p)) out.push_back(p);
+    return out;
+  }
+
+  // Records which joined ranks stand in for `r` with nothing, and fails it
+  // (on every rank alike) where nothing cannot stand in: an allgather's
+  // share, a broadcast's root, a device buffer.
+  void stand_in(Ready& r, std::vector<int> absent) {
+    r.contributors = size - static_cast<int>(absent.size());
+    r.absent = std::move(absent);
+    if (r.absent.empty() || !r.error.empty()) return;
+    const std::string who = rank_list(r.absent) + (r.absent.size() == 1 ? " has" : " have") +
+                            " joined without submitting it";
+    if (r.desc.kind == Kind::Allgather)
+      r.error = "tensor '" + r.name + "': " + who +
+                ", and an allgather needs every rank's share (an allgatherv takes none from a "
+                "joined rank)";
+    else if (r.desc.kind == Kind::Broadcast &&
+             std::find(r.absent.begin(), r.absent.end(), r.desc.root) != r.absent.end())
+      r.error = "tensor '" + r.name + "': its root, rank " + std::to_string(r.desc.root) +
+                ", has joined without submitting it";
+    else if (r.desc.device)
+      r.error = "tensor '" + r.name + "' is in CUDA device memory and " + who +
+                "; a joined rank stands in for host tensors only";
   }
 
   // Fails, on every rank that has it, each name that a rank in `quitting`
@@ -654,30 +742,54 @@ struct EngineImpl {
                  std::size_t bytes) {
     const Ready& head = ready[group[0]];
     std::vector<Request> reqs;
+    // This rank joined without submitting some of them: it stands in with
+    // the op's identity (allreduce), a buffer to receive into (broadcast)
+    // or no share (allgatherv). A stand-in has no Work.
+    std::vector<std::vector<char>> scratch;
+    scratch.reserve(group.size());
     for (std::size_t k : group) {
-      auto it = pending.find(ready[k].name);
-      if (it == pending.end())
-        throw Error(ErrorCode::Internal, "engine: ready tensor '" + ready[k].name +
+      const Ready& r = ready[k];
+      auto it = pending.find(r.name);
+      if (it != pending.end()) {
+        reqs.push_back(std::move(it->second));
+        pending.erase(it);
+        continue;
+      }
+      if (std::find(r.absent.begin(), r.absent.end(), rank) == r.absent.end())
+        throw Error(ErrorCode::Internal, "engine: ready tensor '" + r.name +
                                              "' has no submission on rank " + std::to_string(rank));
-      reqs.push_back(std::move(it->second));
-      pending.erase(it);
+      Request standin;
+      standin.name = r.name;
+      standin.desc = r.desc;
+      standin.desc.count = r.desc.kind == Kind::Allgatherv ? 0 : r.desc.count;
+      auto& buf = scratch.emplace_back(standin.desc.count * size_of(r.desc.dtype));
+      if (r.desc.kind == Kind::Allreduce)
+        reduce::fill_identity(buf.data(), standin.desc.count, r.desc.dtype, r.desc.op);
+      standin.send = buf.data();
+      standin.recv = buf.data();
+      reqs.push_back(std::move(standin));
     }
     // `e` fails the group; without it, each tensor's own error (an
     // allgatherv's allocator) fails that tensor alone.
     std::vector<std::optional<Error>> local(reqs.size());
     auto complete = [&](const std::optional<Error>& e) {
+      std::size_t own = 0;
+      for (const auto& r : reqs) own += r.work ? 1 : 0;
       {
         // Before the Works complete: a waiter then sees its tensor counted.
         std::lock_guard<std::mutex> lock(mu);
-        for (auto& r : reqs) submitted_names.erase(r.name);
-        stats.tensors += reqs.size();
+        for (auto& r : reqs)
+          if (r.work) submitted_names.erase(r.name);
+        stats.tensors += own;
         if (!e) {
           ++stats.collectives;
-          if (reqs.size() > 1) stats.fused += reqs.size();
-          for (std::size_t k : group) stats.cache_hits += ready[k].cached ? 1 : 0;
+          if (reqs.size() > 1) stats.fused += own;
+          for (std::size_t k = 0; k < reqs.size(); ++k)
+            stats.cache_hits += reqs[k].work && ready[group[k]].cached ? 1 : 0;
         }
       }
-      for (std::size_t k = 0; k < reqs.size(); ++k) reqs[k].work->finish(e ? e : local[k]);
+      for (std::size_t k = 0; k < reqs.size(); ++k)
+        if (reqs[k].work) reqs[k].work->finish(e ? e : local[k]);
     };
     if (!head.error.empty()) {
       complete(Error(ErrorCode::InvalidUsage, head.error));
@@ -686,6 +798,17 @@ struct EngineImpl {
     const Desc& d = head.desc;
     const std::int64_t start = now_us();
     std::int64_t in_us = 0, op_us = 0;
+    // An average that joined ranks stood in for is the sum over the ranks
+    // that submitted it, divided by their number (each tensor its own).
+    bool rescale = false;
+    for (std::size_t k : group)
+      rescale = rescale || (d.op == ReduceOp::Avg && ready[k].contributors < size);
+    const ReduceOp op = rescale ? ReduceOp::Sum : d.op;
+    auto finish_avg = [&] {
+      for (std::size_t k = 0; rescale && k < reqs.size(); ++k)
+        reduce::finalize_avg(reqs[k].recv, ready[group[k]].desc.count, d.dtype,
+                             ready[group[k]].contributors);
+    };
     if (d.kind == Kind::Allgatherv) {
       // One tensor gathers through a buffer of its own, several through the
       // fusion buffer (bounded by fusion_bytes, so it does not grow past it).
@@ -696,7 +819,10 @@ struct EngineImpl {
     } else if (reqs.size() == 1) {
       Request& r = reqs[0];
       switch (d.kind) {
-        case Kind::Allreduce: comm.allreduce(r.send, r.recv, d.count, d.dtype, d.op); break;
+        case Kind::Allreduce:
+          comm.allreduce(r.send, r.recv, d.count, d.dtype, op);
+          finish_avg();
+          break;
         case Kind::Allgather: comm.allgather(r.send, r.recv, d.count, d.dtype); break;
         case Kind::Broadcast: comm.broadcast(r.send, r.recv, d.count, d.dtype, d.root); break;
         case Kind::Allgatherv:
@@ -733,9 +859,10 @@ struct EngineImpl {
       if (fusion.size() < bytes) fusion.resize(bytes);
       pack(fusion.data(), reqs, ready, group, d.dtype);
       in_us = now_us() - start;
-      comm.allreduce(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.op);
+      comm.allreduce(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, op);
       op_us = now_us() - start - in_us;
       unpack(fusion.data(), reqs, ready, group, d.dtype, false);
+      finish_avg();
     }
     const std::int64_t end = now_us();
     if (timeline.open()) {
@@ -820,8 +947,9 @@ struct EngineImpl {
     std::vector<std::size_t> offset(n, 0);  // elements into each rank's block
     for (std::size_t k = 0; k < reqs.size(); ++k) {
       const std::vector<std::size_t>& c = *counts[k];
-      errs[k] = deliver(reqs[k], c, dtype,
-                        [&](std::size_t p) { return buf.data() + p * stride + offset[p] * es; });
+      if (reqs[k].work)  // a stand-in for a joined rank keeps nothing
+        errs[k] = deliver(reqs[k], c, dtype,
+                          [&](std::size_t p) { return buf.data() + p * stride + offset[p] * es; });
       for (std::size_t p = 0; p < n; ++p) offset[p] += c[p];
     }
   }
@@ -887,12 +1015,7 @@ struct EngineImpl {
   // The names waiting for some ranks, and which (every rank computes the same).
   std::vector<std::pair<std::string, std::vector<int>>> waiting_names() const {
     std::vector<std::pair<std::string, std::vector<int>>> out;
-    for (const auto& [name, e] : table) {
-      std::vector<int> missing;
-      for (int p = 0; p < size; ++p)
-        if (!e.by_rank[static_cast<std::size_t>(p)]) missing.push_back(p);
-      out.emplace_back(name, missing);
-    }
+    for (const auto& [name, e] : table) out.emplace_back(name, missing_from(e));
     for (const auto& [slot, name, missing] : partial_now) out.emplace_back(name, missing);
     return out;
   }
@@ -941,10 +1064,7 @@ struct EngineImpl {
     };
     std::map<std::string, bool> still;
     for (const auto& [name, e] : table) {
-      std::vector<int> missing;
-      for (int p = 0; p < size; ++p)
-        if (!e.by_rank[static_cast<std::size_t>(p)]) missing.push_back(p);
-      check(name, e.first_seen, missing);
+      check(name, e.first_seen, missing_from(e));
       still[name] = true;
     }
     for (const auto& [slot, name, missing] : partial_now) {
@@ -998,6 +1118,7 @@ Engine Engine::start(const Communicator& comm, const EngineConfig& config) {
     {
       std::lock_guard<std::mutex> lock(p->mu);
       p->shutdown_wanted = true;
+      p->flag_news = true;
     }
     p->cv.notify_all();
     {
@@ -1119,6 +1240,11 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
   {
     std::lock_guard<std::mutex> lock(e.mu);
     if (e.shutdown_wanted) throw Error(ErrorCode::InvalidUsage, "engine: submission after shutdown()");
+    if (e.join_wanted)
+      throw Error(ErrorCode::InvalidUsage,
+                  "engine: tensor '" + name +
+                      "' submitted while join() waits: a joined rank submits nothing until "
+                      "every rank has joined");
     if (e.stopped) throw *e.failure;
     if (e.submitted_names.count(name) != 0)
       throw Error(ErrorCode::InvalidUsage, "engine: tensor '" + name +
@@ -1166,11 +1292,28 @@ EngineStats Engine::stats() const {
 
 Communicator Engine::communicator() const { return need(impl_).comm; }
 
+int Engine::join() {
+  auto& e = need(impl_);
+  std::unique_lock<std::mutex> lock(e.mu);
+  if (e.shutdown_wanted) throw Error(ErrorCode::InvalidUsage, "engine: join() after shutdown()");
+  if (e.stopped) throw *e.failure;
+  if (e.join_wanted)
+    throw Error(ErrorCode::InvalidUsage, "engine: join() while another join() waits on this rank");
+  e.join_wanted = true;
+  e.flag_news = true;
+  const std::uint64_t round = e.joins_done;
+  e.cv.notify_all();
+  e.join_cv.wait(lock, [&] { return e.joins_done != round || e.stopped; });
+  if (e.joins_done == round) throw *e.failure;
+  return e.last_joined;
+}
+
 void Engine::shutdown() {
   auto& e = need(impl_);
   {
     std::lock_guard<std::mutex> lock(e.mu);
     e.shutdown_wanted = true;
+    e.flag_news = true;
   }
   e.cv.notify_all();
   std::lock_guard<std::mutex> lock(e.join_mu);

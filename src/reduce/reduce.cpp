@@ -23,6 +23,7 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -550,6 +551,75 @@ void finalize_avg(void* buf, std::size_t count, DataType dtype, int divisor) {
     case DataType::Float64: kernel = avg_for<double>(); break;
   }
   kernel(static_cast<Byte*>(buf), count, divisor);
+}
+
+namespace {
+
+template <class T>
+T identity_of(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum:
+    case ReduceOp::Avg:
+      return T{0};
+    case ReduceOp::Prod:
+      return T{1};
+    case ReduceOp::Min:
+      return std::numeric_limits<T>::has_infinity ? std::numeric_limits<T>::infinity()
+                                                  : std::numeric_limits<T>::max();
+    case ReduceOp::Max:
+      return std::numeric_limits<T>::has_infinity ? -std::numeric_limits<T>::infinity()
+                                                  : std::numeric_limits<T>::lowest();
+  }
+  return T{0};
+}
+
+template <class T>
+void fill_as(void* buf, std::size_t count, T v) {
+  auto* b = static_cast<Byte*>(buf);
+  for (std::size_t i = 0; i < count; ++i) std::memcpy(b + i * sizeof(T), &v, sizeof(T));
+}
+
+}  // namespace
+
+void fill_identity(void* buf, std::size_t count, DataType dtype, ReduceOp op) {
+  check_dtype(dtype, "fill_identity");
+  CHORUS_ENFORCE(is_valid(op), InvalidArgument,
+                 "reduce::fill_identity: unknown ReduceOp value " << static_cast<int>(op));
+  if (count == 0) return;
+  CHORUS_ENFORCE(buf != nullptr, InvalidArgument,
+                 "reduce::fill_identity: null buffer with count " << count);
+  switch (dtype) {
+    case DataType::Int8:
+      fill_as(buf, count, identity_of<std::int8_t>(op));
+      break;
+    case DataType::UInt8:
+      fill_as(buf, count, identity_of<std::uint8_t>(op));
+      break;
+    case DataType::Int32:
+      fill_as(buf, count, identity_of<std::int32_t>(op));
+      break;
+    case DataType::UInt32:
+      fill_as(buf, count, identity_of<std::uint32_t>(op));
+      break;
+    case DataType::Int64:
+      fill_as(buf, count, identity_of<std::int64_t>(op));
+      break;
+    case DataType::UInt64:
+      fill_as(buf, count, identity_of<std::uint64_t>(op));
+      break;
+    case DataType::Float16:
+      fill_as(buf, count, float_to_half(identity_of<float>(op)));
+      break;
+    case DataType::BFloat16:
+      fill_as(buf, count, float_to_bfloat16(identity_of<float>(op)));
+      break;
+    case DataType::Float32:
+      fill_as(buf, count, identity_of<float>(op));
+      break;
+    case DataType::Float64:
+      fill_as(buf, count, identity_of<double>(op));
+      break;
+  }
 }
 
 void copy_streaming(void* dst, const void* src, std::size_t bytes) {

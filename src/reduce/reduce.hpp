@@ -30,6 +30,12 @@ void copy_streaming(void* dst, const void* src, std::size_t bytes);
 // division (truncation toward zero, as C++); fp16/bf16 go through float.
 void finalize_avg(void* buf, std::size_t count, DataType dtype, int divisor);
 
+// buf[i] = the identity of `op` for `dtype`: 0 for Sum and Avg, 1 for Prod,
+// the largest value (+inf for floating types) for Min, the lowest (-inf)
+// for Max, so that combine(x, identity) leaves x as it is. What a rank
+// that has nothing to contribute (the engine's join) adds to an allreduce.
+void fill_identity(void* buf, std::size_t count, DataType dtype, ReduceOp op);
+
 // Scalar conversions used by the kernels, the tests and the benchmark.
 float half_to_float(std::uint16_t h) noexcept;
 std::uint16_t float_to_half(float f) noexcept;        // round to nearest even

@@ -297,6 +297,26 @@ static void engine(chorus_comm_t comm, int rank, int n) {
   memset(&unsized, 0, sizeof unsized);
   FAILS(chorus_engine_stats(e, &unsized), CHORUS_INVALID_ARGUMENT, "CHORUS_ENGINE_STATS_INIT");
 
+  /* Join: rank r has r + 1 batches. Batch s counts the ranks that still
+   * have one (ranks s..n-1) and takes the lowest of them: the joined ranks
+   * stand in with 0 for the sum and INT_MAX for the minimum. */
+  for (int s = 0; s <= rank; ++s) {
+    int one = 1, in = 0, me = rank, lowest = -1;
+    chorus_work_t jw[2] = {NULL, NULL};
+    OK(chorus_engine_allreduce(e, "in", &one, &in, 1, CHORUS_INT32, CHORUS_SUM, &jw[0]));
+    OK(chorus_engine_allreduce(e, "lowest", &me, &lowest, 1, CHORUS_INT32, CHORUS_MIN, &jw[1]));
+    for (int k = 0; k < 2; ++k) {
+      OK(chorus_work_wait(jw[k], 60000, NULL));
+      chorus_work_free(jw[k]);
+    }
+    CHECK(in == n - s, "join: batch %d counted %d ranks, expected %d", s, in, n - s);
+    CHECK(lowest == s, "join: batch %d's lowest rank %d, expected %d", s, lowest, s);
+  }
+  int last = -1;
+  OK(chorus_engine_join(e, &last));
+  CHECK(last == n - 1, "join: the last rank to join was %d, expected %d", last, n - 1);
+  FAILS(chorus_engine_join(NULL, NULL), CHORUS_INVALID_ARGUMENT, "engine handle is NULL");
+
   /* One name, two counts: every rank's submission fails, naming it. */
   float m[5] = {1, 1, 1, 1, 1};
   FAILS(chorus_engine_allreduce(e, "mismatched", m, m, rank == 2 ? 5 : 4, CHORUS_FLOAT32,

@@ -583,6 +583,151 @@ void stall_case(bool cached) {
 TEST(Engine, AStalledNameIsReportedNamingTheMissingRank) { stall_case(false); }
 TEST(Engine, AStalledCachedNameIsReportedNamingTheMissingRank) { stall_case(true); }
 
+// Join (Horovod's, for inputs of different lengths): rank r has 2 + 2r
+// batches. Each batch's tensors (an allreduce of every op, two fused
+// averages, an allgatherv) must be reduced over the ranks that still have
+// data, whatever the joined ranks hold: the closed forms below are over
+// ranks first..n-1, where first is the lowest rank still in. Every rank's
+// join() returns 2, the rank with the most batches. Then the engine takes
+// work again; in a second round rank 0 joins at once: an allgather, and a
+// broadcast from rank 0, fail naming it; a broadcast from rank 1 runs; a
+// submission while join() waits is refused.
+TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    const int batches = 2 + 2 * rank;
+    for (int step = 0; step < batches; ++step) {
+      int first = 0;  // the lowest rank with a batch `step`
+      while (2 + 2 * first <= step) ++first;
+      const auto f = static_cast<float>(rank + 1);
+      std::vector<float> sum(8, f * static_cast<float>(step + 1)), avg_a(3, f), avg_b(3, 2 * f);
+      std::vector<std::int32_t> mn(4, rank * 10 + step);
+      std::vector<double> mx(2, -(rank + 1.0) - step);
+      std::vector<std::int64_t> prod(2, rank + 2),
+          share(static_cast<std::size_t>(rank + 1), rank * 100 + step);
+      std::vector<std::int64_t> rows;
+      std::vector<std::size_t> seen;
+      std::vector<std::function<Work()>> submit = {
+          [&] {
+            return eng.allreduce("sum", sum.data(), sum.data(), 8, DataType::Float32,
+                                 ReduceOp::Sum);
+          },
+          [&] {
+            return eng.allreduce("avg.a", avg_a.data(), avg_a.data(), 3, DataType::Float32,
+                                 ReduceOp::Avg);
+          },
+          [&] {
+            return eng.allreduce("avg.b", avg_b.data(), avg_b.data(), 3, DataType::Float32,
+                                 ReduceOp::Avg);
+          },
+          [&] {
+            return eng.allreduce("min", mn.data(), mn.data(), 4, DataType::Int32, ReduceOp::Min);
+          },
+          [&] {
+            return eng.allreduce("max", mx.data(), mx.data(), 2, DataType::Float64, ReduceOp::Max);
+          },
+          [&] {
+            return eng.allreduce("prod", prod.data(), prod.data(), 2, DataType::Int64,
+                                 ReduceOp::Prod);
+          },
+          [&] {
+            return eng.allgatherv("rows", share.data(), share.size(), DataType::Int64,
+                                  [&](const std::vector<std::size_t>& counts) {
+                                    seen = counts;
+                                    std::size_t total = 0;
+                                    for (std::size_t c : counts) total += c;
+                                    rows.resize(total);
+                                    return static_cast<void*>(rows.data());
+                                  });
+          }};
+      std::vector<Work> ws;
+      for (std::size_t i = 0; i < submit.size(); ++i)
+        ws.push_back(submit[(i + static_cast<std::size_t>(rank) * 3) % submit.size()]());
+      for (auto& w : ws) {
+        try {
+          if (!w.wait(20s)) return 2;
+        } catch (const chorus::Error& e) {
+          std::cerr << "rank " << rank << " step " << step << ": " << e.what() << "\n";
+          return 3;
+        }
+      }
+      float want_sum = 0, in = 0;
+      double want_mean = 0;
+      std::int64_t want_prod = 1;
+      std::vector<std::int64_t> want_rows;
+      std::vector<std::size_t> want_seen(static_cast<std::size_t>(n), 0);
+      for (int r = first; r < n; ++r) {
+        want_sum += static_cast<float>((r + 1) * (step + 1));
+        want_mean += r + 1;
+        in += 1;
+        want_prod *= r + 2;
+        want_rows.insert(want_rows.end(), static_cast<std::size_t>(r + 1), r * 100 + step);
+        want_seen[static_cast<std::size_t>(r)] = static_cast<std::size_t>(r + 1);
+      }
+      want_mean /= in;
+      const bool ok = sum == std::vector<float>(8, want_sum) &&
+                      avg_a == std::vector<float>(3, static_cast<float>(want_mean)) &&
+                      avg_b == std::vector<float>(3, static_cast<float>(2 * want_mean)) &&
+                      mn == std::vector<std::int32_t>(4, first * 10 + step) &&
+                      mx == std::vector<double>(2, -(first + 1.0) - step) &&
+                      prod == std::vector<std::int64_t>(2, want_prod) && rows == want_rows &&
+                      seen == want_seen;
+      if (!ok) {
+        std::cerr << "rank " << rank << " step " << step << " (ranks " << first << ".." << n - 1
+                  << " in): sum " << sum[0] << "/" << want_sum << ", avg " << avg_a[0] << "/"
+                  << want_mean << ", min " << mn[0] << ", max " << mx[0] << ", prod " << prod[0]
+                  << "/" << want_prod << ", rows " << rows.size() << "/" << want_rows.size()
+                  << "\n";
+        return 4;
+      }
+    }
+    if (eng.join() != n - 1) return 5;
+    std::int32_t one = 1, total = 0;
+    eng.allreduce("after", &one, &total, 1, DataType::Int32, ReduceOp::Sum).wait();
+    if (total != n) return 6;
+
+    // Round 2: rank 0 joins at once.
+    std::vector<float> b(4, static_cast<float>(rank));
+    if (rank == 0) {
+      int last = -1;
+      std::thread joiner([&] { last = eng.join(); });
+      comm.barrier();  // ranks 1 and 2 have seen rank 0 joined
+      int rc = 7;
+      try {
+        eng.allreduce("probe", &one, &one, 1, DataType::Int32, ReduceOp::Sum);
+      } catch (const chorus::Error& e) {
+        if (e.code() == ErrorCode::InvalidUsage &&
+            std::string(e.what()).find("join() waits") != std::string::npos)
+          rc = 0;
+      }
+      comm.barrier();
+      joiner.join();
+      if (rc != 0) return rc;
+      if (last != 1 && last != 2) return 8;
+    } else {
+      std::vector<float> g(2, 1.0f), gathered(6);
+      Work wg = eng.allgather("g", g.data(), gathered.data(), 2, DataType::Float32);
+      if (!fails_with(wg, ErrorCode::InvalidUsage, {"tensor 'g'", "rank 0 has joined", "allgather"},
+                      rank))
+        return 9;
+      comm.barrier();
+      comm.barrier();
+      Work w0 = eng.broadcast("b0", b.data(), b.data(), 4, DataType::Float32, 0);
+      if (!fails_with(w0, ErrorCode::InvalidUsage, {"its root, rank 0"}, rank)) return 10;
+      eng.broadcast("b1", b.data(), b.data(), 4, DataType::Float32, 1).wait();
+      if (b != std::vector<float>(4, 1.0f)) return 11;
+      const int last = eng.join();
+      if (last != 1 && last != 2) return 8;
+    }
+    eng.shutdown();
+    return 0;
+  });
+  expect_all_zero(codes,
+                  "join (2 hung, 3 failed, 4 wrong value, 5 join() did not return 2, 6 no work "
+                  "after join, 7 a submission during join() taken, 8 wrong last rank, 9-10 no "
+                  "clear error for what cannot be stood in for, 11 broadcast from rank 1 wrong)");
+}
+
 // An idle engine backs off: a second with nothing submitted runs far fewer
 // cycles than a second of 2 ms cycles would (about 80 against up to 500),
 // yet still some (a dead peer is still noticed). Work submitted afterwards,

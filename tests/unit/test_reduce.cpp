@@ -525,6 +525,74 @@ TEST(ReduceIntegers, MinMaxWithNegatives) {
 }
 
 // ---------------------------------------------------------------------------
+// fill_identity: x (op) identity must be x, for every type and op, on fresh
+// random inputs (the reference is x itself); and the identities spelled
+// out from each format's definition.
+
+TEST(FillIdentity, LeavesEveryValueAsItIs) {
+  std::mt19937_64 rng(7);
+  for (DataType t : kAllTypes) {
+    for (ReduceOp op : kAllOps) {
+      SCOPED_TRACE(std::string(chorus::to_string(t)) + " " + std::string(chorus::to_string(op)));
+      with_type(t, [&](auto tag) {
+        using T = decltype(tag);
+        const std::size_t len = 1000;
+        Region id(0, len * sizeof(T));
+        reduce::fill_identity(id.data(), len, t, op);
+        EXPECT_TRUE(id.guards_intact());
+        const auto x = random_vector<T>(rng, len);
+        std::vector<T> got = x;
+        const std::vector<T> identity = id.get<T>();
+        reduce::combine(got.data(), identity.data(), len, t, op);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < len; ++i) {
+          const bool same =
+              is_nan_value(x[i]) ? is_nan_value(got[i]) : as_double(got[i]) == as_double(x[i]);
+          if (!same && ++bad <= 3)
+            ADD_FAILURE() << show(x[i]) << " with the identity " << show(identity[i]) << " gave "
+                          << show(got[i]);
+        }
+        EXPECT_EQ(bad, 0u);
+      });
+    }
+  }
+}
+
+TEST(FillIdentity, TheIdentitiesOfEachFormat) {
+  auto one = [](DataType t, ReduceOp op, auto want) {
+    using T = decltype(want);
+    T got{};
+    reduce::fill_identity(&got, 1, t, op);
+    EXPECT_TRUE(same_bits(got, want)) << chorus::to_string(t) << " " << chorus::to_string(op);
+  };
+  const double inf = std::numeric_limits<double>::infinity();
+  one(DataType::Int8, ReduceOp::Min, std::int8_t{127});
+  one(DataType::Int8, ReduceOp::Max, std::int8_t{-128});
+  one(DataType::UInt8, ReduceOp::Min, std::uint8_t{255});
+  one(DataType::UInt8, ReduceOp::Max, std::uint8_t{0});
+  one(DataType::Int32, ReduceOp::Prod, std::int32_t{1});
+  one(DataType::UInt32, ReduceOp::Min, std::uint32_t{0xffffffffu});
+  one(DataType::Int64, ReduceOp::Max, std::int64_t{-9223372036854775807LL - 1});
+  one(DataType::UInt64, ReduceOp::Avg, std::uint64_t{0});
+  one(DataType::Float32, ReduceOp::Min, static_cast<float>(inf));
+  one(DataType::Float64, ReduceOp::Max, -inf);
+  one(DataType::Float64, ReduceOp::Sum, 0.0);
+  // fp16: 1 sign, 5 exponent, 10 mantissa bits; bf16: 1, 8, 7.
+  one(DataType::Float16, ReduceOp::Min, Half{0x7c00});
+  one(DataType::Float16, ReduceOp::Max, Half{0xfc00});
+  one(DataType::Float16, ReduceOp::Prod, Half{0x3c00});
+  one(DataType::BFloat16, ReduceOp::Min, BFloat16{0x7f80});
+  one(DataType::BFloat16, ReduceOp::Max, BFloat16{0xff80});
+  one(DataType::BFloat16, ReduceOp::Prod, BFloat16{0x3f80});
+  float x = 0;
+  EXPECT_THROW(reduce::fill_identity(&x, 1, static_cast<DataType>(42), ReduceOp::Sum),
+               chorus::Error);
+  EXPECT_THROW(reduce::fill_identity(&x, 1, DataType::Float32, static_cast<ReduceOp>(9)),
+               chorus::Error);
+  EXPECT_THROW(reduce::fill_identity(nullptr, 1, DataType::Float32, ReduceOp::Sum), chorus::Error);
+}
+
+// ---------------------------------------------------------------------------
 // finalize_avg.
 
 template <class T>
