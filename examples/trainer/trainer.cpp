@@ -23,6 +23,13 @@
 //  5. Every rank applies the same Adam step to the same gradient: the
 //     replicas stay equal. The trainer checks that at the end (a hash of the
 //     parameters, allgathered) rather than trusting it.
+//  6. With --uneven K (and --engine), rank r runs K*r steps fewer, as when
+//     ranks hold shards of different sizes. Each rank scales its gradient
+//     by 1/(its share) and the engine averages over the ranks still
+//     training; a rank out of data calls Engine::join() and stands in for
+//     the others' tensors until every rank has joined. join() returns the
+//     rank that joined last, whose parameters are then broadcast: the
+//     replicas are equal again (docs/trainer.md).
 
 #include "corpus.hpp"
 #include "model.hpp"
@@ -62,6 +69,7 @@ struct Options {
   std::size_t sample = 240;
   bool overlap = true;
   bool engine = false;
+  int uneven = 0;
   std::string timeline;
   std::string save;
 };
@@ -137,6 +145,10 @@ int train(const Options& o) {
   if (o.batch < static_cast<std::size_t>(world))
     throw std::runtime_error("--batch " + std::to_string(o.batch) + " is smaller than the " +
                              std::to_string(world) + " ranks");
+  if (o.uneven > 0 && !o.engine)
+    throw std::runtime_error("--uneven needs --engine: the ranks that run out of data join it");
+  // This rank's steps: every rank's with --uneven 0.
+  const int my_steps = std::max(0, o.steps - o.uneven * rank);
 
   // 1. Equal replicas: rank 0's parameters everywhere.
   comm.broadcast(model.params(), model.params(), P, chorus::DataType::Float32, 0);
@@ -157,6 +169,11 @@ int train(const Options& o) {
                 o.engine    ? "per layer during backward, as named tensors (chorus::Engine)"
                 : o.overlap ? "per layer during backward (allreduce_async)"
                             : "after backward");
+    if (o.uneven > 0)
+      std::printf(
+          "  uneven data: rank r runs %d*r steps fewer (rank %d: %d); a rank out of data "
+          "joins the engine\n",
+          o.uneven, world - 1, std::max(0, o.steps - o.uneven * (world - 1)));
   }
   const double first_val = validation_loss(comm, model, corpus, o.eval_examples);
   if (lead) {
@@ -180,6 +197,12 @@ int train(const Options& o) {
     if (!o.timeline.empty()) ec.timeline = o.timeline;
     engine = chorus::Engine::start(comm, ec);
   }
+  // Uneven: each rank's gradient is the mean over its own share, and the
+  // engine averages over the ranks that submitted it (the joined ones
+  // stand in). Otherwise each rank scales by 1/B and the ranks' sum is the
+  // batch's mean.
+  const bool uneven = o.uneven > 0;
+  const chorus::ReduceOp grad_op = uneven ? chorus::ReduceOp::Avg : chorus::ReduceOp::Sum;
   auto average = [&](std::size_t from, std::size_t to) {
     if (!o.engine) {
       pending.push_back(comm.allreduce_async(grad.data() + from, grad.data() + from, to - from,
@@ -190,7 +213,7 @@ int train(const Options& o) {
       if (sp.offset >= from && sp.offset + sp.size <= to)
         pending.push_back(engine.allreduce(sp.name, grad.data() + sp.offset,
                                            grad.data() + sp.offset, sp.size,
-                                           chorus::DataType::Float32, chorus::ReduceOp::Sum));
+                                           chorus::DataType::Float32, grad_op));
   };
   if (o.overlap || o.engine) {
     model.on_output_done([&] { average(0, out_end); });
@@ -205,7 +228,7 @@ int train(const Options& o) {
   std::size_t window_examples = 0;
   auto window_start = Clock::now();
   const auto t0 = Clock::now();
-  for (int step = 1; step <= o.steps; ++step) {
+  for (int step = 1; step <= my_steps; ++step) {
     // 2. The same global batch on every rank; this rank's share.
     trainer::Rng rng(o.seed * 0x100000001b3ULL + static_cast<std::uint64_t>(step));
     for (auto& p : batch) p = C + rng.below(corpus.train.size() - C);
@@ -214,26 +237,33 @@ int train(const Options& o) {
     std::fill(grad.begin(), grad.end(), 0.0f);
     pending.clear();
     window_loss += model.forward_backward(ctx.data(), tgt.data(), hi - lo, grad.data(),
-                                          1.0f / static_cast<float>(o.batch));
+                                          1.0f / static_cast<float>(uneven ? hi - lo : o.batch));
     const auto waiting = Clock::now();
     if (o.overlap || o.engine) average(hid_end, P);
     else average(0, P);
     for (auto& work : pending) work.wait();
     window_wait += seconds_since(waiting);
-    window_examples += o.batch;
+    window_examples += uneven ? hi - lo : o.batch;
     // 5. The same step on every rank.
     adam.step(model.params(), grad.data());
 
-    const bool log_now = step % o.log_every == 0 || step == o.steps;
-    const bool eval_now = step % o.eval_every == 0 || step == o.steps;
+    // Uneven: a line at every --log-every step only (the ranks still in are
+    // there together), through the engine (the joined ranks stand in with
+    // 0); the validation loss once at the end, when every rank is back.
+    const bool log_now = step % o.log_every == 0 || (!uneven && step == o.steps);
+    const bool eval_now = !uneven && (step % o.eval_every == 0 || step == o.steps);
     if (log_now || eval_now) {
       // The training loss of the steps since the last line: every rank's sum.
-      double sum = window_loss;
-      comm.allreduce(&sum, &sum, 1, chorus::DataType::Float64, chorus::ReduceOp::Sum);
+      double sum[2] = {window_loss, static_cast<double>(window_examples)};
+      if (uneven)
+        engine.allreduce("loss", sum, sum, 2, chorus::DataType::Float64, chorus::ReduceOp::Sum)
+            .wait();
+      else
+        comm.allreduce(sum, sum, 1, chorus::DataType::Float64, chorus::ReduceOp::Sum);
       const double elapsed = seconds_since(window_start);
       const double val = eval_now ? validation_loss(comm, model, corpus, o.eval_examples) : -1;
       if (lead) {
-        std::printf("%6d  %10.4f  ", step, sum / static_cast<double>(window_examples));
+        std::printf("%6d  %10.4f  ", step, sum[0] / sum[1]);
         if (val >= 0) std::printf("%10.4f", val);
         else std::printf("%10s", "");
         std::printf("  %12.0f  %9.1f%%\n", static_cast<double>(window_examples) / elapsed,
@@ -246,6 +276,17 @@ int train(const Options& o) {
     }
   }
   const double total = seconds_since(t0);
+
+  // 6. Uneven: out of data. Stand in until every rank is, then take the
+  // parameters of the rank that trained longest.
+  if (uneven) {
+    const int last = engine.join();
+    comm.broadcast(model.params(), model.params(), P, chorus::DataType::Float32, last);
+    const double val = validation_loss(comm, model, corpus, o.eval_examples);
+    if (lead)
+      std::printf("\nrank %d joined last (%d steps); its parameters broadcast; val loss %.4f\n",
+                  last, std::max(0, o.steps - o.uneven * last), val);
+  }
 
   // The replicas must still be equal.
   std::vector<std::uint64_t> hashes(w);
@@ -306,6 +347,10 @@ int main(int argc, char** argv) {
            "average the whole gradient after backward instead of layer by layer during it");
   app.flag("--engine", o.engine,
            "average the gradients as named tensors through chorus::Engine (docs/engine.md)");
+  app.add("--uneven", o.uneven,
+          "with --engine: rank r runs this many steps fewer per rank (uneven shards); the ranks "
+          "out of data join the engine")
+      .non_negative();
   app.add("--timeline", o.timeline,
           "with --engine: rank 0 writes the engine's timeline (Chrome trace) here");
   app.add("--save", o.save, "write the final parameters (raw float32) to this file");

@@ -7,6 +7,11 @@
 #     (--no-overlap), and as named tensors through the engine (--engine)
 #     give bitwise the same parameters at 2 ranks, where a sum of two floats
 #     is the same in any order.
+#  2c. Uneven shards (--engine --uneven K): with K = 0 each rank's mean
+#     averaged by the engine equals the 1/B-scaled sum within float
+#     rounding; with K = 5 rank r runs 5r steps fewer and joins the engine
+#     when out of data, rank 0 joins last, its parameters are broadcast,
+#     and the replicas are equal.
 #  3. It learns: the first validation loss is log V (V counted here from the
 #     text), and after the steps it is well below the loss of the best
 #     model that ignores the context (the training text's byte frequencies),
@@ -37,6 +42,14 @@ grep -q "engine: 150 tensors in" "$work/engine.log"
 python3 -c "import json, sys; e = json.load(open(sys.argv[1])); assert any(x['name'] == 'ALLREDUCE' for x in e)" \
   "$work/timeline.json"
 echo "   bitwise equal; 150 tensors; the timeline is JSON"
+echo "== 2c. uneven shards through the engine's join (--uneven), three ranks"
+"$run" -n 3 -- "$trainer" "${common[@]}" --steps 30 --engine --uneven 0 --save "$work/u0" >/dev/null
+"$run" -n 3 -- "$trainer" "${common[@]}" --steps 30 --engine --uneven 5 --save "$work/u5" \
+  > "$work/uneven.log"
+grep -q "rank 0 joined last (30 steps); its parameters broadcast" "$work/uneven.log"
+grep -q "the 3 replicas are equal" "$work/uneven.log"
+grep -q "engine: 153 tensors in" "$work/uneven.log"  # 150 gradients, 3 loss lines
+echo "   rank 0 joined last; 153 tensors; the replicas are equal"
 if [[ "$steps" == 0 ]]; then
   learn=0
   echo "== 3. learning: left out (STEPS 0)"
@@ -64,6 +77,12 @@ diff = max(abs(a - b) for a, b in zip(p1, p3))
 print(f"1 rank moved the parameters by up to {moved:.3g}; 3 ranks differ from 1 by up to {diff:.3g}")
 assert moved > 1e-2, "30 steps did not move the parameters"
 assert diff < 1e-5, "3 ranks diverged from 1 rank"
+u0, u5 = params('u0'), params('u5')
+avg_diff = max(abs(a - b) for a, b in zip(u0, p3))
+uneven_diff = max(abs(a - b) for a, b in zip(u5, p3))
+print(f"--uneven 0 differs from the summed gradients by up to {avg_diff:.3g}; --uneven 5 by {uneven_diff:.3g}")
+assert avg_diff < 1e-5, "the engine's average of the ranks' means is not the batch's mean"
+assert uneven_diff > 1e-4, "--uneven 5 trained as if every rank had every step"
 if not learn:
     sys.exit(0)
 
