@@ -6,7 +6,8 @@
 //   packed  - the T tensors copied into one buffer by hand, one allreduce
 //
 //   chorusrun -n 4 -- chorus-engine-bench --tensors 64 --bytes 4K --mode all
-//   (--coll allgather or allgatherv: T tensors gathered instead; --gap-ms G:
+//   (--coll allgather or allgatherv: T tensors gathered instead; --coll
+//   reducescatter: T tensors of n blocks of B bytes reduce-scattered; --gap-ms G:
 //   every rank sleeps G ms before each step, as a training loop computes
 //   between its collectives, and the engine sits idle meanwhile; --poll:
 //   wait by polling Work::test() every 50 us, as a framework that only
@@ -93,6 +94,35 @@ double cpu_seconds() {
   return s(u.ru_utime) + s(u.ru_stime);
 }
 
+// One step of T reduce-scatters (each tensor n blocks of `count`): through
+// the engine, one reduce_scatter_async each, or packed by hand (block p of
+// every tensor side by side in block p of one buffer) into one.
+void run_scatter_step(const std::string& m, chorus::Engine& eng, chorus::Communicator& comm,
+                      const std::vector<std::string>& names, std::vector<std::vector<float>>& sends,
+                      std::vector<std::vector<float>>& outs, std::vector<float>& packed,
+                      std::vector<float>& packed_out, std::size_t count,
+                      std::vector<chorus::Work>& works) {
+  const std::size_t T = sends.size();
+  const auto n = static_cast<std::size_t>(comm.size());
+  if (m == "engine") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(eng.reducescatter(names[i], sends[i].data(), outs[i].data(), count,
+                                        chorus::DataType::Float32, chorus::ReduceOp::Sum));
+  } else if (m == "async") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(comm.reduce_scatter_async(sends[i].data(), outs[i].data(), count,
+                                                chorus::DataType::Float32, chorus::ReduceOp::Sum));
+  } else {
+    for (std::size_t p = 0; p < n; ++p)
+      for (std::size_t i = 0; i < T; ++i)
+        std::memcpy(packed.data() + (p * T + i) * count, sends[i].data() + p * count, count * 4);
+    comm.reduce_scatter(packed.data(), packed_out.data(), T * count, chorus::DataType::Float32,
+                        chorus::ReduceOp::Sum);
+    for (std::size_t i = 0; i < T; ++i)
+      std::memcpy(outs[i].data(), packed_out.data() + i * count, count * 4);
+  }
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -120,9 +150,9 @@ int main(int argc, char** argv) {
   app.add("--mode", mode, "engine, async, packed or all")
       .one_of({"engine", "async", "packed", "all"});
   app.add("--coll", coll,
-          "allreduce, allgather (B is each rank's share) or allgatherv (rank r shares "
-          "(r+1)/n of B)")
-      .one_of({"allreduce", "allgather", "allgatherv"})
+          "allreduce, allgather (B is each rank's share), allgatherv (rank r shares "
+          "(r+1)/n of B) or reducescatter (B is each rank's block)")
+      .one_of({"allreduce", "allgather", "allgatherv", "reducescatter"})
       .show_default();
   app.add("--gap-ms", gap_ms, "milliseconds every rank sleeps before each step (untimed)")
       .non_negative();
@@ -143,8 +173,14 @@ int main(int argc, char** argv) {
     const std::size_t mine =
         varying ? std::max<std::size_t>(1, count * static_cast<std::size_t>(comm.rank() + 1) / n)
                 : count;
-    std::vector<float> packed(T * count), packed_all(gather ? T * count * n : 0);
+    const bool scatter = coll == "reducescatter";
+    if (scatter)
+      for (auto& g : grads) g.assign(count * n, 1.0f);
+    std::vector<float> packed(T * count * (scatter ? n : 1)),
+        packed_all(gather ? T * count * n : 0);
+    std::vector<float> packed_out(scatter ? T * count : 0);
     std::vector<std::vector<float>> gathered(gather ? T : 0, std::vector<float>(count * n));
+    std::vector<std::vector<float>> outs(scatter ? T : 0, std::vector<float>(count));
     std::vector<std::string> names;
     for (std::size_t i = 0; i < T; ++i) names.push_back("grad." + std::to_string(i));
     if (comm.rank() == 0)
@@ -182,6 +218,8 @@ int main(int argc, char** argv) {
         if (gather) {
           run_allgather_step(m, eng, comm, names, grads, gathered, packed, packed_all, count,
                              varying, mine, works);
+        } else if (scatter) {
+          run_scatter_step(m, eng, comm, names, grads, outs, packed, packed_out, count, works);
         } else if (m == "engine") {
           for (std::size_t i = 0; i < T; ++i)
             works.push_back(eng.allreduce(names[i], grads[i].data(), grads[i].data(), count,
@@ -218,8 +256,9 @@ int main(int argc, char** argv) {
         if (m == "engine") {
           const auto st = eng.stats();
           std::printf(
-              gather ? "   (%.2f allgathers, %.2f cycles per step)"
-                     : "   (%.2f allreduces, %.2f cycles per step)",
+              gather    ? "   (%.2f allgathers, %.2f cycles per step)"
+              : scatter ? "   (%.2f reduce-scatters, %.2f cycles per step)"
+                        : "   (%.2f allreduces, %.2f cycles per step)",
               static_cast<double>(st.collectives) / static_cast<double>(warmup + steps),
               static_cast<double>(st.cycles - idle_cycles) / static_cast<double>(warmup + steps));
         }

@@ -247,6 +247,12 @@ CHORUS_C_API chorus_status_t chorus_engine_allreduce(chorus_engine_t engine, con
                                                      const void* sendbuf, void* recvbuf,
                                                      size_t count, chorus_dtype_t dtype,
                                                      chorus_op_t op, chorus_work_t* work);
+/* Reduce-scatter of the tensor `name`: sendbuf holds nranks blocks of
+ * `count` elements; rank r's recvbuf gets block r reduced over the ranks. */
+CHORUS_C_API chorus_status_t chorus_engine_reducescatter(chorus_engine_t engine, const char* name,
+                                                         const void* sendbuf, void* recvbuf,
+                                                         size_t count, chorus_dtype_t dtype,
+                                                         chorus_op_t op, chorus_work_t* work);
 CHORUS_C_API chorus_status_t chorus_engine_allgather(chorus_engine_t engine, const char* name,
                                                      const void* sendbuf, void* recvbuf,
                                                      size_t count, chorus_dtype_t dtype,

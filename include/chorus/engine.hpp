@@ -82,6 +82,13 @@ class CHORUS_API Engine {
   /// The buffers are the engine's until the Work completes.
   Work allreduce(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
                  DataType dtype, ReduceOp op);
+  /// Reduce-scatter of the tensor `name` (Horovod's reducescatter, the
+  /// gradient step of a sharded optimizer): every rank's `sendbuf` holds
+  /// size() blocks of `count` elements; block r, reduced over the ranks,
+  /// goes to rank r's `recvbuf` (`count` elements). Small ones of one dtype
+  /// and op are fused.
+  Work reducescatter(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
+                     DataType dtype, ReduceOp op);
   /// Allgather of the tensor `name`: every rank's `count` elements, in rank order.
   Work allgather(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
                  DataType dtype);
@@ -109,7 +116,8 @@ class CHORUS_API Engine {
   /// the others submit and it does not: an allreduce gets the op's
   /// identity from it (0 for Sum, 1 for Prod, the largest value for Min,
   /// the lowest for Max), so the result is the reduction over the ranks
-  /// that submitted it; an Avg divides by their number. An allgatherv gets
+  /// that submitted it; an Avg divides by their number. A reduce-scatter
+  /// likewise (the joined rank's block is computed and dropped). An allgatherv gets
   /// no share from it. An allgather, a broadcast whose root joined, or a
   /// device tensor cannot be stood in for: it fails with
   /// Error(InvalidUsage) on every rank, naming the joined ranks. Blocks

@@ -51,7 +51,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Kind : std::uint8_t { Allreduce = 1, Allgather = 2, Broadcast = 3, Allgatherv = 4 };
+enum class Kind : std::uint8_t {
+  Allreduce = 1,
+  Allgather = 2,
+  Broadcast = 3,
+  Allgatherv = 4,
+  ReduceScatter = 5,  // count: the elements each rank receives
+};
 
 const char* kind_name(Kind k) {
   switch (k) {
@@ -60,6 +66,8 @@ const char* kind_name(Kind k) {
     case Kind::Broadcast: return "broadcast";
     case Kind::Allgatherv:
       return "allgatherv";
+    case Kind::ReduceScatter:
+      return "reducescatter";
   }
   return "?";
 }
@@ -91,7 +99,9 @@ bool agree(const Desc& a, const Desc& b) {
 std::string describe(const Desc& d) {
   std::ostringstream os;
   os << kind_name(d.kind) << " of " << d.count << " " << to_string(d.dtype);
-  if (d.kind == Kind::Allreduce) os << " (" << to_string(d.op) << ")";
+  if (d.kind == Kind::Allreduce || d.kind == Kind::ReduceScatter)
+    os << " (" << to_string(d.op) << ")";
+  if (d.kind == Kind::ReduceScatter) os << " to each rank";
   if (d.kind == Kind::Broadcast) os << " from rank " << d.root;
   if (d.kind == Kind::Allgatherv) os << " (this rank's share)";
   if (d.device) os << " in CUDA device memory";
@@ -442,7 +452,7 @@ struct EngineImpl {
           std::memcpy(&d.root, at + off + 4, 4);
           std::memcpy(&d.count, at + off + 8, 8);
           off += 16;
-          if (name.empty() || static_cast<int>(d.kind) < 1 || static_cast<int>(d.kind) > 4 ||
+          if (name.empty() || static_cast<int>(d.kind) < 1 || static_cast<int>(d.kind) > 5 ||
               static_cast<int>(d.dtype) >= kNumDataTypes || static_cast<int>(d.op) >= kNumReduceOps)
             throw Error(ErrorCode::Transport, "engine: rank " + std::to_string(p) +
                                                   " announced a malformed tensor description");
@@ -699,16 +709,20 @@ struct EngineImpl {
       taken[i] = true;
       std::vector<std::size_t> group{i};
       const Ready& head = ready[i];
-      // Bytes per rank: an allreduce's buffer, an allgather's share. A
-      // fused allgather's buffer holds every rank's shares; a fused
-      // allgatherv's, every rank's shares padded to the longest rank's.
+      // Bytes per rank: an allreduce's buffer, an allgather's share, a
+      // reduce-scatter's block. A fused allgather's buffer holds every
+      // rank's shares, a fused reduce-scatter's every rank's blocks; a
+      // fused allgatherv's, every rank's shares padded to the longest rank's.
       const std::size_t es = size_of(head.desc.dtype);
       std::size_t bytes = head.desc.count * es;
       const bool gatherv = head.desc.kind == Kind::Allgatherv;
       const bool fusable = head.desc.kind == Kind::Allreduce || head.desc.kind == Kind::Allgather ||
-                           head.desc.kind == Kind::Broadcast || gatherv;
+                           head.desc.kind == Kind::Broadcast ||
+                           head.desc.kind == Kind::ReduceScatter || gatherv;
       const std::size_t ranks_in_buffer =
-          head.desc.kind == Kind::Allgather || gatherv ? static_cast<std::size_t>(size) : 1;
+          head.desc.kind == Kind::Allgather || head.desc.kind == Kind::ReduceScatter || gatherv
+              ? static_cast<std::size_t>(size)
+              : 1;
       std::vector<std::size_t> totals = head.counts;  // allgatherv: each rank's elements so far
       if (head.error.empty() && fusable && !head.desc.device && fusion_bytes > 0) {
         for (std::size_t j = i + 1; j < ready.size(); ++j) {
@@ -743,8 +757,8 @@ struct EngineImpl {
     const Ready& head = ready[group[0]];
     std::vector<Request> reqs;
     // This rank joined without submitting some of them: it stands in with
-    // the op's identity (allreduce), a buffer to receive into (broadcast)
-    // or no share (allgatherv). A stand-in has no Work.
+    // the op's identity (allreduce, reduce-scatter), a buffer to receive
+    // into (broadcast) or no share (allgatherv). A stand-in has no Work.
     std::vector<std::vector<char>> scratch;
     scratch.reserve(group.size());
     for (std::size_t k : group) {
@@ -762,11 +776,17 @@ struct EngineImpl {
       standin.name = r.name;
       standin.desc = r.desc;
       standin.desc.count = r.desc.kind == Kind::Allgatherv ? 0 : r.desc.count;
-      auto& buf = scratch.emplace_back(standin.desc.count * size_of(r.desc.dtype));
-      if (r.desc.kind == Kind::Allreduce)
-        reduce::fill_identity(buf.data(), standin.desc.count, r.desc.dtype, r.desc.op);
+      const bool scatter = r.desc.kind == Kind::ReduceScatter;
+      const std::size_t elements =
+          standin.desc.count * (scatter ? static_cast<std::size_t>(size) : 1);
+      auto& buf = scratch.emplace_back(elements * size_of(r.desc.dtype));
+      if (r.desc.kind == Kind::Allreduce || scatter)
+        reduce::fill_identity(buf.data(), elements, r.desc.dtype, r.desc.op);
       standin.send = buf.data();
-      standin.recv = buf.data();
+      // A reduce-scatter in place, as NCCL has it: its block of the send buffer.
+      standin.recv = buf.data() + (scatter ? static_cast<std::size_t>(rank) * standin.desc.count *
+                                                 size_of(r.desc.dtype)
+                                           : 0);
       reqs.push_back(std::move(standin));
     }
     // `e` fails the group; without it, each tensor's own error (an
@@ -802,7 +822,8 @@ struct EngineImpl {
     // that submitted it, divided by their number (each tensor its own).
     bool rescale = false;
     for (std::size_t k : group)
-      rescale = rescale || (d.op == ReduceOp::Avg && ready[k].contributors < size);
+      rescale = rescale || (d.op == ReduceOp::Avg && ready[k].contributors < size &&
+                            (d.kind == Kind::Allreduce || d.kind == Kind::ReduceScatter));
     const ReduceOp op = rescale ? ReduceOp::Sum : d.op;
     auto finish_avg = [&] {
       for (std::size_t k = 0; rescale && k < reqs.size(); ++k)
@@ -821,6 +842,10 @@ struct EngineImpl {
       switch (d.kind) {
         case Kind::Allreduce:
           comm.allreduce(r.send, r.recv, d.count, d.dtype, op);
+          finish_avg();
+          break;
+        case Kind::ReduceScatter:
+          comm.reduce_scatter(r.send, r.recv, d.count, d.dtype, op);
           finish_avg();
           break;
         case Kind::Allgather: comm.allgather(r.send, r.recv, d.count, d.dtype); break;
@@ -855,6 +880,25 @@ struct EngineImpl {
           std::memcpy(static_cast<char*>(reqs[k].recv) + p * b, fusion.data() + p * bytes + at, b);
         at += b;
       }
+    } else if (d.kind == Kind::ReduceScatter) {
+      // Rank p's block of every tensor side by side in block p of the
+      // buffer; one reduce-scatter in place; this rank's block back out.
+      const auto n = static_cast<std::size_t>(size);
+      if (fusion.size() < bytes * n) fusion.resize(bytes * n);
+      std::size_t at = 0;
+      for (std::size_t k = 0; k < reqs.size(); ++k) {
+        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+        for (std::size_t p = 0; p < n && b > 0; ++p)
+          std::memcpy(fusion.data() + p * bytes + at,
+                      static_cast<const char*>(reqs[k].send) + p * b, b);
+        at += b;
+      }
+      in_us = now_us() - start;
+      char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
+      comm.reduce_scatter(fusion.data(), own, bytes / size_of(d.dtype), d.dtype, op);
+      op_us = now_us() - start - in_us;
+      unpack(own, reqs, ready, group, d.dtype, false);
+      finish_avg();
     } else {
       if (fusion.size() < bytes) fusion.resize(bytes);
       pack(fusion.data(), reqs, ready, group, d.dtype);
@@ -1263,6 +1307,12 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
 Work Engine::allreduce(const std::string& name, const void* s, void* r, std::size_t count,
                        DataType dtype, ReduceOp op) {
   detail::Desc d{detail::Kind::Allreduce, dtype, op, count, -1};
+  return submit(impl_, name, d, s, r);
+}
+
+Work Engine::reducescatter(const std::string& name, const void* s, void* r, std::size_t count,
+                           DataType dtype, ReduceOp op) {
+  detail::Desc d{detail::Kind::ReduceScatter, dtype, op, count, -1};
   return submit(impl_, name, d, s, r);
 }
 

@@ -284,11 +284,22 @@ static void engine(chorus_comm_t comm, int rank, int n) {
     FAILS(chorus_engine_allgatherv(e, "shares", share, 1, CHORUS_INT64, NULL, NULL, NULL),
           CHORUS_INVALID_ARGUMENT, "allocator is NULL");
   }
+  /* reducescatter: block p of rank q holds q + 10p + j; rank r gets the sum
+   * over q of block r. */
+  {
+    int32_t blocks[2 * 8], got[2] = {-1, -1};
+    for (int p = 0; p < n; ++p)
+      for (int j = 0; j < 2; ++j) blocks[2 * p + j] = rank + 10 * p + j;
+    OK(chorus_engine_reducescatter(e, "scattered", blocks, got, 2, CHORUS_INT32, CHORUS_SUM, NULL));
+    for (int j = 0; j < 2; ++j)
+      CHECK(got[j] == n * (n - 1) / 2 + n * (10 * rank + j), "reducescatter element %d: %d", j,
+            (int)got[j]);
+  }
   chorus_engine_stats_t st = CHORUS_ENGINE_STATS_INIT;
   OK(chorus_engine_stats(e, &st));
-  /* 7 tensors a round, the second round's all from the cache, and the
-   * allgatherv. */
-  CHECK(st.tensors == 15, "engine stats: %llu tensors", (unsigned long long)st.tensors);
+  /* 7 tensors a round, the second round's all from the cache, the
+   * allgatherv and the reducescatter. */
+  CHECK(st.tensors == 16, "engine stats: %llu tensors", (unsigned long long)st.tensors);
   CHECK(st.cache_hits >= 7, "engine stats: %llu cache hits", (unsigned long long)st.cache_hits);
   CHECK(st.collectives >= 1 && st.collectives <= st.tensors && st.cycles >= 2,
         "engine stats: %llu collectives in %llu cycles", (unsigned long long)st.collectives,

@@ -583,6 +583,66 @@ void stall_case(bool cached) {
 TEST(Engine, AStalledNameIsReportedNamingTheMissingRank) { stall_case(false); }
 TEST(Engine, AStalledCachedNameIsReportedNamingTheMissingRank) { stall_case(true); }
 
+// Reduce-scatters, submitted in another order per rank: rank r's block of
+// tensor i holds the closed form over every rank's send blocks; the small
+// float sums share collectives; one runs in place (NCCL's convention).
+TEST(Engine, ReduceScattersAreFusedAndEachRankGetsItsBlock) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    const auto N = static_cast<std::size_t>(n);
+    const int T = 8;
+    std::vector<std::vector<float>> send(T), recv(T);
+    for (int i = 0; i < T; ++i) {
+      const std::size_t c = static_cast<std::size_t>(i + 1);
+      send[static_cast<std::size_t>(i)].resize(c * N);
+      for (std::size_t p = 0; p < N; ++p)
+        for (std::size_t j = 0; j < c; ++j)
+          send[static_cast<std::size_t>(i)][p * c + j] = static_cast<float>(
+              rank * 1000 + static_cast<int>(p) * 100 + i * 10 + static_cast<int>(j));
+      recv[static_cast<std::size_t>(i)].assign(c, -1.0f);
+    }
+    std::vector<std::int32_t> mx(4 * N), inplace(3 * N);
+    for (std::size_t k = 0; k < mx.size(); ++k) mx[k] = rank * 7 + static_cast<std::int32_t>(k);
+    for (std::size_t k = 0; k < inplace.size(); ++k)
+      inplace[k] = rank + static_cast<std::int32_t>(k);
+    std::vector<std::int32_t> mx_out(4, -1);
+    std::vector<Work> ws;
+    for (int k = 0; k < T; ++k) {
+      const int i = (k + 3 * rank) % T;
+      ws.push_back(eng.reducescatter(named("rs.", i), send[static_cast<std::size_t>(i)].data(),
+                                     recv[static_cast<std::size_t>(i)].data(),
+                                     static_cast<std::size_t>(i + 1), DataType::Float32,
+                                     ReduceOp::Sum));
+    }
+    ws.push_back(
+        eng.reducescatter("max", mx.data(), mx_out.data(), 4, DataType::Int32, ReduceOp::Max));
+    std::int32_t* own = inplace.data() + 3 * static_cast<std::size_t>(rank);
+    ws.push_back(
+        eng.reducescatter("inplace", inplace.data(), own, 3, DataType::Int32, ReduceOp::Sum));
+    for (auto& w : ws) w.wait();
+    int bad = 0;
+    for (int i = 0; i < T; ++i)
+      for (int j = 0; j <= i; ++j) {
+        // the sum over ranks q of q*1000 + rank*100 + i*10 + j
+        const float want =
+            static_cast<float>(1000 * n * (n - 1) / 2 + n * (rank * 100 + i * 10 + j));
+        bad += recv[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] == want ? 0 : 1;
+      }
+    // max over q of q*7 + (rank*4 + j); the sum over q of q + rank*3 + j
+    for (int j = 0; j < 4; ++j)
+      bad += mx_out[static_cast<std::size_t>(j)] == (n - 1) * 7 + rank * 4 + j ? 0 : 1;
+    for (int j = 0; j < 3; ++j) bad += own[j] == n * (n - 1) / 2 + n * (rank * 3 + j) ? 0 : 1;
+    if (bad != 0) {
+      std::cerr << "rank " << rank << ": " << bad << " wrong elements\n";
+      return 2;
+    }
+    const auto st = eng.stats();
+    eng.shutdown();
+    return some_fused(st, rank) ? 0 : 3;
+  });
+  expect_all_zero(codes, "reduce-scatter (2 wrong value, 3 nothing fused)");
+}
+
 // Join (Horovod's, for inputs of different lengths): rank r has 2 + 2r
 // batches. Each batch's tensors (an allreduce of every op, two fused
 // averages, an allgatherv) must be reduced over the ranks that still have
@@ -601,6 +661,7 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
       while (2 + 2 * first <= step) ++first;
       const auto f = static_cast<float>(rank + 1);
       std::vector<float> sum(8, f * static_cast<float>(step + 1)), avg_a(3, f), avg_b(3, 2 * f);
+      std::vector<float> scatter_in(2 * static_cast<std::size_t>(n), f), scatter_out(2, -1.0f);
       std::vector<std::int32_t> mn(4, rank * 10 + step);
       std::vector<double> mx(2, -(rank + 1.0) - step);
       std::vector<std::int64_t> prod(2, rank + 2),
@@ -629,6 +690,10 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
           [&] {
             return eng.allreduce("prod", prod.data(), prod.data(), 2, DataType::Int64,
                                  ReduceOp::Prod);
+          },
+          [&] {
+            return eng.reducescatter("scatter", scatter_in.data(), scatter_out.data(), 2,
+                                     DataType::Float32, ReduceOp::Avg);
           },
           [&] {
             return eng.allgatherv("rows", share.data(), share.size(), DataType::Int64,
@@ -668,6 +733,7 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
       const bool ok = sum == std::vector<float>(8, want_sum) &&
                       avg_a == std::vector<float>(3, static_cast<float>(want_mean)) &&
                       avg_b == std::vector<float>(3, static_cast<float>(2 * want_mean)) &&
+                      scatter_out == std::vector<float>(2, static_cast<float>(want_mean)) &&
                       mn == std::vector<std::int32_t>(4, first * 10 + step) &&
                       mx == std::vector<double>(2, -(first + 1.0) - step) &&
                       prod == std::vector<std::int64_t>(2, want_prod) && rows == want_rows &&
