@@ -643,6 +643,50 @@ TEST(Engine, ReduceScattersAreFusedAndEachRankGetsItsBlock) {
   expect_all_zero(codes, "reduce-scatter (2 wrong value, 3 nothing fused)");
 }
 
+// Horovod's process sets: an engine on a split communicator runs beside
+// the world's. 4 ranks: one engine over all, one over the even or the odd
+// ranks; the same names in both, submitted interleaved, in another order
+// per rank. Each sum must be over its own set.
+TEST(Engine, EnginesOnSplitCommunicatorsRunSideBySide) {
+  const auto codes = run_ranks(4, [](int rank, int n, Communicator& comm, const std::string&) {
+    Engine world = Engine::start(comm);
+    Communicator half = comm.split(rank % 2, rank);
+    Engine part = Engine::start(half);
+    const int parity = rank % 2;
+    for (int round = 0; round < 3; ++round) {
+      std::vector<std::vector<std::int64_t>> a(4, std::vector<std::int64_t>(5, rank + 1)),
+          b(4, std::vector<std::int64_t>(5, 10 * (rank + 1)));
+      std::vector<Work> ws;
+      for (int k = 0; k < 4; ++k) {
+        const int i = (k + rank) % 4;
+        const std::string name = named("t", i);
+        ws.push_back(world.allreduce(name, a[static_cast<std::size_t>(i)].data(),
+                                     a[static_cast<std::size_t>(i)].data(), 5, DataType::Int64,
+                                     ReduceOp::Sum));
+        ws.push_back(part.allreduce(name, b[static_cast<std::size_t>(i)].data(),
+                                    b[static_cast<std::size_t>(i)].data(), 5, DataType::Int64,
+                                    ReduceOp::Sum));
+      }
+      for (auto& w : ws) w.wait();
+      // world: 1 + 2 + ... + n; the set: 10 * (r + 1) over r of this parity
+      std::int64_t set = 0;
+      for (int r = parity; r < n; r += 2) set += 10 * (r + 1);
+      for (int i = 0; i < 4; ++i)
+        if (a[static_cast<std::size_t>(i)] != std::vector<std::int64_t>(5, n * (n + 1) / 2) ||
+            b[static_cast<std::size_t>(i)] != std::vector<std::int64_t>(5, set)) {
+          std::cerr << "rank " << rank << " round " << round << " tensor " << i << ": world "
+                    << a[static_cast<std::size_t>(i)][0] << ", set "
+                    << b[static_cast<std::size_t>(i)][0] << " (want " << set << ")\n";
+          return 2;
+        }
+    }
+    part.shutdown();
+    world.shutdown();
+    return 0;
+  });
+  expect_all_zero(codes, "process sets (2 a sum over the wrong ranks)");
+}
+
 // Join (Horovod's, for inputs of different lengths): rank r has 2 + 2r
 // batches. Each batch's tensors (an allreduce of every op, two fused
 // averages, an allgatherv) must be reduced over the ranks that still have
