@@ -218,6 +218,8 @@ struct EngineImpl {
   std::vector<char> fusion;
   bool stall_abort_decided = false;                     // rank 0
   std::map<std::string, Clock::time_point> warned_at;   // rank 0
+  std::optional<Clock::time_point> join_quiet_since;    // rank 0: some joined, nothing ran
+  Clock::time_point join_warned_at;                     // rank 0
   std::vector<Clock::time_point> partial_since;         // rank 0: cached slots set on some ranks
   std::vector<std::int64_t> partial_since_us;
   // Cached names some ranks have set and others not, with the missing ranks
@@ -576,7 +578,10 @@ struct EngineImpl {
     }
 
     // 6. Stalls (rank 0 decides; every rank acts on its flag next cycle).
-    if (rank == 0) inspect_stalls();
+    if (rank == 0) {
+      inspect_stalls();
+      inspect_join(!ready.empty());
+    }
     timeline.flush();
     return true;
   }
@@ -1064,10 +1069,47 @@ struct EngineImpl {
     return out;
   }
 
+  // Joined and not joined ranks, for the join stall's messages.
+  std::pair<std::vector<int>, std::vector<int>> join_sides() const {
+    std::pair<std::vector<int>, std::vector<int>> out;
+    for (int p = 0; p < size; ++p) (is_joined(p) ? out.first : out.second).push_back(p);
+    return out;
+  }
+
+  // Rank 0: some ranks have joined and the others have neither joined nor
+  // had a tensor run for CHORUS_STALL_WARNING (a rank that never joins
+  // would keep join() waiting forever). A tensor that runs restarts the
+  // clock: the ranks still in are training.
+  void inspect_join(bool progress) {
+    const auto [in, out] = join_sides();
+    if (in.empty() || out.empty()) {
+      join_quiet_since.reset();
+      return;
+    }
+    const auto now = Clock::now();
+    if (!join_quiet_since || progress) join_quiet_since = now;
+    const auto waited = now - *join_quiet_since;
+    if (stall_abort.count() > 0 && waited >= stall_abort) stall_abort_decided = true;
+    if (waited < stall_warning || now - join_warned_at < stall_warning) return;
+    join_warned_at = now;
+    CHORUS_WARN("engine: " << rank_list(in) << (in.size() == 1 ? " has" : " have")
+                           << " joined, but " << rank_list(out)
+                           << " neither joined nor had a tensor run for "
+                           << std::chrono::duration_cast<std::chrono::seconds>(waited).count()
+                           << " s: they may be stalled (CHORUS_STALL_WARNING)");
+  }
+
   std::string stalled_message() const {
     std::ostringstream os;
     os << "the engine stopped: ";
     const auto waiting = waiting_names();
+    const auto [in, out] = join_sides();
+    if (waiting.empty() && !in.empty() && !out.empty()) {
+      os << rank_list(in) << (in.size() == 1 ? " has" : " have") << " joined, but "
+         << rank_list(out) << " neither joined nor had a tensor run within CHORUS_STALL_ABORT ("
+         << stall_abort.count() << " ms)";
+      return os.str();
+    }
     if (waiting.empty()) {
       os << "a tensor waited for other ranks longer than CHORUS_STALL_ABORT ("
          << stall_abort.count() << " ms)";

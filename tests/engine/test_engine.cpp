@@ -880,6 +880,60 @@ TEST(Engine, AnIdleEngineBacksOffAndStillTakesWork) {
                   "hung, 6 its value)");
 }
 
+// A rank that never joins: ranks 0 and 2 join, rank 1 goes quiet. Rank 0
+// must warn naming rank 1; with CHORUS_STALL_ABORT, join() must throw
+// Timeout on ranks 0 and 2 naming rank 1 instead of waiting forever, and
+// rank 1's next submission must fail too.
+TEST(Engine, ARankThatNeverJoinsIsReportedAndJoinFails) {
+  const auto codes = run_ranks(3, [](int rank, int, Communicator& comm, const std::string& dir) {
+    const std::string log = dir + "/stderr-" + std::to_string(rank);
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 2);
+    ::close(fd);
+    EngineConfig cfg;
+    cfg.stall_warning = 200ms;
+    cfg.stall_abort = 1000ms;
+    Engine eng = Engine::start(comm, cfg);
+    std::vector<float> x(4, 1.0f);
+    eng.allreduce("before", x.data(), x.data(), 4, DataType::Float32, ReduceOp::Sum).wait();
+    int rc = 0;
+    if (rank != 1) {
+      try {
+        eng.join();
+        rc = 2;
+      } catch (const chorus::Error& e) {
+        const std::string what = e.what();
+        if (e.code() != ErrorCode::Timeout ||
+            what.find("rank 1 neither joined") == std::string::npos) {
+          std::cerr << "rank " << rank << ": " << what << "\n";
+          rc = 3;
+        }
+      }
+    } else {
+      std::this_thread::sleep_for(2500ms);
+      try {
+        eng.allreduce("late", x.data(), x.data(), 4, DataType::Float32, ReduceOp::Sum).wait();
+        rc = 4;
+      } catch (const chorus::Error& e) {
+        if (e.code() != ErrorCode::Timeout) rc = 5;
+      }
+    }
+    std::fflush(stderr);
+    if (rank == 0 && rc == 0) {
+      std::ifstream in(log);
+      std::stringstream all;
+      all << in.rdbuf();
+      if (all.str().find("engine: ranks 0 and 2 have joined, but rank 1 neither joined nor had a "
+                         "tensor run") == std::string::npos)
+        rc = 6;
+    }
+    return rc;
+  });
+  EXPECT_EQ(codes[0], 0) << "rank 0: 2 join() returned, 3 wrong error, 6 no warning naming rank 1";
+  EXPECT_EQ(codes[1], 0) << "rank 1: 4 a submission after the stop ran, 5 wrong error";
+  EXPECT_EQ(codes[2], 0) << "rank 2: 2 join() returned, 3 wrong error";
+}
+
 // A rank that dies makes the other's waiting tensor fail, naming it.
 TEST(Engine, ADeadRankFailsTheOthersTensors) {
   const auto codes = run_ranks(2, [](int rank, int, Communicator& comm, const std::string&) {
