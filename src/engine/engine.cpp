@@ -170,6 +170,7 @@ constexpr std::chrono::milliseconds kIdleCap{50};
 constexpr std::uint8_t kFlagShutdown = 1;
 constexpr std::uint8_t kFlagStallAbort = 2;
 constexpr std::uint8_t kFlagJoined = 4;  // join(): stand in for every name this rank lacks
+const char* const kJoinRow = "(join)";   // the timeline's row for join rounds
 constexpr std::size_t kHeaderFixed = 8;  // u32 blob bytes, u8 flags, 3 spare
 
 void put(std::string& out, const void* p, std::size_t n) { out.append(static_cast<const char*>(p), n); }
@@ -211,6 +212,7 @@ struct EngineImpl {
   std::vector<bool> joined;       // ranks whose header has the joined flag this cycle
   std::vector<bool> joined_before;         // the same, last cycle
   int newest_joined = -1;                  // the last rank to join, as every rank sees it
+  std::int64_t join_start_us = 0;          // timeline: when this round's first rank joined
   std::map<std::string, Request> pending;  // by name
   std::map<std::string, Entry> table;
   std::vector<Slot> cache;
@@ -406,7 +408,15 @@ struct EngineImpl {
       if ((header(p)[4] & kFlagJoined) != 0) {
         joined[static_cast<std::size_t>(p)] = true;
         ++joined_count;
-        if (joined_before.empty() || !joined_before[static_cast<std::size_t>(p)]) newest_joined = p;
+        if (joined_before.empty() || !joined_before[static_cast<std::size_t>(p)]) {
+          newest_joined = p;
+          if (timeline.open()) {
+            if (std::count(joined_before.begin(), joined_before.end(), true) == 0 &&
+                joined_count == 1)
+              join_start_us = now_us();  // the round's first
+            timeline.instant(kJoinRow, "rank " + std::to_string(p) + " joined", now_us());
+          }
+        }
       }
     }
     const bool all_stop = static_cast<int>(quitting.size()) == size;
@@ -569,6 +579,9 @@ struct EngineImpl {
       }
       join_cv.notify_all();
       joined.assign(static_cast<std::size_t>(size), false);
+      if (timeline.open())
+        timeline.complete(kJoinRow, "JOIN", join_start_us, now_us() - join_start_us,
+                          "\"last\": " + std::to_string(newest_joined));
     }
     if (all_stop) {
       stop(Error(ErrorCode::Aborted,

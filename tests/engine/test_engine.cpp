@@ -978,6 +978,9 @@ TEST(Engine, TheTimelineIsValidJsonWithEveryPhase) {
       }
       for (auto& w : ws) w.wait();
     }
+    // A join round: rank 1 joins a few cycles after rank 0.
+    if (rank == 1) std::this_thread::sleep_for(100ms);
+    if (eng.join() != 1) return 6;
     eng.shutdown();
     eng = Engine();
     if (rank != 0) return 0;
@@ -999,6 +1002,7 @@ TEST(Engine, TheTimelineIsValidJsonWithEveryPhase) {
       const std::string name = ev.at("name");
       ++count[name];
       if (name == "process_name") rows.push_back(ev.at("args").at("name"));
+      if (name == "JOIN" && ev.at("args").at("last") != 1) return 7;
       if (name == "ALLREDUCE") {
         const int t = ev.at("args").at("tensors");
         if (t < 1 || t > 3) return 3;
@@ -1011,18 +1015,20 @@ TEST(Engine, TheTimelineIsValidJsonWithEveryPhase) {
       return 3;
     }
     std::sort(rows.begin(), rows.end());
-    if (rows != std::vector<std::string>{"grad/\"0\"", "grad/\"1\"", "grad/\"2\""}) return 4;
+    if (rows != std::vector<std::string>{"(join)", "grad/\"0\"", "grad/\"1\"", "grad/\"2\""})
+      return 4;
     if (count["NEGOTIATE_allreduce"] != 3 || count["NEGOTIATE_allreduce (cached)"] != 3 ||
-        count["rank 0 ready"] != 3 || count["rank 1 ready"] != 3 ||
-        count["ALLREDUCE"] != 6 || count["MEMCPY_IN_FUSION_BUFFER"] != shared ||
-        count["MEMCPY_OUT_FUSION_BUFFER"] != shared) {
+        count["rank 0 ready"] != 3 || count["rank 1 ready"] != 3 || count["ALLREDUCE"] != 6 ||
+        count["MEMCPY_IN_FUSION_BUFFER"] != shared || count["MEMCPY_OUT_FUSION_BUFFER"] != shared ||
+        count["rank 0 joined"] != 1 || count["rank 1 joined"] != 1 || count["JOIN"] != 1) {
       for (const auto& [k, v] : count) std::cerr << k << ": " << v << "\n";
       return 5;
     }
     return 0;
   });
-  EXPECT_EQ(codes[0], 0) << "rank 0: 2 not JSON, 3 not fused, 4 wrong rows, 5 wrong events";
-  EXPECT_EQ(codes[1], 0);
+  EXPECT_EQ(codes[0], 0) << "rank 0: 2 not JSON, 3 not fused, 4 wrong rows, 5 wrong events, "
+                            "6 join() did not return 1, 7 JOIN names another last rank";
+  EXPECT_EQ(codes[1], 0) << "rank 1: 6 join() did not return 1";
 }
 
 // Bad arguments fail at once, in the caller's thread.
