@@ -41,6 +41,7 @@
 #include <tuple>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace chorus {
@@ -210,7 +211,6 @@ struct EngineImpl {
   std::uint64_t cycle_no = 0;
   std::uint64_t idle_streak = 0;  // cycles in a row with nothing announced or waiting anywhere
   std::vector<bool> joined;       // ranks whose header has the joined flag this cycle
-  std::vector<bool> joined_before;         // the same, last cycle
   int newest_joined = -1;                  // the last rank to join, as every rank sees it
   std::int64_t join_start_us = 0;          // timeline: when this round's first rank joined
   std::map<std::string, Request> pending;  // by name
@@ -396,8 +396,10 @@ struct EngineImpl {
     std::uint32_t longest = 0;
     bool abort_stall = false;
     std::vector<int> quitting;  // ranks whose shutdown() has begun
-    joined_before = joined;
-    joined.assign(static_cast<std::size_t>(size), false);
+    // Joined last cycle (empty at the first, all false after a round ended).
+    const std::vector<bool> before =
+        std::exchange(joined, std::vector<bool>(static_cast<std::size_t>(size), false));
+    const bool round_starts = std::count(before.begin(), before.end(), true) == 0;
     int joined_count = 0;
     for (int p = 0; p < size; ++p) {
       std::uint32_t b = 0;
@@ -408,12 +410,10 @@ struct EngineImpl {
       if ((header(p)[4] & kFlagJoined) != 0) {
         joined[static_cast<std::size_t>(p)] = true;
         ++joined_count;
-        if (joined_before.empty() || !joined_before[static_cast<std::size_t>(p)]) {
+        if (!is_in(before, p)) {
           newest_joined = p;
           if (timeline.open()) {
-            if (std::count(joined_before.begin(), joined_before.end(), true) == 0 &&
-                joined_count == 1)
-              join_start_us = now_us();  // the round's first
+            if (round_starts && joined_count == 1) join_start_us = now_us();
             timeline.instant(kJoinRow, "rank " + std::to_string(p) + " joined", now_us());
           }
         }
@@ -519,21 +519,25 @@ struct EngineImpl {
     }
     std::vector<std::pair<std::uint64_t, std::string>> done_names;
     for (auto& [name, e] : table)
-      if (missing_from(e).empty()) done_names.emplace_back(e.order, name);
+      if (e.have == size || (joined_count > 0 && missing_from(e).empty()))
+        done_names.emplace_back(e.order, name);
     std::sort(done_names.begin(), done_names.end());
     for (const auto& [order, name] : done_names) {
       Entry& e = table[name];
-      int first = 0;  // the lowest rank that announced it (0 unless it joined without)
-      while (!e.by_rank[static_cast<std::size_t>(first)]) ++first;
-      Ready r{name, *e.by_rank[static_cast<std::size_t>(first)], false, {}, e.first_us};
+      // The lowest rank that announced it is the reference (0 unless it
+      // joined without); joined ranks without it are absent.
+      int first = -1;
       std::vector<int> differ, absent;
-      for (int p = first + 1; p < size; ++p) {
+      for (int p = 0; p < size; ++p) {
         const auto& d = e.by_rank[static_cast<std::size_t>(p)];
         if (!d)
           absent.push_back(p);
-        else if (!agree(*d, r.desc))
+        else if (first < 0)
+          first = p;
+        else if (!agree(*d, *e.by_rank[static_cast<std::size_t>(first)]))
           differ.push_back(p);
       }
+      Ready r{name, *e.by_rank[static_cast<std::size_t>(first)], false, {}, e.first_us};
       if (!differ.empty()) {
         std::ostringstream os;
         os << "tensor '" << name << "' was submitted as " << describe(r.desc) << " on rank "
@@ -549,8 +553,6 @@ struct EngineImpl {
           r.counts.push_back(d ? static_cast<std::size_t>(d->count) : 0);  // a joined rank: none
         }
       }
-      for (int p = 0; p < first; ++p) absent.push_back(p);
-      std::sort(absent.begin(), absent.end());
       stand_in(r, std::move(absent));
       if (timeline.open()) {
         timeline.complete(name, "NEGOTIATE_" + std::string(kind_name(r.desc.kind)), e.first_us,
@@ -599,7 +601,10 @@ struct EngineImpl {
     return true;
   }
 
-  bool is_joined(int p) const { return !joined.empty() && joined[static_cast<std::size_t>(p)]; }
+  static bool is_in(const std::vector<bool>& ranks, int p) {
+    return !ranks.empty() && ranks[static_cast<std::size_t>(p)];
+  }
+  bool is_joined(int p) const { return is_in(joined, p); }
 
   // The ranks a table name still waits for: those that neither announced
   // it nor joined.
