@@ -69,6 +69,7 @@ const Collective& broadcast_collective();
 const Collective& allgather_collective();
 const Collective& reduce_scatter_collective();
 const Collective& alltoall_collective();
+const Collective& alltoallv_collective();
 
 // The collective called `name`, or nullptr.
 const Collective* find_collective(const std::string& name);

@@ -31,6 +31,8 @@ const char* to_string(Coll c) noexcept {
     case Coll::Barrier: return "barrier";
     case Coll::SendRecv: return "send/recv";
     case Coll::Split: return "split";
+    case Coll::Alltoallv:
+      return "alltoallv";
   }
   return "unknown-collective";
 }
@@ -52,6 +54,18 @@ std::string describe(const CallDesc& d) {
 void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, int peer) {
   if (mine == theirs) return;
   std::ostringstream os;
+  CallDesc same_count = theirs;
+  same_count.count = mine.count;
+  if (mine.coll == Coll::Alltoallv && same_count == mine) {
+    // The one call whose count differs from message to message: the pair's
+    // counts are what disagree.
+    os << "ranks disagree on the counts of " << to_string(mine.coll) << " #" << mine.seq
+       << ": rank " << peer << " sends " << theirs.count << " elements to rank " << my_rank
+       << " (its sendcounts[" << my_rank << "]) but rank " << my_rank << " expects " << mine.count
+       << " from rank " << peer << " (its recvcounts[" << peer
+       << "]). sendcounts[j] on rank i must equal recvcounts[i] on rank j";
+    throw Error(ErrorCode::InvalidUsage, os.str(), peer);
+  }
   os << "ranks disagree on the call: rank " << peer << " called " << describe(theirs) << " but rank "
      << my_rank << " called " << describe(mine)
      << ". Every rank must issue the same collectives, in the same order, with the same count, "

@@ -60,6 +60,10 @@ enum class Coll : std::uint8_t {
   Barrier = 9,
   SendRecv = 10,  // point-to-point: send() on one side, recv() on the other
   Split = 11,
+  // Alltoall with per-pair counts: each message's count is the elements it
+  // carries (the sender's sendcounts[receiver], the receiver's
+  // recvcounts[sender]), so that a pair that disagrees fails as a mismatch.
+  Alltoallv = 12,
 };
 
 const char* to_string(Coll c) noexcept;

@@ -182,6 +182,16 @@ CHORUS_C_API chorus_status_t chorus_scatter(chorus_comm_t comm, const void* send
 CHORUS_C_API chorus_status_t chorus_alltoall(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
                                              size_t count, chorus_dtype_t dtype,
                                              const chorus_options_t* options, chorus_work_t* work);
+/* Alltoall with per-pair counts: sendcounts and recvcounts hold one count
+ * per rank (chorus_comm_size of them); this rank sends sendcounts[j]
+ * elements to rank j and receives recvcounts[i] from rank i, blocks packed
+ * in rank order. sendcounts[j] on rank i must equal recvcounts[i] on rank j
+ * (else CHORUS_INVALID_USAGE on both). The counts are copied before the call
+ * returns; the buffers must not overlap. */
+CHORUS_C_API chorus_status_t chorus_alltoallv(chorus_comm_t comm, const void* sendbuf,
+                                              const size_t* sendcounts, void* recvbuf,
+                                              const size_t* recvcounts, chorus_dtype_t dtype,
+                                              const chorus_options_t* options, chorus_work_t* work);
 CHORUS_C_API chorus_status_t chorus_barrier(chorus_comm_t comm, const chorus_options_t* options,
                                             chorus_work_t* work);
 CHORUS_C_API chorus_status_t chorus_send(chorus_comm_t comm, const void* buf, size_t count,

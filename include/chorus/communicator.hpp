@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -137,7 +138,8 @@ class CHORUS_API Communicator {
   std::string transport_name() const;
   /// The algorithm this communicator would run for a call of `collective`
   /// ("allreduce", "broadcast", "allgather", "reduce_scatter", "reduce",
-  /// "gather", "scatter", "alltoall", "barrier") with `count` elements of
+  /// "gather", "scatter", "alltoall", "alltoallv" (alltoall's pairwise
+  /// exchange, `count` per pair), "barrier") with `count` elements of
   /// `dtype`: the one CHORUS_ALGO forces, else the cheapest under the
   /// selector's cost model (docs/algorithms.md). Every rank gets the same
   /// answer. Throws Error(InvalidArgument) for an unknown collective, or when
@@ -186,6 +188,19 @@ class CHORUS_API Communicator {
   /// recvbuf. sendbuf and recvbuf must not overlap.
   void alltoall(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,
                 const CallOptions& options = {});
+  /// Alltoall with counts that differ per pair (MPI_Alltoallv, Gloo's
+  /// alltoallv, torch's all_to_all_single with split sizes): this rank sends
+  /// sendcounts[j] elements to rank j and receives recvcounts[i] elements
+  /// from rank i. Blocks are packed in rank order: block j of sendbuf starts
+  /// after blocks 0..j-1, and likewise in recvbuf. Each span holds size()
+  /// counts, and sendcounts[j] on rank i must equal recvcounts[i] on rank j:
+  /// a pair that disagrees fails on both ranks with Error(InvalidUsage)
+  /// naming both counts (every pair exchanges a message, empty or not).
+  /// sendbuf and recvbuf must not overlap. Host or device memory, like
+  /// every collective; device buffers always go through pinned host memory.
+  void alltoallv(const void* sendbuf, std::span<const std::size_t> sendcounts, void* recvbuf,
+                 std::span<const std::size_t> recvcounts, DataType dtype,
+                 const CallOptions& options = {});
   /// Returns once every rank has entered the barrier.
   void barrier(const CallOptions& options = {});
   /// Sends `count` elements to rank `peer`, which must post a matching recv.
@@ -219,6 +234,11 @@ class CHORUS_API Communicator {
   /// Asynchronous alltoall; see alltoall().
   Work alltoall_async(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,
                       const CallOptions& options = {});
+  /// Asynchronous alltoallv; see alltoallv(). The counts are copied: only
+  /// the buffers must stay valid until the Work completes.
+  Work alltoallv_async(const void* sendbuf, std::span<const std::size_t> sendcounts, void* recvbuf,
+                       std::span<const std::size_t> recvcounts, DataType dtype,
+                       const CallOptions& options = {});
   /// Asynchronous barrier; see barrier().
   Work barrier_async(const CallOptions& options = {});
   /// Asynchronous send; see send(). Async calls run one at a time in call

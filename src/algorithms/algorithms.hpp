@@ -165,6 +165,16 @@ extern const Algorithm kDisseminationBarrier;        // rooted.cpp
 
 // ---- building blocks shared by several algorithms --------------------------
 
+// Alltoallv by pairwise exchange (its only algorithm, outside the selector,
+// whose calls have one count): block j of `send` (sendcounts[j] elements,
+// blocks packed in rank order) goes to rank j, block i of `recv`
+// (recvcounts[i] elements) comes from rank i. Every pair exchanges a
+// message, empty ones included, each described with its own count (the
+// sender's sendcounts[j], the receiver's recvcounts[i]), so that counts
+// that disagree fail as a mismatch instead of as a short message.
+void pairwise_alltoallv(Context& c, const void* send, std::span<const std::size_t> sendcounts,
+                        void* recv, std::span<const std::size_t> recvcounts, DataType dtype);
+
 // Ring allreduce as ring reduce-scatter + ring allgather, chunked and
 // pipelined: the send of chunk k in step s starts as soon as chunk k of step
 // s-1 has been reduced, so sending and reducing overlap.

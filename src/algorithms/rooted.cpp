@@ -69,6 +69,43 @@ void pairwise_alltoall(Context& c, const void* send, void* recv, std::size_t cou
   c.t.wait(reqs, c.deadline);
 }
 
+}  // namespace
+
+void pairwise_alltoallv(Context& c, const void* send, std::span<const std::size_t> sendcounts,
+                        void* recv, std::span<const std::size_t> recvcounts, DataType dtype) {
+  const int n = c.size;
+  const std::size_t es = size_of(dtype);
+  const auto un = static_cast<std::size_t>(n);
+  std::vector<std::size_t> soff(un + 1, 0), roff(un + 1, 0);
+  for (std::size_t j = 0; j < un; ++j) {
+    soff[j + 1] = soff[j] + sendcounts[j] * es;
+    roff[j + 1] = roff[j] + recvcounts[j] * es;
+  }
+  const char* in = static_cast<const char*>(send);
+  char* out = static_cast<char*>(recv);
+  const auto me = static_cast<std::size_t>(c.rank);
+  if (sendcounts[me] > 0) std::memcpy(out + roff[me], in + soff[me], sendcounts[me] * es);
+  std::vector<transport::Request> reqs;
+  reqs.reserve(2 * un);
+  transport::CallDesc d = c.call;
+  for (int s = 1; s < n; ++s) {
+    const auto from = static_cast<std::size_t>((c.rank - s + n) % n);
+    d.count = recvcounts[from];
+    reqs.push_back(c.t.irecv(static_cast<int>(from), d,
+                             recvcounts[from] > 0 ? out + roff[from] : nullptr,
+                             recvcounts[from] * es, transport::Combine::copy()));
+  }
+  for (int s = 1; s < n; ++s) {
+    const auto to = static_cast<std::size_t>((c.rank + s) % n);
+    d.count = sendcounts[to];
+    reqs.push_back(c.t.isend(static_cast<int>(to), d, sendcounts[to] > 0 ? in + soff[to] : nullptr,
+                             sendcounts[to] * es));
+  }
+  c.t.wait(reqs, c.deadline);
+}
+
+namespace {
+
 void dissemination_barrier(Context& c) {
   const int n = c.size;
   for (int k = 1; k < n; k *= 2) {

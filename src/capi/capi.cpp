@@ -452,6 +452,29 @@ chorus_status_t chorus_alltoall(chorus_comm_t comm, const void* sendbuf, void* r
       });
 }
 
+chorus_status_t chorus_alltoallv(chorus_comm_t comm, const void* sendbuf, const size_t* sendcounts,
+                                 void* recvbuf, const size_t* recvcounts, chorus_dtype_t dtype,
+                                 const chorus_options_t* options, chorus_work_t* work) {
+  // size() counts each; the spans are read (and copied) before the call returns.
+  auto counts = [&](const size_t* p, const char* what) {
+    need(p, what);
+    return std::span<const std::size_t>(p, static_cast<std::size_t>(comm_of(comm).size()));
+  };
+  auto sc = [&] { return counts(sendcounts, "sendcounts"); };
+  auto rc = [&] { return counts(recvcounts, "recvcounts"); };
+  return run(
+      work,
+      [&] {
+        const auto s = sc(), r = rc();
+        comm_of(comm).alltoallv(sendbuf, s, recvbuf, r, dtype_of(dtype), options_of(options));
+      },
+      [&] {
+        const auto s = sc(), r = rc();
+        return comm_of(comm).alltoallv_async(sendbuf, s, recvbuf, r, dtype_of(dtype),
+                                             options_of(options));
+      });
+}
+
 chorus_status_t chorus_barrier(chorus_comm_t comm, const chorus_options_t* options,
                                chorus_work_t* work) {
   return run(

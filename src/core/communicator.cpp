@@ -434,6 +434,14 @@ struct CommImpl {
     a.run(ctx, args);
   }
 
+  // An alltoallv on host buffers (its only algorithm, pairwise exchange).
+  void run_alltoallv(const CallDesc& call, const void* s, void* r,
+                     std::span<const std::size_t> sendcounts,
+                     std::span<const std::size_t> recvcounts, transport::Deadline dl) {
+    algo::Context ctx = context(call, dl);
+    algo::pairwise_alltoallv(ctx, s, sendcounts, r, recvcounts, call.dtype);
+  }
+
   // Fails the call if the GPU reported an error after an earlier device call
   // returned; the communicator is unusable from then on.
   void check_device_error() {
@@ -797,6 +805,9 @@ std::optional<Coll> coll_from_name(const std::string& name) {
   for (Coll c : {Coll::Allreduce, Coll::Broadcast, Coll::Allgather, Coll::ReduceScatter, Coll::Reduce,
                  Coll::Gather, Coll::Scatter, Coll::Alltoall, Coll::Barrier})
     if (name == algo::coll_key(c)) return c;
+  // Alltoallv runs alltoall's one algorithm (pairwise); a count per pair
+  // there is the alltoall's block.
+  if (name == "alltoallv") return Coll::Alltoall;
   return std::nullopt;
 }
 }  // namespace
@@ -936,8 +947,14 @@ void need_gpu(const CallOptions& o) {
 // A call on device buffers: the device engine runs it in the call's turn.
 // An asynchronous one marks, now, where it enters its stream: it runs later,
 // on the worker, after the work queued there before the call.
+// An alltoallv's counts, kept for the call's run (an asynchronous one
+// outlives the caller's spans).
+struct VCounts {
+  std::vector<std::size_t> send, recv;
+};
+
 Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal, int peer,
-                const CallOptions& o, bool async) {
+                const CallOptions& o, bool async, std::shared_ptr<const VCounts> v = nullptr) {
   call.device = true;
   call.algo = 0;
   std::shared_ptr<device::Entry> entry;
@@ -953,23 +970,34 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
     if (call.coll != Coll::SendRecv) call.seq = c.coll_seq++;
   }
   CHORUS_TRACE(transport::describe(call) << " on GPU " << ordinal);
-  return c.submit([&c, call, s, r, ordinal, peer, o, entry] {
-    device::Request req;
-    req.call = call;
-    req.send = s;
-    req.recv = r;
-    req.stream = o.stream;
-    req.ordinal = ordinal;
-    req.entry = entry.get();
-    req.deadline = c.deadline(o);
-    c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
-      // An algorithm forced for this call names one of its collective: the
-      // engine's other steps (the alltoall of a reduction combined on the
-      // GPU) take the selector's choice.
-      c.run_host(part, ps, pr, part.coll == call.coll ? o.algorithm : std::string(), req.deadline,
-                 peer);
-    });
-  }, async);
+  return c.submit(
+      [&c, call, s, r, ordinal, peer, o, entry, v] {
+        device::Request req;
+        req.call = call;
+        req.send = s;
+        req.recv = r;
+        req.stream = o.stream;
+        req.ordinal = ordinal;
+        req.entry = entry.get();
+        req.deadline = c.deadline(o);
+        if (v) {
+          const std::size_t es = size_of(call.dtype);
+          for (std::size_t k : v->send) req.send_bytes += k * es;
+          for (std::size_t k : v->recv) req.recv_bytes += k * es;
+        }
+        c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
+          if (v) {
+            c.run_alltoallv(part, ps, pr, v->send, v->recv, req.deadline);
+            return;
+          }
+          // An algorithm forced for this call names one of its collective: the
+          // engine's other steps (the alltoall of a reduction combined on the
+          // GPU) take the selector's choice.
+          c.run_host(part, ps, pr, part.coll == call.coll ? o.algorithm : std::string(),
+                     req.deadline, peer);
+        });
+      },
+      async);
 }
 
 // Chooses the algorithm (in the caller's thread, so that a forced algorithm
@@ -1105,6 +1133,69 @@ Work op_alltoall(CommImpl& c, const void* s, void* r, std::size_t count, DataTyp
   if (overlaps(s, total, r, total))
     throw Error(ErrorCode::InvalidArgument, "alltoall: sendbuf and recvbuf must not overlap");
   return run_collective(c, make_call(c, Coll::Alltoall, t, ReduceOp::Sum, -1, count), {s, r}, o, async);
+}
+
+Work op_alltoallv(CommImpl& c, const void* s, std::span<const std::size_t> sendcounts, void* r,
+                  std::span<const std::size_t> recvcounts, DataType t, const CallOptions& o,
+                  bool async) {
+  check_dtype(t);
+  const auto n = static_cast<std::size_t>(c.size);
+  if (sendcounts.size() != n || recvcounts.size() != n)
+    throw Error(ErrorCode::InvalidArgument,
+                "alltoallv: sendcounts has " + std::to_string(sendcounts.size()) +
+                    " entries and recvcounts " + std::to_string(recvcounts.size()) +
+                    "; each needs one per rank (" + std::to_string(n) + ")");
+  const auto me = static_cast<std::size_t>(c.rank);
+  if (sendcounts[me] != recvcounts[me])
+    throw Error(ErrorCode::InvalidArgument,
+                "alltoallv: sendcounts[" + std::to_string(me) + "] is " +
+                    std::to_string(sendcounts[me]) + " but recvcounts[" + std::to_string(me) +
+                    "] is " + std::to_string(recvcounts[me]) +
+                    ": what this rank sends itself is what it receives from itself");
+  // Totals within 2^48 bytes, entry by entry (a wrapped negative count is
+  // named before the sum overflows).
+  std::size_t send_total = 0, recv_total = 0;
+  for (std::size_t j = 0; j < n; ++j) {
+    check_count(sendcounts[j], 1, t, "alltoallv");
+    check_count(recvcounts[j], 1, t, "alltoallv");
+    send_total += sendcounts[j];
+    recv_total += recvcounts[j];
+  }
+  check_count(send_total, 1, t, "alltoallv");
+  check_count(recv_total, 1, t, "alltoallv");
+  check_buffer(s, send_total, "sendbuf", "alltoallv");
+  check_buffer(r, recv_total, "recvbuf", "alltoallv");
+  const std::size_t es = size_of(t);
+  if (overlaps(s, send_total * es, r, recv_total * es))
+    throw Error(ErrorCode::InvalidArgument, "alltoallv: sendbuf and recvbuf must not overlap");
+  if (!o.algorithm.empty() && o.algorithm != "pairwise")
+    throw Error(ErrorCode::InvalidArgument,
+                "alltoallv: no algorithm '" + o.algorithm + "'; its one algorithm is 'pairwise'");
+  c.check_device_error();
+  auto v = std::make_shared<VCounts>();
+  v->send.assign(sendcounts.begin(), sendcounts.end());
+  v->recv.assign(recvcounts.begin(), recvcounts.end());
+  // Each message carries its own count; the call's is 0.
+  CallDesc call = make_call(c, Coll::Alltoallv, t, ReduceOp::Sum, -1, 0);
+  // A rank with nothing to move still says which kind of memory its
+  // buffers are (the ranks' messages differ between the two): only null
+  // buffers go unasked.
+  CallDesc sized = call;
+  sized.count = 1;
+  if (const auto gpu = device_of(sized, s, r, s != nullptr, r != nullptr))
+    return run_device(c, call, s, r, *gpu, -1, o, async, std::move(v));
+  need_gpu(o);
+  auto run = [&c, s, r, o, v](const CallDesc& d) {
+    CHORUS_TRACE(transport::describe(d) << " with pairwise");
+    if (o.stream != nullptr) device::synchronize(o.stream);
+    c.run_alltoallv(d, s, r, v->send, v->recv, c.deadline(o));
+  };
+  if (!async) return c.submit([&] { run(call); }, false, &call.seq);
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    call.seq = c.coll_seq++;
+  }
+  return c.submit([run, call] { run(call); }, true);
 }
 
 Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {
@@ -1243,6 +1334,16 @@ void Communicator::alltoall(const void* s, void* r, std::size_t n, DataType t, c
 Work Communicator::alltoall_async(const void* s, void* r, std::size_t n, DataType t,
                                   const CallOptions& o) {
   return op_alltoall(need(impl_), s, r, n, t, o, true);
+}
+void Communicator::alltoallv(const void* s, std::span<const std::size_t> sendcounts, void* r,
+                             std::span<const std::size_t> recvcounts, DataType t,
+                             const CallOptions& o) {
+  op_alltoallv(need(impl_), s, sendcounts, r, recvcounts, t, o, false);
+}
+Work Communicator::alltoallv_async(const void* s, std::span<const std::size_t> sendcounts, void* r,
+                                   std::span<const std::size_t> recvcounts, DataType t,
+                                   const CallOptions& o) {
+  return op_alltoallv(need(impl_), s, sendcounts, r, recvcounts, t, o, true);
 }
 void Communicator::barrier(const CallOptions& o) { op_barrier(need(impl_), o, false); }
 Work Communicator::barrier_async(const CallOptions& o) { return op_barrier(need(impl_), o, true); }

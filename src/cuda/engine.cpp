@@ -299,6 +299,8 @@ class CudaEngine final : public Engine {
     // an all-to-all, so the first collective makes it.
     const bool p2p = r.call.coll == Coll::SendRecv;
     if (!introduced_ && !p2p) introduce(r);
+    // An alltoallv's counts differ per rank: it stages, whatever its size.
+    const bool staged_only = p2p || r.call.coll == Coll::Alltoallv;
     // Without a stream the call is blocking and ordered like a cudaMemcpy: on
     // the legacy default stream, after the work queued there.
     const cudaStream_t user =
@@ -314,7 +316,8 @@ class CudaEngine final : public Engine {
     // CHORUS_CUDA_IPC_MIN_BYTES sends smaller calls through the staged path;
     // the call's size, not a rank's buffers, decides, so every rank agrees.
     const std::size_t call_bytes = static_cast<std::size_t>(r.call.count) * size_of(r.call.dtype);
-    if (ipc_ && !p2p && call_bytes >= ipc_min_bytes_) run_ipc(r, st);
+    if (ipc_ && !staged_only && call_bytes >= ipc_min_bytes_)
+      run_ipc(r, st);
     else run_staged(r, st, host);
     if (r.stream == nullptr) {
       CHORUS_CUDA(cudaStreamSynchronize(st));
@@ -769,7 +772,8 @@ class CudaEngine final : public Engine {
   // not elementwise, and send/recv.
   void run_staged(const Request& r, cudaStream_t st, const HostRunner& host) {
     const CallDesc& c = r.call;
-    const Sizes sz = sizes_of(c, s_.rank, s_.size);
+    const Sizes sz = c.coll == Coll::Alltoallv ? Sizes{r.send_bytes, r.recv_bytes}
+                                               : sizes_of(c, s_.rank, s_.size);
     if (c.coll == Coll::ReduceScatter && combines_on_gpu(c)) {
       run_reduce_scatter_on_gpu(r, st, host);
       return;

@@ -126,6 +126,24 @@ static void collectives(chorus_comm_t comm, int rank, int n) {
   OK(chorus_alltoall(comm, a_in, a_out, 1, CHORUS_INT32, NULL, NULL));
   for (int k = 0; k < n; ++k)
     CHECK(a_out[k] == k * 100 + rank, "alltoall element %d: %d", k, a_out[k]);
+  /* alltoallv: rank i sends rank j (i + j) % 3 elements of value 1000 i + 10 j + k. */
+  int32_t v_in[64], v_out[64];
+  size_t v_send[16], v_recv[16];
+  int at = 0;
+  for (int j = 0; j < n; ++j) {
+    v_send[j] = (size_t)((rank + j) % 3);
+    v_recv[j] = (size_t)((j + rank) % 3);
+    for (int k = 0; k < (rank + j) % 3; ++k) v_in[at++] = 1000 * rank + 10 * j + k;
+  }
+  chorus_work_t vw = NULL;
+  OK(chorus_alltoallv(comm, v_in, v_send, v_out, v_recv, CHORUS_INT32, NULL, &vw));
+  OK(chorus_work_wait(vw, 60000, NULL));
+  chorus_work_free(vw);
+  at = 0;
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < (i + rank) % 3; ++k, ++at)
+      CHECK(v_out[at] == 1000 * i + 10 * rank + k, "alltoallv from rank %d element %d: %d", i, k,
+            v_out[at]);
   OK(chorus_barrier(comm, NULL, NULL));
 }
 
@@ -389,6 +407,8 @@ static void bad_arguments(chorus_comm_t comm) {
   FAILS(chorus_allreduce(comm, x, x, 4, CHORUS_FLOAT32, CHORUS_SUM, &o, NULL),
         CHORUS_INVALID_ARGUMENT, "no_such_algorithm");
   FAILS(chorus_comm_rank(comm, NULL), CHORUS_INVALID_ARGUMENT, "rank is NULL");
+  FAILS(chorus_alltoallv(comm, x, NULL, x, NULL, CHORUS_FLOAT32, NULL, NULL),
+        CHORUS_INVALID_ARGUMENT, "sendcounts is NULL");
   /* Bad arguments leave the communicator usable. */
   OK(chorus_comm_error(comm));
   OK(chorus_barrier(comm, NULL, NULL));

@@ -6,9 +6,12 @@
 
 #include <chorus/communicator.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 namespace chorus_test {
 namespace {
@@ -145,6 +148,74 @@ WorkerReply run_alltoall(WorkerContext& x, const Case& c) {
   return chk.reply();
 }
 
+// How many elements rank i sends rank j in an alltoallv case: a hash of the
+// pair in [0, count], and 0 for every pair with (7i + j) % 5 == 0 (rank 0
+// to itself among them), so that empty blocks occur at every count.
+std::uint64_t pair_count(const Case& c, int i, int j) {
+  if (c.count == 0 || (7 * i + j) % 5 == 0) return 0;
+  const std::uint64_t h = mix(c.seed ^ (static_cast<std::uint64_t>(i) * 0x9E3779B97F4A7C15ull) ^
+                              (static_cast<std::uint64_t>(j + 1) * 0xBF58476D1CE4E5B9ull));
+  return h % (c.count + 1);
+}
+
+// Element k of the block rank i sends rank j: identifies both ranks and k.
+std::uint64_t pair_index(int j, std::uint64_t k) {
+  return (static_cast<std::uint64_t>(j) << 40) + k;
+}
+
+// Alltoallv: blocks of per-pair counts, packed in rank order. Odd seeds go
+// through alltoallv_async.
+template <typename T>
+WorkerReply run_alltoallv(WorkerContext& x, const Case& c) {
+  const auto n = static_cast<std::size_t>(x.size);
+  std::vector<std::size_t> sendcounts(n), recvcounts(n);
+  std::uint64_t send_total = 0, recv_total = 0;
+  for (int j = 0; j < x.size; ++j) {
+    sendcounts[static_cast<std::size_t>(j)] = pair_count(c, x.rank, j);
+    recvcounts[static_cast<std::size_t>(j)] = pair_count(c, j, x.rank);
+    send_total += sendcounts[static_cast<std::size_t>(j)];
+    recv_total += recvcounts[static_cast<std::size_t>(j)];
+  }
+  Checker chk;
+  Buffer send(send_total * sizeof(T), c.misalign);
+  Buffer recv(recv_total * sizeof(T), recv_misalign(c));
+  std::uint64_t at = 0;
+  for (int j = 0; j < x.size; ++j) {
+    const std::uint64_t m = sendcounts[static_cast<std::size_t>(j)];
+    fill<T>(send.data() + at * sizeof(T), m,
+            [&](std::uint64_t k) { return payload(c, x.rank, pair_index(j, k)); });
+    at += m;
+  }
+  if ((c.seed & 1) != 0) {
+    chorus::Work w =
+        x.comm.alltoallv_async(send.data(), sendcounts, recv.data(), recvcounts, c.dtype);
+    // The counts are the call's: changing them now must not matter.
+    std::fill(sendcounts.begin(), sendcounts.end(), std::size_t{0});
+    std::fill(recvcounts.begin(), recvcounts.end(), std::size_t{0});
+    w.wait();
+  } else {
+    x.comm.alltoallv(send.data(), sendcounts, recv.data(), recvcounts, c.dtype);
+  }
+  at = 0;
+  for (int i = 0; i < x.size; ++i) {
+    const std::uint64_t m = pair_count(c, i, x.rank);
+    chk.expect<T>("recvbuf block " + std::to_string(i), recv.data() + at * sizeof(T), m,
+                  [&](std::uint64_t k) { return payload(c, i, pair_index(x.rank, k)); });
+    at += m;
+  }
+  chk.guards("recvbuf", recv);
+  at = 0;
+  for (int j = 0; j < x.size; ++j) {
+    const std::uint64_t m = pair_count(c, x.rank, j);
+    chk.expect<T>("sendbuf block " + std::to_string(j) + " (must not change)",
+                  send.data() + at * sizeof(T), m,
+                  [&](std::uint64_t k) { return payload(c, x.rank, pair_index(j, k)); });
+    at += m;
+  }
+  chk.guards("sendbuf", send);
+  return chk.reply();
+}
+
 // Ring shift: rank r sends to r+1 and receives from r-1.
 template <typename T>
 WorkerReply run_sendrecv(WorkerContext& x, const Case& c) {
@@ -191,6 +262,8 @@ WorkerReply run_moving_case(WorkerContext& x, const Case& c) {
       case Coll::Gather: return run_gather<T>(x, c);
       case Coll::Scatter: return run_scatter<T>(x, c);
       case Coll::Alltoall: return run_alltoall<T>(x, c);
+      case Coll::Alltoallv:
+        return run_alltoallv<T>(x, c);
       case Coll::SendRecv: return run_sendrecv<T>(x, c);
       default: throw std::logic_error("run_moving_case: not one of this file's collectives");
     }

@@ -41,6 +41,7 @@ enum class Coll : std::uint8_t {
   Gather,
   Scatter,
   Alltoall,
+  Alltoallv,
   SendRecv,
   Barrier,
   AsyncOrder,

@@ -83,6 +83,8 @@ const char* coll_name(Coll c) {
     case Coll::Gather: return "gather";
     case Coll::Scatter: return "scatter";
     case Coll::Alltoall: return "alltoall";
+    case Coll::Alltoallv:
+      return "alltoallv";
     case Coll::SendRecv: return "sendrecv";
     case Coll::Barrier: return "barrier";
     case Coll::AsyncOrder: return "async_order";
@@ -161,7 +163,8 @@ std::string case_label(const Case& c) {
   s << "_" << type_name(c.dtype) << "_c" << c.count;
   if (reduces(c.coll)) s << "_" << op_name(c.op);
   if (c.coll == Coll::SendRecv) s << (c.async ? "_async" : "_blocking");
-  else if (c.coll != Coll::Alltoall) s << (c.in_place ? "_inplace" : "_outofplace");
+  else if (c.coll != Coll::Alltoall && c.coll != Coll::Alltoallv)
+    s << (c.in_place ? "_inplace" : "_outofplace");
   if (rooted(c.coll)) s << "_root" << c.root;
   if (c.misalign != 0) s << "_misaligned" << c.misalign;
   if (c.registered) s << "_registered";
@@ -207,6 +210,7 @@ unsigned big_modes(Coll coll, DataType t, ReduceOp op) {
       if (t == DataType::Float16) return kOut;
       return 0;
     case Coll::Alltoall:
+    case Coll::Alltoallv:
       return t == DataType::Int8 || t == DataType::Float32 ? kOut : 0;
     case Coll::Broadcast:
     case Coll::Gather:
@@ -288,7 +292,8 @@ std::vector<Case> matrix(Coll coll) {
           const ReduceOp op = kOps[oi];
           if (!dtype_selected(t)) break;
           for (int mode = 0; mode < 2; ++mode) {
-            if (coll == Coll::Alltoall && mode == 1) break;  // buffers must not overlap
+            // buffers must not overlap
+            if ((coll == Coll::Alltoall || coll == Coll::Alltoallv) && mode == 1) break;
             if (count == kBig && (big_modes(coll, t, op) & (1u << mode)) == 0) continue;
             // one_shot is documented to take messages up to 64 KiB only
             // (forcing it beyond is an error, tested in test_misuse).
@@ -476,6 +481,7 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
     case Coll::Gather:
     case Coll::Scatter:
     case Coll::Alltoall:
+    case Coll::Alltoallv:
     case Coll::SendRecv: reply = run_moving_case(x, c); break;
     case Coll::Barrier:
     case Coll::AsyncOrder:
@@ -571,6 +577,7 @@ INSTANTIATE_TEST_SUITE_P(Reduce, Matrix, testing::ValuesIn(matrix(Coll::Reduce))
 INSTANTIATE_TEST_SUITE_P(Gather, Matrix, testing::ValuesIn(matrix(Coll::Gather)), param_name);
 INSTANTIATE_TEST_SUITE_P(Scatter, Matrix, testing::ValuesIn(matrix(Coll::Scatter)), param_name);
 INSTANTIATE_TEST_SUITE_P(Alltoall, Matrix, testing::ValuesIn(matrix(Coll::Alltoall)), param_name);
+INSTANTIATE_TEST_SUITE_P(Alltoallv, Matrix, testing::ValuesIn(matrix(Coll::Alltoallv)), param_name);
 INSTANTIATE_TEST_SUITE_P(SendRecv, Matrix, testing::ValuesIn(matrix(Coll::SendRecv)), param_name);
 INSTANTIATE_TEST_SUITE_P(Barrier, Matrix, testing::ValuesIn(special(Coll::Barrier)), param_name);
 INSTANTIATE_TEST_SUITE_P(AsyncOrder, Matrix, testing::ValuesIn(special(Coll::AsyncOrder)), param_name);

@@ -113,6 +113,23 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
   if (c.coll == "allgather" || c.coll == "gather") rn = cnt * nn;
   if (c.coll == "reduce_scatter" || c.coll == "scatter") sn = cnt * nn;
   if (c.coll == "alltoall") sn = rn = cnt * nn;
+  // alltoallv: rank i sends rank j pair(i, j) elements (0, half or all of cnt).
+  auto pair = [&](std::size_t i, std::size_t j) { return cnt * ((i + 2 * j) % 3) / 2; };
+  auto sent_before = [&](std::size_t i, std::size_t j) {  // where i's block for j starts
+    std::size_t at = 0;
+    for (std::size_t q = 0; q < j; ++q) at += pair(i, q);
+    return at;
+  };
+  std::vector<std::size_t> vsend(nn), vrecv(nn);
+  if (c.coll == "alltoallv") {
+    sn = rn = 0;
+    for (std::size_t j = 0; j < nn; ++j) {
+      vsend[j] = pair(static_cast<std::size_t>(rank), j);
+      vrecv[j] = pair(j, static_cast<std::size_t>(rank));
+      sn += vsend[j];
+      rn += vrecv[j];
+    }
+  }
   std::vector<char> hs(sn * w), hr(rn * w);
   for (std::size_t i = 0; i < sn; ++i) store(c.t, hs.data(), i, value(rank, i, salt));
   char *ds = nullptr, *dr = nullptr;
@@ -149,6 +166,8 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
     else if (c.coll == "gather") comm.gather(send, recv, cnt, c.t, root, o);
     else if (c.coll == "scatter") comm.scatter(send, recv, cnt, c.t, root, o);
     else if (c.coll == "alltoall") comm.alltoall(send, recv, cnt, c.t, o);
+    else if (c.coll == "alltoallv")
+      comm.alltoallv(send, vsend, recv, vrecv, c.t, o);
     else if (c.coll == "sendrecv") {
       const int next = (rank + 1) % n, prev = (rank + n - 1) % n;
       if (rank % 2 == 0) {
@@ -162,7 +181,8 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
   } catch (const chorus::Error& e) {
     return std::string("threw ") + e.what();
   }
-  const std::size_t out_n = (c.coll == "allgather" || c.coll == "gather") ? rn : cnt;
+  const std::size_t out_n =
+      (c.coll == "allgather" || c.coll == "gather" || c.coll == "alltoallv") ? rn : cnt;
   CK(cudaMemcpyAsync(hr.data(), recv, out_n * w, cudaMemcpyDeviceToHost, st));
   CK(cudaStreamSynchronize(st));
   CK(cudaFree(ds));
@@ -186,6 +206,11 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
       want = value(root, static_cast<std::size_t>(rank) * cnt + i, salt);
     } else if (c.coll == "alltoall") {
       want = value(static_cast<int>(i / cnt), static_cast<std::size_t>(rank) * cnt + i % cnt, salt);
+    } else if (c.coll == "alltoallv") {
+      std::size_t from = 0, k = i;  // element k of the block from rank `from`
+      while (k >= vrecv[from]) k -= vrecv[from++];
+      want = value(static_cast<int>(from), sent_before(from, static_cast<std::size_t>(rank)) + k,
+                   salt);
     } else if (c.coll == "sendrecv") {
       want = value((rank + n - 1) % n, i, salt);
     }
@@ -234,6 +259,7 @@ int rank_main(int rank, int n, const std::string& dir) {
           cases.push_back({"gather", t, ReduceOp::Sum, cnt, false, s});
           cases.push_back({"scatter", t, ReduceOp::Sum, cnt, false, !s});
           cases.push_back({"alltoall", t, ReduceOp::Sum, cnt, false, s});
+          cases.push_back({"alltoallv", t, ReduceOp::Sum, cnt, false, !s});
           cases.push_back({"sendrecv", t, ReduceOp::Sum, cnt, false, !s});
         }
       }

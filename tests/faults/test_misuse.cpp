@@ -171,6 +171,44 @@ TEST_P(MismatchedCalls, EveryRankFailsWithInvalidUsageNamingBothCalls) {
   }
 }
 
+// An alltoallv whose counts disagree on one pair: rank 0 sends rank 1 five
+// elements, rank 1 expects four from it; every other pair agrees. Rank 1
+// meets it in the header and fails naming both counts; rank 0 and rank 2,
+// whose own messages all matched, learn of it no later than their next call.
+TEST(MismatchedAlltoallv, ThePairsCountsAreNamedAndEveryRankFails) {
+  Group g(3, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> send(32, 1.0f), recv(32, 0.0f);
+    std::vector<std::size_t> sendcounts(3, 2), recvcounts(3, 2);
+    if (ctx.rank() == 0) sendcounts[1] = 5;
+    if (ctx.rank() == 1) recvcounts[0] = 4;
+    ctx.started();
+    ctx.attempt("call", [&] {
+      comm.alltoallv(send.data(), sendcounts, recv.data(), recvcounts, DataType::Float32);
+    });
+    ctx.attempt("next", [&] { comm.barrier(); });
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  const faults::Nanos deadline = faults::now_ns() + std::chrono::nanoseconds(kReportWait).count();
+  const auto one = g.result(1, "call", deadline);
+  ASSERT_TRUE(one) << "rank 1's alltoallv did not return; it is " << g.status(1);
+  EXPECT_EQ(one->error_code(), ErrorCode::InvalidUsage) << one->describe();
+  EXPECT_TRUE(one->has("rank 0 sends 5 elements to rank 1") && one->has("expects 4 from rank 0"))
+      << one->describe();
+  for (int r : {0, 2}) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const auto call = g.result(r, "call", deadline);
+    const auto next = call ? g.result(r, "next", deadline) : std::nullopt;
+    ASSERT_TRUE(call && next) << "rank " << r << " did not return (hang?); it is " << g.status(r);
+    const Result& first = call->ok ? *next : *call;
+    EXPECT_FALSE(first.ok) << "rank " << r << " never learned of the mismatch";
+    EXPECT_TRUE(first.has("sends 5 elements")) << first.describe();
+    EXPECT_LT(faults::seconds_between(one->end_ns, first.end_ns), bound_s()) << first.describe();
+  }
+}
+
 // A point-to-point size mismatch: rank 0 sends `sent` elements, rank 1
 // receives `asked`. Rank 1 sees it in the header; a small send has already
 // completed, so rank 0 can only learn of it from rank 1's notice, in its next
@@ -332,6 +370,12 @@ TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
       {"allreduce wrapped count", ErrorCode::InvalidArgument, "too large"},
       {"allreduce_async dtype 42", ErrorCode::InvalidArgument, "DataType value 42"},
       {"unknown algorithm", ErrorCode::InvalidArgument, "unknown algorithm"},
+      {"alltoallv too few counts", ErrorCode::InvalidArgument, "one per rank (1)"},
+      {"alltoallv self counts differ", ErrorCode::InvalidArgument, "recvcounts[0] is 3"},
+      {"alltoallv null recvbuf", ErrorCode::InvalidArgument, "recvbuf is null"},
+      {"alltoallv overlapping", ErrorCode::InvalidArgument, "overlap"},
+      {"alltoallv wrapped count", ErrorCode::InvalidArgument, "too large"},
+      {"alltoallv unknown algorithm", ErrorCode::InvalidArgument, "'pairwise'"},
   };
   Group g(1, [](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
@@ -371,6 +415,19 @@ TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
       chorus::CallOptions o;
       o.algorithm = "no-such-algorithm";
       comm.allreduce(b, b, 4, f32, sum, o);
+    });
+    const std::vector<std::size_t> four = {4}, three = {3}, none = {},
+                                   huge = {std::numeric_limits<std::size_t>::max()};
+    ctx.attempt("alltoallv too few counts", [&] { comm.alltoallv(b, none, b + 8, none, f32); });
+    ctx.attempt("alltoallv self counts differ",
+                [&] { comm.alltoallv(b, four, b + 8, three, f32); });
+    ctx.attempt("alltoallv null recvbuf", [&] { comm.alltoallv(b, four, nullptr, four, f32); });
+    ctx.attempt("alltoallv overlapping", [&] { comm.alltoallv(b, four, b + 2, four, f32); });
+    ctx.attempt("alltoallv wrapped count", [&] { comm.alltoallv(b, huge, b + 8, huge, f32); });
+    ctx.attempt("alltoallv unknown algorithm", [&] {
+      chorus::CallOptions o;
+      o.algorithm = "ring";
+      comm.alltoallv(b, four, b + 8, four, f32, o);
     });
     // None of the above may have poisoned the communicator.
     ctx.attempt("error() after invalid arguments", [&] {
