@@ -7,7 +7,8 @@
 //
 //   chorusrun -n 4 -- chorus-engine-bench --tensors 64 --bytes 4K --mode all
 //   (--coll allgather or allgatherv: T tensors gathered instead; --coll
-//   reducescatter: T tensors of n blocks of B bytes reduce-scattered; --gap-ms G:
+//   reducescatter: T tensors of n blocks of B bytes reduce-scattered; --coll
+//   alltoall: T tensors of n blocks of B bytes, block j to rank j; --gap-ms G:
 //   every rank sleeps G ms before each step, as a training loop computes
 //   between its collectives, and the engine sits idle meanwhile; --poll:
 //   wait by polling Work::test() every 50 us, as a framework that only
@@ -123,6 +124,40 @@ void run_scatter_step(const std::string& m, chorus::Engine& eng, chorus::Communi
   }
 }
 
+// One step of T alltoalls (each tensor n blocks of `count`, block j for
+// rank j): through the engine (splits of `count` each, the result where the
+// allocator says), one alltoall_async each, or packed by hand (block j of
+// every tensor side by side in block j of one buffer) into one alltoall.
+void run_alltoall_step(const std::string& m, chorus::Engine& eng, chorus::Communicator& comm,
+                       const std::vector<std::string>& names,
+                       std::vector<std::vector<float>>& sends,
+                       std::vector<std::vector<float>>& outs, std::vector<float>& packed,
+                       std::vector<float>& packed_out, std::size_t count,
+                       std::vector<chorus::Work>& works) {
+  const std::size_t T = sends.size();
+  const auto n = static_cast<std::size_t>(comm.size());
+  if (m == "engine") {
+    const std::vector<std::size_t> splits(n, count);
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(eng.alltoall(names[i], sends[i].data(), splits, chorus::DataType::Float32,
+                                   [&outs, i](const std::vector<std::size_t>&) {
+                                     return static_cast<void*>(outs[i].data());
+                                   }));
+  } else if (m == "async") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(
+          comm.alltoall_async(sends[i].data(), outs[i].data(), count, chorus::DataType::Float32));
+  } else {
+    for (std::size_t p = 0; p < n; ++p)
+      for (std::size_t i = 0; i < T; ++i)
+        std::memcpy(packed.data() + (p * T + i) * count, sends[i].data() + p * count, count * 4);
+    comm.alltoall(packed.data(), packed_out.data(), T * count, chorus::DataType::Float32);
+    for (std::size_t p = 0; p < n; ++p)
+      for (std::size_t i = 0; i < T; ++i)
+        std::memcpy(outs[i].data() + p * count, packed_out.data() + (p * T + i) * count, count * 4);
+  }
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -151,8 +186,8 @@ int main(int argc, char** argv) {
       .one_of({"engine", "async", "packed", "all"});
   app.add("--coll", coll,
           "allreduce, allgather (B is each rank's share), allgatherv (rank r shares "
-          "(r+1)/n of B) or reducescatter (B is each rank's block)")
-      .one_of({"allreduce", "allgather", "allgatherv", "reducescatter"})
+          "(r+1)/n of B), reducescatter (B is each rank's block) or alltoall (B to each rank)")
+      .one_of({"allreduce", "allgather", "allgatherv", "reducescatter", "alltoall"})
       .show_default();
   app.add("--gap-ms", gap_ms, "milliseconds every rank sleeps before each step (untimed)")
       .non_negative();
@@ -174,13 +209,15 @@ int main(int argc, char** argv) {
         varying ? std::max<std::size_t>(1, count * static_cast<std::size_t>(comm.rank() + 1) / n)
                 : count;
     const bool scatter = coll == "reducescatter";
-    if (scatter)
+    const bool exchange = coll == "alltoall";
+    if (scatter || exchange)
       for (auto& g : grads) g.assign(count * n, 1.0f);
-    std::vector<float> packed(T * count * (scatter ? n : 1)),
+    std::vector<float> packed(T * count * (scatter || exchange ? n : 1)),
         packed_all(gather ? T * count * n : 0);
-    std::vector<float> packed_out(scatter ? T * count : 0);
+    std::vector<float> packed_out(scatter ? T * count : exchange ? T * count * n : 0);
     std::vector<std::vector<float>> gathered(gather ? T : 0, std::vector<float>(count * n));
-    std::vector<std::vector<float>> outs(scatter ? T : 0, std::vector<float>(count));
+    std::vector<std::vector<float>> outs(scatter || exchange ? T : 0,
+                                         std::vector<float>(count * (exchange ? n : 1)));
     std::vector<std::string> names;
     for (std::size_t i = 0; i < T; ++i) names.push_back("grad." + std::to_string(i));
     if (comm.rank() == 0)
@@ -220,6 +257,8 @@ int main(int argc, char** argv) {
                              varying, mine, works);
         } else if (scatter) {
           run_scatter_step(m, eng, comm, names, grads, outs, packed, packed_out, count, works);
+        } else if (exchange) {
+          run_alltoall_step(m, eng, comm, names, grads, outs, packed, packed_out, count, works);
         } else if (m == "engine") {
           for (std::size_t i = 0; i < T; ++i)
             works.push_back(eng.allreduce(names[i], grads[i].data(), grads[i].data(), count,
@@ -256,9 +295,10 @@ int main(int argc, char** argv) {
         if (m == "engine") {
           const auto st = eng.stats();
           std::printf(
-              gather    ? "   (%.2f allgathers, %.2f cycles per step)"
-              : scatter ? "   (%.2f reduce-scatters, %.2f cycles per step)"
-                        : "   (%.2f allreduces, %.2f cycles per step)",
+              gather     ? "   (%.2f allgathers, %.2f cycles per step)"
+              : scatter  ? "   (%.2f reduce-scatters, %.2f cycles per step)"
+              : exchange ? "   (%.2f collectives, %.2f cycles per step)"
+                         : "   (%.2f allreduces, %.2f cycles per step)",
               static_cast<double>(st.collectives) / static_cast<double>(warmup + steps),
               static_cast<double>(st.cycles - idle_cycles) / static_cast<double>(warmup + steps));
         }

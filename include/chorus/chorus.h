@@ -271,9 +271,10 @@ CHORUS_C_API chorus_status_t chorus_engine_broadcast(chorus_engine_t engine, con
                                                      const void* sendbuf, void* recvbuf,
                                                      size_t count, chorus_dtype_t dtype, int root,
                                                      chorus_work_t* work);
-/* Where an allgatherv's result goes: called on the engine's thread with every
- * rank's count (nranks of them, in rank order), it returns memory for their
- * sum of elements. NULL for a nonzero sum fails this rank's tensor. */
+/* Where an allgatherv's or alltoall's result goes: called on the engine's
+ * thread with the count this rank gets from each rank (nranks of them, in
+ * rank order), it returns memory for their sum of elements. NULL for a
+ * nonzero sum fails this rank's tensor. */
 typedef void* (*chorus_alloc_fn)(void* user, const size_t* counts, int nranks);
 /* Allgather of a tensor whose count differs between ranks: every rank's
  * `count` elements, concatenated in rank order where alloc(user, ...) says.
@@ -282,6 +283,15 @@ CHORUS_C_API chorus_status_t chorus_engine_allgatherv(chorus_engine_t engine, co
                                                       const void* sendbuf, size_t count,
                                                       chorus_dtype_t dtype, chorus_alloc_fn alloc,
                                                       void* user, chorus_work_t* work);
+/* Alltoall with splits (Engine::alltoall, Horovod's): this rank sends
+ * splits[j] elements of sendbuf to rank j (one split per rank, blocks packed
+ * in rank order); what every rank sends this one lands, in rank order, where
+ * alloc(user, ...) says. Host memory only; small ones of one dtype are
+ * fused. The splits are copied before the call returns. */
+CHORUS_C_API chorus_status_t chorus_engine_alltoall(chorus_engine_t engine, const char* name,
+                                                    const void* sendbuf, const size_t* splits,
+                                                    chorus_dtype_t dtype, chorus_alloc_fn alloc,
+                                                    void* user, chorus_work_t* work);
 /* This rank's counts so far; start *out from CHORUS_ENGINE_STATS_INIT. */
 CHORUS_C_API chorus_status_t chorus_engine_stats(chorus_engine_t engine,
                                                  chorus_engine_stats_t* out);

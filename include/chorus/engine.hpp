@@ -7,8 +7,8 @@
 /// back at once. A background thread agrees with the other ranks, every
 /// cycle, on which names every rank has submitted; it runs those in the same
 /// order on every rank, packing small allreduces of one dtype and op (and
-/// small allgathers of one dtype, broadcasts of one dtype and root) into one
-/// collective (fusion). Names seen
+/// small allgathers of one dtype, broadcasts of one dtype and root,
+/// reduce-scatters, allgathervs and alltoalls) into one collective (fusion). Names seen
 /// before are agreed on by a bit each (the response cache). A name submitted with different
 /// arguments on two ranks fails on every rank with Error(InvalidUsage) naming both; a name some
 /// ranks never submit is reported, naming the missing ranks, instead of hanging. Rank 0 can write a
@@ -96,9 +96,10 @@ class CHORUS_API Engine {
   Work broadcast(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
                  DataType dtype, int root);
 
-  /// Where an allgatherv's result goes: called with every rank's count, in
-  /// rank order, it returns memory for their sum of elements (nullptr when
-  /// the sum is 0). It runs on the engine's thread.
+  /// Where an allgatherv's or alltoall's result goes: called with the count
+  /// this rank gets from each rank, in rank order, it returns memory for
+  /// their sum of elements (nullptr when the sum is 0). It runs on the
+  /// engine's thread.
   using Allocator = std::function<void*(const std::vector<std::size_t>& counts)>;
   /// Allgather of the tensor `name` whose count may differ between ranks
   /// (Horovod's allgather of tensors whose first dimension differs): every
@@ -111,6 +112,19 @@ class CHORUS_API Engine {
   Work allgatherv(const std::string& name, const void* sendbuf, std::size_t count, DataType dtype,
                   Allocator alloc);
 
+  /// Alltoall of the tensor `name` (Horovod's alltoall with splits: the
+  /// token exchange of a mixture of experts): this rank sends splits[j]
+  /// elements of `sendbuf` to rank j, blocks packed in rank order (size()
+  /// splits, which may differ between ranks and between submissions). Once
+  /// every rank has submitted the name, `alloc` is called with the counts
+  /// this rank receives from each rank, in rank order, and the blocks land
+  /// there in rank order. Host memory only. Alltoalls of one dtype are
+  /// fused (one exchange of the splits, then one alltoallv); an allocator
+  /// that fails fails this rank's tensor only. Never answered from the
+  /// response cache (the splits are news each time).
+  Work alltoall(const std::string& name, const void* sendbuf, std::vector<std::size_t> splits,
+                DataType dtype, Allocator alloc);
+
   /// Horovod's join, for inputs of different lengths: this rank has no
   /// more data. Until every rank has joined, it stands in for every name
   /// the others submit and it does not: an allreduce gets the op's
@@ -118,8 +132,8 @@ class CHORUS_API Engine {
   /// the lowest for Max), so the result is the reduction over the ranks
   /// that submitted it; an Avg divides by their number. A reduce-scatter
   /// likewise (the joined rank's block is computed and dropped). An allgatherv gets
-  /// no share from it. An allgather, a broadcast whose root joined, or a
-  /// device tensor cannot be stood in for: it fails with
+  /// no share from it; an alltoall nothing (what it is sent is dropped). An allgather, a broadcast
+  /// whose root joined, or a device tensor cannot be stood in for: it fails with
   /// Error(InvalidUsage) on every rank, naming the joined ranks. Blocks
   /// until every rank has joined; what this rank submitted before still
   /// completes. Returns the rank that joined last (the one that had the

@@ -587,6 +587,22 @@ chorus_status_t chorus_engine_allgatherv(chorus_engine_t engine, const char* nam
   });
 }
 
+chorus_status_t chorus_engine_alltoall(chorus_engine_t engine, const char* name,
+                                       const void* sendbuf, const size_t* splits,
+                                       chorus_dtype_t dtype, chorus_alloc_fn alloc, void* user,
+                                       chorus_work_t* work) {
+  return submit(work, [&] {
+    need(splits, "splits");
+    need(reinterpret_cast<const void*>(alloc), "the allocator");
+    chorus::Engine& e = engine_of(engine);
+    const auto n = static_cast<std::size_t>(e.communicator().size());
+    return e.alltoall(name_of(name), sendbuf, std::vector<std::size_t>(splits, splits + n),
+                      dtype_of(dtype), [alloc, user](const std::vector<std::size_t>& c) {
+                        return alloc(user, c.data(), static_cast<int>(c.size()));
+                      });
+  });
+}
+
 chorus_status_t chorus_engine_stats(chorus_engine_t engine, chorus_engine_stats_t* out) {
   return guarded([&] {
     need(out, "out");

@@ -36,6 +36,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <sstream>
 #include <thread>
 #include <tuple>
@@ -58,7 +59,12 @@ enum class Kind : std::uint8_t {
   Broadcast = 3,
   Allgatherv = 4,
   ReduceScatter = 5,  // count: the elements each rank receives
+  Alltoall = 6,       // count: the elements this rank sends (its splits' sum)
 };
+constexpr int kLastKind = 6;
+
+// Kinds whose count is each rank's own (the others' counts must agree).
+bool own_count(Kind k) { return k == Kind::Allgatherv || k == Kind::Alltoall; }
 
 const char* kind_name(Kind k) {
   switch (k) {
@@ -69,6 +75,8 @@ const char* kind_name(Kind k) {
       return "allgatherv";
     case Kind::ReduceScatter:
       return "reducescatter";
+    case Kind::Alltoall:
+      return "alltoall";
   }
   return "?";
 }
@@ -87,9 +95,9 @@ struct Desc {
 };
 
 // Whether two ranks' descriptions of one name agree: all of it, except an
-// allgatherv's count, which is each rank's own.
+// allgatherv's or alltoall's count, which is each rank's own.
 bool agree(const Desc& a, const Desc& b) {
-  if (a.kind == Kind::Allgatherv && b.kind == Kind::Allgatherv) {
+  if (a.kind == b.kind && own_count(a.kind)) {
     Desc c = b;
     c.count = a.count;
     return a == c;
@@ -105,6 +113,7 @@ std::string describe(const Desc& d) {
   if (d.kind == Kind::ReduceScatter) os << " to each rank";
   if (d.kind == Kind::Broadcast) os << " from rank " << d.root;
   if (d.kind == Kind::Allgatherv) os << " (this rank's share)";
+  if (d.kind == Kind::Alltoall) os << " (this rank's, to all ranks)";
   if (d.device) os << " in CUDA device memory";
   return os.str();
 }
@@ -131,7 +140,9 @@ struct Request {
   void* recv = nullptr;
   std::shared_ptr<WorkState> work;
   int slot = -1;  // announced by its cache bit
-  Engine::Allocator alloc;  // allgatherv: where the result goes, once the counts are known
+  Engine::Allocator
+      alloc;  // allgatherv, alltoall: where the result goes, once the counts are known
+  std::vector<std::size_t> splits;  // alltoall: the elements for each rank
 };
 
 // A name in the shared table (identical on every rank).
@@ -157,7 +168,7 @@ struct Ready {
   bool cached = false;
   std::string error;  // the ranks disagreed
   std::int64_t negotiation_start_us = 0;
-  std::vector<std::size_t> counts;  // allgatherv: every rank's count
+  std::vector<std::size_t> counts;  // allgatherv, alltoall: every rank's count
   // Joined ranks that never submitted it: they stand in with nothing (the
   // op's identity, no share). `contributors`: the ranks that did.
   std::vector<int> absent;
@@ -464,8 +475,9 @@ struct EngineImpl {
           std::memcpy(&d.root, at + off + 4, 4);
           std::memcpy(&d.count, at + off + 8, 8);
           off += 16;
-          if (name.empty() || static_cast<int>(d.kind) < 1 || static_cast<int>(d.kind) > 5 ||
-              static_cast<int>(d.dtype) >= kNumDataTypes || static_cast<int>(d.op) >= kNumReduceOps)
+          if (name.empty() || static_cast<int>(d.kind) < 1 ||
+              static_cast<int>(d.kind) > kLastKind || static_cast<int>(d.dtype) >= kNumDataTypes ||
+              static_cast<int>(d.op) >= kNumReduceOps)
             throw Error(ErrorCode::Transport, "engine: rank " + std::to_string(p) +
                                                   " announced a malformed tensor description");
           announce(p, name, d, (cycle_no << 24) | (static_cast<std::uint64_t>(p) << 12) | index++,
@@ -545,9 +557,9 @@ struct EngineImpl {
            << " on rank " << differ[0];
         if (differ.size() > 1) os << " (and differently on " << rank_list(differ) << ")";
         os << "; every rank must submit a name with the same collective, count, dtype, op and root"
-           << (r.desc.kind == Kind::Allgatherv ? " (an allgatherv's count may differ)" : "");
+           << (own_count(r.desc.kind) ? " (an allgatherv's or alltoall's count may differ)" : "");
         r.error = os.str();
-      } else if (r.desc.kind == Kind::Allgatherv) {
+      } else if (own_count(r.desc.kind)) {
         for (int p = 0; p < size; ++p) {
           const auto& d = e.by_rank[static_cast<std::size_t>(p)];
           r.counts.push_back(d ? static_cast<std::size_t>(d->count) : 0);  // a joined rank: none
@@ -739,14 +751,15 @@ struct EngineImpl {
       const std::size_t es = size_of(head.desc.dtype);
       std::size_t bytes = head.desc.count * es;
       const bool gatherv = head.desc.kind == Kind::Allgatherv;
+      const bool per_rank = own_count(head.desc.kind);
       const bool fusable = head.desc.kind == Kind::Allreduce || head.desc.kind == Kind::Allgather ||
                            head.desc.kind == Kind::Broadcast ||
-                           head.desc.kind == Kind::ReduceScatter || gatherv;
+                           head.desc.kind == Kind::ReduceScatter || per_rank;
       const std::size_t ranks_in_buffer =
           head.desc.kind == Kind::Allgather || head.desc.kind == Kind::ReduceScatter || gatherv
               ? static_cast<std::size_t>(size)
               : 1;
-      std::vector<std::size_t> totals = head.counts;  // allgatherv: each rank's elements so far
+      std::vector<std::size_t> totals = head.counts;  // each rank's elements so far (per_rank)
       if (head.error.empty() && fusable && !head.desc.device && fusion_bytes > 0) {
         for (std::size_t j = i + 1; j < ready.size(); ++j) {
           const Ready& r = ready[j];
@@ -754,11 +767,17 @@ struct EngineImpl {
               r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op ||
               r.desc.root != head.desc.root)
             continue;
-          if (gatherv) {
+          if (per_rank) {
             std::vector<std::size_t> with = totals;
             for (std::size_t p = 0; p < with.size(); ++p) with[p] += r.counts[p];
             const std::size_t longest = *std::max_element(with.begin(), with.end());
-            if (longest * es * ranks_in_buffer > fusion_bytes) continue;
+            // An alltoall's buffer holds what this rank sends and what it
+            // receives, at most what every rank sends.
+            const std::size_t held =
+                head.desc.kind == Kind::Alltoall
+                    ? longest + std::accumulate(with.begin(), with.end(), std::size_t{0})
+                    : longest * ranks_in_buffer;
+            if (held * es > fusion_bytes) continue;
             totals = std::move(with);
           } else {
             const std::size_t b = r.desc.count * es;
@@ -769,7 +788,7 @@ struct EngineImpl {
           group.push_back(j);
         }
       }
-      if (gatherv && !totals.empty())  // no counts: a mismatch, which fails alone
+      if (per_rank && !totals.empty())  // no counts: a mismatch, which fails alone
         bytes = *std::max_element(totals.begin(), totals.end()) * es;
       run_group(ready, group, bytes);
     }
@@ -781,7 +800,8 @@ struct EngineImpl {
     std::vector<Request> reqs;
     // This rank joined without submitting some of them: it stands in with
     // the op's identity (allreduce, reduce-scatter), a buffer to receive
-    // into (broadcast) or no share (allgatherv). A stand-in has no Work.
+    // into (broadcast) or no share (allgatherv; an alltoall: nothing sent,
+    // what it is sent dropped). A stand-in has no Work.
     std::vector<std::vector<char>> scratch;
     scratch.reserve(group.size());
     for (std::size_t k : group) {
@@ -798,7 +818,8 @@ struct EngineImpl {
       Request standin;
       standin.name = r.name;
       standin.desc = r.desc;
-      standin.desc.count = r.desc.kind == Kind::Allgatherv ? 0 : r.desc.count;
+      standin.desc.count = own_count(r.desc.kind) ? 0 : r.desc.count;
+      if (r.desc.kind == Kind::Alltoall) standin.splits.assign(static_cast<std::size_t>(size), 0);
       const bool scatter = r.desc.kind == Kind::ReduceScatter;
       const std::size_t elements =
           standin.desc.count * (scatter ? static_cast<std::size_t>(size) : 1);
@@ -853,83 +874,98 @@ struct EngineImpl {
         reduce::finalize_avg(reqs[k].recv, ready[group[k]].desc.count, d.dtype,
                              ready[group[k]].contributors);
     };
-    if (d.kind == Kind::Allgatherv) {
-      // One tensor gathers through a buffer of its own, several through the
-      // fusion buffer (bounded by fusion_bytes, so it does not grow past it).
-      std::vector<char> own_buffer;
-      std::vector<const std::vector<std::size_t>*> counts;
-      for (std::size_t k : group) counts.push_back(&ready[k].counts);
-      gatherv(reqs, counts, d.dtype, reqs.size() == 1 ? own_buffer : fusion, local, in_us, op_us);
-    } else if (reqs.size() == 1) {
-      Request& r = reqs[0];
-      switch (d.kind) {
-        case Kind::Allreduce:
-          comm.allreduce(r.send, r.recv, d.count, d.dtype, op);
-          finish_avg();
-          break;
-        case Kind::ReduceScatter:
-          comm.reduce_scatter(r.send, r.recv, d.count, d.dtype, op);
-          finish_avg();
-          break;
-        case Kind::Allgather: comm.allgather(r.send, r.recv, d.count, d.dtype); break;
-        case Kind::Broadcast: comm.broadcast(r.send, r.recv, d.count, d.dtype, d.root); break;
-        case Kind::Allgatherv:
-          break;  // above
+    // A collective that fails (a dead peer, a timeout) stops the engine;
+    // the tensors it carried fail with it first, or their waits would hang.
+    try {
+      if (d.kind == Kind::Allgatherv) {
+        // One tensor gathers through a buffer of its own, several through the
+        // fusion buffer (bounded by fusion_bytes, so it does not grow past it).
+        std::vector<char> own_buffer;
+        std::vector<const std::vector<std::size_t>*> counts;
+        for (std::size_t k : group) counts.push_back(&ready[k].counts);
+        gatherv(reqs, counts, d.dtype, reqs.size() == 1 ? own_buffer : fusion, local, in_us, op_us);
+      } else if (d.kind == Kind::Alltoall) {
+        alltoall(reqs, d.dtype, local, in_us, op_us);
+      } else if (reqs.size() == 1) {
+        Request& r = reqs[0];
+        switch (d.kind) {
+          case Kind::Allreduce:
+            comm.allreduce(r.send, r.recv, d.count, d.dtype, op);
+            finish_avg();
+            break;
+          case Kind::ReduceScatter:
+            comm.reduce_scatter(r.send, r.recv, d.count, d.dtype, op);
+            finish_avg();
+            break;
+          case Kind::Allgather:
+            comm.allgather(r.send, r.recv, d.count, d.dtype);
+            break;
+          case Kind::Broadcast:
+            comm.broadcast(r.send, r.recv, d.count, d.dtype, d.root);
+            break;
+          case Kind::Allgatherv:
+          case Kind::Alltoall:
+            break;  // above
+        }
+        op_us = now_us() - start;
+      } else if (d.kind == Kind::Broadcast) {
+        // The root packs, one broadcast, every rank unpacks (the root too,
+        // where its receive buffers are not its send buffers).
+        if (fusion.size() < bytes) fusion.resize(bytes);
+        if (rank == d.root) pack(fusion.data(), reqs, ready, group, d.dtype);
+        in_us = now_us() - start;
+        comm.broadcast(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.root);
+        op_us = now_us() - start - in_us;
+        unpack(fusion.data(), reqs, ready, group, d.dtype, rank == d.root);
+      } else if (d.kind == Kind::Allgather) {
+        // This rank's shares packed at its place in the buffer, one allgather
+        // in place, then every rank's share of each tensor to that tensor.
+        const auto n = static_cast<std::size_t>(size);
+        if (fusion.size() < bytes * n) fusion.resize(bytes * n);
+        char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
+        pack(own, reqs, ready, group, d.dtype);
+        in_us = now_us() - start;
+        comm.allgather(own, fusion.data(), bytes / size_of(d.dtype), d.dtype);
+        op_us = now_us() - start - in_us;
+        std::size_t at = 0;
+        for (std::size_t k = 0; k < reqs.size(); ++k) {
+          const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+          for (std::size_t p = 0; p < n && b > 0; ++p)
+            std::memcpy(static_cast<char*>(reqs[k].recv) + p * b, fusion.data() + p * bytes + at,
+                        b);
+          at += b;
+        }
+      } else if (d.kind == Kind::ReduceScatter) {
+        // Rank p's block of every tensor side by side in block p of the
+        // buffer; one reduce-scatter in place; this rank's block back out.
+        const auto n = static_cast<std::size_t>(size);
+        if (fusion.size() < bytes * n) fusion.resize(bytes * n);
+        std::size_t at = 0;
+        for (std::size_t k = 0; k < reqs.size(); ++k) {
+          const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
+          for (std::size_t p = 0; p < n && b > 0; ++p)
+            std::memcpy(fusion.data() + p * bytes + at,
+                        static_cast<const char*>(reqs[k].send) + p * b, b);
+          at += b;
+        }
+        in_us = now_us() - start;
+        char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
+        comm.reduce_scatter(fusion.data(), own, bytes / size_of(d.dtype), d.dtype, op);
+        op_us = now_us() - start - in_us;
+        unpack(own, reqs, ready, group, d.dtype, false);
+        finish_avg();
+      } else {
+        if (fusion.size() < bytes) fusion.resize(bytes);
+        pack(fusion.data(), reqs, ready, group, d.dtype);
+        in_us = now_us() - start;
+        comm.allreduce(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, op);
+        op_us = now_us() - start - in_us;
+        unpack(fusion.data(), reqs, ready, group, d.dtype, false);
+        finish_avg();
       }
-      op_us = now_us() - start;
-    } else if (d.kind == Kind::Broadcast) {
-      // The root packs, one broadcast, every rank unpacks (the root too,
-      // where its receive buffers are not its send buffers).
-      if (fusion.size() < bytes) fusion.resize(bytes);
-      if (rank == d.root) pack(fusion.data(), reqs, ready, group, d.dtype);
-      in_us = now_us() - start;
-      comm.broadcast(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, d.root);
-      op_us = now_us() - start - in_us;
-      unpack(fusion.data(), reqs, ready, group, d.dtype, rank == d.root);
-    } else if (d.kind == Kind::Allgather) {
-      // This rank's shares packed at its place in the buffer, one allgather
-      // in place, then every rank's share of each tensor to that tensor.
-      const auto n = static_cast<std::size_t>(size);
-      if (fusion.size() < bytes * n) fusion.resize(bytes * n);
-      char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
-      pack(own, reqs, ready, group, d.dtype);
-      in_us = now_us() - start;
-      comm.allgather(own, fusion.data(), bytes / size_of(d.dtype), d.dtype);
-      op_us = now_us() - start - in_us;
-      std::size_t at = 0;
-      for (std::size_t k = 0; k < reqs.size(); ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        for (std::size_t p = 0; p < n && b > 0; ++p)
-          std::memcpy(static_cast<char*>(reqs[k].recv) + p * b, fusion.data() + p * bytes + at, b);
-        at += b;
-      }
-    } else if (d.kind == Kind::ReduceScatter) {
-      // Rank p's block of every tensor side by side in block p of the
-      // buffer; one reduce-scatter in place; this rank's block back out.
-      const auto n = static_cast<std::size_t>(size);
-      if (fusion.size() < bytes * n) fusion.resize(bytes * n);
-      std::size_t at = 0;
-      for (std::size_t k = 0; k < reqs.size(); ++k) {
-        const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
-        for (std::size_t p = 0; p < n && b > 0; ++p)
-          std::memcpy(fusion.data() + p * bytes + at,
-                      static_cast<const char*>(reqs[k].send) + p * b, b);
-        at += b;
-      }
-      in_us = now_us() - start;
-      char* own = fusion.data() + bytes * static_cast<std::size_t>(rank);
-      comm.reduce_scatter(fusion.data(), own, bytes / size_of(d.dtype), d.dtype, op);
-      op_us = now_us() - start - in_us;
-      unpack(own, reqs, ready, group, d.dtype, false);
-      finish_avg();
-    } else {
-      if (fusion.size() < bytes) fusion.resize(bytes);
-      pack(fusion.data(), reqs, ready, group, d.dtype);
-      in_us = now_us() - start;
-      comm.allreduce(fusion.data(), fusion.data(), bytes / size_of(d.dtype), d.dtype, op);
-      op_us = now_us() - start - in_us;
-      unpack(fusion.data(), reqs, ready, group, d.dtype, false);
-      finish_avg();
+    } catch (const Error& e) {
+      complete(e);
+      throw;
     }
     const std::int64_t end = now_us();
     if (timeline.open()) {
@@ -950,9 +986,9 @@ struct EngineImpl {
       }
     }
     // Names that went through the table enter the cache.
-    // Allgatherv names are not: their counts are news every time.
+    // Allgatherv and alltoall names are not: their counts are news every time.
     for (std::size_t k : group)
-      if (!ready[k].cached && d.kind != Kind::Allgatherv) remember(ready[k].name, ready[k].desc);
+      if (!ready[k].cached && !own_count(d.kind)) remember(ready[k].name, ready[k].desc);
     complete(std::nullopt);
   }
 
@@ -1019,6 +1055,102 @@ struct EngineImpl {
                           [&](std::size_t p) { return buf.data() + p * stride + offset[p] * es; });
       for (std::size_t p = 0; p < n; ++p) offset[p] += c[p];
     }
+  }
+
+  // Alltoall of `reqs` (one tensor, or several fused), in two steps: an
+  // alltoall of the splits (T counts from each rank to each rank), then
+  // one alltoallv of the data, this rank's blocks for rank j of every
+  // tensor side by side. One tensor goes straight from its send buffer to
+  // where its allocator says; several go through the fusion buffer. An
+  // allocator that fails fails its tensor on this rank only (`errs`); what
+  // it was sent is received and dropped, so the other ranks complete.
+  void alltoall(std::vector<Request>& reqs, DataType dtype, std::vector<std::optional<Error>>& errs,
+                std::int64_t& in_us, std::int64_t& op_us) {
+    const std::int64_t start = now_us();
+    const std::size_t es = size_of(dtype);
+    const auto n = static_cast<std::size_t>(size);
+    const std::size_t T = reqs.size();
+    std::vector<std::uint64_t> out_splits(n * T), in_splits(n * T);
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t t = 0; t < T; ++t) out_splits[j * T + t] = reqs[t].splits[j];
+    comm.alltoall(out_splits.data(), in_splits.data(), T, DataType::UInt64);
+    // from[t][i]: elements of tensor t that rank i sends this rank.
+    std::vector<std::vector<std::size_t>> from(T, std::vector<std::size_t>(n));
+    std::vector<std::size_t> sendcounts(n, 0), recvcounts(n, 0);
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t t = 0; t < T; ++t) {
+        from[t][i] = static_cast<std::size_t>(in_splits[i * T + t]);
+        recvcounts[i] += from[t][i];
+        sendcounts[i] += reqs[t].splits[i];
+      }
+    std::size_t send_total = 0, recv_total = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+      send_total += sendcounts[j];
+      recv_total += recvcounts[j];
+    }
+    std::vector<std::vector<char>> dropped(T);  // where a failed allocator's tensor lands
+    auto allocate = [&](std::size_t t) -> char* {
+      Request& r = reqs[t];
+      std::size_t total = 0;
+      for (std::size_t c : from[t]) total += c;
+      if (r.work) {
+        try {
+          void* out = r.alloc(from[t]);
+          if (out != nullptr || total == 0) return static_cast<char*>(out);
+          errs[t] = Error(ErrorCode::InvalidArgument,
+                          "engine: tensor '" + r.name +
+                              "': the alltoall allocator returned no memory for " +
+                              std::to_string(total) + " elements");
+        } catch (const Error& e) {
+          errs[t] = e;
+        } catch (const std::exception& e) {
+          errs[t] =
+              Error(ErrorCode::InvalidArgument,
+                    "engine: tensor '" + r.name + "': the alltoall allocator threw: " + e.what());
+        }
+      }
+      dropped[t].resize(total * es);
+      return dropped[t].data();
+    };
+    if (T == 1) {
+      char* out = allocate(0);
+      in_us = now_us() - start;
+      comm.alltoallv(reqs[0].send, sendcounts, out, recvcounts, dtype);
+      op_us = now_us() - start - in_us;
+      return;
+    }
+    // Pack: for each rank j, every tensor's block for j in tensor order.
+    if (fusion.size() < (send_total + recv_total) * es)
+      fusion.resize((send_total + recv_total) * es);
+    char* packed = fusion.data();
+    char* got = fusion.data() + send_total * es;
+    std::vector<std::size_t> src_at(T, 0);  // elements into each tensor's send buffer
+    std::size_t at = 0;
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t t = 0; t < T; ++t) {
+        const std::size_t c = reqs[t].splits[j];
+        if (c > 0)
+          std::memcpy(packed + at * es, static_cast<const char*>(reqs[t].send) + src_at[t] * es,
+                      c * es);
+        src_at[t] += c;
+        at += c;
+      }
+    in_us = now_us() - start;
+    comm.alltoallv(packed, sendcounts, got, recvcounts, dtype);
+    op_us = now_us() - start - in_us;
+    // Unpack: rank i's block holds tensor 0's part, then tensor 1's, ...
+    std::vector<char*> dst(T);
+    for (std::size_t t = 0; t < T; ++t) dst[t] = allocate(t);
+    at = 0;
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t t = 0; t < T; ++t) {
+        const std::size_t c = from[t][i];
+        if (c > 0) {
+          std::memcpy(dst[t], got + at * es, c * es);
+          dst[t] += c * es;
+        }
+        at += c;
+      }
   }
 
   // Asks `r`'s allocator where its result goes and copies rank p's share
@@ -1299,7 +1431,8 @@ detail::EngineImpl& need(const std::shared_ptr<detail::EngineImpl>& impl) {
 }
 
 Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& name,
-            detail::Desc d, const void* s, void* r, Engine::Allocator alloc = {}) {
+            detail::Desc d, const void* s, void* r, Engine::Allocator alloc = {},
+            std::vector<std::size_t> splits = {}) {
   detail::EngineImpl& e = need(impl);
   if (name.empty() || name.size() > 4096)
     throw Error(ErrorCode::InvalidArgument, "engine: a tensor name must have 1 to 4096 bytes");
@@ -1309,10 +1442,26 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
   if (static_cast<int>(d.op) >= kNumReduceOps)
     throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': unknown reduce op " +
                                                 std::to_string(static_cast<int>(d.op)));
-  const bool gatherv = d.kind == detail::Kind::Allgatherv;
+  // Allgatherv and alltoall: the result goes where the allocator says.
+  const bool gatherv = detail::own_count(d.kind);
+  const char* what = detail::kind_name(d.kind);
   if (gatherv && !alloc)
     throw Error(ErrorCode::InvalidArgument,
-                "engine: tensor '" + name + "': allgatherv needs an allocator");
+                "engine: tensor '" + name + "': " + what + " needs an allocator");
+  if (d.kind == detail::Kind::Alltoall) {
+    if (splits.size() != static_cast<std::size_t>(e.size))
+      throw Error(ErrorCode::InvalidArgument,
+                  "engine: tensor '" + name + "': alltoall has " + std::to_string(splits.size()) +
+                      " splits; it needs one per rank (" + std::to_string(e.size) + ")");
+    std::size_t total = 0;
+    for (std::size_t c : splits)
+      if (__builtin_add_overflow(total, c, &total) ||
+          total > (std::size_t{1} << 48) / size_of(d.dtype))
+        throw Error(ErrorCode::InvalidArgument,
+                    "engine: tensor '" + name +
+                        "': the splits' sum is too large (a wrapped negative split?)");
+    d.count = total;
+  }
   if (d.count > 0 && ((r == nullptr && !gatherv) ||
                       (s == nullptr && (d.kind != detail::Kind::Broadcast || d.root == e.rank))))
     throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': null buffer with count " +
@@ -1326,8 +1475,8 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
   d.device = device::query(s).device || device::query(r).device;
   if (gatherv && d.device)
     throw Error(ErrorCode::InvalidArgument,
-                "engine: tensor '" + name +
-                    "': allgatherv takes host memory only (the result "
+                "engine: tensor '" + name + "': " + what +
+                    " takes host memory only (the result "
                     "goes where the allocator says, after a host copy)");
   detail::Request req;
   req.name = name;
@@ -1340,6 +1489,7 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
     if (auto engine = weak.lock()) engine->wake();
   };
   req.alloc = std::move(alloc);
+  req.splits = std::move(splits);
   Work w(req.work);
   {
     std::lock_guard<std::mutex> lock(e.mu);
@@ -1392,6 +1542,12 @@ Work Engine::allgatherv(const std::string& name, const void* s, std::size_t coun
                         Allocator alloc) {
   detail::Desc d{detail::Kind::Allgatherv, dtype, ReduceOp::Sum, count, -1};
   return submit(impl_, name, d, s, nullptr, std::move(alloc));
+}
+
+Work Engine::alltoall(const std::string& name, const void* s, std::vector<std::size_t> splits,
+                      DataType dtype, Allocator alloc) {
+  detail::Desc d{detail::Kind::Alltoall, dtype, ReduceOp::Sum, 0, -1};
+  return submit(impl_, name, d, s, nullptr, std::move(alloc), std::move(splits));
 }
 
 EngineStats Engine::stats() const {

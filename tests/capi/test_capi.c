@@ -313,11 +313,34 @@ static void engine(chorus_comm_t comm, int rank, int n) {
       CHECK(got[j] == n * (n - 1) / 2 + n * (10 * rank + j), "reducescatter element %d: %d", j,
             (int)got[j]);
   }
+  /* alltoall: rank r sends rank q (r + q) % 2 + 1 values 100 r + 10 q + k. */
+  {
+    int64_t out[16];
+    size_t splits[8];
+    int at = 0;
+    for (int q = 0; q < n; ++q) {
+      splits[q] = (size_t)((rank + q) % 2 + 1);
+      for (int k = 0; k < (rank + q) % 2 + 1; ++k) out[at++] = 100 * rank + 10 * q + k;
+    }
+    struct gathered g = {{0}, 0, 0};
+    chorus_work_t w = NULL;
+    OK(chorus_engine_alltoall(e, "routed", out, splits, CHORUS_INT64, give_room, &g, &w));
+    OK(chorus_work_wait(w, 60000, NULL));
+    chorus_work_free(w);
+    CHECK(g.nranks == n, "alltoall: the allocator saw %d ranks", g.nranks);
+    at = 0;
+    for (int p = 0; p < n && g.nranks == n; ++p)
+      for (int k = 0; k < (p + rank) % 2 + 1; ++k, ++at)
+        CHECK(g.values[at] == 100 * p + 10 * rank + k, "alltoall element %d from rank %d: %lld", k,
+              p, (long long)g.values[at]);
+    FAILS(chorus_engine_alltoall(e, "routed", out, NULL, CHORUS_INT64, give_room, &g, NULL),
+          CHORUS_INVALID_ARGUMENT, "splits is NULL");
+  }
   chorus_engine_stats_t st = CHORUS_ENGINE_STATS_INIT;
   OK(chorus_engine_stats(e, &st));
   /* 7 tensors a round, the second round's all from the cache, the
-   * allgatherv and the reducescatter. */
-  CHECK(st.tensors == 16, "engine stats: %llu tensors", (unsigned long long)st.tensors);
+   * allgatherv, the reducescatter and the alltoall. */
+  CHECK(st.tensors == 17, "engine stats: %llu tensors", (unsigned long long)st.tensors);
   CHECK(st.cache_hits >= 7, "engine stats: %llu cache hits", (unsigned long long)st.cache_hits);
   CHECK(st.collectives >= 1 && st.collectives <= st.tensors && st.cycles >= 2,
         "engine stats: %llu collectives in %llu cycles", (unsigned long long)st.collectives,

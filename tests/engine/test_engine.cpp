@@ -534,6 +534,154 @@ TEST(Engine, SmallAllgathervsAreFusedWithinTheBoundAndEachGetsItsShares) {
   expect_all_zero(codes, "fused allgathervs");
 }
 
+// Alltoalls with splits (Horovod's): rank p sends rank q (p + 2q + i) % 4
+// elements of tensor i, 1000 p + 100 q + 10 i + k, so every rank's splits
+// differ, some are 0, and a misrouted block shows. Six tensors submitted in
+// another order per rank, with room for about two at a time: several
+// collectives, some fused. Tensor 4's allocator throws on rank 1: that
+// tensor fails there alone. Then one alltoall on its own (straight into the
+// allocator's memory) in two rounds with other splits (never from the
+// cache), a dtype that differs (every rank fails), and a join: rank 2 joins
+// without submitting, the others' alltoall gets nothing from it and what
+// they send it is dropped.
+TEST(Engine, AlltoallsDeliverEachRanksSplitsAndAreFused) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    EngineConfig cfg;
+    cfg.cycle = 30ms;  // the six land in one or two cycles
+    cfg.fusion_bytes = 200;
+    Engine eng = Engine::start(comm, cfg);
+    constexpr int kTensors = 6;
+    auto split = [](int p, int q, int i) { return static_cast<std::size_t>((p + 2 * q + i) % 4); };
+    auto value = [](int p, int q, int i, std::size_t k) {
+      return 1000 * p + 100 * q + 10 * i + static_cast<std::int32_t>(k);
+    };
+    std::vector<std::vector<std::int32_t>> in(kTensors), out(kTensors);
+    std::vector<std::vector<std::size_t>> seen(kTensors);
+    std::vector<Work> works(kTensors);
+    for (int j = 0; j < kTensors; ++j) {
+      const int i = (j + 2 * rank) % kTensors;
+      const auto u = static_cast<std::size_t>(i);
+      std::vector<std::size_t> splits;
+      for (int q = 0; q < n; ++q) {
+        splits.push_back(split(rank, q, i));
+        for (std::size_t k = 0; k < split(rank, q, i); ++k) in[u].push_back(value(rank, q, i, k));
+      }
+      works[u] = eng.alltoall(named("a", i), in[u].data(), splits, DataType::Int32,
+                              [&, i, u](const std::vector<std::size_t>& c) {
+                                if (i == 4 && rank == 1) throw std::runtime_error("no room");
+                                seen[u] = c;
+                                std::size_t total = 0;
+                                for (std::size_t x : c) total += x;
+                                out[u].assign(total, -1);
+                                return static_cast<void*>(out[u].data());
+                              });
+    }
+    for (int i = 0; i < kTensors; ++i) {
+      auto& w = works[static_cast<std::size_t>(i)];
+      if (i == 4 && rank == 1) {
+        if (!fails_with(w, ErrorCode::InvalidArgument,
+                        {"tensor 'a4'", "alltoall allocator threw: no room"}, rank))
+          return 2;
+        continue;
+      }
+      w.wait();
+      std::vector<std::int32_t> want;
+      std::vector<std::size_t> want_counts;
+      for (int p = 0; p < n; ++p) {
+        want_counts.push_back(split(p, rank, i));
+        for (std::size_t k = 0; k < split(p, rank, i); ++k) want.push_back(value(p, rank, i, k));
+      }
+      if (seen[static_cast<std::size_t>(i)] != want_counts ||
+          out[static_cast<std::size_t>(i)] != want) {
+        std::cerr << "rank " << rank << ": a" << i << " has the wrong counts or values\n";
+        return 3;
+      }
+    }
+    const auto fused = eng.stats();
+    if (fused.tensors != kTensors || !some_fused(fused, rank, 2)) return 4;
+    // One alltoall alone, twice, with other splits each time: rank p sends
+    // rank q (p + q + t) % 3 floats; rank 0 sends nothing in round 1.
+    for (int t = 0; t < 2; ++t) {
+      std::vector<float> mine;
+      std::vector<std::size_t> splits;
+      auto solo = [t](int p, int q) {
+        return (t == 1 && p == 0) ? std::size_t{0} : static_cast<std::size_t>((p + q + t) % 3);
+      };
+      for (int q = 0; q < n; ++q) {
+        splits.push_back(solo(rank, q));
+        for (std::size_t k = 0; k < solo(rank, q); ++k)
+          mine.push_back(static_cast<float>(value(rank, q, 9, k)));
+      }
+      std::vector<float> got;
+      eng.alltoall("solo", mine.data(), splits, DataType::Float32,
+                   [&](const std::vector<std::size_t>& c) {
+                     std::size_t total = 0;
+                     for (std::size_t x : c) total += x;
+                     got.assign(total, -1.0f);
+                     return static_cast<void*>(got.data());
+                   })
+          .wait();
+      std::vector<float> want;
+      for (int p = 0; p < n; ++p)
+        for (std::size_t k = 0; k < solo(p, rank); ++k)
+          want.push_back(static_cast<float>(value(p, rank, 9, k)));
+      if (got != want) {
+        std::cerr << "rank " << rank << ": solo round " << t << " is wrong\n";
+        return 5;
+      }
+    }
+    // One name, two dtypes: every rank fails, naming both.
+    std::vector<std::size_t> ones(static_cast<std::size_t>(n), 1);
+    std::vector<double> d3(3, 1.0);
+    std::vector<std::int32_t> i3(3, 1);
+    auto nowhere = [](const std::vector<std::size_t>&) { return static_cast<void*>(nullptr); };
+    Work bad = rank == 0 ? eng.alltoall("mixed", d3.data(), ones, DataType::Float64, nowhere)
+                         : eng.alltoall("mixed", i3.data(), ones, DataType::Int32, nowhere);
+    if (!fails_with(
+            bad, ErrorCode::InvalidUsage,
+            {"tensor 'mixed'", "alltoall", std::string(chorus::to_string(DataType::Float64)),
+             std::string(chorus::to_string(DataType::Int32))},
+            rank))
+      return 6;
+    // Rank 2 joins; ranks 0 and 1 send everyone 2 elements of "late".
+    // "late" waits for rank 2's join, so rank 0 or 1 joins last.
+    if (rank == 2) {
+      const int last = eng.join();
+      if (last != 0 && last != 1) return 7;
+    } else {
+      std::vector<std::int32_t> mine;
+      for (int q = 0; q < n; ++q)
+        for (std::size_t k = 0; k < 2; ++k) mine.push_back(value(rank, q, 7, k));
+      std::vector<std::size_t> counts;
+      std::vector<std::int32_t> got;
+      eng.alltoall("late", mine.data(), std::vector<std::size_t>(static_cast<std::size_t>(n), 2),
+                   DataType::Int32,
+                   [&](const std::vector<std::size_t>& c) {
+                     counts = c;
+                     got.assign(4, -1);
+                     return static_cast<void*>(got.data());
+                   })
+          .wait();
+      const std::vector<std::int32_t> want = {value(0, rank, 7, 0), value(0, rank, 7, 1),
+                                              value(1, rank, 7, 0), value(1, rank, 7, 1)};
+      if (counts != std::vector<std::size_t>{2, 2, 0} || got != want) {
+        std::cerr << "rank " << rank << ": the alltoall beside a joined rank is wrong\n";
+        return 8;
+      }
+      const int last = eng.join();
+      if (last != 0 && last != 1) return 9;
+    }
+    const auto st = eng.stats();
+    eng.shutdown();
+    if (st.cache_hits != 0) {
+      std::cerr << "rank " << rank << ": " << st.cache_hits << " cache hits; alltoalls never hit\n";
+      return 10;
+    }
+    return 0;
+  });
+  expect_all_zero(codes, "alltoall");
+}
+
 // A name one rank never submits: rank 0 warns, naming the tensor and the
 // missing rank; after CHORUS_STALL_ABORT it fails on the ranks that did
 // submit it, with Timeout naming the missing rank, and the engine stops on
@@ -956,6 +1104,39 @@ TEST(Engine, ADeadRankFailsTheOthersTensors) {
     return 0;
   });
   EXPECT_EQ(codes[0], 0) << "rank 0: 2 hung, 3 completed, 4 wrong error";
+}
+
+// A rank that dies inside a collective the engine runs (here: in its
+// alltoall's allocator, called on the engine's thread once the splits are
+// exchanged and before the data moves): the others' tensors in that
+// collective fail naming it, instead of waiting forever (they were no
+// longer among the pending ones that a stopping engine fails).
+TEST(Engine, ARankThatDiesInsideACollectiveFailsItsTensorsOnTheOthers) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    std::vector<float> x(static_cast<std::size_t>(4 * n), 1.0f), got;
+    Work w =
+        eng.alltoall("fatal", x.data(), std::vector<std::size_t>(static_cast<std::size_t>(n), 4),
+                     DataType::Float32, [&](const std::vector<std::size_t>& c) {
+                       if (rank == 2) std::_Exit(0);  // dies without a word
+                       got.resize(c.size() * 4);
+                       return static_cast<void*>(got.data());
+                     });
+    try {
+      if (!w.wait(20s)) return 2;
+      return 3;
+    } catch (const chorus::Error& e) {
+      const bool names = e.peer() == 2 || std::string(e.what()).find("rank 2") != std::string::npos;
+      if ((e.code() != ErrorCode::PeerFailure && e.code() != ErrorCode::Timeout) || !names) {
+        std::cerr << "rank " << rank << ": " << e.what() << "\n";
+        return 4;
+      }
+    }
+    return 0;
+  });
+  for (int r : {0, 1})
+    EXPECT_EQ(codes[static_cast<std::size_t>(r)], 0)
+        << "rank " << r << ": 2 hung, 3 completed, 4 wrong error";
 }
 
 // The timeline: valid JSON; a row per tensor; negotiation, the ranks'
