@@ -70,6 +70,7 @@ const Collective& allgather_collective();
 const Collective& reduce_scatter_collective();
 const Collective& alltoall_collective();
 const Collective& alltoallv_collective();
+const Collective& allgatherv_collective();
 
 // The collective called `name`, or nullptr.
 const Collective* find_collective(const std::string& name);

@@ -33,6 +33,8 @@ const char* to_string(Coll c) noexcept {
     case Coll::Split: return "split";
     case Coll::Alltoallv:
       return "alltoallv";
+    case Coll::Allgatherv:
+      return "allgatherv";
   }
   return "unknown-collective";
 }
@@ -44,7 +46,10 @@ std::string describe(const CallDesc& d) {
   else os << ", dtype " << static_cast<int>(d.dtype);
   const bool reduces = d.coll == Coll::Allreduce || d.coll == Coll::ReduceScatter || d.coll == Coll::Reduce;
   if (reduces) os << ", " << (is_valid(d.op) ? std::string(chorus::to_string(d.op)) : "op ?");
-  if (d.root >= 0) os << ", root " << d.root;
+  if (d.coll == Coll::Allgatherv)
+    os << ", counts #" << std::hex << d.root << std::dec;
+  else if (d.root >= 0)
+    os << ", root " << d.root;
   if (d.algo != 0) os << ", algorithm #" << static_cast<int>(d.algo);
   if (d.device) os << ", on device memory";
   os << ")";
@@ -64,6 +69,15 @@ void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, 
        << " (its sendcounts[" << my_rank << "]) but rank " << my_rank << " expects " << mine.count
        << " from rank " << peer << " (its recvcounts[" << peer
        << "]). sendcounts[j] on rank i must equal recvcounts[i] on rank j";
+    throw Error(ErrorCode::InvalidUsage, os.str(), peer);
+  }
+  same_count.root = mine.root;
+  if (mine.coll == Coll::Allgatherv && same_count == mine) {
+    os << "ranks disagree on the counts of " << to_string(mine.coll) << " #" << mine.seq
+       << ": rank " << peer << " passed recvcounts summing to " << theirs.count << " (counts #"
+       << std::hex << theirs.root << std::dec << ") but rank " << my_rank
+       << " passed recvcounts summing to " << mine.count << " (counts #" << std::hex << mine.root
+       << std::dec << "). Every rank must pass the same recvcounts";
     throw Error(ErrorCode::InvalidUsage, os.str(), peer);
   }
   os << "ranks disagree on the call: rank " << peer << " called " << describe(theirs) << " but rank "

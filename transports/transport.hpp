@@ -64,6 +64,10 @@ enum class Coll : std::uint8_t {
   // carries (the sender's sendcounts[receiver], the receiver's
   // recvcounts[sender]), so that a pair that disagrees fails as a mismatch.
   Alltoallv = 12,
+  // Allgather with a count per rank: `count` is their sum and `root` a
+  // 31-bit hash of the counts, so that ranks passing different counts (even
+  // with the same sum) fail as a mismatch.
+  Allgatherv = 13,
 };
 
 const char* to_string(Coll c) noexcept;

@@ -182,6 +182,16 @@ CHORUS_C_API chorus_status_t chorus_scatter(chorus_comm_t comm, const void* send
 CHORUS_C_API chorus_status_t chorus_alltoall(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
                                              size_t count, chorus_dtype_t dtype,
                                              const chorus_options_t* options, chorus_work_t* work);
+/* Allgather with a count per rank: recvcounts holds one count per rank
+ * (chorus_comm_size of them, the same on every rank, copied before the call
+ * returns); rank p's recvcounts[p] elements land in recvbuf after those of
+ * the ranks before it. In place when sendbuf == recvbuf + the counts of the
+ * ranks before this one. */
+CHORUS_C_API chorus_status_t chorus_allgatherv(chorus_comm_t comm, const void* sendbuf,
+                                               void* recvbuf, const size_t* recvcounts,
+                                               chorus_dtype_t dtype,
+                                               const chorus_options_t* options,
+                                               chorus_work_t* work);
 /* Alltoall with per-pair counts: sendcounts and recvcounts hold one count
  * per rank (chorus_comm_size of them); this rank sends sendcounts[j]
  * elements to rank j and receives recvcounts[i] from rank i, blocks packed

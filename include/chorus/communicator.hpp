@@ -139,7 +139,8 @@ class CHORUS_API Communicator {
   /// The algorithm this communicator would run for a call of `collective`
   /// ("allreduce", "broadcast", "allgather", "reduce_scatter", "reduce",
   /// "gather", "scatter", "alltoall", "alltoallv" (alltoall's pairwise
-  /// exchange, `count` per pair), "barrier") with `count` elements of
+  /// exchange, `count` per pair), "allgatherv" (with `count` for every
+  /// rank, an allgather), "barrier") with `count` elements of
   /// `dtype`: the one CHORUS_ALGO forces, else the cheapest under the
   /// selector's cost model (docs/algorithms.md). Every rank gets the same
   /// answer. Throws Error(InvalidArgument) for an unknown collective, or when
@@ -167,6 +168,16 @@ class CHORUS_API Communicator {
   /// elements in rank order. In-place when sendbuf == recvbuf + rank*count.
   void allgather(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,
                  const CallOptions& options = {});
+  /// Allgather with a count per rank (MPI_Allgatherv, Gloo's allgatherv):
+  /// block p of recvbuf (recvcounts[p] elements, blocks packed in rank
+  /// order) is rank p's sendbuf, which holds recvcounts[rank()] elements.
+  /// Every rank passes the same size() counts; ranks whose counts differ
+  /// fail with Error(InvalidUsage) (the call carries their sum and a hash).
+  /// In place when sendbuf == recvbuf + (the counts of the ranks before
+  /// this one) elements. Equal counts make it an allgather (the selector's
+  /// algorithm); counts that differ run the ring.
+  void allgatherv(const void* sendbuf, void* recvbuf, std::span<const std::size_t> recvcounts,
+                  DataType dtype, const CallOptions& options = {});
   /// Reduces size()*`count` elements across ranks; rank r receives block r
   /// (`count` elements). In-place (NCCL's convention) when
   /// recvbuf == sendbuf + rank*count*size_of(dtype).
@@ -234,6 +245,9 @@ class CHORUS_API Communicator {
   /// Asynchronous alltoall; see alltoall().
   Work alltoall_async(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,
                       const CallOptions& options = {});
+  /// Asynchronous allgatherv; see allgatherv(). The counts are copied.
+  Work allgatherv_async(const void* sendbuf, void* recvbuf, std::span<const std::size_t> recvcounts,
+                        DataType dtype, const CallOptions& options = {});
   /// Asynchronous alltoallv; see alltoallv(). The counts are copied: only
   /// the buffers must stay valid until the Work completes.
   Work alltoallv_async(const void* sendbuf, std::span<const std::size_t> sendcounts, void* recvbuf,

@@ -175,6 +175,14 @@ extern const Algorithm kDisseminationBarrier;        // rooted.cpp
 void pairwise_alltoallv(Context& c, const void* send, std::span<const std::size_t> sendcounts,
                         void* recv, std::span<const std::size_t> recvcounts, DataType dtype);
 
+// Allgatherv by the ring (its only algorithm, outside the selector): block
+// p of `recv` (counts[p] elements, blocks packed in rank order) comes from
+// rank p; this rank's is `send` (in place when send is its block of recv).
+// Every rank must pass the same counts: the call's description carries
+// their sum and a hash of them.
+void ring_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
+                     DataType dtype);
+
 // Ring allreduce as ring reduce-scatter + ring allgather, chunked and
 // pipelined: the send of chunk k in step s starts as soon as chunk k of step
 // s-1 has been reduced, so sending and reducing overlap.

@@ -257,6 +257,35 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   if (!overlaps) copy_final(mine, send, block, stream);
 }
 
+void ring_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
+                     DataType dtype) {
+  const std::size_t esize = size_of(dtype);
+  Segments seg;
+  std::size_t total = 0;
+  for (std::size_t k : counts) {
+    seg.off.push_back(total);
+    seg.len.push_back(k);
+    total += k;
+  }
+  char* buf = static_cast<char*>(recv);
+  const auto me = static_cast<std::size_t>(c.rank);
+  char* mine = buf + seg.off[me] * esize;
+  const std::size_t block = seg.len[me] * esize;
+  if (total == 0) return;
+  // As ring_allgather: in place, this rank's block is already at its place;
+  // out of place it goes out from the send buffer and is copied in last.
+  const bool in_place = send == mine;
+  const bool stream = streams(c, total * esize + (in_place ? 0 : block));
+  if (c.size == 1) {
+    if (!in_place && block > 0) std::memmove(mine, send, block);
+    return;
+  }
+  ring_pass(
+      c, Group::all(c), buf, buf, seg, esize, 0, c.size - 1, 0, dtype, ReduceOp::Sum, stream,
+      [](char*, std::size_t) {}, in_place ? nullptr : static_cast<const char*>(send));
+  if (!in_place && block > 0) copy_final(mine, send, block, stream);
+}
+
 namespace {
 void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, DataType dtype,
                  ReduceOp op, int root) {

@@ -434,6 +434,13 @@ struct CommImpl {
     a.run(ctx, args);
   }
 
+  // An allgatherv on host buffers (its only algorithm, the ring).
+  void run_allgatherv(const CallDesc& call, const void* s, void* r,
+                      std::span<const std::size_t> counts, transport::Deadline dl) {
+    algo::Context ctx = context(call, dl);
+    algo::ring_allgatherv(ctx, s, r, counts, call.dtype);
+  }
+
   // An alltoallv on host buffers (its only algorithm, pairwise exchange).
   void run_alltoallv(const CallDesc& call, const void* s, void* r,
                      std::span<const std::size_t> sendcounts,
@@ -808,7 +815,15 @@ std::optional<Coll> coll_from_name(const std::string& name) {
   // Alltoallv runs alltoall's one algorithm (pairwise); a count per pair
   // there is the alltoall's block.
   if (name == "alltoallv") return Coll::Alltoall;
+  // Allgatherv with equal counts is an allgather (with others, the ring).
+  if (name == "allgatherv") return Coll::Allgather;
   return std::nullopt;
+}
+
+// The one algorithm of the calls outside the selector ("" for the others).
+std::string only_algorithm(const std::string& collective) {
+  if (collective == "alltoallv") return "pairwise";
+  return {};
 }
 }  // namespace
 
@@ -818,6 +833,7 @@ std::vector<std::string> algorithm_names(const std::string& collective) {
   std::vector<std::string> out;
   const auto coll = coll_from_name(collective);
   if (!coll) return out;
+  if (const std::string only = only_algorithm(collective); !only.empty()) return {only};
   for (const algo::Algorithm* a : algo::all_algorithms())
     if (a->coll == *coll) out.emplace_back(a->name);
   return out;
@@ -829,6 +845,7 @@ std::string Communicator::algorithm_for(const std::string& collective, std::size
   const auto coll = coll_from_name(collective);
   if (!coll)
     throw Error(ErrorCode::InvalidArgument, "algorithm_for: unknown collective '" + collective + "'");
+  if (const std::string only = only_algorithm(collective); !only.empty()) return only;
   const bool rooted = *coll == Coll::Broadcast || *coll == Coll::Reduce || *coll == Coll::Gather ||
                       *coll == Coll::Scatter;
   return c.selector->choose(algo::Call{*coll, count, dtype, op, rooted ? root : -1}).name;
@@ -853,9 +870,11 @@ std::vector<std::pair<std::string, double>> Communicator::algorithm_estimates(
   }
   const algo::Selector what_if(c.layout, model, {});
   std::vector<std::pair<std::string, double>> out;
+  const std::string only = only_algorithm(collective);
   for (const auto& e : what_if.estimates(algo::Call{*coll, count, dtype, op, rooted ? root : -1}))
-    out.emplace_back(e.algo->name,
-                     e.excluded.empty() ? e.us : std::numeric_limits<double>::quiet_NaN());
+    if (only.empty() || only == e.algo->name)
+      out.emplace_back(e.algo->name,
+                       e.excluded.empty() ? e.us : std::numeric_limits<double>::quiet_NaN());
   return out;
 }
 
@@ -947,8 +966,9 @@ void need_gpu(const CallOptions& o) {
 // A call on device buffers: the device engine runs it in the call's turn.
 // An asynchronous one marks, now, where it enters its stream: it runs later,
 // on the worker, after the work queued there before the call.
-// An alltoallv's counts, kept for the call's run (an asynchronous one
-// outlives the caller's spans).
+// An alltoallv's or allgatherv's counts, kept for the call's run (an
+// asynchronous one outlives the caller's spans). An allgatherv has recv
+// only (every rank's count); this rank sends its own.
 struct VCounts {
   std::vector<std::size_t> send, recv;
 };
@@ -980,12 +1000,18 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
         req.ordinal = ordinal;
         req.entry = entry.get();
         req.deadline = c.deadline(o);
+        const bool gatherv = call.coll == Coll::Allgatherv;
         if (v) {
           const std::size_t es = size_of(call.dtype);
           for (std::size_t k : v->send) req.send_bytes += k * es;
           for (std::size_t k : v->recv) req.recv_bytes += k * es;
+          if (gatherv) req.send_bytes = v->recv[static_cast<std::size_t>(c.rank)] * es;
         }
         c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
+          if (v && gatherv) {
+            c.run_allgatherv(part, ps, pr, v->recv, req.deadline);
+            return;
+          }
           if (v) {
             c.run_alltoallv(part, ps, pr, v->send, v->recv, req.deadline);
             return;
@@ -1198,6 +1224,77 @@ Work op_alltoallv(CommImpl& c, const void* s, std::span<const std::size_t> sendc
   return c.submit([run, call] { run(call); }, true);
 }
 
+// A 31-bit hash of an allgatherv's counts (FNV-1a over their values),
+// carried in its description's root field: ranks whose counts differ fail
+// as a mismatch even when the sums agree.
+std::int32_t counts_hash(std::span<const std::size_t> counts) {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (std::size_t k : counts)
+    for (int b = 0; b < 8; ++b) {
+      h ^= (static_cast<std::uint64_t>(k) >> (8 * b)) & 0xff;
+      h *= 0x100000001b3ull;
+    }
+  return static_cast<std::int32_t>((h ^ (h >> 32)) & 0x7fffffff);
+}
+
+Work op_allgatherv(CommImpl& c, const void* s, void* r, std::span<const std::size_t> counts,
+                   DataType t, const CallOptions& o, bool async) {
+  check_dtype(t);
+  const auto n = static_cast<std::size_t>(c.size);
+  if (counts.size() != n)
+    throw Error(ErrorCode::InvalidArgument,
+                "allgatherv: recvcounts has " + std::to_string(counts.size()) +
+                    " entries; it needs one per rank (" + std::to_string(n) + ")");
+  std::size_t total = 0, before = 0;
+  for (std::size_t j = 0; j < n; ++j) {
+    check_count(counts[j], 1, t, "allgatherv");
+    if (j == static_cast<std::size_t>(c.rank)) before = total;
+    total += counts[j];
+  }
+  check_count(total, 1, t, "allgatherv");
+  const std::size_t mine = counts[static_cast<std::size_t>(c.rank)];
+  check_buffer(s, mine, "sendbuf", "allgatherv");
+  check_buffer(r, total, "recvbuf", "allgatherv");
+  const std::size_t es = size_of(t);
+  const char* place = static_cast<const char*>(r) + before * es;
+  if (s != place && overlaps(s, mine * es, r, total * es))
+    throw Error(ErrorCode::InvalidArgument,
+                "allgatherv: sendbuf overlaps recvbuf; in place means sendbuf == recvbuf + the "
+                "counts of the ranks before this one");
+  // Equal counts (every rank sees the same ones, so every rank decides
+  // alike): an allgather, with the selector's algorithm (bruck's log2 n
+  // rounds beat the ring's n-1 at small sizes).
+  if (std::all_of(counts.begin(), counts.end(), [&](std::size_t k) { return k == counts[0]; }))
+    return run_collective(c, make_call(c, Coll::Allgather, t, ReduceOp::Sum, -1, counts[0]), {s, r},
+                          o, async);
+  if (!o.algorithm.empty() && o.algorithm != "ring")
+    throw Error(ErrorCode::InvalidArgument,
+                "allgatherv: no algorithm '" + o.algorithm +
+                    "' for counts that differ between ranks; they run the 'ring'");
+  c.check_device_error();
+  auto v = std::make_shared<VCounts>();
+  v->recv.assign(counts.begin(), counts.end());
+  CallDesc call = make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total);
+  // As an alltoallv: a rank with nothing to send still says which kind of
+  // memory its buffers are.
+  CallDesc sized = call;
+  sized.count = 1;
+  if (const auto gpu = device_of(sized, s, r, s != nullptr, r != nullptr))
+    return run_device(c, call, s, r, *gpu, -1, o, async, std::move(v));
+  need_gpu(o);
+  auto run = [&c, s, r, o, v](const CallDesc& d) {
+    CHORUS_TRACE(transport::describe(d) << " with ring");
+    if (o.stream != nullptr) device::synchronize(o.stream);
+    c.run_allgatherv(d, s, r, v->recv, c.deadline(o));
+  };
+  if (!async) return c.submit([&] { run(call); }, false, &call.seq);
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    call.seq = c.coll_seq++;
+  }
+  return c.submit([run, call] { run(call); }, true);
+}
+
 Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {
   return run_collective(c, make_call(c, Coll::Barrier, DataType::UInt8, ReduceOp::Sum, -1, 0), {}, o, async);
 }
@@ -1334,6 +1431,14 @@ void Communicator::alltoall(const void* s, void* r, std::size_t n, DataType t, c
 Work Communicator::alltoall_async(const void* s, void* r, std::size_t n, DataType t,
                                   const CallOptions& o) {
   return op_alltoall(need(impl_), s, r, n, t, o, true);
+}
+void Communicator::allgatherv(const void* s, void* r, std::span<const std::size_t> recvcounts,
+                              DataType t, const CallOptions& o) {
+  op_allgatherv(need(impl_), s, r, recvcounts, t, o, false);
+}
+Work Communicator::allgatherv_async(const void* s, void* r, std::span<const std::size_t> recvcounts,
+                                    DataType t, const CallOptions& o) {
+  return op_allgatherv(need(impl_), s, r, recvcounts, t, o, true);
 }
 void Communicator::alltoallv(const void* s, std::span<const std::size_t> sendcounts, void* r,
                              std::span<const std::size_t> recvcounts, DataType t,

@@ -72,8 +72,9 @@ struct Request {
   int ordinal = 0;               // the GPU the buffers are on
   const Entry* entry = nullptr;  // an asynchronous call: where it entered its stream
   transport::Deadline deadline;
-  // An alltoallv (whose call count is 0: each message has its own): the
-  // bytes its buffers hold. It always stages; the host runner knows the counts.
+  // An alltoallv (whose call count is 0: each message has its own) or an
+  // allgatherv: the bytes its buffers hold. They always stage; the host
+  // runner knows the counts.
   std::size_t send_bytes = 0, recv_bytes = 0;
 };
 

@@ -299,8 +299,10 @@ class CudaEngine final : public Engine {
     // an all-to-all, so the first collective makes it.
     const bool p2p = r.call.coll == Coll::SendRecv;
     if (!introduced_ && !p2p) introduce(r);
-    // An alltoallv's counts differ per rank: it stages, whatever its size.
-    const bool staged_only = p2p || r.call.coll == Coll::Alltoallv;
+    // An alltoallv's or allgatherv's counts differ per rank: it stages,
+    // whatever its size.
+    const bool staged_only =
+        p2p || r.call.coll == Coll::Alltoallv || r.call.coll == Coll::Allgatherv;
     // Without a stream the call is blocking and ordered like a cudaMemcpy: on
     // the legacy default stream, after the work queued there.
     const cudaStream_t user =
@@ -772,8 +774,9 @@ class CudaEngine final : public Engine {
   // not elementwise, and send/recv.
   void run_staged(const Request& r, cudaStream_t st, const HostRunner& host) {
     const CallDesc& c = r.call;
-    const Sizes sz = c.coll == Coll::Alltoallv ? Sizes{r.send_bytes, r.recv_bytes}
-                                               : sizes_of(c, s_.rank, s_.size);
+    const Sizes sz = c.coll == Coll::Alltoallv || c.coll == Coll::Allgatherv
+                         ? Sizes{r.send_bytes, r.recv_bytes}
+                         : sizes_of(c, s_.rank, s_.size);
     if (c.coll == Coll::ReduceScatter && combines_on_gpu(c)) {
       run_reduce_scatter_on_gpu(r, st, host);
       return;

@@ -126,6 +126,21 @@ static void collectives(chorus_comm_t comm, int rank, int n) {
   OK(chorus_alltoall(comm, a_in, a_out, 1, CHORUS_INT32, NULL, NULL));
   for (int k = 0; k < n; ++k)
     CHECK(a_out[k] == k * 100 + rank, "alltoall element %d: %d", k, a_out[k]);
+  /* allgatherv in place: rank p shares p % 3 elements of value 100 p + k. */
+  int32_t gv[64];
+  size_t gv_counts[16];
+  int gv_at = 0, gv_mine = 0;
+  for (int p = 0; p < n; ++p) {
+    gv_counts[p] = (size_t)(p % 3);
+    if (p == rank) gv_mine = gv_at;
+    gv_at += p % 3;
+  }
+  for (int k = 0; k < rank % 3; ++k) gv[gv_mine + k] = 100 * rank + k;
+  OK(chorus_allgatherv(comm, gv + gv_mine, gv, gv_counts, CHORUS_INT32, NULL, NULL));
+  gv_at = 0;
+  for (int p = 0; p < n; ++p)
+    for (int k = 0; k < p % 3; ++k, ++gv_at)
+      CHECK(gv[gv_at] == 100 * p + k, "allgatherv element %d of rank %d: %d", k, p, gv[gv_at]);
   /* alltoallv: rank i sends rank j (i + j) % 3 elements of value 1000 i + 10 j + k. */
   int32_t v_in[64], v_out[64];
   size_t v_send[16], v_recv[16];
@@ -432,6 +447,8 @@ static void bad_arguments(chorus_comm_t comm) {
   FAILS(chorus_comm_rank(comm, NULL), CHORUS_INVALID_ARGUMENT, "rank is NULL");
   FAILS(chorus_alltoallv(comm, x, NULL, x, NULL, CHORUS_FLOAT32, NULL, NULL),
         CHORUS_INVALID_ARGUMENT, "sendcounts is NULL");
+  FAILS(chorus_allgatherv(comm, x, x, NULL, CHORUS_FLOAT32, NULL, NULL), CHORUS_INVALID_ARGUMENT,
+        "recvcounts is NULL");
   /* Bad arguments leave the communicator usable. */
   OK(chorus_comm_error(comm));
   OK(chorus_barrier(comm, NULL, NULL));

@@ -216,6 +216,61 @@ WorkerReply run_alltoallv(WorkerContext& x, const Case& c) {
   return chk.reply();
 }
 
+// How many elements rank p shares in an allgatherv case: a hash of p in
+// [0, count], 0 for about one rank in five.
+std::uint64_t share_count(const Case& c, int p) {
+  const std::uint64_t h = mix(c.seed ^ (static_cast<std::uint64_t>(p + 1) * 0x94D049BB133111EBull));
+  if (c.count == 0 || (h >> 20) % 5 == 0) return 0;
+  return h % (c.count + 1);
+}
+
+// Allgatherv: every rank's share in rank order, in place or not; odd seeds
+// go through allgatherv_async.
+template <typename T>
+WorkerReply run_allgatherv(WorkerContext& x, const Case& c) {
+  const auto n = static_cast<std::size_t>(x.size);
+  std::vector<std::size_t> counts(n);
+  std::uint64_t total = 0, before = 0;
+  for (int p = 0; p < x.size; ++p) {
+    if (p == x.rank) before = total;
+    counts[static_cast<std::size_t>(p)] = share_count(c, p);
+    total += counts[static_cast<std::size_t>(p)];
+  }
+  const std::uint64_t mine = counts[static_cast<std::size_t>(x.rank)];
+  auto own = [&](std::uint64_t i) { return payload(c, x.rank, i); };
+  Checker chk;
+  Buffer recv(total * sizeof(T), recv_misalign(c));
+  std::optional<Buffer> send;
+  const unsigned char* src = recv.data() + before * sizeof(T);
+  if (c.in_place) {
+    fill<T>(recv.data() + before * sizeof(T), mine, own);
+  } else {
+    send.emplace(mine * sizeof(T), c.misalign);
+    fill<T>(send->data(), mine, own);
+    src = send->data();
+  }
+  if ((c.seed & 1) != 0) {
+    chorus::Work w = x.comm.allgatherv_async(src, recv.data(), counts, c.dtype);
+    std::fill(counts.begin(), counts.end(), std::size_t{0});  // the call's own copy counts
+    w.wait();
+  } else {
+    x.comm.allgatherv(src, recv.data(), counts, c.dtype);
+  }
+  std::uint64_t at = 0;
+  for (int p = 0; p < x.size; ++p) {
+    const std::uint64_t m = share_count(c, p);
+    chk.expect<T>("recvbuf block " + std::to_string(p), recv.data() + at * sizeof(T), m,
+                  [&](std::uint64_t i) { return payload(c, p, i); });
+    at += m;
+  }
+  chk.guards("recvbuf", recv);
+  if (send) {
+    chk.expect<T>("sendbuf (must not change)", send->data(), mine, own);
+    chk.guards("sendbuf", *send);
+  }
+  return chk.reply();
+}
+
 // Ring shift: rank r sends to r+1 and receives from r-1.
 template <typename T>
 WorkerReply run_sendrecv(WorkerContext& x, const Case& c) {
@@ -264,6 +319,8 @@ WorkerReply run_moving_case(WorkerContext& x, const Case& c) {
       case Coll::Alltoall: return run_alltoall<T>(x, c);
       case Coll::Alltoallv:
         return run_alltoallv<T>(x, c);
+      case Coll::Allgatherv:
+        return run_allgatherv<T>(x, c);
       case Coll::SendRecv: return run_sendrecv<T>(x, c);
       default: throw std::logic_error("run_moving_case: not one of this file's collectives");
     }

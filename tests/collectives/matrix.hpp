@@ -42,6 +42,7 @@ enum class Coll : std::uint8_t {
   Scatter,
   Alltoall,
   Alltoallv,
+  Allgatherv,
   SendRecv,
   Barrier,
   AsyncOrder,

@@ -85,6 +85,8 @@ const char* coll_name(Coll c) {
     case Coll::Alltoall: return "alltoall";
     case Coll::Alltoallv:
       return "alltoallv";
+    case Coll::Allgatherv:
+      return "allgatherv";
     case Coll::SendRecv: return "sendrecv";
     case Coll::Barrier: return "barrier";
     case Coll::AsyncOrder: return "async_order";
@@ -206,6 +208,7 @@ unsigned big_modes(Coll coll, DataType t, ReduceOp op) {
       if (t == DataType::Int32 && op == ReduceOp::Max) return kIn;
       return 0;
     case Coll::Allgather:
+    case Coll::Allgatherv:
       if (t == DataType::Int8 || t == DataType::Float32) return kIn;
       if (t == DataType::Float16) return kOut;
       return 0;
@@ -482,6 +485,7 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
     case Coll::Scatter:
     case Coll::Alltoall:
     case Coll::Alltoallv:
+    case Coll::Allgatherv:
     case Coll::SendRecv: reply = run_moving_case(x, c); break;
     case Coll::Barrier:
     case Coll::AsyncOrder:
@@ -578,6 +582,8 @@ INSTANTIATE_TEST_SUITE_P(Gather, Matrix, testing::ValuesIn(matrix(Coll::Gather))
 INSTANTIATE_TEST_SUITE_P(Scatter, Matrix, testing::ValuesIn(matrix(Coll::Scatter)), param_name);
 INSTANTIATE_TEST_SUITE_P(Alltoall, Matrix, testing::ValuesIn(matrix(Coll::Alltoall)), param_name);
 INSTANTIATE_TEST_SUITE_P(Alltoallv, Matrix, testing::ValuesIn(matrix(Coll::Alltoallv)), param_name);
+INSTANTIATE_TEST_SUITE_P(Allgatherv, Matrix, testing::ValuesIn(matrix(Coll::Allgatherv)),
+                         param_name);
 INSTANTIATE_TEST_SUITE_P(SendRecv, Matrix, testing::ValuesIn(matrix(Coll::SendRecv)), param_name);
 INSTANTIATE_TEST_SUITE_P(Barrier, Matrix, testing::ValuesIn(special(Coll::Barrier)), param_name);
 INSTANTIATE_TEST_SUITE_P(AsyncOrder, Matrix, testing::ValuesIn(special(Coll::AsyncOrder)), param_name);

@@ -121,6 +121,14 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
     return at;
   };
   std::vector<std::size_t> vsend(nn), vrecv(nn);
+  if (c.coll == "allgatherv") {  // rank p shares pair(p, 1) elements
+    rn = 0;
+    for (std::size_t j = 0; j < nn; ++j) {
+      vrecv[j] = pair(j, 1);
+      rn += vrecv[j];
+    }
+    sn = vrecv[static_cast<std::size_t>(rank)];
+  }
   if (c.coll == "alltoallv") {
     sn = rn = 0;
     for (std::size_t j = 0; j < nn; ++j) {
@@ -168,6 +176,8 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
     else if (c.coll == "alltoall") comm.alltoall(send, recv, cnt, c.t, o);
     else if (c.coll == "alltoallv")
       comm.alltoallv(send, vsend, recv, vrecv, c.t, o);
+    else if (c.coll == "allgatherv")
+      comm.allgatherv(send, recv, vrecv, c.t, o);
     else if (c.coll == "sendrecv") {
       const int next = (rank + 1) % n, prev = (rank + n - 1) % n;
       if (rank % 2 == 0) {
@@ -181,8 +191,10 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
   } catch (const chorus::Error& e) {
     return std::string("threw ") + e.what();
   }
-  const std::size_t out_n =
-      (c.coll == "allgather" || c.coll == "gather" || c.coll == "alltoallv") ? rn : cnt;
+  const std::size_t out_n = (c.coll == "allgather" || c.coll == "gather" || c.coll == "alltoallv" ||
+                             c.coll == "allgatherv")
+                                ? rn
+                                : cnt;
   CK(cudaMemcpyAsync(hr.data(), recv, out_n * w, cudaMemcpyDeviceToHost, st));
   CK(cudaStreamSynchronize(st));
   CK(cudaFree(ds));
@@ -206,6 +218,10 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
       want = value(root, static_cast<std::size_t>(rank) * cnt + i, salt);
     } else if (c.coll == "alltoall") {
       want = value(static_cast<int>(i / cnt), static_cast<std::size_t>(rank) * cnt + i % cnt, salt);
+    } else if (c.coll == "allgatherv") {
+      std::size_t from = 0, k = i;  // element k of rank `from`'s share
+      while (k >= vrecv[from]) k -= vrecv[from++];
+      want = value(static_cast<int>(from), k, salt);
     } else if (c.coll == "alltoallv") {
       std::size_t from = 0, k = i;  // element k of the block from rank `from`
       while (k >= vrecv[from]) k -= vrecv[from++];
@@ -260,6 +276,7 @@ int rank_main(int rank, int n, const std::string& dir) {
           cases.push_back({"scatter", t, ReduceOp::Sum, cnt, false, !s});
           cases.push_back({"alltoall", t, ReduceOp::Sum, cnt, false, s});
           cases.push_back({"alltoallv", t, ReduceOp::Sum, cnt, false, !s});
+          cases.push_back({"allgatherv", t, ReduceOp::Sum, cnt, false, s});
           cases.push_back({"sendrecv", t, ReduceOp::Sum, cnt, false, !s});
         }
       }

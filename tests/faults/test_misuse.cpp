@@ -209,6 +209,36 @@ TEST(MismatchedAlltoallv, ThePairsCountsAreNamedAndEveryRankFails) {
   }
 }
 
+// An allgatherv whose counts differ on one rank but sum to the same: rank
+// 1 passes {3, 1, 2} where the others pass {1, 3, 2}. Every rank must fail
+// with InvalidUsage naming the counts, no later than its next call.
+TEST(MismatchedAllgatherv, DifferentCountsWithTheSameSumFailEveryRank) {
+  Group g(3, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> send(4, 1.0f), recv(8, 0.0f);
+    std::vector<std::size_t> counts = {1, 3, 2};
+    if (ctx.rank() == 1) counts = {3, 1, 2};
+    ctx.started();
+    ctx.attempt("call",
+                [&] { comm.allgatherv(send.data(), recv.data(), counts, DataType::Float32); });
+    ctx.attempt("next", [&] { comm.barrier(); });
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  const faults::Nanos deadline = faults::now_ns() + std::chrono::nanoseconds(kReportWait).count();
+  for (int r = 0; r < 3; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const auto call = g.result(r, "call", deadline);
+    const auto next = call ? g.result(r, "next", deadline) : std::nullopt;
+    ASSERT_TRUE(call && next) << "rank " << r << " did not return (hang?); it is " << g.status(r);
+    const Result& first = call->ok ? *next : *call;
+    EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
+    EXPECT_TRUE(first.has("disagree on the counts of allgatherv") && first.has("summing to 6"))
+        << first.describe();
+  }
+}
+
 // A point-to-point size mismatch: rank 0 sends `sent` elements, rank 1
 // receives `asked`. Rank 1 sees it in the header; a small send has already
 // completed, so rank 0 can only learn of it from rank 1's notice, in its next
@@ -376,6 +406,10 @@ TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
       {"alltoallv overlapping", ErrorCode::InvalidArgument, "overlap"},
       {"alltoallv wrapped count", ErrorCode::InvalidArgument, "too large"},
       {"alltoallv unknown algorithm", ErrorCode::InvalidArgument, "'pairwise'"},
+      {"allgatherv too many counts", ErrorCode::InvalidArgument, "one per rank (1)"},
+      {"allgatherv null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+      {"allgatherv overlapping", ErrorCode::InvalidArgument, "in place means"},
+      {"allgatherv unknown algorithm", ErrorCode::InvalidArgument, "unknown algorithm"},
   };
   Group g(1, [](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
@@ -424,6 +458,16 @@ TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
     ctx.attempt("alltoallv null recvbuf", [&] { comm.alltoallv(b, four, nullptr, four, f32); });
     ctx.attempt("alltoallv overlapping", [&] { comm.alltoallv(b, four, b + 2, four, f32); });
     ctx.attempt("alltoallv wrapped count", [&] { comm.alltoallv(b, huge, b + 8, huge, f32); });
+    const std::vector<std::size_t> two = {4, 4};
+    ctx.attempt("allgatherv too many counts", [&] { comm.allgatherv(b, b + 8, two, f32); });
+    ctx.attempt("allgatherv null sendbuf", [&] { comm.allgatherv(nullptr, b, four, f32); });
+    ctx.attempt("allgatherv overlapping", [&] { comm.allgatherv(b + 1, b, four, f32); });
+    ctx.attempt("allgatherv unknown algorithm", [&] {
+      // Equal counts (one rank's): an allgather, whose algorithms are named.
+      chorus::CallOptions o;
+      o.algorithm = "no_such_ring";
+      comm.allgatherv(b, b + 8, four, f32, o);
+    });
     ctx.attempt("alltoallv unknown algorithm", [&] {
       chorus::CallOptions o;
       o.algorithm = "ring";
@@ -454,6 +498,7 @@ TEST(InvalidArguments, TwoRanksRejectBadArgumentsAndStayInStep) {
       {"recv from self", ErrorCode::InvalidArgument, "peer is this rank"},
       {"recv null buf", ErrorCode::InvalidArgument, "buf is null"},
       {"reduce null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+      {"allgatherv ragged bruck", ErrorCode::InvalidArgument, "they run the 'ring'"},
   };
   Group g(2, [](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
@@ -467,6 +512,12 @@ TEST(InvalidArguments, TwoRanksRejectBadArgumentsAndStayInStep) {
     ctx.attempt("recv from self", [&] { comm.recv(b, 4, f32, me); });
     ctx.attempt("recv null buf", [&] { comm.recv(nullptr, 4, f32, other); });
     ctx.attempt("reduce null sendbuf", [&] { comm.reduce(nullptr, b, 4, f32, ReduceOp::Sum, 0); });
+    ctx.attempt("allgatherv ragged bruck", [&] {
+      chorus::CallOptions o;
+      o.algorithm = "bruck";  // an allgather's, but these counts differ
+      const std::vector<std::size_t> ragged = {1, 2};
+      comm.allgatherv(b, b + 16, ragged, f32, o);
+    });
     // Only rank 1 makes extra rejected calls: a rejected call must not use up
     // a call number, or the ranks would fall out of step below.
     if (me == 1) {
