@@ -38,9 +38,9 @@ struct EngineImpl;
 struct EngineConfig {
   /// Time between two negotiations (CHORUS_ENGINE_CYCLE_MS, default 1 ms).
   std::optional<std::chrono::microseconds> cycle;
-  /// Most bytes one fused allreduce or broadcast carries (a fused allgather:
-  /// all ranks' shares together; a fused allgatherv: all ranks' shares, each
-  /// rank's padded to the longest); 0 disables fusion
+  /// Most bytes one fused allreduce or broadcast carries (a fused allgather
+  /// or allgatherv: all ranks' shares together; a fused alltoall: what the
+  /// rank sending most sends, plus what all ranks send); 0 disables fusion
   /// (CHORUS_FUSION_BYTES, default 64 MiB).
   std::optional<std::size_t> fusion_bytes;
   /// Names the response cache holds; 0 disables it (CHORUS_ENGINE_CACHE,

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -746,17 +747,16 @@ struct EngineImpl {
       const Ready& head = ready[i];
       // Bytes per rank: an allreduce's buffer, an allgather's share, a
       // reduce-scatter's block. A fused allgather's buffer holds every
-      // rank's shares, a fused reduce-scatter's every rank's blocks; a
-      // fused allgatherv's, every rank's shares padded to the longest rank's.
+      // rank's shares, a fused reduce-scatter's every rank's blocks.
+      // Allgathervs and alltoalls are bounded by every rank's counts.
       const std::size_t es = size_of(head.desc.dtype);
       std::size_t bytes = head.desc.count * es;
-      const bool gatherv = head.desc.kind == Kind::Allgatherv;
       const bool per_rank = own_count(head.desc.kind);
       const bool fusable = head.desc.kind == Kind::Allreduce || head.desc.kind == Kind::Allgather ||
                            head.desc.kind == Kind::Broadcast ||
                            head.desc.kind == Kind::ReduceScatter || per_rank;
       const std::size_t ranks_in_buffer =
-          head.desc.kind == Kind::Allgather || head.desc.kind == Kind::ReduceScatter || gatherv
+          head.desc.kind == Kind::Allgather || head.desc.kind == Kind::ReduceScatter
               ? static_cast<std::size_t>(size)
               : 1;
       std::vector<std::size_t> totals = head.counts;  // each rank's elements so far (per_rank)
@@ -771,12 +771,11 @@ struct EngineImpl {
             std::vector<std::size_t> with = totals;
             for (std::size_t p = 0; p < with.size(); ++p) with[p] += r.counts[p];
             const std::size_t longest = *std::max_element(with.begin(), with.end());
-            // An alltoall's buffer holds what this rank sends and what it
-            // receives, at most what every rank sends.
-            const std::size_t held =
-                head.desc.kind == Kind::Alltoall
-                    ? longest + std::accumulate(with.begin(), with.end(), std::size_t{0})
-                    : longest * ranks_in_buffer;
+            // An allgatherv's buffer holds every rank's shares; an
+            // alltoall's what this rank sends and what it receives, at
+            // most what every rank sends.
+            const std::size_t all = std::accumulate(with.begin(), with.end(), std::size_t{0});
+            const std::size_t held = head.desc.kind == Kind::Alltoall ? longest + all : all;
             if (held * es > fusion_bytes) continue;
             totals = std::move(with);
           } else {
@@ -1017,13 +1016,15 @@ struct EngineImpl {
     }
   }
 
-  // Allgatherv of `reqs` (one tensor, or several fused): this rank packs
-  // its shares of them in order at its place in `buf`, every rank's block
-  // padded to the longest rank's total; one allgather in place; then each
-  // tensor's allocator, told its counts, gets its pieces. An allocator that
-  // fails fails its tensor on this rank only (`errs`): the others have their
-  // result. `in_us`, `op_us`: the packing and the allgather, for the
-  // timeline.
+  // Allgatherv of `reqs` (one tensor, or several fused), one
+  // Communicator::allgatherv. One tensor goes straight from its send
+  // buffer to where its allocator says (the counts are known from the
+  // negotiation). Several: this rank packs its shares of them in order at
+  // its place in `buf`, blocks packed in rank order with no padding, one
+  // allgatherv in place, then each tensor's allocator gets its pieces. An
+  // allocator that fails fails its tensor on this rank only (`errs`): the
+  // others have their result. `in_us`, `op_us`: the packing and the
+  // allgatherv, for the timeline.
   void gatherv(std::vector<Request>& reqs,
                const std::vector<const std::vector<std::size_t>*>& counts, DataType dtype,
                std::vector<char>& buf, std::vector<std::optional<Error>>& errs, std::int64_t& in_us,
@@ -1031,28 +1032,49 @@ struct EngineImpl {
     const std::int64_t start = now_us();
     const std::size_t es = size_of(dtype);
     const auto n = static_cast<std::size_t>(size);
+    const auto me = static_cast<std::size_t>(rank);
     std::vector<std::size_t> totals(n, 0);
     for (const auto* c : counts)
       for (std::size_t p = 0; p < n; ++p) totals[p] += (*c)[p];
-    const std::size_t longest = *std::max_element(totals.begin(), totals.end());
-    const std::size_t stride = longest * es;
-    if (buf.size() < stride * n) buf.resize(stride * n);
-    char* own = buf.data() + stride * static_cast<std::size_t>(rank);
+    std::vector<std::size_t> first(n + 1, 0);  // where rank p's block starts (elements)
+    for (std::size_t p = 0; p < n; ++p) first[p + 1] = first[p] + totals[p];
+    if (reqs.size() == 1 && reqs[0].work) {
+      void* out = nullptr;
+      errs[0] = allocate(reqs[0], totals, &out);
+      // Memory that overlaps the send buffer (other than at this rank's
+      // place: in place) is gathered into `buf` first, then copied.
+      const auto s0 = reinterpret_cast<std::uintptr_t>(reqs[0].send);
+      const auto o0 = reinterpret_cast<std::uintptr_t>(out);
+      const bool clash = !errs[0] && out != nullptr && totals[me] > 0 && s0 < o0 + first[n] * es &&
+                         o0 < s0 + totals[me] * es && s0 != o0 + first[me] * es;
+      char* dst = static_cast<char*>(out);
+      if (errs[0] || clash) {
+        if (buf.size() < first[n] * es) buf.resize(first[n] * es);
+        dst = buf.data();
+      }
+      in_us = now_us() - start;
+      comm.allgatherv(reqs[0].send, dst, totals, dtype);
+      op_us = now_us() - start - in_us;
+      if (clash) std::memmove(out, dst, first[n] * es);
+      return;
+    }
+    if (buf.size() < first[n] * es) buf.resize(first[n] * es);
+    char* own = buf.data() + first[me] * es;
     std::size_t at = 0;
     for (std::size_t k = 0; k < reqs.size(); ++k) {
-      const std::size_t b = (*counts[k])[static_cast<std::size_t>(rank)] * es;
+      const std::size_t b = (*counts[k])[me] * es;
       if (b > 0) std::memcpy(own + at, reqs[k].send, b);
       at += b;
     }
     in_us = now_us() - start;
-    if (longest > 0) comm.allgather(own, buf.data(), longest, dtype);
+    comm.allgatherv(own, buf.data(), totals, dtype);
     op_us = now_us() - start - in_us;
     std::vector<std::size_t> offset(n, 0);  // elements into each rank's block
     for (std::size_t k = 0; k < reqs.size(); ++k) {
       const std::vector<std::size_t>& c = *counts[k];
       if (reqs[k].work)  // a stand-in for a joined rank keeps nothing
         errs[k] = deliver(reqs[k], c, dtype,
-                          [&](std::size_t p) { return buf.data() + p * stride + offset[p] * es; });
+                          [&](std::size_t p) { return buf.data() + (first[p] + offset[p]) * es; });
       for (std::size_t p = 0; p < n; ++p) offset[p] += c[p];
     }
   }
@@ -1089,31 +1111,20 @@ struct EngineImpl {
       recv_total += recvcounts[j];
     }
     std::vector<std::vector<char>> dropped(T);  // where a failed allocator's tensor lands
-    auto allocate = [&](std::size_t t) -> char* {
+    auto allocate_for = [&](std::size_t t) -> char* {
       Request& r = reqs[t];
       std::size_t total = 0;
       for (std::size_t c : from[t]) total += c;
       if (r.work) {
-        try {
-          void* out = r.alloc(from[t]);
-          if (out != nullptr || total == 0) return static_cast<char*>(out);
-          errs[t] = Error(ErrorCode::InvalidArgument,
-                          "engine: tensor '" + r.name +
-                              "': the alltoall allocator returned no memory for " +
-                              std::to_string(total) + " elements");
-        } catch (const Error& e) {
-          errs[t] = e;
-        } catch (const std::exception& e) {
-          errs[t] =
-              Error(ErrorCode::InvalidArgument,
-                    "engine: tensor '" + r.name + "': the alltoall allocator threw: " + e.what());
-        }
+        void* out = nullptr;
+        errs[t] = allocate(r, from[t], &out);
+        if (!errs[t]) return static_cast<char*>(out);
       }
       dropped[t].resize(total * es);
       return dropped[t].data();
     };
     if (T == 1) {
-      char* out = allocate(0);
+      char* out = allocate_for(0);
       in_us = now_us() - start;
       comm.alltoallv(reqs[0].send, sendcounts, out, recvcounts, dtype);
       op_us = now_us() - start - in_us;
@@ -1140,7 +1151,7 @@ struct EngineImpl {
     op_us = now_us() - start - in_us;
     // Unpack: rank i's block holds tensor 0's part, then tensor 1's, ...
     std::vector<char*> dst(T);
-    for (std::size_t t = 0; t < T; ++t) dst[t] = allocate(t);
+    for (std::size_t t = 0; t < T; ++t) dst[t] = allocate_for(t);
     at = 0;
     for (std::size_t i = 0; i < n; ++i)
       for (std::size_t t = 0; t < T; ++t) {
@@ -1153,28 +1164,36 @@ struct EngineImpl {
       }
   }
 
+  // Asks `r`'s allocator for room for `counts` (summed): `*out`, or the
+  // error that fails `r` on this rank.
+  std::optional<Error> allocate(Request& r, const std::vector<std::size_t>& counts, void** out) {
+    std::size_t total = 0;
+    for (std::size_t c : counts) total += c;
+    const char* what = kind_name(r.desc.kind);
+    *out = nullptr;
+    try {
+      *out = r.alloc(counts);
+    } catch (const Error& e) {
+      return e;
+    } catch (const std::exception& e) {
+      return Error(ErrorCode::InvalidArgument, "engine: tensor '" + r.name + "': the " + what +
+                                                   " allocator threw: " + e.what());
+    }
+    if (*out == nullptr && total > 0)
+      return Error(ErrorCode::InvalidArgument, "engine: tensor '" + r.name + "': the " + what +
+                                                   " allocator returned no memory for " +
+                                                   std::to_string(total) + " elements");
+    return std::nullopt;
+  }
+
   // Asks `r`'s allocator where its result goes and copies rank p's share
   // from share(p) there, in rank order.
   template <typename Share>
   std::optional<Error> deliver(Request& r, const std::vector<std::size_t>& counts, DataType dtype,
                                Share&& share) {
     const std::size_t es = size_of(dtype);
-    std::size_t total = 0;
-    for (std::size_t c : counts) total += c;
     void* out = nullptr;
-    try {
-      out = r.alloc(counts);
-    } catch (const Error& e) {
-      return e;
-    } catch (const std::exception& e) {
-      return Error(ErrorCode::InvalidArgument,
-                   "engine: tensor '" + r.name + "': the allgatherv allocator threw: " + e.what());
-    }
-    if (out == nullptr && total > 0)
-      return Error(ErrorCode::InvalidArgument,
-                   "engine: tensor '" + r.name +
-                       "': the allgatherv allocator returned no memory for " +
-                       std::to_string(total) + " elements");
+    if (auto e = allocate(r, counts, &out)) return e;
     std::size_t at = 0;
     for (std::size_t p = 0; p < counts.size(); ++p) {
       if (counts[p] > 0) std::memcpy(static_cast<char*>(out) + at * es, share(p), counts[p] * es);

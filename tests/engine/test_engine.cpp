@@ -474,9 +474,9 @@ TEST(Engine, WaitingForATensorStartsTheNextCycle) {
 }
 
 // Small allgathervs of one dtype share collectives, within the fusion bound
-// on the longest rank's shares: eight tensors, rank p's share of tensor i
-// (i + p) % 4 elements (12 per rank in all), submitted in another order per
-// rank, with room for 8 elements per rank: at least two collectives. The
+// on all ranks' shares: eight tensors, rank p's share of tensor i
+// (i + p) % 4 elements (36 in all), submitted in another order per rank,
+// with room for 24 elements: at least two collectives. The
 // allocator of tensor 5 throws on rank 2: that tensor fails there alone.
 TEST(Engine, SmallAllgathervsAreFusedWithinTheBoundAndEachGetsItsShares) {
   const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
