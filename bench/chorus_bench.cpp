@@ -751,7 +751,7 @@ int main(int argc, char** argv) {
       "slowest rank's average), then checked iterations whose results are compared\n"
       "exactly with closed-form expectations; #wrong counts wrong elements over all\n"
       "ranks and checked iterations. Out-of-place and in-place are both measured\n"
-      "(alltoall and alltoallv have no in-place form: N/A). size, count, algbw and busbw follow\n"
+      "(alltoall, alltoallv and allgatherv: N/A). size, count, algbw and busbw follow\n"
       "nccl-tests (allgather/reduce_scatter/alltoall(v): size is n blocks of count).\n"
       "Exit status: 0 if every check passed, 1 if any element was wrong, 2 on error.");
   bench::add_sweep_options(app, opt);

@@ -61,7 +61,9 @@ struct EngineStats {
   std::uint64_t cycles = 0;        ///< negotiation rounds
   std::uint64_t negotiations = 0;  ///< rounds that exchanged tensor descriptions
   std::uint64_t tensors = 0;       ///< tensors completed (successfully or not)
-  std::uint64_t collectives = 0;   ///< collectives run for them
+  /// Collectives run for them (an alltoall group counts once, its splits'
+  /// exchange included).
+  std::uint64_t collectives = 0;
   std::uint64_t fused = 0;         ///< tensors that shared a collective with others
   std::uint64_t cache_hits = 0;    ///< tensors agreed on by their cache bit alone
 };
