@@ -1161,6 +1161,35 @@ Work op_alltoall(CommImpl& c, const void* s, void* r, std::size_t count, DataTyp
   return run_collective(c, make_call(c, Coll::Alltoall, t, ReduceOp::Sum, -1, count), {s, r}, o, async);
 }
 
+// Runs an alltoallv or allgatherv, whose counts `v` holds: on the device
+// engine for device buffers (staged), else its one host algorithm in the
+// call's turn.
+Work run_counted(CommImpl& c, CallDesc call, const void* s, void* r,
+                 std::shared_ptr<const VCounts> v, const CallOptions& o, bool async) {
+  // A rank with nothing to move still says which kind of memory its
+  // buffers are (the ranks' messages differ between the two): only null
+  // buffers go unasked.
+  CallDesc sized = call;
+  sized.count = 1;
+  if (const auto gpu = device_of(sized, s, r, s != nullptr, r != nullptr))
+    return run_device(c, call, s, r, *gpu, -1, o, async, std::move(v));
+  need_gpu(o);
+  auto run = [&c, s, r, o, v](const CallDesc& d) {
+    CHORUS_TRACE(transport::describe(d));
+    if (o.stream != nullptr) device::synchronize(o.stream);
+    if (d.coll == Coll::Allgatherv)
+      c.run_allgatherv(d, s, r, v->recv, c.deadline(o));
+    else
+      c.run_alltoallv(d, s, r, v->send, v->recv, c.deadline(o));
+  };
+  if (!async) return c.submit([&] { run(call); }, false, &call.seq);
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    call.seq = c.coll_seq++;
+  }
+  return c.submit([run, call] { run(call); }, true);
+}
+
 Work op_alltoallv(CommImpl& c, const void* s, std::span<const std::size_t> sendcounts, void* r,
                   std::span<const std::size_t> recvcounts, DataType t, const CallOptions& o,
                   bool async) {
@@ -1202,26 +1231,8 @@ Work op_alltoallv(CommImpl& c, const void* s, std::span<const std::size_t> sendc
   v->send.assign(sendcounts.begin(), sendcounts.end());
   v->recv.assign(recvcounts.begin(), recvcounts.end());
   // Each message carries its own count; the call's is 0.
-  CallDesc call = make_call(c, Coll::Alltoallv, t, ReduceOp::Sum, -1, 0);
-  // A rank with nothing to move still says which kind of memory its
-  // buffers are (the ranks' messages differ between the two): only null
-  // buffers go unasked.
-  CallDesc sized = call;
-  sized.count = 1;
-  if (const auto gpu = device_of(sized, s, r, s != nullptr, r != nullptr))
-    return run_device(c, call, s, r, *gpu, -1, o, async, std::move(v));
-  need_gpu(o);
-  auto run = [&c, s, r, o, v](const CallDesc& d) {
-    CHORUS_TRACE(transport::describe(d) << " with pairwise");
-    if (o.stream != nullptr) device::synchronize(o.stream);
-    c.run_alltoallv(d, s, r, v->send, v->recv, c.deadline(o));
-  };
-  if (!async) return c.submit([&] { run(call); }, false, &call.seq);
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    call.seq = c.coll_seq++;
-  }
-  return c.submit([run, call] { run(call); }, true);
+  return run_counted(c, make_call(c, Coll::Alltoallv, t, ReduceOp::Sum, -1, 0), s, r, std::move(v),
+                     o, async);
 }
 
 // A 31-bit hash of an allgatherv's counts (FNV-1a over their values),
@@ -1274,25 +1285,9 @@ Work op_allgatherv(CommImpl& c, const void* s, void* r, std::span<const std::siz
   c.check_device_error();
   auto v = std::make_shared<VCounts>();
   v->recv.assign(counts.begin(), counts.end());
-  CallDesc call = make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total);
-  // As an alltoallv: a rank with nothing to send still says which kind of
-  // memory its buffers are.
-  CallDesc sized = call;
-  sized.count = 1;
-  if (const auto gpu = device_of(sized, s, r, s != nullptr, r != nullptr))
-    return run_device(c, call, s, r, *gpu, -1, o, async, std::move(v));
-  need_gpu(o);
-  auto run = [&c, s, r, o, v](const CallDesc& d) {
-    CHORUS_TRACE(transport::describe(d) << " with ring");
-    if (o.stream != nullptr) device::synchronize(o.stream);
-    c.run_allgatherv(d, s, r, v->recv, c.deadline(o));
-  };
-  if (!async) return c.submit([&] { run(call); }, false, &call.seq);
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    call.seq = c.coll_seq++;
-  }
-  return c.submit([run, call] { run(call); }, true);
+  return run_counted(c,
+                     make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total),
+                     s, r, std::move(v), o, async);
 }
 
 Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {
