@@ -1,7 +1,7 @@
 // allgatherv: the allgather's blocks with every odd rank's one element
-// short, so that the counts differ and the call runs its ring (equal counts
-// would make it an allgather, which has its own row). Out of place only:
-// its in-place offsets are not a multiple of the rank.
+// short, so that the counts differ (equal counts would make it an
+// allgather, which has its own row). Out of place only: its in-place
+// offsets are not a multiple of the rank.
 #include "bench_util.hpp"
 
 #include <vector>

@@ -174,8 +174,9 @@ class CHORUS_API Communicator {
   /// Every rank passes the same size() counts; ranks whose counts differ
   /// fail with Error(InvalidUsage) (the call carries their sum and a hash).
   /// In place when sendbuf == recvbuf + (the counts of the ranks before
-  /// this one) elements. Equal counts make it an allgather (the selector's
-  /// algorithm); counts that differ run the ring.
+  /// this one) elements. Equal counts make it an allgather; counts that
+  /// differ run the allgather's algorithm for their mean (ring or bruck,
+  /// the selector's pick or the forced one).
   void allgatherv(const void* sendbuf, void* recvbuf, std::span<const std::size_t> recvcounts,
                   DataType dtype, const CallOptions& options = {});
   /// Reduces size()*`count` elements across ranks; rank r receives block r

@@ -182,6 +182,10 @@ void pairwise_alltoallv(Context& c, const void* send, std::span<const std::size_
 // their sum and a hash of them.
 void ring_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
                      DataType dtype);
+// The same by Bruck's rounds (bruck_allgather.cpp): ceil(log2 n) messages
+// each way where the ring needs n-1, for small shares.
+void bruck_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
+                      DataType dtype);
 
 // Ring allreduce as ring reduce-scatter + ring allgather, chunked and
 // pipelined: the send of chunk k in step s starts as soon as chunk k of step

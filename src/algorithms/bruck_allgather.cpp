@@ -1,4 +1,6 @@
 // Bruck's allgather: ceil(log2 n) rounds for any n (the ring needs n-1).
+// Blocks of different sizes (allgatherv) take the same rounds: a round's
+// blocks are one range of recv either way.
 // Before the round with distance d = 2^k a rank r holds the blocks of ranks
 // r, r+1, ..., r+d-1 (mod n); it sends the first min(d, n-d) of them to
 // r - d and receives as many from r + d, namely blocks r+d, r+d+1, ...
@@ -24,6 +26,38 @@ namespace {
 using transport::Combine;
 using transport::Request;
 
+// The rounds, for blocks whose byte offsets in recv are `off(0)` ..
+// `off(n)` (block i is [off(i), off(i + 1))): this rank's block must be in
+// place already.
+template <typename Off>
+void bruck_rounds(Context& c, char* out, Off off) {
+  const int n = c.size, rank = c.rank;
+  std::vector<Request> reqs;
+  reqs.reserve(4);
+  // Blocks [first, first + cnt) modulo n as at most two contiguous ranges
+  // (empty ones still go: every round exchanges a message each way, so the
+  // sizes of sender and receiver are compared).
+  auto pieces = [&](int first, int cnt, auto&& fn) {
+    const int end = std::min(first + cnt, n);
+    fn(off(first), off(end) - off(first));
+    if (first + cnt > n) fn(off(0), off(first + cnt - n) - off(0));
+  };
+  for (int d = 1; d < n; d *= 2) {
+    const int cnt = std::min(d, n - d);
+    const int to = (rank - d + n) % n, from = (rank + d) % n;
+    reqs.clear();
+    // Receive blocks from .. from+cnt-1, send rank .. rank+cnt-1: disjoint,
+    // since cnt <= d and d + cnt <= n.
+    pieces(from, cnt, [&](std::size_t o, std::size_t len) {
+      reqs.push_back(c.t.irecv(from, c.call, out + o, len, Combine::copy()));
+    });
+    pieces(rank, cnt, [&](std::size_t o, std::size_t len) {
+      reqs.push_back(c.t.isend(to, c.call, out + o, len));
+    });
+    c.t.wait(reqs, c.deadline);
+  }
+}
+
 void bruck_allgather(Context& c, const Args& a) {
   const std::size_t block = a.count * size_of(a.dtype);
   const int n = c.size, rank = c.rank;
@@ -32,29 +66,7 @@ void bruck_allgather(Context& c, const Args& a) {
   char* mine = out + static_cast<std::size_t>(rank) * block;
   if (a.send != mine) std::memmove(mine, a.send, block);
   if (n == 1) return;
-
-  std::vector<Request> reqs;
-  reqs.reserve(4);
-  // Blocks [first, first + cnt) modulo n as at most two contiguous ranges.
-  auto pieces = [&](int first, int cnt, auto&& fn) {
-    const int end = std::min(first + cnt, n);
-    fn(static_cast<std::size_t>(first) * block, static_cast<std::size_t>(end - first) * block);
-    if (first + cnt > n) fn(0, static_cast<std::size_t>(first + cnt - n) * block);
-  };
-  for (int d = 1; d < n; d *= 2) {
-    const int cnt = std::min(d, n - d);
-    const int to = (rank - d + n) % n, from = (rank + d) % n;
-    reqs.clear();
-    // Receive blocks from .. from+cnt-1, send rank .. rank+cnt-1: disjoint,
-    // since cnt <= d and d + cnt <= n.
-    pieces(from, cnt, [&](std::size_t off, std::size_t len) {
-      reqs.push_back(c.t.irecv(from, c.call, out + off, len, Combine::copy()));
-    });
-    pieces(rank, cnt, [&](std::size_t off, std::size_t len) {
-      reqs.push_back(c.t.isend(to, c.call, out + off, len));
-    });
-    c.t.wait(reqs, c.deadline);
-  }
+  bruck_rounds(c, out, [block](int i) { return static_cast<std::size_t>(i) * block; });
 }
 
 // ceil(log2 n) rounds (a round whose range wraps sends two messages back to
@@ -72,6 +84,23 @@ double bruck_cost(const Layout& l, const Model& m, const Call& call) {
 }
 
 }  // namespace
+
+void bruck_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
+                      DataType dtype) {
+  const std::size_t es = size_of(dtype);
+  const int n = c.size;
+  std::vector<std::size_t> off(static_cast<std::size_t>(n) + 1, 0);
+  for (int i = 0; i < n; ++i)
+    off[static_cast<std::size_t>(i) + 1] =
+        off[static_cast<std::size_t>(i)] + counts[static_cast<std::size_t>(i)] * es;
+  if (off.back() == 0) return;
+  char* out = static_cast<char*>(recv);
+  const auto me = static_cast<std::size_t>(c.rank);
+  const std::size_t mine = off[me + 1] - off[me];
+  if (mine > 0 && send != out + off[me]) std::memmove(out + off[me], send, mine);
+  if (n == 1) return;
+  bruck_rounds(c, out, [&off](int i) { return off[static_cast<std::size_t>(i)]; });
+}
 
 const Algorithm kBruckAllgather = {
     "bruck", Coll::Allgather,

@@ -18,16 +18,17 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <fstream>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 namespace chorus {
@@ -434,11 +435,15 @@ struct CommImpl {
     a.run(ctx, args);
   }
 
-  // An allgatherv on host buffers (its only algorithm, the ring).
+  // An allgatherv with counts that differ, on host buffers: the ring, or
+  // Bruck's rounds.
   void run_allgatherv(const CallDesc& call, const void* s, void* r,
-                      std::span<const std::size_t> counts, transport::Deadline dl) {
+                      std::span<const std::size_t> counts, bool bruck, transport::Deadline dl) {
     algo::Context ctx = context(call, dl);
-    algo::ring_allgatherv(ctx, s, r, counts, call.dtype);
+    if (bruck)
+      algo::bruck_allgatherv(ctx, s, r, counts, call.dtype);
+    else
+      algo::ring_allgatherv(ctx, s, r, counts, call.dtype);
   }
 
   // An alltoallv on host buffers (its only algorithm, pairwise exchange).
@@ -971,6 +976,7 @@ void need_gpu(const CallOptions& o) {
 // only (every rank's count); this rank sends its own.
 struct VCounts {
   std::vector<std::size_t> send, recv;
+  bool bruck = false;  // an allgatherv by Bruck's rounds, not the ring
 };
 
 Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal, int peer,
@@ -1009,7 +1015,7 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
         }
         c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
           if (v && gatherv) {
-            c.run_allgatherv(part, ps, pr, v->recv, req.deadline);
+            c.run_allgatherv(part, ps, pr, v->recv, v->bruck, req.deadline);
             return;
           }
           if (v) {
@@ -1178,7 +1184,7 @@ Work run_counted(CommImpl& c, CallDesc call, const void* s, void* r,
     CHORUS_TRACE(transport::describe(d));
     if (o.stream != nullptr) device::synchronize(o.stream);
     if (d.coll == Coll::Allgatherv)
-      c.run_allgatherv(d, s, r, v->recv, c.deadline(o));
+      c.run_allgatherv(d, s, r, v->recv, v->bruck, c.deadline(o));
     else
       c.run_alltoallv(d, s, r, v->send, v->recv, c.deadline(o));
   };
@@ -1278,16 +1284,19 @@ Work op_allgatherv(CommImpl& c, const void* s, void* r, std::span<const std::siz
   if (std::all_of(counts.begin(), counts.end(), [&](std::size_t k) { return k == counts[0]; }))
     return run_collective(c, make_call(c, Coll::Allgather, t, ReduceOp::Sum, -1, counts[0]), {s, r},
                           o, async);
-  if (!o.algorithm.empty() && o.algorithm != "ring")
-    throw Error(ErrorCode::InvalidArgument,
-                "allgatherv: no algorithm '" + o.algorithm +
-                    "' for counts that differ between ranks; they run the 'ring'");
+  // Counts that differ: the allgather's algorithm for their mean (the
+  // ring or Bruck's rounds, both of which take blocks of any size), as
+  // CHORUS_ALGO or CallOptions::algorithm force or the selector picks.
+  const algo::Algorithm& a = c.selector->choose(
+      algo::Call{Coll::Allgather, std::max<std::size_t>(1, total / n), t, ReduceOp::Sum, -1},
+      o.algorithm);
   c.check_device_error();
   auto v = std::make_shared<VCounts>();
   v->recv.assign(counts.begin(), counts.end());
-  return run_counted(c,
-                     make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total),
-                     s, r, std::move(v), o, async);
+  v->bruck = std::string_view(a.name) == "bruck";
+  CallDesc call = make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total);
+  call.algo = algo::Selector::wire_id(a);
+  return run_counted(c, call, s, r, std::move(v), o, async);
 }
 
 Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {
