@@ -196,8 +196,9 @@ CHORUS_C_API chorus_status_t chorus_allgatherv(chorus_comm_t comm, const void* s
  * per rank (chorus_comm_size of them); this rank sends sendcounts[j]
  * elements to rank j and receives recvcounts[i] from rank i, blocks packed
  * in rank order. sendcounts[j] on rank i must equal recvcounts[i] on rank j
- * (else CHORUS_INVALID_USAGE on both). The counts are copied before the call
- * returns; the buffers must not overlap. */
+ * (else CHORUS_INVALID_USAGE, on the other ranks no later than their next
+ * call). The counts are copied before the call returns; the buffers must
+ * not overlap. */
 CHORUS_C_API chorus_status_t chorus_alltoallv(chorus_comm_t comm, const void* sendbuf,
                                               const size_t* sendcounts, void* recvbuf,
                                               const size_t* recvcounts, chorus_dtype_t dtype,

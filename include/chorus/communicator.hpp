@@ -206,8 +206,9 @@ class CHORUS_API Communicator {
   /// from rank i. Blocks are packed in rank order: block j of sendbuf starts
   /// after blocks 0..j-1, and likewise in recvbuf. Each span holds size()
   /// counts, and sendcounts[j] on rank i must equal recvcounts[i] on rank j:
-  /// a pair that disagrees fails on both ranks with Error(InvalidUsage)
-  /// naming both counts (every pair exchanges a message, empty or not).
+  /// a pair that disagrees fails with Error(InvalidUsage) naming both counts
+  /// on the receiving rank, and on the others no later than their next call
+  /// (every pair exchanges a message, empty or not).
   /// sendbuf and recvbuf must not overlap. Host or device memory, like
   /// every collective; device buffers always go through pinned host memory.
   void alltoallv(const void* sendbuf, std::span<const std::size_t> sendcounts, void* recvbuf,
