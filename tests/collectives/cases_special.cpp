@@ -134,7 +134,8 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   };
   const Case ar = sub(ReduceOp::Sum, 1), bc = sub(ReduceOp::Sum, 2), ag = sub(ReduceOp::Sum, 3),
              rs = sub(ReduceOp::Max, 4), rd = sub(ReduceOp::Min, 5), ga = sub(ReduceOp::Sum, 6),
-             sc = sub(ReduceOp::Sum, 7), aa = sub(ReduceOp::Sum, 8), pp = sub(ReduceOp::Sum, 9);
+             sc = sub(ReduceOp::Sum, 7), aa = sub(ReduceOp::Sum, 8), pp = sub(ReduceOp::Sum, 9),
+             gv = sub(ReduceOp::Sum, 10), av = sub(ReduceOp::Sum, 11);
   auto in_of = [&](const Case& k) { return [&x, &k](std::uint64_t j) { return contribution(k, x.size, x.rank, j); }; };
   auto mine_of = [&](const Case& k) { return [&x, &k](std::uint64_t j) { return payload(k, x.rank, j); }; };
 
@@ -152,6 +153,36 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   if (root) fill<T>(sc_send.data(), total, [&](std::uint64_t k) { return payload(sc, c.root, k); });
   fill<T>(aa_send.data(), total, mine_of(aa));
   fill<T>(pp_send.data(), n, mine_of(pp));
+  // allgatherv: rank p shares (p + 1) * n / size elements; alltoallv: rank i
+  // sends rank j (i + j) % 3 * n / 2 elements, element k of them
+  // payload(av, i, j * n + k).
+  const auto un = static_cast<std::size_t>(x.size);
+  auto share = [&](int p) {
+    return static_cast<std::size_t>((p + 1) * n / static_cast<std::uint64_t>(x.size));
+  };
+  auto pair = [&](int i, int j) { return static_cast<std::size_t>((i + j) % 3 * n / 2); };
+  std::vector<std::size_t> gv_counts(un), av_send(un), av_recv(un);
+  std::size_t gv_total = 0, av_out = 0, av_in = 0;
+  for (int p = 0; p < x.size; ++p) {
+    gv_counts[static_cast<std::size_t>(p)] = share(p);
+    av_send[static_cast<std::size_t>(p)] = pair(x.rank, p);
+    av_recv[static_cast<std::size_t>(p)] = pair(p, x.rank);
+    gv_total += share(p);
+    av_out += pair(x.rank, p);
+    av_in += pair(p, x.rank);
+  }
+  Buffer gv_send(share(x.rank) * es, 0), gv_recv(gv_total * es, 0), av_sbuf(av_out * es, 0),
+      av_rbuf(av_in * es, 0);
+  fill<T>(gv_send.data(), share(x.rank), mine_of(gv));
+  {
+    std::size_t at = 0;
+    for (int j = 0; j < x.size; ++j) {
+      fill<T>(av_sbuf.data() + at * es, pair(x.rank, j), [&](std::uint64_t k) {
+        return payload(av, x.rank, static_cast<std::uint64_t>(j) * n + k);
+      });
+      at += pair(x.rank, j);
+    }
+  }
 
   std::vector<std::pair<const char*, chorus::Work>> works;
   works.emplace_back("allreduce_async", x.comm.allreduce_async(ar_send.data(), ar_recv.data(), n, t, ReduceOp::Sum));
@@ -162,6 +193,10 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   works.emplace_back("gather_async", x.comm.gather_async(ga_send.data(), ga_recv.data(), n, t, c.root));
   works.emplace_back("scatter_async", x.comm.scatter_async(sc_send.data(), sc_recv.data(), n, t, c.root));
   works.emplace_back("alltoall_async", x.comm.alltoall_async(aa_send.data(), aa_recv.data(), n, t));
+  works.emplace_back("allgatherv_async",
+                     x.comm.allgatherv_async(gv_send.data(), gv_recv.data(), gv_counts, t));
+  works.emplace_back("alltoallv_async",
+                     x.comm.alltoallv_async(av_sbuf.data(), av_send, av_rbuf.data(), av_recv, t));
   works.emplace_back("barrier_async", x.comm.barrier_async());
   const int next = (x.rank + 1) % x.size;
   const int prev = (x.rank + x.size - 1) % x.size;
@@ -192,9 +227,26 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   chk.expect<T>("scatter recvbuf", sc_recv.data(), n, [&](std::uint64_t i) { return payload(sc, c.root, first + i); });
   chk.expect_blocks<T>("alltoall recvbuf", aa_recv.data(), x.size, n,
                        [&](int b, std::uint64_t i) { return payload(aa, b, first + i); });
+  {
+    std::size_t at = 0;
+    for (int p = 0; p < x.size; ++p) {
+      chk.expect<T>("allgatherv_async block " + std::to_string(p), gv_recv.data() + at * es,
+                    share(p), [&](std::uint64_t i) { return payload(gv, p, i); });
+      at += share(p);
+    }
+    at = 0;
+    for (int p = 0; p < x.size; ++p) {
+      chk.expect<T>("alltoallv_async block " + std::to_string(p), av_rbuf.data() + at * es,
+                    pair(p, x.rank), [&](std::uint64_t k) {
+                      return payload(av, p, static_cast<std::uint64_t>(x.rank) * n + k);
+                    });
+      at += pair(p, x.rank);
+    }
+  }
   if (x.size > 1)
     chk.expect<T>("recv_async buffer", pp_recv.data(), n, [&](std::uint64_t i) { return payload(pp, prev, i); });
-  for (const Buffer* b : {&ar_recv, &bc_buf, &ag_recv, &rs_recv, &rd_recv, &ga_recv, &sc_recv, &aa_recv, &pp_recv})
+  for (const Buffer* b : {&ar_recv, &bc_buf, &ag_recv, &rs_recv, &rd_recv, &ga_recv, &sc_recv,
+                          &aa_recv, &pp_recv, &gv_recv, &av_rbuf})
     chk.guards("a receive buffer", *b);
   return chk.reply();
 }
