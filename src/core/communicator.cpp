@@ -817,19 +817,14 @@ std::optional<Coll> coll_from_name(const std::string& name) {
   for (Coll c : {Coll::Allreduce, Coll::Broadcast, Coll::Allgather, Coll::ReduceScatter, Coll::Reduce,
                  Coll::Gather, Coll::Scatter, Coll::Alltoall, Coll::Barrier})
     if (name == algo::coll_key(c)) return c;
-  // Alltoallv runs alltoall's one algorithm (pairwise); a count per pair
-  // there is the alltoall's block.
+  // The calls with counts per pair or rank run their fixed-count twin's
+  // algorithms (pairwise; the ring or bruck): asked with one count, they
+  // answer as it would.
   if (name == "alltoallv") return Coll::Alltoall;
-  // Allgatherv with equal counts is an allgather (with others, the ring).
   if (name == "allgatherv") return Coll::Allgather;
   return std::nullopt;
 }
 
-// The one algorithm of the calls outside the selector ("" for the others).
-std::string only_algorithm(const std::string& collective) {
-  if (collective == "alltoallv") return "pairwise";
-  return {};
-}
 }  // namespace
 
 std::vector<std::string> transport_names() { return transport::transport_names(); }
@@ -838,7 +833,6 @@ std::vector<std::string> algorithm_names(const std::string& collective) {
   std::vector<std::string> out;
   const auto coll = coll_from_name(collective);
   if (!coll) return out;
-  if (const std::string only = only_algorithm(collective); !only.empty()) return {only};
   for (const algo::Algorithm* a : algo::all_algorithms())
     if (a->coll == *coll) out.emplace_back(a->name);
   return out;
@@ -849,8 +843,8 @@ std::string Communicator::algorithm_for(const std::string& collective, std::size
   auto& c = need(impl_);
   const auto coll = coll_from_name(collective);
   if (!coll)
-    throw Error(ErrorCode::InvalidArgument, "algorithm_for: unknown collective '" + collective + "'");
-  if (const std::string only = only_algorithm(collective); !only.empty()) return only;
+    throw Error(ErrorCode::InvalidArgument,
+                "algorithm_for: unknown collective '" + collective + "'");
   const bool rooted = *coll == Coll::Broadcast || *coll == Coll::Reduce || *coll == Coll::Gather ||
                       *coll == Coll::Scatter;
   return c.selector->choose(algo::Call{*coll, count, dtype, op, rooted ? root : -1}).name;
@@ -875,11 +869,9 @@ std::vector<std::pair<std::string, double>> Communicator::algorithm_estimates(
   }
   const algo::Selector what_if(c.layout, model, {});
   std::vector<std::pair<std::string, double>> out;
-  const std::string only = only_algorithm(collective);
   for (const auto& e : what_if.estimates(algo::Call{*coll, count, dtype, op, rooted ? root : -1}))
-    if (only.empty() || only == e.algo->name)
-      out.emplace_back(e.algo->name,
-                       e.excluded.empty() ? e.us : std::numeric_limits<double>::quiet_NaN());
+    out.emplace_back(e.algo->name,
+                     e.excluded.empty() ? e.us : std::numeric_limits<double>::quiet_NaN());
   return out;
 }
 

@@ -16,6 +16,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <numeric>
 #include <regex>
 #include <sstream>
 #include <stdexcept>
@@ -94,6 +95,17 @@ bool some_fused(const chorus::EngineStats& st, int rank, std::uint64_t min_colle
   std::cerr << "rank " << rank << ": " << st.tensors << " tensors in " << st.collectives
             << " collectives, " << st.fused << " fused\n";
   return false;
+}
+
+// An allgatherv's or alltoall's allocator body: keeps the counts in
+// `*seen` (when given) and returns room for their sum in `out`, every
+// element `fill` first.
+template <typename T>
+void* room_for(const std::vector<std::size_t>& counts, std::vector<T>& out, T fill,
+               std::vector<std::size_t>* seen = nullptr) {
+  if (seen != nullptr) *seen = counts;
+  out.assign(std::accumulate(counts.begin(), counts.end(), std::size_t{0}), fill);
+  return out.data();
 }
 
 std::size_t size_of_tensor(int i) { return static_cast<std::size_t>(1 + (i * 997) % 3000); }
@@ -335,11 +347,7 @@ TEST(Engine, AllgathervGathersSharesOfDifferentSizes) {
       auto gather = [&] {
         g = eng.allgatherv("shares", mine.data(), mine.size(), DataType::Int64,
                            [&](const std::vector<std::size_t>& counts) {
-                             seen = counts;
-                             std::size_t total = 0;
-                             for (std::size_t c : counts) total += c;
-                             out.assign(total, -1);
-                             return static_cast<void*>(out.data());
+                             return room_for<std::int64_t>(counts, out, -1, &seen);
                            });
       };
       auto reduce = [&] {
@@ -500,11 +508,7 @@ TEST(Engine, SmallAllgathervsAreFusedWithinTheBoundAndEachGetsItsShares) {
       works[u] = eng.allgatherv(named("v", i), in[u].data(), in[u].size(), DataType::Int32,
                                 [&, i, u](const std::vector<std::size_t>& c) {
                                   if (i == 5 && rank == 2) throw std::runtime_error("no room");
-                                  seen[u] = c;
-                                  std::size_t total = 0;
-                                  for (std::size_t x : c) total += x;
-                                  out[u].assign(total, -1);
-                                  return static_cast<void*>(out[u].data());
+                                  return room_for<std::int32_t>(c, out[u], -1, &seen[u]);
                                 });
     }
     for (int i = 0; i < kTensors; ++i) {
@@ -569,11 +573,7 @@ TEST(Engine, AlltoallsDeliverEachRanksSplitsAndAreFused) {
       works[u] = eng.alltoall(named("a", i), in[u].data(), splits, DataType::Int32,
                               [&, i, u](const std::vector<std::size_t>& c) {
                                 if (i == 4 && rank == 1) throw std::runtime_error("no room");
-                                seen[u] = c;
-                                std::size_t total = 0;
-                                for (std::size_t x : c) total += x;
-                                out[u].assign(total, -1);
-                                return static_cast<void*>(out[u].data());
+                                return room_for<std::int32_t>(c, out[u], -1, &seen[u]);
                               });
     }
     for (int i = 0; i < kTensors; ++i) {
@@ -614,12 +614,7 @@ TEST(Engine, AlltoallsDeliverEachRanksSplitsAndAreFused) {
       }
       std::vector<float> got;
       eng.alltoall("solo", mine.data(), splits, DataType::Float32,
-                   [&](const std::vector<std::size_t>& c) {
-                     std::size_t total = 0;
-                     for (std::size_t x : c) total += x;
-                     got.assign(total, -1.0f);
-                     return static_cast<void*>(got.data());
-                   })
+                   [&](const std::vector<std::size_t>& c) { return room_for(c, got, -1.0f); })
           .wait();
       std::vector<float> want;
       for (int p = 0; p < n; ++p)
@@ -891,11 +886,7 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
           [&] {
             return eng.allgatherv("rows", share.data(), share.size(), DataType::Int64,
                                   [&](const std::vector<std::size_t>& counts) {
-                                    seen = counts;
-                                    std::size_t total = 0;
-                                    for (std::size_t c : counts) total += c;
-                                    rows.resize(total);
-                                    return static_cast<void*>(rows.data());
+                                    return room_for<std::int64_t>(counts, rows, 0, &seen);
                                   });
           }};
       std::vector<Work> ws;
