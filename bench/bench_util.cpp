@@ -18,14 +18,15 @@ const Collective* find_collective(const std::string& name) {
   for (const Collective* c :
        {&allreduce_collective(), &broadcast_collective(), &allgather_collective(),
         &reduce_scatter_collective(), &alltoall_collective(), &alltoallv_collective(),
-        &allgatherv_collective()}) {
+        &allgatherv_collective(), &reduce_scatterv_collective()}) {
     if (name == c->name) return c;
   }
   return nullptr;
 }
 
 std::string collective_names() {
-  return "allreduce, broadcast, allgather, reduce_scatter, alltoall, alltoallv, allgatherv";
+  return "allreduce, broadcast, allgather, reduce_scatter, alltoall, alltoallv, allgatherv, "
+         "reduce_scatterv";
 }
 
 // --- element encoding -------------------------------------------------------

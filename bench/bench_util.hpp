@@ -71,6 +71,7 @@ const Collective& reduce_scatter_collective();
 const Collective& alltoall_collective();
 const Collective& alltoallv_collective();
 const Collective& allgatherv_collective();
+const Collective& reduce_scatterv_collective();
 
 // The collective called `name`, or nullptr.
 const Collective* find_collective(const std::string& name);

@@ -35,6 +35,8 @@ const char* to_string(Coll c) noexcept {
       return "alltoallv";
     case Coll::Allgatherv:
       return "allgatherv";
+    case Coll::ReduceScatterv:
+      return "reduce_scatterv";
   }
   return "unknown-collective";
 }
@@ -44,9 +46,10 @@ std::string describe(const CallDesc& d) {
   os << to_string(d.coll) << " #" << d.seq << " (count " << d.count;
   if (is_valid(d.dtype)) os << ", " << chorus::to_string(d.dtype);
   else os << ", dtype " << static_cast<int>(d.dtype);
-  const bool reduces = d.coll == Coll::Allreduce || d.coll == Coll::ReduceScatter || d.coll == Coll::Reduce;
+  const bool reduces = d.coll == Coll::Allreduce || d.coll == Coll::ReduceScatter ||
+                       d.coll == Coll::Reduce || d.coll == Coll::ReduceScatterv;
   if (reduces) os << ", " << (is_valid(d.op) ? std::string(chorus::to_string(d.op)) : "op ?");
-  if (d.coll == Coll::Allgatherv)
+  if (d.coll == Coll::Allgatherv || d.coll == Coll::ReduceScatterv)
     os << ", counts #" << std::hex << d.root << std::dec;
   else if (d.root >= 0)
     os << ", root " << d.root;
@@ -72,7 +75,7 @@ void check_same_call(const CallDesc& mine, int my_rank, const CallDesc& theirs, 
     throw Error(ErrorCode::InvalidUsage, os.str(), peer);
   }
   same_count.root = mine.root;
-  if (mine.coll == Coll::Allgatherv && same_count == mine) {
+  if ((mine.coll == Coll::Allgatherv || mine.coll == Coll::ReduceScatterv) && same_count == mine) {
     os << "ranks disagree on the counts of " << to_string(mine.coll) << " #" << mine.seq
        << ": rank " << peer << " passed recvcounts summing to " << theirs.count << " (counts #"
        << std::hex << theirs.root << std::dec << ") but rank " << my_rank

@@ -68,6 +68,9 @@ enum class Coll : std::uint8_t {
   // 31-bit hash of the counts, so that ranks passing different counts (even
   // with the same sum) fail as a mismatch.
   Allgatherv = 13,
+  // Reduce-scatter with a count per rank: `count` and `root` as for
+  // Allgatherv (the counts' sum and hash).
+  ReduceScatterv = 14,
 };
 
 const char* to_string(Coll c) noexcept;

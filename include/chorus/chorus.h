@@ -169,6 +169,16 @@ CHORUS_C_API chorus_status_t chorus_reduce_scatter(chorus_comm_t comm, const voi
                                                    void* recvbuf, size_t count, chorus_dtype_t dtype,
                                                    chorus_op_t op, const chorus_options_t* options,
                                                    chorus_work_t* work);
+/* Reduce-scatter with a count per rank: recvcounts holds one count per rank
+ * (chorus_comm_size of them, the same on every rank, copied before the call
+ * returns); sendbuf holds their sum, blocks packed in rank order, and this
+ * rank receives its block of the reduction (recvcounts[rank] elements). In
+ * place when recvbuf == sendbuf + the counts of the ranks before this one. */
+CHORUS_C_API chorus_status_t chorus_reduce_scatterv(chorus_comm_t comm, const void* sendbuf,
+                                                    void* recvbuf, const size_t* recvcounts,
+                                                    chorus_dtype_t dtype, chorus_op_t op,
+                                                    const chorus_options_t* options,
+                                                    chorus_work_t* work);
 CHORUS_C_API chorus_status_t chorus_reduce(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
                                            size_t count, chorus_dtype_t dtype, chorus_op_t op,
                                            int root, const chorus_options_t* options,

@@ -140,7 +140,8 @@ class CHORUS_API Communicator {
   /// ("allreduce", "broadcast", "allgather", "reduce_scatter", "reduce",
   /// "gather", "scatter", "alltoall", "alltoallv" (alltoall's pairwise
   /// exchange, `count` per pair), "allgatherv" (with `count` for every
-  /// rank, an allgather), "barrier") with `count` elements of
+  /// rank, an allgather), "reduce_scatterv" (likewise, a reduce_scatter),
+  /// "barrier") with `count` elements of
   /// `dtype`: the one CHORUS_ALGO forces, else the cheapest under the
   /// selector's cost model (docs/algorithms.md). Every rank gets the same
   /// answer. Throws Error(InvalidArgument) for an unknown collective, or when
@@ -184,6 +185,18 @@ class CHORUS_API Communicator {
   /// recvbuf == sendbuf + rank*count*size_of(dtype).
   void reduce_scatter(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype,
                       ReduceOp op, const CallOptions& options = {});
+  /// Reduce-scatter with a count per rank (MPI_Reduce_scatter, Horovod's
+  /// uneven reducescatter): sendbuf holds the sum of the recvcounts
+  /// elements, blocks packed in rank order; rank r receives block r of the
+  /// reduction (recvcounts[r] elements; recvbuf may be null where that is
+  /// 0). Every rank passes the same size() counts; ranks whose counts
+  /// differ fail with Error(InvalidUsage) (the call carries their sum and a
+  /// hash). In place when recvbuf == sendbuf + (the counts of the ranks
+  /// before this one) elements. Equal counts make it a reduce_scatter;
+  /// counts that differ run the reduce_scatter's algorithm for their mean
+  /// (ring or recursive_halving, the selector's pick or the forced one).
+  void reduce_scatterv(const void* sendbuf, void* recvbuf, std::span<const std::size_t> recvcounts,
+                       DataType dtype, ReduceOp op, const CallOptions& options = {});
   /// Like allreduce, but only the root's `recvbuf` receives the result
   /// (recvbuf may be null on other ranks).
   void reduce(const void* sendbuf, void* recvbuf, std::size_t count, DataType dtype, ReduceOp op,
@@ -250,6 +263,10 @@ class CHORUS_API Communicator {
   /// Asynchronous allgatherv; see allgatherv(). The counts are copied.
   Work allgatherv_async(const void* sendbuf, void* recvbuf, std::span<const std::size_t> recvcounts,
                         DataType dtype, const CallOptions& options = {});
+  /// Asynchronous reduce_scatterv; see reduce_scatterv(). The counts are copied.
+  Work reduce_scatterv_async(const void* sendbuf, void* recvbuf,
+                             std::span<const std::size_t> recvcounts, DataType dtype, ReduceOp op,
+                             const CallOptions& options = {});
   /// Asynchronous alltoallv; see alltoallv(). The counts are copied: only
   /// the buffers must stay valid until the Work completes.
   Work alltoallv_async(const void* sendbuf, std::span<const std::size_t> sendcounts, void* recvbuf,

@@ -187,6 +187,17 @@ void ring_allgatherv(Context& c, const void* send, void* recv, std::span<const s
 void bruck_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
                       DataType dtype);
 
+// Reduce-scatter with a count per rank: rank r ends with block r of the
+// reduction (counts[r] elements; blocks packed in rank order in `send`),
+// in `recv` (in place when recv is its block of send). By the ring
+// (ring.cpp) or by recursive halving (recursive_halving.cpp: log2 rounds,
+// for small blocks). Every rank must pass the same counts: the call's
+// description carries their sum and a hash of them.
+void ring_reduce_scatterv(Context& c, const void* send, void* recv,
+                          std::span<const std::size_t> counts, DataType dtype, ReduceOp op);
+void halving_reduce_scatterv(Context& c, const void* send, void* recv,
+                             std::span<const std::size_t> counts, DataType dtype, ReduceOp op);
+
 // Ring allreduce as ring reduce-scatter + ring allgather, chunked and
 // pipelined: the send of chunk k in step s starts as soon as chunk k of step
 // s-1 has been reduced, so sending and reducing overlap.

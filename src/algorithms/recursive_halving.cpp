@@ -30,19 +30,22 @@ namespace {
 using transport::Combine;
 using transport::Request;
 
-void halving_reduce_scatter(Context& c, const Args& a) {
-  const std::size_t esize = size_of(a.dtype);
-  const std::size_t block = a.count * esize;
+// The rounds over blocks of any size: block j is elements [off(j),
+// off(j + 1)) of send, off(n) the total. Rank r ends with block r, reduced,
+// in recv.
+template <typename Off>
+void halving_rounds(Context& c, const char* send, char* recv, DataType dtype, ReduceOp op,
+                    Off off) {
+  const std::size_t esize = size_of(dtype);
   const int n = c.size, rank = c.rank;
-  const char* send = static_cast<const char*>(a.send);
-  char* recv = static_cast<char*>(a.recv);
-  if (block == 0) return;
+  const std::size_t total = off(n) * esize;
+  const std::size_t mine = off(rank + 1) - off(rank);  // elements of this rank's block
+  if (total == 0) return;
   if (n == 1) {
-    if (a.send != a.recv) std::memcpy(recv, send, block);
-    if (a.op == ReduceOp::Avg) reduce::finalize_avg(recv, a.count, a.dtype, n);
+    if (send != recv) std::memcpy(recv, send, total);
+    if (op == ReduceOp::Avg) reduce::finalize_avg(recv, mine, dtype, n);
     return;
   }
-  const std::size_t total = block * static_cast<std::size_t>(n);
   const Fold fold(rank, n);
   const int p = fold.p;
 
@@ -51,7 +54,7 @@ void halving_reduce_scatter(Context& c, const Args& a) {
     // place, recv lies inside send; it is written only after the partner has
     // received all of send.
     Request reqs[2] = {c.t.isend_reduced(rank + 1, c.call, send, total),
-                       c.t.irecv(rank + 1, c.call, recv, block, Combine::copy())};
+                       c.t.irecv(rank + 1, c.call, recv, mine * esize, Combine::copy())};
     c.t.wait(reqs, c.deadline);
     return;
   }
@@ -60,7 +63,7 @@ void halving_reduce_scatter(Context& c, const Args& a) {
   auto active_rank = [&fold](int i) { return fold.rank_of(i); };
   // Byte offset of the first block active rank i stands for (i == p: the end).
   const int rem = fold.rem;
-  auto at = [&](int i) { return static_cast<std::size_t>(i < rem ? 2 * i : i + rem) * block; };
+  auto at = [&](int i) { return off(i < rem ? 2 * i : i + rem) * esize; };
 
   // Partial results go to scratch (send is const, recv holds one block); the
   // last round of a rank that stands for its own block only reduces straight
@@ -69,7 +72,7 @@ void halving_reduce_scatter(Context& c, const Args& a) {
   const char* own = send;
   if (folded) {
     Request r = c.t.irecv(rank - 1, c.call, work, total,
-                          Combine::reduce_from(own, a.dtype, a.op, /*incoming_first=*/true));
+                          Combine::reduce_from(own, dtype, op, /*incoming_first=*/true));
     c.t.wait({&r, 1}, c.deadline);
     own = work;
   }
@@ -87,10 +90,12 @@ void halving_reduce_scatter(Context& c, const Args& a) {
     // In the last round the kept range is this rank's own blocks. In place,
     // recv is own's block when own is still send: combining into it is fine
     // (the same bytes as the operand, and never part of what is sent).
+    // Ranges of empty blocks still exchange (empty) messages: both sides
+    // of every round expect one.
     char* dst = d == 1 && !folded ? recv : work + keep_off;
     reqs.clear();
     reqs.push_back(c.t.irecv(partner, c.call, dst, keep_len,
-                             Combine::reduce_from(own + keep_off, a.dtype, a.op,
+                             Combine::reduce_from(own + keep_off, dtype, op,
                                                   /*incoming_first=*/partner_idx < me)));
     reqs.push_back(c.t.isend_reduced(partner, c.call, own + give_off, give_len));
     c.t.wait(reqs, c.deadline);
@@ -98,16 +103,24 @@ void halving_reduce_scatter(Context& c, const Args& a) {
   }
 
   if (!folded) {
-    if (a.op == ReduceOp::Avg) reduce::finalize_avg(recv, a.count, a.dtype, n);
+    if (op == ReduceOp::Avg) reduce::finalize_avg(recv, mine, dtype, n);
     return;
   }
-  // Blocks rank-1 (the partner's) and rank (ours) are final in work.
-  char* theirs = work + static_cast<std::size_t>(rank - 1) * block;
-  char* ours = work + static_cast<std::size_t>(rank) * block;
-  if (a.op == ReduceOp::Avg) reduce::finalize_avg(theirs, 2 * a.count, a.dtype, n);
-  Request r = c.t.isend(rank - 1, c.call, theirs, block);
-  std::memcpy(recv, ours, block);
+  // Blocks rank-1 (the partner's) and rank (ours) are final in work, side
+  // by side.
+  const std::size_t theirs_n = off(rank) - off(rank - 1);
+  char* theirs = work + off(rank - 1) * esize;
+  char* ours = work + off(rank) * esize;
+  if (op == ReduceOp::Avg) reduce::finalize_avg(theirs, theirs_n + mine, dtype, n);
+  Request r = c.t.isend(rank - 1, c.call, theirs, theirs_n * esize);
+  std::memcpy(recv, ours, mine * esize);
   c.t.wait({&r, 1}, c.deadline);
+}
+
+void halving_reduce_scatter(Context& c, const Args& a) {
+  const std::size_t count = a.count;
+  halving_rounds(c, static_cast<const char*>(a.send), static_cast<char*>(a.recv), a.dtype, a.op,
+                 [count](int j) { return static_cast<std::size_t>(j) * count; });
 }
 
 // With T = n blocks of the call: log2(p) rounds moving and reducing (p-1)/p
@@ -130,6 +143,14 @@ double halving_cost(const Layout& l, const Model& m, const Call& call) {
 }
 
 }  // namespace
+
+void halving_reduce_scatterv(Context& c, const void* send, void* recv,
+                             std::span<const std::size_t> counts, DataType dtype, ReduceOp op) {
+  std::vector<std::size_t> off(counts.size() + 1, 0);
+  for (std::size_t j = 0; j < counts.size(); ++j) off[j + 1] = off[j] + counts[j];
+  halving_rounds(c, static_cast<const char*>(send), static_cast<char*>(recv), dtype, op,
+                 [&off](int j) { return off[static_cast<std::size_t>(j)]; });
+}
 
 const Algorithm kHalvingReduceScatter = {
     "recursive_halving", Coll::ReduceScatter,

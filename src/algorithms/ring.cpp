@@ -230,6 +230,35 @@ void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t c
   std::memcpy(out, buf + seg.off[c.rank] * esize, count * esize);
 }
 
+void ring_reduce_scatterv(Context& c, const void* send, void* recv,
+                          std::span<const std::size_t> counts, DataType dtype, ReduceOp op) {
+  const std::size_t esize = size_of(dtype);
+  const int n = c.size;
+  Segments seg;
+  std::size_t total = 0;
+  for (std::size_t k : counts) {
+    seg.off.push_back(total);
+    seg.len.push_back(k);
+    total += k;
+  }
+  const auto me = static_cast<std::size_t>(c.rank);
+  char* out = static_cast<char*>(recv);
+  if (total == 0) return;
+  if (n == 1) {
+    if (send != recv) std::memcpy(out, send, total * esize);
+    if (op == ReduceOp::Avg) reduce::finalize_avg(out, total, dtype, n);
+    return;
+  }
+  // As ring_reduce_scatter, over blocks of any size (empty ones pass as
+  // empty steps).
+  char* buf = ensure_scratch(c, total * esize);
+  ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1,
+            dtype, op, false, [&](char* p, std::size_t m) {
+              if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
+            });
+  if (seg.len[me] > 0) std::memcpy(out, buf + seg.off[me] * esize, seg.len[me] * esize);
+}
+
 void ring_allgather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype) {
   const std::size_t esize = size_of(dtype);
   char* buf = static_cast<char*>(recv);

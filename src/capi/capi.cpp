@@ -452,6 +452,26 @@ chorus_status_t chorus_alltoall(chorus_comm_t comm, const void* sendbuf, void* r
       });
 }
 
+chorus_status_t chorus_reduce_scatterv(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
+                                       const size_t* recvcounts, chorus_dtype_t dtype,
+                                       chorus_op_t op, const chorus_options_t* options,
+                                       chorus_work_t* work) {
+  auto counts = [&] {
+    need(recvcounts, "recvcounts");
+    return std::span<const std::size_t>(recvcounts, static_cast<std::size_t>(comm_of(comm).size()));
+  };
+  return run(
+      work,
+      [&] {
+        comm_of(comm).reduce_scatterv(sendbuf, recvbuf, counts(), dtype_of(dtype), op_of(op),
+                                      options_of(options));
+      },
+      [&] {
+        return comm_of(comm).reduce_scatterv_async(sendbuf, recvbuf, counts(), dtype_of(dtype),
+                                                   op_of(op), options_of(options));
+      });
+}
+
 chorus_status_t chorus_allgatherv(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
                                   const size_t* recvcounts, chorus_dtype_t dtype,
                                   const chorus_options_t* options, chorus_work_t* work) {

@@ -446,6 +446,18 @@ struct CommImpl {
       algo::ring_allgatherv(ctx, s, r, counts, call.dtype);
   }
 
+  // A reduce_scatterv with counts that differ, on host buffers: the ring,
+  // or recursive halving.
+  void run_reduce_scatterv(const CallDesc& call, const void* s, void* r,
+                           std::span<const std::size_t> counts, bool halving,
+                           transport::Deadline dl) {
+    algo::Context ctx = context(call, dl);
+    if (halving)
+      algo::halving_reduce_scatterv(ctx, s, r, counts, call.dtype, call.op);
+    else
+      algo::ring_reduce_scatterv(ctx, s, r, counts, call.dtype, call.op);
+  }
+
   // An alltoallv on host buffers (its only algorithm, pairwise exchange).
   void run_alltoallv(const CallDesc& call, const void* s, void* r,
                      std::span<const std::size_t> sendcounts,
@@ -818,10 +830,12 @@ std::optional<Coll> coll_from_name(const std::string& name) {
                  Coll::Gather, Coll::Scatter, Coll::Alltoall, Coll::Barrier})
     if (name == algo::coll_key(c)) return c;
   // The calls with counts per pair or rank run their fixed-count twin's
-  // algorithms (pairwise; the ring or bruck): asked with one count, they
+  // algorithms (pairwise; the ring or bruck; the ring or recursive
+  // halving): asked with one count, they
   // answer as it would.
   if (name == "alltoallv") return Coll::Alltoall;
   if (name == "allgatherv") return Coll::Allgather;
+  if (name == "reduce_scatterv") return Coll::ReduceScatter;
   return std::nullopt;
 }
 
@@ -963,12 +977,14 @@ void need_gpu(const CallOptions& o) {
 // A call on device buffers: the device engine runs it in the call's turn.
 // An asynchronous one marks, now, where it enters its stream: it runs later,
 // on the worker, after the work queued there before the call.
-// An alltoallv's or allgatherv's counts, kept for the call's run (an
-// asynchronous one outlives the caller's spans). An allgatherv has recv
-// only (every rank's count); this rank sends its own.
+// An alltoallv's, allgatherv's or reduce_scatterv's counts, kept for the
+// call's run (an asynchronous one outlives the caller's spans). An
+// allgatherv and a reduce_scatterv have recv only (every rank's count): an
+// allgatherv's rank sends its own, a reduce_scatterv's sends their sum.
 struct VCounts {
   std::vector<std::size_t> send, recv;
-  bool bruck = false;  // an allgatherv by Bruck's rounds, not the ring
+  bool bruck = false;    // an allgatherv by Bruck's rounds, not the ring
+  bool halving = false;  // a reduce_scatterv by recursive halving, not the ring
 };
 
 Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal, int peer,
@@ -999,15 +1015,25 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
         req.entry = entry.get();
         req.deadline = c.deadline(o);
         const bool gatherv = call.coll == Coll::Allgatherv;
+        const bool scatterv = call.coll == Coll::ReduceScatterv;
         if (v) {
           const std::size_t es = size_of(call.dtype);
           for (std::size_t k : v->send) req.send_bytes += k * es;
           for (std::size_t k : v->recv) req.recv_bytes += k * es;
-          if (gatherv) req.send_bytes = v->recv[static_cast<std::size_t>(c.rank)] * es;
+          const std::size_t mine = v->recv[static_cast<std::size_t>(c.rank)] * es;
+          if (gatherv) req.send_bytes = mine;
+          if (scatterv) {  // sends every block, receives its own
+            req.send_bytes = req.recv_bytes;
+            req.recv_bytes = mine;
+          }
         }
         c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
           if (v && gatherv) {
             c.run_allgatherv(part, ps, pr, v->recv, v->bruck, req.deadline);
+            return;
+          }
+          if (v && scatterv) {
+            c.run_reduce_scatterv(part, ps, pr, v->recv, v->halving, req.deadline);
             return;
           }
           if (v) {
@@ -1159,7 +1185,7 @@ Work op_alltoall(CommImpl& c, const void* s, void* r, std::size_t count, DataTyp
   return run_collective(c, make_call(c, Coll::Alltoall, t, ReduceOp::Sum, -1, count), {s, r}, o, async);
 }
 
-// Runs an alltoallv or allgatherv, whose counts `v` holds: on the device
+// Runs an alltoallv, allgatherv or reduce_scatterv, whose counts `v` holds: on the device
 // engine for device buffers (staged), else its one host algorithm in the
 // call's turn.
 Work run_counted(CommImpl& c, CallDesc call, const void* s, void* r,
@@ -1177,6 +1203,8 @@ Work run_counted(CommImpl& c, CallDesc call, const void* s, void* r,
     if (o.stream != nullptr) device::synchronize(o.stream);
     if (d.coll == Coll::Allgatherv)
       c.run_allgatherv(d, s, r, v->recv, v->bruck, c.deadline(o));
+    else if (d.coll == Coll::ReduceScatterv)
+      c.run_reduce_scatterv(d, s, r, v->recv, v->halving, c.deadline(o));
     else
       c.run_alltoallv(d, s, r, v->send, v->recv, c.deadline(o));
   };
@@ -1287,6 +1315,50 @@ Work op_allgatherv(CommImpl& c, const void* s, void* r, std::span<const std::siz
   v->recv.assign(counts.begin(), counts.end());
   v->bruck = std::string_view(a.name) == "bruck";
   CallDesc call = make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total);
+  call.algo = algo::Selector::wire_id(a);
+  return run_counted(c, call, s, r, std::move(v), o, async);
+}
+
+Work op_reduce_scatterv(CommImpl& c, const void* s, void* r, std::span<const std::size_t> counts,
+                        DataType t, ReduceOp op, const CallOptions& o, bool async) {
+  check_dtype(t);
+  check_op(op);
+  const auto n = static_cast<std::size_t>(c.size);
+  if (counts.size() != n)
+    throw Error(ErrorCode::InvalidArgument,
+                "reduce_scatterv: recvcounts has " + std::to_string(counts.size()) +
+                    " entries; it needs one per rank (" + std::to_string(n) + ")");
+  std::size_t total = 0, before = 0;
+  for (std::size_t j = 0; j < n; ++j) {
+    check_count(counts[j], 1, t, "reduce_scatterv");
+    if (j == static_cast<std::size_t>(c.rank)) before = total;
+    total += counts[j];
+  }
+  check_count(total, 1, t, "reduce_scatterv");
+  const std::size_t mine = counts[static_cast<std::size_t>(c.rank)];
+  check_buffer(s, total, "sendbuf", "reduce_scatterv");
+  check_buffer(r, mine, "recvbuf", "reduce_scatterv");
+  const std::size_t es = size_of(t);
+  const char* place = static_cast<const char*>(s) + before * es;
+  if (r != place && overlaps(r, mine * es, s, total * es))
+    throw Error(ErrorCode::InvalidArgument,
+                "reduce_scatterv: recvbuf overlaps sendbuf; in place means recvbuf == sendbuf + "
+                "the counts of the ranks before this one");
+  // Equal counts (every rank sees the same ones, so every rank decides
+  // alike): a reduce_scatter, with the selector's algorithm.
+  if (std::all_of(counts.begin(), counts.end(), [&](std::size_t k) { return k == counts[0]; }))
+    return run_collective(c, make_call(c, Coll::ReduceScatter, t, op, -1, counts[0]), {s, r}, o,
+                          async);
+  // Counts that differ: the reduce_scatter's algorithm for their mean (the
+  // ring or recursive halving, both of which take blocks of any size), as
+  // CHORUS_ALGO or CallOptions::algorithm force or the selector picks.
+  const algo::Algorithm& a = c.selector->choose(
+      algo::Call{Coll::ReduceScatter, std::max<std::size_t>(1, total / n), t, op, -1}, o.algorithm);
+  c.check_device_error();
+  auto v = std::make_shared<VCounts>();
+  v->recv.assign(counts.begin(), counts.end());
+  v->halving = std::string_view(a.name) == "recursive_halving";
+  CallDesc call = make_call(c, Coll::ReduceScatterv, t, op, counts_hash(counts), total);
   call.algo = algo::Selector::wire_id(a);
   return run_counted(c, call, s, r, std::move(v), o, async);
 }
@@ -1431,6 +1503,15 @@ Work Communicator::alltoall_async(const void* s, void* r, std::size_t n, DataTyp
 void Communicator::allgatherv(const void* s, void* r, std::span<const std::size_t> recvcounts,
                               DataType t, const CallOptions& o) {
   op_allgatherv(need(impl_), s, r, recvcounts, t, o, false);
+}
+void Communicator::reduce_scatterv(const void* s, void* r, std::span<const std::size_t> recvcounts,
+                                   DataType t, ReduceOp op, const CallOptions& o) {
+  op_reduce_scatterv(need(impl_), s, r, recvcounts, t, op, o, false);
+}
+Work Communicator::reduce_scatterv_async(const void* s, void* r,
+                                         std::span<const std::size_t> recvcounts, DataType t,
+                                         ReduceOp op, const CallOptions& o) {
+  return op_reduce_scatterv(need(impl_), s, r, recvcounts, t, op, o, true);
 }
 Work Communicator::allgatherv_async(const void* s, void* r, std::span<const std::size_t> recvcounts,
                                     DataType t, const CallOptions& o) {

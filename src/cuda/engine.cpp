@@ -204,6 +204,11 @@ struct Sizes {
   std::size_t send = 0, recv = 0;  // bytes this rank's buffers hold
 };
 
+// The calls with a count per rank or pair, whose sizes the request carries.
+bool counted(Coll c) {
+  return c == Coll::Alltoallv || c == Coll::Allgatherv || c == Coll::ReduceScatterv;
+}
+
 Sizes sizes_of(const CallDesc& c, int rank, int n) {
   const std::size_t b = static_cast<std::size_t>(c.count) * size_of(c.dtype);
   const std::size_t nb = b * static_cast<std::size_t>(n);
@@ -299,10 +304,9 @@ class CudaEngine final : public Engine {
     // an all-to-all, so the first collective makes it.
     const bool p2p = r.call.coll == Coll::SendRecv;
     if (!introduced_ && !p2p) introduce(r);
-    // An alltoallv's or allgatherv's counts differ per rank: it stages,
-    // whatever its size.
-    const bool staged_only =
-        p2p || r.call.coll == Coll::Alltoallv || r.call.coll == Coll::Allgatherv;
+    // An alltoallv's, allgatherv's or reduce_scatterv's counts differ per
+    // rank: it stages, whatever its size.
+    const bool staged_only = p2p || counted(r.call.coll);
     // Without a stream the call is blocking and ordered like a cudaMemcpy: on
     // the legacy default stream, after the work queued there.
     const cudaStream_t user =
@@ -774,9 +778,8 @@ class CudaEngine final : public Engine {
   // not elementwise, and send/recv.
   void run_staged(const Request& r, cudaStream_t st, const HostRunner& host) {
     const CallDesc& c = r.call;
-    const Sizes sz = c.coll == Coll::Alltoallv || c.coll == Coll::Allgatherv
-                         ? Sizes{r.send_bytes, r.recv_bytes}
-                         : sizes_of(c, s_.rank, s_.size);
+    const Sizes sz =
+        counted(c.coll) ? Sizes{r.send_bytes, r.recv_bytes} : sizes_of(c, s_.rank, s_.size);
     if (c.coll == Coll::ReduceScatter && combines_on_gpu(c)) {
       run_reduce_scatter_on_gpu(r, st, host);
       return;

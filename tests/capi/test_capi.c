@@ -141,6 +141,21 @@ static void collectives(chorus_comm_t comm, int rank, int n) {
   for (int p = 0; p < n; ++p)
     for (int k = 0; k < p % 3; ++k, ++gv_at)
       CHECK(gv[gv_at] == 100 * p + k, "allgatherv element %d of rank %d: %d", k, p, gv[gv_at]);
+  /* reduce_scatterv sum: rank p receives (p + 1) % 3 elements; element j of
+   * every rank r's input is r + j, so element j of the sum is n(n-1)/2 + n j. */
+  int64_t rv_in[64], rv_out[3];
+  size_t rv_counts[16];
+  int rv_total = 0, rv_first = 0;
+  for (int p = 0; p < n; ++p) {
+    rv_counts[p] = (size_t)((p + 1) % 3);
+    if (p == rank) rv_first = rv_total;
+    rv_total += (p + 1) % 3;
+  }
+  for (int j = 0; j < rv_total; ++j) rv_in[j] = rank + j;
+  OK(chorus_reduce_scatterv(comm, rv_in, rv_out, rv_counts, CHORUS_INT64, CHORUS_SUM, NULL, NULL));
+  for (int i = 0; i < (rank + 1) % 3; ++i)
+    CHECK(rv_out[i] == (int64_t)(n * (n - 1) / 2 + n * (rv_first + i)),
+          "reduce_scatterv element %d: %lld", i, (long long)rv_out[i]);
   /* alltoallv: rank i sends rank j (i + j) % 3 elements of value 1000 i + 10 j + k. */
   int32_t v_in[64], v_out[64];
   size_t v_send[16], v_recv[16];
@@ -449,6 +464,8 @@ static void bad_arguments(chorus_comm_t comm) {
         CHORUS_INVALID_ARGUMENT, "sendcounts is NULL");
   FAILS(chorus_allgatherv(comm, x, x, NULL, CHORUS_FLOAT32, NULL, NULL), CHORUS_INVALID_ARGUMENT,
         "recvcounts is NULL");
+  FAILS(chorus_reduce_scatterv(comm, x, x, NULL, CHORUS_FLOAT32, CHORUS_SUM, NULL, NULL),
+        CHORUS_INVALID_ARGUMENT, "recvcounts is NULL");
   /* Bad arguments leave the communicator usable. */
   OK(chorus_comm_error(comm));
   OK(chorus_barrier(comm, NULL, NULL));

@@ -216,14 +216,6 @@ WorkerReply run_alltoallv(WorkerContext& x, const Case& c) {
   return chk.reply();
 }
 
-// How many elements rank p shares in an allgatherv case: a hash of p in
-// [0, count], 0 for about one rank in five.
-std::uint64_t share_count(const Case& c, int p) {
-  const std::uint64_t h = mix(c.seed ^ (static_cast<std::uint64_t>(p + 1) * 0x94D049BB133111EBull));
-  if (c.count == 0 || (h >> 20) % 5 == 0) return 0;
-  return h % (c.count + 1);
-}
-
 // Allgatherv: every rank's share in rank order, in place or not; odd seeds
 // go through allgatherv_async.
 template <typename T>

@@ -6,9 +6,11 @@
 
 #include <chorus/communicator.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
+#include <vector>
 
 namespace chorus_test {
 namespace {
@@ -60,6 +62,50 @@ WorkerReply run_reduce_scatter(WorkerContext& x, const Case& c) {
   return chk.reply();
 }
 
+// Reduce-scatter with a count per rank (share_count: some 0, some ranks'
+// blocks longer than others): rank r's block of the closed-form reduction
+// of the whole buffer, in place or not; odd seeds go through
+// reduce_scatterv_async.
+template <typename T>
+WorkerReply run_reduce_scatterv(WorkerContext& x, const Case& c) {
+  const auto n = static_cast<std::size_t>(x.size);
+  std::vector<std::size_t> counts(n);
+  std::uint64_t total = 0, first = 0;
+  for (int p = 0; p < x.size; ++p) {
+    if (p == x.rank) first = total;
+    counts[static_cast<std::size_t>(p)] = share_count(c, p);
+    total += counts[static_cast<std::size_t>(p)];
+  }
+  const std::uint64_t mine = counts[static_cast<std::size_t>(x.rank)];
+  auto in = [&](std::uint64_t j) { return contribution(c, x.size, x.rank, j); };
+  auto want = [&](std::uint64_t i) { return reduced(c, x.size, first + i); };
+  auto call = [&](const void* s, void* r) {
+    if ((c.seed & 1) != 0) {
+      chorus::Work w = x.comm.reduce_scatterv_async(s, r, counts, c.dtype, c.op);
+      std::fill(counts.begin(), counts.end(), std::size_t{0});  // the call's own copy counts
+      w.wait();
+    } else {
+      x.comm.reduce_scatterv(s, r, counts, c.dtype, c.op);
+    }
+  };
+  Checker chk;
+  Buffer send(total * sizeof(T), c.misalign);
+  fill<T>(send.data(), total, in);
+  if (c.in_place) {
+    unsigned char* my_block = send.data() + first * sizeof(T);
+    call(send.data(), my_block);
+    chk.expect<T>("recvbuf (block of sendbuf)", my_block, mine, want);
+  } else {
+    Buffer recv(mine * sizeof(T), recv_misalign(c));
+    call(send.data(), recv.data());
+    chk.expect<T>("recvbuf", recv.data(), mine, want);
+    chk.guards("recvbuf", recv);
+    chk.expect<T>("sendbuf (must not change)", send.data(), total, in);
+  }
+  chk.guards("sendbuf", send);
+  return chk.reply();
+}
+
 template <typename T>
 WorkerReply run_reduce(WorkerContext& x, const Case& c) {
   const std::uint64_t n = c.count;
@@ -100,6 +146,8 @@ WorkerReply run_reducing_case(WorkerContext& x, const Case& c) {
     switch (c.coll) {
       case Coll::Allreduce: return run_allreduce<T>(x, c);
       case Coll::ReduceScatter: return run_reduce_scatter<T>(x, c);
+      case Coll::ReduceScatterv:
+        return run_reduce_scatterv<T>(x, c);
       case Coll::Reduce: return run_reduce<T>(x, c);
       default: throw std::logic_error("run_reducing_case: not one of this file's collectives");
     }

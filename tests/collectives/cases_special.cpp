@@ -135,7 +135,7 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   const Case ar = sub(ReduceOp::Sum, 1), bc = sub(ReduceOp::Sum, 2), ag = sub(ReduceOp::Sum, 3),
              rs = sub(ReduceOp::Max, 4), rd = sub(ReduceOp::Min, 5), ga = sub(ReduceOp::Sum, 6),
              sc = sub(ReduceOp::Sum, 7), aa = sub(ReduceOp::Sum, 8), pp = sub(ReduceOp::Sum, 9),
-             gv = sub(ReduceOp::Sum, 10), av = sub(ReduceOp::Sum, 11);
+             gv = sub(ReduceOp::Sum, 10), av = sub(ReduceOp::Sum, 11), rv = sub(ReduceOp::Sum, 12);
   auto in_of = [&](const Case& k) { return [&x, &k](std::uint64_t j) { return contribution(k, x.size, x.rank, j); }; };
   auto mine_of = [&](const Case& k) { return [&x, &k](std::uint64_t j) { return payload(k, x.rank, j); }; };
 
@@ -153,7 +153,8 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   if (root) fill<T>(sc_send.data(), total, [&](std::uint64_t k) { return payload(sc, c.root, k); });
   fill<T>(aa_send.data(), total, mine_of(aa));
   fill<T>(pp_send.data(), n, mine_of(pp));
-  // allgatherv: rank p shares (p + 1) * n / size elements; alltoallv: rank i
+  // allgatherv: rank p shares (p + 1) * n / size elements (and receives as
+  // many of the reduce_scatterv); alltoallv: rank i
   // sends rank j (i + j) % 3 * n / 2 elements, element k of them
   // payload(av, i, j * n + k).
   const auto un = static_cast<std::size_t>(x.size);
@@ -162,8 +163,9 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
   };
   auto pair = [&](int i, int j) { return static_cast<std::size_t>((i + j) % 3 * n / 2); };
   std::vector<std::size_t> gv_counts(un), av_send(un), av_recv(un);
-  std::size_t gv_total = 0, av_out = 0, av_in = 0;
+  std::size_t gv_total = 0, av_out = 0, av_in = 0, gv_first = 0;
   for (int p = 0; p < x.size; ++p) {
+    if (p == x.rank) gv_first = gv_total;
     gv_counts[static_cast<std::size_t>(p)] = share(p);
     av_send[static_cast<std::size_t>(p)] = pair(x.rank, p);
     av_recv[static_cast<std::size_t>(p)] = pair(p, x.rank);
@@ -172,8 +174,9 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
     av_in += pair(p, x.rank);
   }
   Buffer gv_send(share(x.rank) * es, 0), gv_recv(gv_total * es, 0), av_sbuf(av_out * es, 0),
-      av_rbuf(av_in * es, 0);
+      av_rbuf(av_in * es, 0), rv_send(gv_total * es, 0), rv_recv(share(x.rank) * es, 0);
   fill<T>(gv_send.data(), share(x.rank), mine_of(gv));
+  fill<T>(rv_send.data(), gv_total, in_of(rv));
   {
     std::size_t at = 0;
     for (int j = 0; j < x.size; ++j) {
@@ -197,6 +200,9 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
                      x.comm.allgatherv_async(gv_send.data(), gv_recv.data(), gv_counts, t));
   works.emplace_back("alltoallv_async",
                      x.comm.alltoallv_async(av_sbuf.data(), av_send, av_rbuf.data(), av_recv, t));
+  works.emplace_back(
+      "reduce_scatterv_async",
+      x.comm.reduce_scatterv_async(rv_send.data(), rv_recv.data(), gv_counts, t, ReduceOp::Sum));
   works.emplace_back("barrier_async", x.comm.barrier_async());
   const int next = (x.rank + 1) % x.size;
   const int prev = (x.rank + x.size - 1) % x.size;
@@ -243,10 +249,12 @@ WorkerReply run_async_all(WorkerContext& x, const Case& c) {
       at += pair(p, x.rank);
     }
   }
+  chk.expect<T>("reduce_scatterv_async recvbuf", rv_recv.data(), share(x.rank),
+                [&](std::uint64_t i) { return reduced(rv, x.size, gv_first + i); });
   if (x.size > 1)
     chk.expect<T>("recv_async buffer", pp_recv.data(), n, [&](std::uint64_t i) { return payload(pp, prev, i); });
   for (const Buffer* b : {&ar_recv, &bc_buf, &ag_recv, &rs_recv, &rd_recv, &ga_recv, &sc_recv,
-                          &aa_recv, &pp_recv, &gv_recv, &av_rbuf})
+                          &aa_recv, &pp_recv, &gv_recv, &av_rbuf, &rv_recv})
     chk.guards("a receive buffer", *b);
   return chk.reply();
 }

@@ -43,6 +43,7 @@ enum class Coll : std::uint8_t {
   Alltoall,
   Alltoallv,
   Allgatherv,
+  ReduceScatterv,
   SendRecv,
   Barrier,
   AsyncOrder,
@@ -223,6 +224,14 @@ struct ReductionElement {
 
 // A value in [0, n) from 32 hash bits, without a division (a 64-bit
 // division by a runtime n costs more than everything else per element).
+// How many elements rank p has in an allgatherv or reduce_scatterv case: a
+// hash of p in [0, count], 0 for about one rank in five.
+inline std::uint64_t share_count(const Case& c, int p) {
+  const std::uint64_t h = mix(c.seed ^ (static_cast<std::uint64_t>(p + 1) * 0x94D049BB133111EBull));
+  if (c.count == 0 || (h >> 20) % 5 == 0) return 0;
+  return h % (c.count + 1);
+}
+
 inline int below(std::uint64_t bits, int n) {
   return static_cast<int>(((bits & 0xFFFFFFFFu) * static_cast<std::uint64_t>(n)) >> 32);
 }

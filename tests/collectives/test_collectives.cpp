@@ -87,6 +87,8 @@ const char* coll_name(Coll c) {
       return "alltoallv";
     case Coll::Allgatherv:
       return "allgatherv";
+    case Coll::ReduceScatterv:
+      return "reduce_scatterv";
     case Coll::SendRecv: return "sendrecv";
     case Coll::Barrier: return "barrier";
     case Coll::AsyncOrder: return "async_order";
@@ -131,7 +133,8 @@ const char* op_name(ReduceOp op) {
 }
 
 bool reduces(Coll c) {
-  return c == Coll::Allreduce || c == Coll::ReduceScatter || c == Coll::Reduce;
+  return c == Coll::Allreduce || c == Coll::ReduceScatter || c == Coll::Reduce ||
+         c == Coll::ReduceScatterv;
 }
 bool rooted(Coll c) {
   return c == Coll::Broadcast || c == Coll::Reduce || c == Coll::Gather || c == Coll::Scatter;
@@ -206,6 +209,10 @@ unsigned big_modes(Coll coll, DataType t, ReduceOp op) {
       if (t == DataType::Float32 && op == ReduceOp::Sum) return kOut;
       if (t == DataType::Int8 && op == ReduceOp::Sum) return kIn;
       if (t == DataType::Int32 && op == ReduceOp::Max) return kIn;
+      return 0;
+    case Coll::ReduceScatterv:  // blocks of up to 1 Mi + 3 elements
+      if (t == DataType::Float32 && op == ReduceOp::Sum) return kIn;
+      if (t == DataType::Float16 && op == ReduceOp::Avg) return kOut;
       return 0;
     case Coll::Allgather:
     case Coll::Allgatherv:
@@ -478,6 +485,7 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
   switch (c.coll) {
     case Coll::Allreduce:
     case Coll::ReduceScatter:
+    case Coll::ReduceScatterv:
     case Coll::Reduce: reply = run_reducing_case(x, c); break;
     case Coll::Broadcast:
     case Coll::Allgather:
@@ -582,6 +590,8 @@ INSTANTIATE_TEST_SUITE_P(Gather, Matrix, testing::ValuesIn(matrix(Coll::Gather))
 INSTANTIATE_TEST_SUITE_P(Scatter, Matrix, testing::ValuesIn(matrix(Coll::Scatter)), param_name);
 INSTANTIATE_TEST_SUITE_P(Alltoall, Matrix, testing::ValuesIn(matrix(Coll::Alltoall)), param_name);
 INSTANTIATE_TEST_SUITE_P(Alltoallv, Matrix, testing::ValuesIn(matrix(Coll::Alltoallv)), param_name);
+INSTANTIATE_TEST_SUITE_P(ReduceScatterv, Matrix, testing::ValuesIn(matrix(Coll::ReduceScatterv)),
+                         param_name);
 INSTANTIATE_TEST_SUITE_P(Allgatherv, Matrix, testing::ValuesIn(matrix(Coll::Allgatherv)),
                          param_name);
 INSTANTIATE_TEST_SUITE_P(SendRecv, Matrix, testing::ValuesIn(matrix(Coll::SendRecv)), param_name);

@@ -129,6 +129,17 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
     }
     sn = vrecv[static_cast<std::size_t>(rank)];
   }
+  // reduce_scatterv: where this rank's block starts.
+  std::size_t first = 0;
+  if (c.coll == "reduce_scatterv") {  // rank p receives pair(p, 1) elements
+    sn = 0;
+    for (std::size_t j = 0; j < nn; ++j) {
+      vrecv[j] = pair(j, 1);
+      if (j == static_cast<std::size_t>(rank)) first = sn;
+      sn += vrecv[j];
+    }
+    rn = vrecv[static_cast<std::size_t>(rank)];
+  }
   if (c.coll == "alltoallv") {
     sn = rn = 0;
     for (std::size_t j = 0; j < nn; ++j) {
@@ -163,6 +174,8 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
       send = dr + static_cast<std::size_t>(rank) * cnt * w;
     } else if (c.coll == "reduce_scatter") {  // recv = send + rank*count
       recv = ds + static_cast<std::size_t>(rank) * cnt * w;
+    } else if (c.coll == "reduce_scatterv") {  // recv = send + the blocks before
+      recv = ds + first * w;
     }
   }
   try {
@@ -178,6 +191,8 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
       comm.alltoallv(send, vsend, recv, vrecv, c.t, o);
     else if (c.coll == "allgatherv")
       comm.allgatherv(send, recv, vrecv, c.t, o);
+    else if (c.coll == "reduce_scatterv")
+      comm.reduce_scatterv(send, recv, vrecv, c.t, c.op, o);
     else if (c.coll == "sendrecv") {
       const int next = (rank + 1) % n, prev = (rank + n - 1) % n;
       if (rank % 2 == 0) {
@@ -192,7 +207,7 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
     return std::string("threw ") + e.what();
   }
   const std::size_t out_n = (c.coll == "allgather" || c.coll == "gather" || c.coll == "alltoallv" ||
-                             c.coll == "allgatherv")
+                             c.coll == "allgatherv" || c.coll == "reduce_scatterv")
                                 ? rn
                                 : cnt;
   CK(cudaMemcpyAsync(hr.data(), recv, out_n * w, cudaMemcpyDeviceToHost, st));
@@ -206,8 +221,11 @@ std::string run_case(Communicator& comm, const Case& c, cudaStream_t stream, int
   std::ostringstream err;
   for (std::size_t i = 0; i < out_n && bad < 3; ++i) {
     double want = 0;
-    if (c.coll == "allreduce" || c.coll == "reduce" || c.coll == "reduce_scatter") {
-      const std::size_t j = c.coll == "reduce_scatter" ? static_cast<std::size_t>(rank) * cnt + i : i;
+    if (c.coll == "allreduce" || c.coll == "reduce" || c.coll == "reduce_scatter" ||
+        c.coll == "reduce_scatterv") {
+      const std::size_t j = c.coll == "reduce_scatter"    ? static_cast<std::size_t>(rank) * cnt + i
+                            : c.coll == "reduce_scatterv" ? first + i
+                                                          : i;
       for (int p = 0; p < n; ++p) across[static_cast<std::size_t>(p)] = value(p, j, salt);
       want = combine(c.op, across, c.t);
     } else if (c.coll == "broadcast") {
@@ -268,6 +286,7 @@ int rank_main(int rank, int n, const std::string& dir) {
       for (bool ip : {false, true}) {
         const bool s = (k++ % 2) == 1;
         cases.push_back({"reduce_scatter", t, ReduceOp::Sum, cnt, ip, s});
+        cases.push_back({"reduce_scatterv", t, ReduceOp::Min, cnt, ip, !s});
         cases.push_back({"reduce", t, ReduceOp::Max, cnt, ip, !s});
         cases.push_back({"broadcast", t, ReduceOp::Sum, cnt, ip, s});
         cases.push_back({"allgather", t, ReduceOp::Sum, cnt, ip, !s});

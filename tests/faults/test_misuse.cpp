@@ -239,6 +239,37 @@ TEST(MismatchedAllgatherv, DifferentCountsWithTheSameSumFailEveryRank) {
   }
 }
 
+// The same for a reduce_scatterv: rank 1 passes {3, 1, 2} where the others
+// pass {1, 3, 2}, so it expects another block of the reduction and would
+// combine the wrong elements.
+TEST(MismatchedReduceScatterv, DifferentCountsWithTheSameSumFailEveryRank) {
+  Group g(3, [](RankContext& ctx) {
+    auto comm = ctx.create(kLongTimeout);
+    std::vector<float> send(6, 1.0f), recv(3, 0.0f);
+    std::vector<std::size_t> counts = {1, 3, 2};
+    if (ctx.rank() == 1) counts = {3, 1, 2};
+    ctx.started();
+    ctx.attempt("call", [&] {
+      comm.reduce_scatterv(send.data(), recv.data(), counts, DataType::Float32, ReduceOp::Sum);
+    });
+    ctx.attempt("next", [&] { comm.barrier(); });
+    ctx.hold();
+  });
+  std::string why;
+  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
+  const faults::Nanos deadline = faults::now_ns() + std::chrono::nanoseconds(kReportWait).count();
+  for (int r = 0; r < 3; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    const auto call = g.result(r, "call", deadline);
+    const auto next = call ? g.result(r, "next", deadline) : std::nullopt;
+    ASSERT_TRUE(call && next) << "rank " << r << " did not return (hang?); it is " << g.status(r);
+    const Result& first = call->ok ? *next : *call;
+    EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
+    EXPECT_TRUE(first.has("disagree on the counts of reduce_scatterv") && first.has("summing to 6"))
+        << first.describe();
+  }
+}
+
 // A point-to-point size mismatch: rank 0 sends `sent` elements, rank 1
 // receives `asked`. Rank 1 sees it in the header; a small send has already
 // completed, so rank 0 can only learn of it from rank 1's notice, in its next
@@ -410,6 +441,11 @@ TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
       {"allgatherv null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
       {"allgatherv overlapping", ErrorCode::InvalidArgument, "in place means"},
       {"allgatherv unknown algorithm", ErrorCode::InvalidArgument, "unknown algorithm"},
+      {"reduce_scatterv too many counts", ErrorCode::InvalidArgument, "one per rank (1)"},
+      {"reduce_scatterv null sendbuf", ErrorCode::InvalidArgument, "sendbuf is null"},
+      {"reduce_scatterv overlapping", ErrorCode::InvalidArgument, "in place means"},
+      {"reduce_scatterv op 9", ErrorCode::InvalidArgument, "ReduceOp value 9"},
+      {"reduce_scatterv wrapped count", ErrorCode::InvalidArgument, "too large"},
   };
   Group g(1, [](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
@@ -468,6 +504,15 @@ TEST(InvalidArguments, SingleRankRejectsBadArgumentsAndStaysUsable) {
       o.algorithm = "no_such_ring";
       comm.allgatherv(b, b + 8, four, f32, o);
     });
+    ctx.attempt("reduce_scatterv too many counts",
+                [&] { comm.reduce_scatterv(b, b + 8, two, f32, sum); });
+    ctx.attempt("reduce_scatterv null sendbuf",
+                [&] { comm.reduce_scatterv(nullptr, b, four, f32, sum); });
+    ctx.attempt("reduce_scatterv overlapping",
+                [&] { comm.reduce_scatterv(b, b + 1, four, f32, sum); });
+    ctx.attempt("reduce_scatterv op 9", [&] { comm.reduce_scatterv(b, b + 8, four, f32, bad_op); });
+    ctx.attempt("reduce_scatterv wrapped count",
+                [&] { comm.reduce_scatterv(b, b + 8, huge, f32, sum); });
     ctx.attempt("alltoallv unknown algorithm", [&] {
       chorus::CallOptions o;
       o.algorithm = "ring";

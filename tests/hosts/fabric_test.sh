@@ -45,9 +45,10 @@ run() {
   echo "fabric_test($transport): $name: 0 wrong ($((SECONDS - start)) s)"
 }
 
-# alltoallv with the alltoall's counts; allgatherv with odd ranks one
-# element short, by the allgather's algorithms (forced below).
-colls=allreduce,broadcast,allgather,reduce_scatter,alltoall,alltoallv,allgatherv
+# alltoallv with the alltoall's counts; allgatherv and reduce_scatterv with
+# odd ranks one element short, by the allgather's and the reduce_scatter's
+# algorithms (forced below).
+colls=allreduce,broadcast,allgather,reduce_scatter,alltoall,alltoallv,allgatherv,reduce_scatterv
 run all-dtypes -b 8 -e 1M -f 16 -d all -o all -n 1 -w 0 -c 1 --coll "$colls"
 sets=(
   'allreduce:ring,broadcast:chain,allgather:ring,reduce_scatter:ring'

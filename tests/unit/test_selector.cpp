@@ -7,6 +7,7 @@
 #include "algorithms/algorithms.hpp"
 #include "algorithms/selector.hpp"
 
+#include <chorus/communicator.hpp>
 #include <chorus/error.hpp>
 
 #include <gtest/gtest.h>
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <set>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -290,6 +292,18 @@ TEST(Selector, SameInputsSameChoicesEverywhere) {
       const Call c{alg->coll, bytes, DataType::UInt8, ReduceOp::Max, 1};
       EXPECT_EQ(&a.choose(c), &b.choose(c));
     }
+}
+
+// The public names: the calls with a count per rank or pair answer with
+// their fixed-count twin's algorithms, which are the ones that run them.
+TEST(Selector, PublicAlgorithmNames) {
+  using Names = std::vector<std::string>;
+  EXPECT_EQ(chorus::algorithm_names("reduce_scatter"), (Names{"ring", "recursive_halving"}));
+  EXPECT_EQ(chorus::algorithm_names("reduce_scatterv"), (Names{"ring", "recursive_halving"}));
+  EXPECT_EQ(chorus::algorithm_names("allgatherv"), (Names{"ring", "bruck"}));
+  EXPECT_EQ(chorus::algorithm_names("alltoallv"), (Names{"pairwise"}));
+  EXPECT_TRUE(chorus::algorithm_names("reduce_scatter_v").empty());
+  EXPECT_TRUE(chorus::algorithm_names("").empty());
 }
 
 }  // namespace
