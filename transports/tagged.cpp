@@ -16,6 +16,7 @@
 #include "tagged.hpp"
 
 #include "core/log.hpp"
+#include "reduce/reduce.hpp"
 
 #include <poll.h>
 #include <sched.h>
@@ -203,7 +204,7 @@ class TaggedTransport final : public Transport {
     const WireHeader h = make_header(kMagic, call, bytes);
     t->head.resize(sizeof h + (t->parts == 0 ? bytes : 0));
     std::memcpy(t->head.data(), &h, sizeof h);
-    if (t->parts == 0 && bytes > 0) std::memcpy(t->head.data() + sizeof h, buf, bytes);
+    if (t->parts == 0 && bytes > 0) reduce::copy(t->head.data() + sizeof h, buf, bytes);
     t->slots.resize(std::min<std::size_t>(t->parts, kCopyWindow));
     t->await_ready = fabric_->can_write() && bytes >= kWriteMin;
     count_sent(peer, bytes);

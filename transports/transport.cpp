@@ -106,7 +106,7 @@ void combine_into(const Combine& cb, char* dst, std::size_t offset, const char* 
     if (cb.stream && bytes >= (std::size_t{64} << 10))
       reduce::copy_streaming(dst + offset, incoming, bytes);
     else
-      std::memcpy(dst + offset, incoming, bytes);
+      reduce::copy(dst + offset, incoming, bytes);
     return;
   }
   const std::size_t n = bytes / size_of(cb.dtype);

@@ -4,6 +4,12 @@
 //   memcpy/<bytes>                 std::memcpy(dst, src), the copy bandwidth
 //   add_f32/<bytes>                for (i) a[i] += b[i] over float, compiled here:
 //                                  what the compiler makes of the obvious loop
+//   alias/<what>/<d>               64 KiB memcpy(dst, src), reduce::copy (what
+//                                  the library copies with) and float32 sum
+//                                  combine3(dst, a, b), in cache, with dst d
+//                                  bytes past the sources modulo 4 KiB: the
+//                                  4K-aliasing stall of a destination a few
+//                                  bytes past its source (docs/benchmarks.md)
 //
 // over 4 KiB .. 256 MiB buffers (x4 steps). Commands and results: docs/benchmarks.md.
 //
@@ -29,6 +35,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -168,6 +175,30 @@ void bm_add_f32(benchmark::State& state) {
   set_throughput(state, bytes);
 }
 
+// 64 KiB sources at the start of a page, the destination `d` bytes into one.
+enum class Alias { Memcpy, Copy, Combine3 };
+
+void bm_alias(benchmark::State& state, Alias what) {
+  constexpr std::size_t kBytes = 64 << 10;
+  const auto d = static_cast<std::size_t>(state.range(0));
+  static Buffer a = allocate(kBytes + 4096), b = allocate(kBytes + 4096),
+                out = allocate(kBytes + 4096);
+  fill_ones(a.get(), kBytes, DataType::Float32);
+  fill_ones(b.get(), kBytes, DataType::Float32);
+  Byte* dst = out.get() + d;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(dst);
+    if (what == Alias::Memcpy)
+      std::memcpy(dst, a.get(), kBytes);
+    else if (what == Alias::Copy)
+      chorus::reduce::copy(dst, a.get(), kBytes);
+    else
+      chorus::reduce::combine3(dst, a.get() + d, b.get(), kBytes / 4, DataType::Float32, ReduceOp::Sum);
+    benchmark::ClobberMemory();
+  }
+  set_throughput(state, kBytes);
+}
+
 // For the context block at the top of the output: what the library's kernel
 // choice depends on (CHORUS_DEBUG=info makes the library log the choice).
 bool cpu_has_avx2_f16c() {
@@ -195,6 +226,11 @@ void register_all() {
     benchmark::RegisterBenchmark("memcpy", bm_memcpy)->Arg(arg);
     benchmark::RegisterBenchmark("add_f32", bm_add_f32)->Arg(arg);
   }
+  for (auto [what, name] :
+       {std::pair{Alias::Memcpy, "alias/memcpy"}, std::pair{Alias::Copy, "alias/reduce_copy"},
+        std::pair{Alias::Combine3, "alias/combine3_f32_sum"}})
+    for (std::int64_t d : {0, 1, 4, 15, 16, 17, 64, 1024, 4092})
+      benchmark::RegisterBenchmark(name, bm_alias, what)->Arg(d);
 }
 
 }  // namespace

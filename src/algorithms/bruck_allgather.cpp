@@ -16,6 +16,8 @@
 
 #include "algorithms/algorithms.hpp"
 
+#include "reduce/reduce.hpp"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -64,7 +66,7 @@ void bruck_allgather(Context& c, const Args& a) {
   char* out = static_cast<char*>(a.recv);
   if (block == 0) return;
   char* mine = out + static_cast<std::size_t>(rank) * block;
-  if (a.send != mine) std::memmove(mine, a.send, block);
+  if (a.send != mine) reduce::move(mine, a.send, block);
   if (n == 1) return;
   bruck_rounds(c, out, [block](int i) { return static_cast<std::size_t>(i) * block; });
 }
@@ -97,7 +99,7 @@ void bruck_allgatherv(Context& c, const void* send, void* recv, std::span<const 
   char* out = static_cast<char*>(recv);
   const auto me = static_cast<std::size_t>(c.rank);
   const std::size_t mine = off[me + 1] - off[me];
-  if (mine > 0 && send != out + off[me]) std::memmove(out + off[me], send, mine);
+  if (mine > 0 && send != out + off[me]) reduce::move(out + off[me], send, mine);
   if (n == 1) return;
   bruck_rounds(c, out, [&off](int i) { return off[static_cast<std::size_t>(i)]; });
 }

@@ -84,7 +84,7 @@ char* ensure_scratch(Context& c, std::size_t bytes) {
 
 bool trivial_allreduce(Context& c, const Args& a) {
   if (c.size > 1 && a.count > 0) return false;
-  if (a.send != a.recv && a.count > 0) std::memcpy(a.recv, a.send, a.count * size_of(a.dtype));
+  if (a.send != a.recv && a.count > 0) reduce::copy(a.recv, a.send, a.count * size_of(a.dtype));
   if (a.op == ReduceOp::Avg) reduce::finalize_avg(a.recv, a.count, a.dtype, c.size);
   return true;
 }
@@ -101,7 +101,8 @@ bool streams(const Context& c, std::size_t footprint) { return footprint > c.cac
 
 void copy_final(void* dst, const void* src, std::size_t bytes, bool stream) {
   if (stream) reduce::copy_streaming(dst, src, bytes);
-  else std::memcpy(dst, src, bytes);
+  else
+    reduce::copy(dst, src, bytes);
 }
 
 bool trivial_broadcast(Context& c, const Args& a) {

@@ -47,7 +47,7 @@ void one_shot_allreduce(Context& c, const Args& a) {
   char* slots = ensure_scratch(c, bytes * static_cast<std::size_t>(n));
   const char* own = static_cast<const char*>(a.send);
   if (a.send == a.recv) {
-    std::memcpy(slots + static_cast<std::size_t>(c.rank) * bytes, a.send, bytes);
+    reduce::copy(slots + static_cast<std::size_t>(c.rank) * bytes, a.send, bytes);
     own = slots + static_cast<std::size_t>(c.rank) * bytes;
   }
   std::vector<transport::Request> reqs;

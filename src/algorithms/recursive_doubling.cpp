@@ -70,7 +70,7 @@ void recursive_doubling_allreduce(Context& c, const Args& a) {
   } else if (send == recv && dst_of(1) == recv) {
     // In-place, and the first round would send and combine into the same
     // buffer: send from a copy instead (a small message, by this algorithm's use).
-    std::memcpy(spare, send, bytes);
+    reduce::copy(spare, send, bytes);
     src = spare;
   }
   for (int mask = 1; mask < p; mask <<= 1) {

@@ -42,7 +42,7 @@ void halving_rounds(Context& c, const char* send, char* recv, DataType dtype, Re
   const std::size_t mine = off(rank + 1) - off(rank);  // elements of this rank's block
   if (total == 0) return;
   if (n == 1) {
-    if (send != recv) std::memcpy(recv, send, total);
+    if (send != recv) reduce::copy(recv, send, total);
     if (op == ReduceOp::Avg) reduce::finalize_avg(recv, mine, dtype, n);
     return;
   }
@@ -113,7 +113,7 @@ void halving_rounds(Context& c, const char* send, char* recv, DataType dtype, Re
   char* ours = work + off(rank) * esize;
   if (op == ReduceOp::Avg) reduce::finalize_avg(theirs, theirs_n + mine, dtype, n);
   Request r = c.t.isend(rank - 1, c.call, theirs, theirs_n * esize);
-  std::memcpy(recv, ours, mine * esize);
+  reduce::copy(recv, ours, mine * esize);
   c.t.wait({&r, 1}, c.deadline);
 }
 

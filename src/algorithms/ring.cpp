@@ -159,7 +159,7 @@ Group Group::all(const Context& c) {
 void group_ring_reduce_scatter(Context& c, const Group& g, char* work, const char* own,
                                std::size_t count, DataType dtype, ReduceOp op) {
   if (g.size() == 1 || count == 0) {
-    if (own != work && count > 0) std::memcpy(work, own, count * size_of(dtype));
+    if (own != work && count > 0) reduce::copy(work, own, count * size_of(dtype));
     return;
   }
   const int n = g.size();
@@ -179,7 +179,7 @@ void group_ring_allgather(Context& c, const Group& g, char* work, std::size_t co
 void group_ring_allreduce(Context& c, const Group& g, char* work, const char* own,
                           std::size_t count, DataType dtype, ReduceOp op) {
   if (g.size() == 1 || count == 0) {
-    if (own != work && count > 0) std::memcpy(work, own, count * size_of(dtype));
+    if (own != work && count > 0) reduce::copy(work, own, count * size_of(dtype));
     return;
   }
   const int n = g.size();
@@ -192,7 +192,7 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
   const std::size_t esize = size_of(dtype);
   char* buf = static_cast<char*>(recv);
   if (c.size == 1 || count == 0) {
-    if (send != recv && count > 0) std::memcpy(buf, send, count * esize);
+    if (send != recv && count > 0) reduce::copy(buf, send, count * esize);
     if (op == ReduceOp::Avg) reduce::finalize_avg(buf, count, dtype, c.size);
     return;
   }
@@ -215,7 +215,7 @@ void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t c
   char* out = static_cast<char*>(recv);
   if (count == 0) return;
   if (n == 1) {
-    if (send != recv) std::memcpy(out, send, count * esize);
+    if (send != recv) reduce::copy(out, send, count * esize);
     if (op == ReduceOp::Avg) reduce::finalize_avg(out, count, dtype, n);
     return;
   }
@@ -227,7 +227,7 @@ void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t c
             false, [&](char* p, std::size_t m) {
     if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
   });
-  std::memcpy(out, buf + seg.off[c.rank] * esize, count * esize);
+  reduce::copy(out, buf + seg.off[c.rank] * esize, count * esize);
 }
 
 void ring_reduce_scatterv(Context& c, const void* send, void* recv,
@@ -245,7 +245,7 @@ void ring_reduce_scatterv(Context& c, const void* send, void* recv,
   char* out = static_cast<char*>(recv);
   if (total == 0) return;
   if (n == 1) {
-    if (send != recv) std::memcpy(out, send, total * esize);
+    if (send != recv) reduce::copy(out, send, total * esize);
     if (op == ReduceOp::Avg) reduce::finalize_avg(out, total, dtype, n);
     return;
   }
@@ -256,7 +256,7 @@ void ring_reduce_scatterv(Context& c, const void* send, void* recv,
             dtype, op, false, [&](char* p, std::size_t m) {
               if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
             });
-  if (seg.len[me] > 0) std::memcpy(out, buf + seg.off[me] * esize, seg.len[me] * esize);
+  if (seg.len[me] > 0) reduce::copy(out, buf + seg.off[me] * esize, seg.len[me] * esize);
 }
 
 void ring_allgather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype) {
@@ -271,7 +271,7 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
   const bool overlaps = in < out + total && out < in + block;
   const bool stream = streams(c, total + (overlaps ? 0 : block));
   if (overlaps || c.size == 1) {
-    if (send != mine) std::memmove(mine, send, block);
+    if (send != mine) reduce::move(mine, send, block);
     if (c.size == 1) return;
   }
   const auto seg = Segments::blocks(count, c.size);
@@ -306,7 +306,7 @@ void ring_allgatherv(Context& c, const void* send, void* recv, std::span<const s
   const bool in_place = send == mine;
   const bool stream = streams(c, total * esize + (in_place ? 0 : block));
   if (c.size == 1) {
-    if (!in_place && block > 0) std::memmove(mine, send, block);
+    if (!in_place && block > 0) reduce::move(mine, send, block);
     return;
   }
   ring_pass(
@@ -322,7 +322,7 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
   const int n = c.size;
   if (count == 0) return;
   if (n == 1) {
-    if (send != recv) std::memcpy(recv, send, count * esize);
+    if (send != recv) reduce::copy(recv, send, count * esize);
     if (op == ReduceOp::Avg) reduce::finalize_avg(recv, count, dtype, n);
     return;
   }
@@ -341,7 +341,7 @@ void ring_reduce(Context& c, const void* send, void* recv, std::size_t count, Da
       reqs.push_back(c.t.irecv(r, c.call, out + seg.off[r] * esize, seg.len[r] * esize,
                                transport::Combine::copy()));
     }
-    std::memcpy(out + seg.off[root] * esize, buf + seg.off[root] * esize, seg.len[root] * esize);
+    reduce::copy(out + seg.off[root] * esize, buf + seg.off[root] * esize, seg.len[root] * esize);
     c.t.wait(reqs, c.deadline);
   } else if (seg.len[c.rank] > 0) {
     Request r = c.t.isend(root, c.call, buf + seg.off[c.rank] * esize, seg.len[c.rank] * esize);

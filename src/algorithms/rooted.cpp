@@ -4,6 +4,8 @@
 
 #include "algorithms/algorithms.hpp"
 
+#include "reduce/reduce.hpp"
+
 #include <cstring>
 
 namespace chorus::algo {
@@ -25,7 +27,7 @@ void linear_gather(Context& c, const void* send, void* recv, std::size_t count, 
       reqs.push_back(c.t.irecv(r, c.call, out + static_cast<std::size_t>(r) * bytes, bytes,
                                transport::Combine::copy()));
   char* mine = out + static_cast<std::size_t>(root) * bytes;
-  if (send != mine) std::memmove(mine, send, bytes);
+  if (send != mine) reduce::move(mine, send, bytes);
   c.t.wait(reqs, c.deadline);
 }
 
@@ -43,7 +45,7 @@ void linear_scatter(Context& c, const void* send, void* recv, std::size_t count,
   for (int r = 0; r < c.size; ++r)
     if (r != root) reqs.push_back(c.t.isend(r, c.call, in + static_cast<std::size_t>(r) * bytes, bytes));
   const char* mine = in + static_cast<std::size_t>(root) * bytes;
-  if (recv != mine) std::memmove(recv, mine, bytes);
+  if (recv != mine) reduce::move(recv, mine, bytes);
   c.t.wait(reqs, c.deadline);
 }
 
@@ -54,8 +56,8 @@ void pairwise_alltoall(Context& c, const void* send, void* recv, std::size_t cou
   const int n = c.size;
   const char* in = static_cast<const char*>(send);
   char* out = static_cast<char*>(recv);
-  std::memcpy(out + static_cast<std::size_t>(c.rank) * bytes,
-              in + static_cast<std::size_t>(c.rank) * bytes, bytes);
+  reduce::copy(out + static_cast<std::size_t>(c.rank) * bytes,
+               in + static_cast<std::size_t>(c.rank) * bytes, bytes);
   std::vector<transport::Request> reqs;
   for (int s = 1; s < n; ++s) {
     const int from = (c.rank - s + n) % n;
@@ -84,7 +86,7 @@ void pairwise_alltoallv(Context& c, const void* send, std::span<const std::size_
   const char* in = static_cast<const char*>(send);
   char* out = static_cast<char*>(recv);
   const auto me = static_cast<std::size_t>(c.rank);
-  if (sendcounts[me] > 0) std::memcpy(out + roff[me], in + soff[me], sendcounts[me] * es);
+  if (sendcounts[me] > 0) reduce::copy(out + roff[me], in + soff[me], sendcounts[me] * es);
   std::vector<transport::Request> reqs;
   reqs.reserve(2 * un);
   transport::CallDesc d = c.call;

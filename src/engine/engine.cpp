@@ -930,8 +930,8 @@ struct EngineImpl {
         for (std::size_t k = 0; k < reqs.size(); ++k) {
           const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
           for (std::size_t p = 0; p < n && b > 0; ++p)
-            std::memcpy(static_cast<char*>(reqs[k].recv) + p * b, fusion.data() + p * bytes + at,
-                        b);
+            reduce::copy(static_cast<char*>(reqs[k].recv) + p * b, fusion.data() + p * bytes + at,
+                         b);
           at += b;
         }
       } else if (d.kind == Kind::ReduceScatter) {
@@ -943,8 +943,8 @@ struct EngineImpl {
         for (std::size_t k = 0; k < reqs.size(); ++k) {
           const std::size_t b = ready[group[k]].desc.count * size_of(d.dtype);
           for (std::size_t p = 0; p < n && b > 0; ++p)
-            std::memcpy(fusion.data() + p * bytes + at,
-                        static_cast<const char*>(reqs[k].send) + p * b, b);
+            reduce::copy(fusion.data() + p * bytes + at,
+                         static_cast<const char*>(reqs[k].send) + p * b, b);
           at += b;
         }
         in_us = now_us() - start;
@@ -997,7 +997,7 @@ struct EngineImpl {
     std::size_t at = 0;
     for (std::size_t k = 0; k < reqs.size(); ++k) {
       const std::size_t b = ready[group[k]].desc.count * size_of(dtype);
-      if (b > 0) std::memcpy(dst + at, reqs[k].send, b);
+      if (b > 0) reduce::copy(dst + at, reqs[k].send, b);
       at += b;
     }
   }
@@ -1011,7 +1011,7 @@ struct EngineImpl {
     for (std::size_t k = 0; k < reqs.size(); ++k) {
       const std::size_t b = ready[group[k]].desc.count * size_of(dtype);
       if (b > 0 && !(skip_in_place && reqs[k].recv == reqs[k].send))
-        std::memcpy(reqs[k].recv, src + at, b);
+        reduce::copy(reqs[k].recv, src + at, b);
       at += b;
     }
   }
@@ -1063,7 +1063,7 @@ struct EngineImpl {
     std::size_t at = 0;
     for (std::size_t k = 0; k < reqs.size(); ++k) {
       const std::size_t b = (*counts[k])[me] * es;
-      if (b > 0) std::memcpy(own + at, reqs[k].send, b);
+      if (b > 0) reduce::copy(own + at, reqs[k].send, b);
       at += b;
     }
     in_us = now_us() - start;
@@ -1141,8 +1141,8 @@ struct EngineImpl {
       for (std::size_t t = 0; t < T; ++t) {
         const std::size_t c = reqs[t].splits[j];
         if (c > 0)
-          std::memcpy(packed + at * es, static_cast<const char*>(reqs[t].send) + src_at[t] * es,
-                      c * es);
+          reduce::copy(packed + at * es, static_cast<const char*>(reqs[t].send) + src_at[t] * es,
+                       c * es);
         src_at[t] += c;
         at += c;
       }
@@ -1157,7 +1157,7 @@ struct EngineImpl {
       for (std::size_t t = 0; t < T; ++t) {
         const std::size_t c = from[t][i];
         if (c > 0) {
-          std::memcpy(dst[t], got + at * es, c * es);
+          reduce::copy(dst[t], got + at * es, c * es);
           dst[t] += c * es;
         }
         at += c;
@@ -1196,7 +1196,7 @@ struct EngineImpl {
     if (auto e = allocate(r, counts, &out)) return e;
     std::size_t at = 0;
     for (std::size_t p = 0; p < counts.size(); ++p) {
-      if (counts[p] > 0) std::memcpy(static_cast<char*>(out) + at * es, share(p), counts[p] * es);
+      if (counts[p] > 0) reduce::copy(static_cast<char*>(out) + at * es, share(p), counts[p] * es);
       at += counts[p];
     }
     return std::nullopt;

@@ -1077,6 +1077,52 @@ TEST(CopyStreaming, CopiesEveryByteAndNothingElse) {
   }
 }
 
+// copy: every byte of [dst, dst+n) is the source's and nothing around it
+// changes, at every distance modulo 4 KiB that takes the vector loop (1 to
+// 15 bytes past the source) and some that do not, for sizes below, at and
+// past the loop's threshold (with tails that are not whole 64-byte blocks).
+TEST(Copy, CopiesEveryByteAtEveryDistance) {
+  constexpr std::size_t kMax = 70000;
+  std::vector<unsigned char> src(kMax + 8192), dst(kMax + 8192 + 128);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<unsigned char>((i * 131 + 7) >> 3);
+  const auto page_offset = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) & 4095; };
+  for (std::size_t n : {std::size_t{0}, std::size_t{100}, std::size_t{2047}, std::size_t{2048},
+                        std::size_t{4096 + 13}, std::size_t{kMax}}) {
+    for (std::size_t ahead : {0, 1, 4, 8, 15, 16, 17, 64, 4095}) {
+      const unsigned char* from = src.data() + 5;
+      // The destination `ahead` bytes past the source modulo 4 KiB, with
+      // 64 bytes of guard before it.
+      const std::size_t at =
+          64 + ((page_offset(from) + ahead - page_offset(dst.data() + 64)) & 4095);
+      unsigned char* to = dst.data() + at;
+      ASSERT_EQ((reinterpret_cast<std::uintptr_t>(to) - reinterpret_cast<std::uintptr_t>(from)) & 4095,
+                ahead);
+      std::fill(dst.begin(), dst.end(), 0xA5);
+      chorus::reduce::copy(to, from, n);
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < dst.size(); ++i) {
+        const bool inside = i >= at && i < at + n;
+        wrong += dst[i] != (inside ? from[i - at] : 0xA5);
+      }
+      EXPECT_EQ(wrong, 0u) << "n " << n << ", destination " << ahead << " bytes past the source";
+    }
+  }
+}
+
+// move: overlapping ranges either way give memmove's result; others copy.
+TEST(Copy, MoveHandlesOverlapEitherWay) {
+  for (std::ptrdiff_t shift : {-4, -1, 1, 4, 3000, -3000, 12000}) {
+    std::vector<unsigned char> buf(40000);
+    for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<unsigned char>(i * 7 + 1);
+    std::vector<unsigned char> want(buf);
+    const std::size_t n = 6000, from = 7000;
+    const auto to = static_cast<std::size_t>(static_cast<std::ptrdiff_t>(from) + shift);
+    std::memmove(want.data() + to, want.data() + from, n);
+    chorus::reduce::move(buf.data() + to, buf.data() + from, n);
+    EXPECT_EQ(buf, want) << "shift " << shift;
+  }
+}
+
 TEST(PortableKernels, KernelTestsPassOnTheBaselinePath) {
   const char* forced = std::getenv("CHORUS_CPU_FEATURES");
   if (forced != nullptr && std::string(forced) == "baseline")

@@ -405,7 +405,7 @@ class ShmTransport final : public Transport {
     split_ = ctx.shm_split == "off"      ? SplitMode::Off
              : ctx.shm_split == "sender" ? SplitMode::SenderOnly
                                          : SplitMode::On;
-    staging_.resize(kStagingBytes);
+    staging_.resize(kStagingBytes + 4096);  // a page more: see staged_at()
     std::memset(staging_.data(), 0, staging_.size());  // touch it now, not on the hot path
     try {
       setup();
@@ -1231,6 +1231,8 @@ class ShmTransport final : public Transport {
   bool start_split(Peer& p, RecvOp& op, const char* src, std::uint64_t remote, std::uint64_t region,
                    std::size_t bytes) {
     if (split_ == SplitMode::Off || ctx_.oversubscribed || op.combine.kind != Combine::Kind::Copy) return false;
+    // A Rendezvous copy at a slow distance goes through staging (pull).
+    if (src == nullptr && slow_distance(reinterpret_cast<std::uint64_t>(op.dst), remote)) return false;
     const std::size_t piece = split_piece(bytes);
     if (bytes <= piece) return false;
     std::uint64_t id = kCmaSplit, offset = reinterpret_cast<std::uint64_t>(op.dst);
@@ -1338,18 +1340,41 @@ class ShmTransport final : public Transport {
   }
 
   // Reads a rendezvous message from the sender's memory into the receive.
+  // Whether a copy from `src` to `dst` has the destination 1 to 15 bytes
+  // past the source modulo 4 KiB, where the kernel's copy (as glibc's
+  // memcpy, reduce::copy) runs 16-30x slower: a 2-rank allreduce of 64 KiB
+  // whose ranks' buffers sat 4 bytes apart modulo a page took 22 us
+  // instead of 13 (docs/benchmarks.md).
+  static bool slow_distance(std::uint64_t dst, std::uint64_t src) {
+    const std::uint64_t ahead = (dst - src) & 4095;
+    return ahead != 0 && ahead < 16;
+  }
+
+  // Where in staging_ a piece read from the peer's `addr` goes: at the same
+  // offset within a page as its source, so that the kernel's copy runs at
+  // full speed whatever the two buffers' offsets.
+  char* staged_at(std::uint64_t addr) {
+    const auto base = reinterpret_cast<std::uint64_t>(staging_.data());
+    return staging_.data() + ((addr - base) & 4095);
+  }
+
   void pull(Peer& p, RecvOp& op, std::uint64_t addr, std::size_t bytes) {
     auto check = [&](int err) { cma_check(p, op, bytes, err); };
-    if (op.combine.kind == Combine::Kind::Copy) {
+    const bool copy = op.combine.kind == Combine::Kind::Copy;
+    if (copy && (bytes < 4096 || !slow_distance(reinterpret_cast<std::uint64_t>(op.dst), addr))) {
       check(cma_read(p.pid, op.dst, addr, bytes));
       return;
     }
-    const std::size_t esize = size_of(op.combine.dtype);
+    // A reduction, or a copy at a slow distance: through staging_, each
+    // piece read at its source's page offset, then combined or copied
+    // (reduce::copy takes the slow distances another way).
+    const std::size_t esize = copy ? 1 : size_of(op.combine.dtype);
     const std::size_t piece = kStagingBytes / esize * esize;
     for (std::size_t off = 0; off < bytes; off += piece) {
       const std::size_t m = std::min(piece, bytes - off);
-      check(cma_read(p.pid, staging_.data(), addr + off, m));
-      combine_into(op.combine, op.dst, off, staging_.data(), m);
+      char* at = staged_at(addr + off);
+      check(cma_read(p.pid, at, addr + off, m));
+      combine_into(op.combine, op.dst, off, at, m);
     }
   }
 
