@@ -915,12 +915,11 @@ class ShmTransport final : public Transport {
       const std::size_t k = p.bulk_wpos % kBulkBufs;
       const std::size_t m = std::min(kBulkBytes, bytes - p.bulk_off);
       // The piece goes at the same offset within a page as its source, told
-      // to the receiver in the flag's top 16 bits. A copy whose destination
-      // lies a few bytes past its source modulo 4 KiB stalls on every load
-      // (4K aliasing: the load seems to depend on the store just before
-      // it): a 4-rank ring allreduce of 196604 floats, whose blocks start
-      // 4 bytes before a page boundary, took 2.4x the time of 196608
-      // (docs/benchmarks.md).
+      // to the receiver in the flag's top 16 bits. A memcpy whose
+      // destination lies 1-15 bytes past its source modulo 4 KiB runs 16x
+      // slower here (glibc's rep movsb; see reduce::copy): a 4-rank ring
+      // allreduce of 196604 floats, whose blocks start 4 bytes before a
+      // page boundary, took 2.4x the time of 196608 (docs/benchmarks.md).
       const char* src = op.buf + p.bulk_off;
       const std::uint64_t at = reinterpret_cast<std::uintptr_t>(src) & 4095;
       std::memcpy(p.seg.bulk(my_local_, k, layout_) + at, src, m);
