@@ -284,6 +284,13 @@ CHORUS_C_API chorus_status_t chorus_engine_reducescatter(chorus_engine_t engine,
                                                          const void* sendbuf, void* recvbuf,
                                                          size_t count, chorus_dtype_t dtype,
                                                          chorus_op_t op, chorus_work_t* work);
+/* Reduce-scatter of the tensor `name` by rows (Horovod's reducescatter):
+ * sendbuf holds `rows` rows of `row_count` elements; rank r's recvbuf gets
+ * its rows of the reduction, rows / nranks of them plus one for the first
+ * rows % nranks ranks. */
+CHORUS_C_API chorus_status_t chorus_engine_reducescatter_rows(
+    chorus_engine_t engine, const char* name, const void* sendbuf, void* recvbuf, size_t rows,
+    size_t row_count, chorus_dtype_t dtype, chorus_op_t op, chorus_work_t* work);
 CHORUS_C_API chorus_status_t chorus_engine_allgather(chorus_engine_t engine, const char* name,
                                                      const void* sendbuf, void* recvbuf,
                                                      size_t count, chorus_dtype_t dtype,

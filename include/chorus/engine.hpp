@@ -91,6 +91,18 @@ class CHORUS_API Engine {
   /// and op are fused.
   Work reducescatter(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
                      DataType dtype, ReduceOp op);
+  /// Reduce-scatter of the tensor `name` by rows, whose number need not
+  /// divide by size() (Horovod's reducescatter of a tensor's first
+  /// dimension): every rank's `sendbuf` holds `rows` rows of `row_count`
+  /// elements; rank r receives its rows of the reduction, the rows split
+  /// as evenly as possible with the first rows % size() ranks getting one
+  /// more (rows / size() + (r < rows % size() ? 1 : 0) of them, after those
+  /// of the ranks before it), in `recvbuf` (null where that is 0 rows; in
+  /// place when it is this rank's rows of sendbuf). Rows that divide evenly
+  /// make it the reducescatter above. Small ones of one dtype and op are
+  /// fused, whatever their rows' lengths.
+  Work reducescatter(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t rows,
+                     std::size_t row_count, DataType dtype, ReduceOp op);
   /// Allgather of the tensor `name`: every rank's `count` elements, in rank order.
   Work allgather(const std::string& name, const void* sendbuf, void* recvbuf, std::size_t count,
                  DataType dtype);

@@ -596,6 +596,16 @@ chorus_status_t chorus_engine_reducescatter(chorus_engine_t engine, const char* 
   });
 }
 
+chorus_status_t chorus_engine_reducescatter_rows(chorus_engine_t engine, const char* name,
+                                                 const void* sendbuf, void* recvbuf, size_t rows,
+                                                 size_t row_count, chorus_dtype_t dtype,
+                                                 chorus_op_t op, chorus_work_t* work) {
+  return submit(work, [&] {
+    return engine_of(engine).reducescatter(name_of(name), sendbuf, recvbuf, rows, row_count,
+                                           dtype_of(dtype), op_of(op));
+  });
+}
+
 chorus_status_t chorus_engine_allgather(chorus_engine_t engine, const char* name,
                                         const void* sendbuf, void* recvbuf, size_t count,
                                         chorus_dtype_t dtype, chorus_work_t* work) {

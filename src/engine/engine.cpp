@@ -61,8 +61,12 @@ enum class Kind : std::uint8_t {
   Allgatherv = 4,
   ReduceScatter = 5,  // count: the elements each rank receives
   Alltoall = 6,       // count: the elements this rank sends (its splits' sum)
+  // Reduce-scatter of rows that need not divide by the ranks (Horovod's
+  // reducescatter): count: every rank's input (rows x row); root: the
+  // elements of one row. rows_of() splits them.
+  ReduceScatterv = 7,
 };
-constexpr int kLastKind = 6;
+constexpr int kLastKind = 7;
 
 // Kinds whose count is each rank's own (the others' counts must agree).
 bool own_count(Kind k) { return k == Kind::Allgatherv || k == Kind::Alltoall; }
@@ -78,8 +82,21 @@ const char* kind_name(Kind k) {
       return "reducescatter";
     case Kind::Alltoall:
       return "alltoall";
+    case Kind::ReduceScatterv:
+      return "reducescatter";
   }
   return "?";
+}
+
+// A ReduceScatterv's count for each rank, in elements: its rows split as
+// evenly as possible, the first rows % n ranks one row more (Horovod's).
+std::vector<std::size_t> rows_of(std::uint64_t count, std::int32_t row, int n) {
+  const auto r = static_cast<std::size_t>(row);
+  const std::size_t rows = static_cast<std::size_t>(count) / r;
+  const auto un = static_cast<std::size_t>(n);
+  std::vector<std::size_t> c(un);
+  for (std::size_t p = 0; p < un; ++p) c[p] = (rows / un + (p < rows % un ? 1 : 0)) * r;
+  return c;
 }
 
 // What every rank must agree on for one name.
@@ -109,9 +126,10 @@ bool agree(const Desc& a, const Desc& b) {
 std::string describe(const Desc& d) {
   std::ostringstream os;
   os << kind_name(d.kind) << " of " << d.count << " " << to_string(d.dtype);
-  if (d.kind == Kind::Allreduce || d.kind == Kind::ReduceScatter)
+  if (d.kind == Kind::Allreduce || d.kind == Kind::ReduceScatter || d.kind == Kind::ReduceScatterv)
     os << " (" << to_string(d.op) << ")";
   if (d.kind == Kind::ReduceScatter) os << " to each rank";
+  if (d.kind == Kind::ReduceScatterv) os << " in rows of " << d.root;
   if (d.kind == Kind::Broadcast) os << " from rank " << d.root;
   if (d.kind == Kind::Allgatherv) os << " (this rank's share)";
   if (d.kind == Kind::Alltoall) os << " (this rank's, to all ranks)";
@@ -478,7 +496,9 @@ struct EngineImpl {
           off += 16;
           if (name.empty() || static_cast<int>(d.kind) < 1 ||
               static_cast<int>(d.kind) > kLastKind || static_cast<int>(d.dtype) >= kNumDataTypes ||
-              static_cast<int>(d.op) >= kNumReduceOps)
+              static_cast<int>(d.op) >= kNumReduceOps ||
+              (d.kind == Kind::ReduceScatterv &&
+               (d.root < 1 || d.count % static_cast<std::uint64_t>(d.root) != 0)))
             throw Error(ErrorCode::Transport, "engine: rank " + std::to_string(p) +
                                                   " announced a malformed tensor description");
           announce(p, name, d, (cycle_no << 24) | (static_cast<std::uint64_t>(p) << 12) | index++,
@@ -752,9 +772,10 @@ struct EngineImpl {
       const std::size_t es = size_of(head.desc.dtype);
       std::size_t bytes = head.desc.count * es;
       const bool per_rank = own_count(head.desc.kind);
+      const bool rows = head.desc.kind == Kind::ReduceScatterv;
       const bool fusable = head.desc.kind == Kind::Allreduce || head.desc.kind == Kind::Allgather ||
                            head.desc.kind == Kind::Broadcast ||
-                           head.desc.kind == Kind::ReduceScatter || per_rank;
+                           head.desc.kind == Kind::ReduceScatter || per_rank || rows;
       const std::size_t ranks_in_buffer =
           head.desc.kind == Kind::Allgather || head.desc.kind == Kind::ReduceScatter
               ? static_cast<std::size_t>(size)
@@ -765,7 +786,7 @@ struct EngineImpl {
           const Ready& r = ready[j];
           if (taken[j] || !r.error.empty() || r.desc.kind != head.desc.kind || r.desc.device ||
               r.desc.dtype != head.desc.dtype || r.desc.op != head.desc.op ||
-              r.desc.root != head.desc.root)
+              (r.desc.root != head.desc.root && !rows))  // rows of any length fuse
             continue;
           if (per_rank) {
             std::vector<std::size_t> with = totals;
@@ -820,16 +841,20 @@ struct EngineImpl {
       standin.desc.count = own_count(r.desc.kind) ? 0 : r.desc.count;
       if (r.desc.kind == Kind::Alltoall) standin.splits.assign(static_cast<std::size_t>(size), 0);
       const bool scatter = r.desc.kind == Kind::ReduceScatter;
+      const bool rows = r.desc.kind == Kind::ReduceScatterv;
       const std::size_t elements =
           standin.desc.count * (scatter ? static_cast<std::size_t>(size) : 1);
       auto& buf = scratch.emplace_back(elements * size_of(r.desc.dtype));
-      if (r.desc.kind == Kind::Allreduce || scatter)
+      if (r.desc.kind == Kind::Allreduce || scatter || rows)
         reduce::fill_identity(buf.data(), elements, r.desc.dtype, r.desc.op);
       standin.send = buf.data();
       // A reduce-scatter in place, as NCCL has it: its block of the send buffer.
-      standin.recv = buf.data() + (scatter ? static_cast<std::size_t>(rank) * standin.desc.count *
-                                                 size_of(r.desc.dtype)
-                                           : 0);
+      std::size_t before = scatter ? static_cast<std::size_t>(rank) * standin.desc.count : 0;
+      if (rows) {
+        const auto counts = rows_of(r.desc.count, r.desc.root, size);
+        before = std::accumulate(counts.begin(), counts.begin() + rank, std::size_t{0});
+      }
+      standin.recv = buf.data() + before * size_of(r.desc.dtype);
       reqs.push_back(std::move(standin));
     }
     // `e` fails the group; without it, each tensor's own error (an
@@ -866,12 +891,18 @@ struct EngineImpl {
     bool rescale = false;
     for (std::size_t k : group)
       rescale = rescale || (d.op == ReduceOp::Avg && ready[k].contributors < size &&
-                            (d.kind == Kind::Allreduce || d.kind == Kind::ReduceScatter));
+                            (d.kind == Kind::Allreduce || d.kind == Kind::ReduceScatter ||
+                             d.kind == Kind::ReduceScatterv));
     const ReduceOp op = rescale ? ReduceOp::Sum : d.op;
+    // The elements tensor k receives.
+    auto received = [&](std::size_t k) -> std::size_t {
+      const Desc& dk = ready[group[k]].desc;
+      if (dk.kind != Kind::ReduceScatterv) return dk.count;
+      return rows_of(dk.count, dk.root, size)[static_cast<std::size_t>(rank)];
+    };
     auto finish_avg = [&] {
       for (std::size_t k = 0; rescale && k < reqs.size(); ++k)
-        reduce::finalize_avg(reqs[k].recv, ready[group[k]].desc.count, d.dtype,
-                             ready[group[k]].contributors);
+        reduce::finalize_avg(reqs[k].recv, received(k), d.dtype, ready[group[k]].contributors);
     };
     // A collective that fails (a dead peer, a timeout) stops the engine;
     // the tensors it carried fail with it first, or their waits would hang.
@@ -894,6 +925,10 @@ struct EngineImpl {
             break;
           case Kind::ReduceScatter:
             comm.reduce_scatter(r.send, r.recv, d.count, d.dtype, op);
+            finish_avg();
+            break;
+          case Kind::ReduceScatterv:
+            comm.reduce_scatterv(r.send, r.recv, rows_of(d.count, d.root, size), d.dtype, op);
             finish_avg();
             break;
           case Kind::Allgather:
@@ -952,6 +987,42 @@ struct EngineImpl {
         comm.reduce_scatter(fusion.data(), own, bytes / size_of(d.dtype), d.dtype, op);
         op_us = now_us() - start - in_us;
         unpack(own, reqs, ready, group, d.dtype, false);
+        finish_avg();
+      } else if (d.kind == Kind::ReduceScatterv) {
+        // Rank p's rows of every tensor side by side in block p of the
+        // buffer (blocks of any length, no padding); one reduce_scatterv in
+        // place; this rank's rows back out.
+        const auto n = static_cast<std::size_t>(size);
+        const std::size_t es = size_of(d.dtype);
+        std::vector<std::vector<std::size_t>> counts;
+        std::vector<std::size_t> block(n, 0);
+        for (std::size_t k : group) {
+          counts.push_back(rows_of(ready[k].desc.count, ready[k].desc.root, size));
+          for (std::size_t p = 0; p < n; ++p) block[p] += counts.back()[p];
+        }
+        if (fusion.size() < bytes) fusion.resize(bytes);
+        std::size_t at = 0;  // elements: where block p, then tensor k's rows in it, start
+        std::vector<std::size_t> own_at(reqs.size());
+        for (std::size_t p = 0; p < n; ++p) {
+          for (std::size_t k = 0; k < reqs.size(); ++k) {
+            const std::size_t before =
+                std::accumulate(counts[k].begin(),
+                                counts[k].begin() + static_cast<std::ptrdiff_t>(p), std::size_t{0});
+            if (p == static_cast<std::size_t>(rank)) own_at[k] = at;
+            if (counts[k][p] > 0)
+              reduce::copy(fusion.data() + at * es,
+                           static_cast<const char*>(reqs[k].send) + before * es, counts[k][p] * es);
+            at += counts[k][p];
+          }
+        }
+        in_us = now_us() - start;
+        char* own = fusion.data() + own_at.front() * es;
+        comm.reduce_scatterv(fusion.data(), own, block, d.dtype, op);
+        op_us = now_us() - start - in_us;
+        for (std::size_t k = 0; k < reqs.size(); ++k) {
+          const std::size_t c = counts[k][static_cast<std::size_t>(rank)];
+          if (c > 0) reduce::copy(reqs[k].recv, fusion.data() + own_at[k] * es, c * es);
+        }
         finish_avg();
       } else {
         if (fusion.size() < bytes) fusion.resize(bytes);
@@ -1481,7 +1552,11 @@ Work submit(const std::shared_ptr<detail::EngineImpl>& impl, const std::string& 
                         "': the splits' sum is too large (a wrapped negative split?)");
     d.count = total;
   }
-  if (d.count > 0 && ((r == nullptr && !gatherv) ||
+  // A ReduceScatterv rank with no rows receives nothing: its recvbuf may be null.
+  const bool receives =
+      d.kind != detail::Kind::ReduceScatterv ||
+      detail::rows_of(d.count, d.root, e.size)[static_cast<std::size_t>(e.rank)] > 0;
+  if (d.count > 0 && ((r == nullptr && !gatherv && receives) ||
                       (s == nullptr && (d.kind != detail::Kind::Broadcast || d.root == e.rank))))
     throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': null buffer with count " +
                                                 std::to_string(d.count));
@@ -1542,6 +1617,43 @@ Work Engine::allreduce(const std::string& name, const void* s, void* r, std::siz
 Work Engine::reducescatter(const std::string& name, const void* s, void* r, std::size_t count,
                            DataType dtype, ReduceOp op) {
   detail::Desc d{detail::Kind::ReduceScatter, dtype, op, count, -1};
+  return submit(impl_, name, d, s, r);
+}
+
+Work Engine::reducescatter(const std::string& name, const void* s, void* r, std::size_t rows,
+                           std::size_t row_count, DataType dtype, ReduceOp op) {
+  auto& e = need(impl_);
+  const auto n = static_cast<std::size_t>(e.size);
+  if (static_cast<int>(dtype) >= kNumDataTypes)  // size_of below needs a valid one
+    throw Error(ErrorCode::InvalidArgument, "engine: tensor '" + name + "': unknown dtype " +
+                                                std::to_string(static_cast<int>(dtype)));
+  if (row_count == 0 || row_count > static_cast<std::size_t>(INT32_MAX))
+    throw Error(ErrorCode::InvalidArgument,
+                "engine: tensor '" + name + "': a row of " + std::to_string(row_count) +
+                    " elements (reducescatter by rows takes 1 to 2^31-1)");
+  std::size_t total = 0;
+  if (__builtin_mul_overflow(rows, row_count, &total) ||
+      total > (std::size_t{1} << 48) / size_of(dtype))
+    throw Error(ErrorCode::InvalidArgument,
+                "engine: tensor '" + name + "': " + std::to_string(rows) + " rows of " +
+                    std::to_string(row_count) + " elements is too large");
+  // Rows that divide evenly: the plain reduce-scatter (fused with the others).
+  if (rows % n == 0) return reducescatter(name, s, r, rows / n * row_count, dtype, op);
+  detail::Desc d{detail::Kind::ReduceScatterv, dtype, op, total,
+                 static_cast<std::int32_t>(row_count)};
+  // In place is recvbuf at this rank's rows of sendbuf; other overlaps are
+  // refused here (the engine's thread would fail on them).
+  const auto counts = detail::rows_of(total, d.root, e.size);
+  const std::size_t es = size_of(dtype), mine = counts[static_cast<std::size_t>(e.rank)];
+  const std::size_t before =
+      std::accumulate(counts.begin(), counts.begin() + e.rank, std::size_t{0});
+  const auto sb = reinterpret_cast<std::uintptr_t>(s), rb = reinterpret_cast<std::uintptr_t>(r);
+  if (s != nullptr && r != nullptr && mine > 0 && rb != sb + before * es && rb < sb + total * es &&
+      sb < rb + mine * es)
+    throw Error(ErrorCode::InvalidArgument,
+                "engine: tensor '" + name +
+                    "': recvbuf overlaps sendbuf; in place means recvbuf == sendbuf + the rows of "
+                    "the ranks before this one");
   return submit(impl_, name, d, s, r);
 }
 

@@ -343,6 +343,18 @@ static void engine(chorus_comm_t comm, int rank, int n) {
       CHECK(got[j] == n * (n - 1) / 2 + n * (10 * rank + j), "reducescatter element %d: %d", j,
             (int)got[j]);
   }
+  /* reducescatter by rows: n + 1 rows of 2 (rank 0 gets two rows, the
+   * others one); element j of every rank q's input is q + j. */
+  {
+    int32_t in[2 * 9], got[4] = {-1, -1, -1, -1};
+    for (int j = 0; j < 2 * (n + 1); ++j) in[j] = rank + j;
+    OK(chorus_engine_reducescatter_rows(e, "rows", in, got, (size_t)(n + 1), 2, CHORUS_INT32,
+                                        CHORUS_SUM, NULL));
+    const int first = rank == 0 ? 0 : 2 * (rank + 1), mine = rank == 0 ? 4 : 2;
+    for (int j = 0; j < mine; ++j)
+      CHECK(got[j] == n * (n - 1) / 2 + n * (first + j), "reducescatter row element %d: %d", j,
+            (int)got[j]);
+  }
   /* alltoall: rank r sends rank q (r + q) % 2 + 1 values 100 r + 10 q + k. */
   {
     int64_t out[16];
@@ -369,8 +381,8 @@ static void engine(chorus_comm_t comm, int rank, int n) {
   chorus_engine_stats_t st = CHORUS_ENGINE_STATS_INIT;
   OK(chorus_engine_stats(e, &st));
   /* 7 tensors a round, the second round's all from the cache, the
-   * allgatherv, the reducescatter and the alltoall. */
-  CHECK(st.tensors == 17, "engine stats: %llu tensors", (unsigned long long)st.tensors);
+   * allgatherv, the two reducescatters and the alltoall. */
+  CHECK(st.tensors == 18, "engine stats: %llu tensors", (unsigned long long)st.tensors);
   CHECK(st.cache_hits >= 7, "engine stats: %llu cache hits", (unsigned long long)st.cache_hits);
   CHECK(st.collectives >= 1 && st.collectives <= st.tensors && st.cycles >= 2,
         "engine stats: %llu collectives in %llu cycles", (unsigned long long)st.collectives,

@@ -787,6 +787,123 @@ TEST(Engine, ReduceScattersAreFusedAndEachRankGetsItsBlock) {
   expect_all_zero(codes, "reduce-scatter (2 wrong value, 3 nothing fused)");
 }
 
+// Reduce-scatters by rows that do not divide by the 3 ranks (Horovod's
+// reducescatter): tensor i has 3i + 1 + i % 3 rows of i + 1 elements (two
+// of them divide evenly and run as plain reduce-scatters), submitted in
+// another order per rank; element j of rank q's input is q * 1000 + i *
+// 100 + j, so rank r's rows hold the closed form over q at their place.
+// Rank r gets rows / 3 rows, plus one for r < rows % 3. Also: two rows of 3
+// (rank 2 gets none, with a null recvbuf), a Max, one in place; a row
+// length that differs between ranks fails every rank; bad arguments fail
+// at once.
+TEST(Engine, ReduceScattersByRowsSplitUnevenlyAndFuse) {
+  const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
+    Engine eng = Engine::start(comm);
+    const auto N = static_cast<std::size_t>(n), me = static_cast<std::size_t>(rank);
+    // This rank's first row and its number of rows, of `rows` rows.
+    auto share = [&](std::size_t rows) {
+      std::size_t first = 0;
+      for (std::size_t p = 0; p < me; ++p) first += rows / N + (p < rows % N ? 1 : 0);
+      return std::pair{first, rows / N + (me < rows % N ? 1 : 0)};
+    };
+    const int T = 6;
+    std::vector<std::vector<std::int32_t>> in(T), out(T);
+    std::vector<Work> ws;
+    auto rows_of = [](int i) { return static_cast<std::size_t>(3 * i + 1 + i % 3); };
+    for (int i = 0; i < T; ++i) {
+      const std::size_t row = static_cast<std::size_t>(i + 1);
+      in[static_cast<std::size_t>(i)].resize(rows_of(i) * row);
+      for (std::size_t j = 0; j < in[static_cast<std::size_t>(i)].size(); ++j)
+        in[static_cast<std::size_t>(i)][j] = rank * 1000 + i * 100 + static_cast<std::int32_t>(j);
+      out[static_cast<std::size_t>(i)].assign(share(rows_of(i)).second * row, -1);
+    }
+    for (int k = 0; k < T; ++k) {
+      const int i = (k + 2 * rank) % T;
+      const auto u = static_cast<std::size_t>(i);
+      ws.push_back(eng.reducescatter(named("rows.", i), in[u].data(), out[u].data(), rows_of(i),
+                                     u + 1, DataType::Int32, ReduceOp::Sum));
+    }
+    std::vector<std::int32_t> two(6), two_out(3, -1), mx(7 * 2), mx_out(6, -1), inplace(5 * 4);
+    for (std::size_t j = 0; j < two.size(); ++j) two[j] = rank + static_cast<std::int32_t>(j);
+    for (std::size_t j = 0; j < mx.size(); ++j)
+      mx[j] = (rank * 5 + static_cast<std::int32_t>(j)) % 11;
+    for (std::size_t j = 0; j < inplace.size(); ++j)
+      inplace[j] = rank + static_cast<std::int32_t>(j);
+    ws.push_back(eng.reducescatter("two", two.data(), rank == 2 ? nullptr : two_out.data(), 2, 3,
+                                   DataType::Int32, ReduceOp::Sum));
+    ws.push_back(
+        eng.reducescatter("max", mx.data(), mx_out.data(), 7, 2, DataType::Int32, ReduceOp::Max));
+    std::int32_t* own = inplace.data() + share(5).first * 4;
+    ws.push_back(
+        eng.reducescatter("inplace", inplace.data(), own, 5, 4, DataType::Int32, ReduceOp::Sum));
+    for (auto& w : ws) w.wait();
+    int bad = 0;
+    for (int i = 0; i < T; ++i) {
+      const std::size_t row = static_cast<std::size_t>(i + 1);
+      const auto [first, rows] = share(rows_of(i));
+      for (std::size_t e = 0; e < rows * row; ++e) {
+        const auto j = static_cast<std::int32_t>(first * row + e);
+        bad += out[static_cast<std::size_t>(i)][e] == 1000 * n * (n - 1) / 2 + n * (i * 100 + j)
+                   ? 0
+                   : 1;
+      }
+    }
+    // two rows of 3: the sum over q of q + j; rank 2 has none
+    for (std::size_t e = 0; e < 3; ++e) {
+      const auto j = static_cast<std::int32_t>(me * 3 + e);
+      bad += two_out[e] == (rank < 2 ? n * (n - 1) / 2 + n * j : -1) ? 0 : 1;
+    }
+    {
+      const auto [first, rows] = share(7);
+      for (std::size_t e = 0; e < rows * 2; ++e) {
+        const auto j = static_cast<std::int32_t>(first * 2 + e);
+        std::int32_t want = 0;
+        for (int q = 0; q < n; ++q) want = std::max(want, (q * 5 + j) % 11);
+        bad += mx_out[e] == want ? 0 : 1;
+      }
+      const auto [ifirst, irows] = share(5);
+      for (std::size_t e = 0; e < irows * 4; ++e)
+        bad += own[e] == n * (n - 1) / 2 + n * static_cast<std::int32_t>(ifirst * 4 + e) ? 0 : 1;
+    }
+    if (bad != 0) {
+      std::cerr << "rank " << rank << ": " << bad << " wrong elements\n";
+      return 2;
+    }
+    const auto st = eng.stats();
+    if (!some_fused(st, rank)) return 3;
+    // Rows of 3 on rank 1, of 2 elsewhere: the same 12 elements.
+    std::vector<std::int32_t> mixed(12, 1), mixed_out(8);
+    Work w = rank == 1 ? eng.reducescatter("mixed", mixed.data(), mixed_out.data(), 4, 3,
+                                           DataType::Int32, ReduceOp::Sum)
+                       : eng.reducescatter("mixed", mixed.data(), mixed_out.data(), 6, 2,
+                                           DataType::Int32, ReduceOp::Sum);
+    if (!fails_with(w, ErrorCode::InvalidUsage, {"tensor 'mixed'", "in rows of"}, rank)) return 4;
+    // Bad arguments: no row length; recvbuf overlapping sendbuf elsewhere
+    // than at this rank's rows.
+    try {
+      eng.reducescatter("no-row", mixed.data(), mixed_out.data(), 4, 0, DataType::Int32,
+                        ReduceOp::Sum);
+      return 5;
+    } catch (const chorus::Error& e) {
+      if (e.code() != ErrorCode::InvalidArgument) return 5;
+    }
+    try {
+      eng.reducescatter("overlap", mixed.data(), mixed.data() + (rank == 0 ? 1 : 0), 4, 2,
+                        DataType::Int32, ReduceOp::Sum);
+      return 6;
+    } catch (const chorus::Error& e) {
+      if (e.code() != ErrorCode::InvalidArgument ||
+          std::string(e.what()).find("in place means") == std::string::npos)
+        return 6;
+    }
+    eng.shutdown();
+    return 0;
+  });
+  expect_all_zero(codes,
+                  "reduce-scatter by rows (2 wrong value, 3 nothing fused, 4 no mismatch, 5 6 "
+                  "bad arguments accepted)");
+}
+
 // Horovod's process sets: an engine on a split communicator runs beside
 // the world's. 4 ranks: one engine over all, one over the even or the odd
 // ranks; the same names in both, submitted interleaved, in another order
@@ -833,12 +950,11 @@ TEST(Engine, EnginesOnSplitCommunicatorsRunSideBySide) {
 
 // Join (Horovod's, for inputs of different lengths): rank r has 2 + 2r
 // batches. Each batch's tensors (an allreduce of every op, two fused
-// averages, an allgatherv) must be reduced over the ranks that still have
-// data, whatever the joined ranks hold: the closed forms below are over
-// ranks first..n-1, where first is the lowest rank still in. Every rank's
-// join() returns 2, the rank with the most batches. Then the engine takes
-// work again; in a second round rank 0 joins at once: an allgather, and a
-// broadcast from rank 0, fail naming it; a broadcast from rank 1 runs; a
+// averages, reduce-scatters of blocks and of rows, an allgatherv) must be reduced over the ranks
+// that still have data, whatever the joined ranks hold: the closed forms below are over ranks
+// first..n-1, where first is the lowest rank still in. Every rank's join() returns 2, the rank with
+// the most batches. Then the engine takes work again; in a second round rank 0 joins at once: an
+// allgather, and a broadcast from rank 0, fail naming it; a broadcast from rank 1 runs; a
 // submission while join() waits is refused.
 TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
   const auto codes = run_ranks(3, [](int rank, int n, Communicator& comm, const std::string&) {
@@ -850,6 +966,10 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
       const auto f = static_cast<float>(rank + 1);
       std::vector<float> sum(8, f * static_cast<float>(step + 1)), avg_a(3, f), avg_b(3, 2 * f);
       std::vector<float> scatter_in(2 * static_cast<std::size_t>(n), f), scatter_out(2, -1.0f);
+      // 2n + 1 rows of 2: rank 0 gets 3 rows, the others 2.
+      const std::size_t my_rows = rank == 0 ? 3 : 2;
+      std::vector<float> rows_in(2 * (2 * static_cast<std::size_t>(n) + 1), f),
+          rows_out(2 * my_rows, -1.0f);
       std::vector<std::int32_t> mn(4, rank * 10 + step);
       std::vector<double> mx(2, -(rank + 1.0) - step);
       std::vector<std::int64_t> prod(2, rank + 2),
@@ -882,6 +1002,11 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
           [&] {
             return eng.reducescatter("scatter", scatter_in.data(), scatter_out.data(), 2,
                                      DataType::Float32, ReduceOp::Avg);
+          },
+          [&] {
+            return eng.reducescatter("scatter.rows", rows_in.data(), rows_out.data(),
+                                     2 * static_cast<std::size_t>(n) + 1, 2, DataType::Float32,
+                                     ReduceOp::Avg);
           },
           [&] {
             return eng.allgatherv("rows", share.data(), share.size(), DataType::Int64,
@@ -918,6 +1043,7 @@ TEST(Engine, JoinedRanksStandInUntilEveryRankHasJoined) {
                       avg_a == std::vector<float>(3, static_cast<float>(want_mean)) &&
                       avg_b == std::vector<float>(3, static_cast<float>(2 * want_mean)) &&
                       scatter_out == std::vector<float>(2, static_cast<float>(want_mean)) &&
+                      rows_out == std::vector<float>(2 * my_rows, static_cast<float>(want_mean)) &&
                       mn == std::vector<std::int32_t>(4, first * 10 + step) &&
                       mx == std::vector<double>(2, -(first + 1.0) - step) &&
                       prod == std::vector<std::int64_t>(2, want_prod) && rows == want_rows &&
