@@ -9,14 +9,10 @@
 namespace chorus::bench {
 namespace {
 
-// Rank p's elements when the allgather's block is `block`.
-std::size_t share(std::size_t block, int p) { return block - (p % 2 == 1 && block > 0 ? 1 : 0); }
-
 CollCounts counts(std::size_t count, int nranks) {
   const std::size_t n = static_cast<std::size_t>(nranks);
   const std::size_t block = count / n;
-  std::size_t total = 0;
-  for (int p = 0; p < nranks; ++p) total += share(block, p);
+  const std::size_t total = ragged_total(block, nranks);
   return {block, total, block, 0, 0};
 }
 
@@ -26,7 +22,8 @@ void run(Communicator& comm, const void* send, void* recv, std::size_t count, Da
          ReduceOp /*op*/, int /*root*/, const CallOptions& options) {
   static thread_local std::vector<std::size_t> per_rank;
   per_rank.resize(static_cast<std::size_t>(comm.size()));
-  for (int p = 0; p < comm.size(); ++p) per_rank[static_cast<std::size_t>(p)] = share(count, p);
+  for (int p = 0; p < comm.size(); ++p)
+    per_rank[static_cast<std::size_t>(p)] = ragged_share(count, p);
   comm.allgatherv(send, recv, per_rank, dtype, options);
 }
 
@@ -36,7 +33,7 @@ double send_value(const CheckContext& c, std::size_t i) { return plain_value(c.r
 // the shares (a few ranks).
 double expected(const CheckContext& c, std::size_t i) {
   int p = 0;
-  while (i >= share(c.count, p)) i -= share(c.count, p++);
+  while (i >= ragged_share(c.count, p)) i -= ragged_share(c.count, p++);
   return plain_value(p, i);
 }
 

@@ -104,6 +104,19 @@ double reduce_expected(ReduceOp op, DataType t, int nranks, std::size_t index) n
 // Element `index` of `rank`'s data for the non-reducing collectives (1..97).
 double plain_value(int rank, std::size_t index) noexcept;
 
+// The counts of the calls with a count per rank (allgatherv,
+// reduce_scatterv) in their rows: the fixed-count call's block with every
+// odd rank's one element short, so that the counts differ (equal ones would
+// run as the fixed-count call, which has its own row).
+inline std::size_t ragged_share(std::size_t block, int p) {
+  return block - (p % 2 == 1 && block > 0 ? 1 : 0);
+}
+inline std::size_t ragged_total(std::size_t block, int nranks) {
+  std::size_t total = 0;
+  for (int p = 0; p < nranks; ++p) total += ragged_share(block, p);
+  return total;
+}
+
 // Byte written over receive buffers before a checked call, so that a call that
 // leaves its output untouched is caught. Decodes to a value no pattern yields.
 inline constexpr unsigned char kPoisonByte = 0xA5;

@@ -10,14 +10,10 @@
 namespace chorus::bench {
 namespace {
 
-// Rank p's elements when the reduce_scatter's block is `block`.
-std::size_t share(std::size_t block, int p) { return block - (p % 2 == 1 && block > 0 ? 1 : 0); }
-
 CollCounts counts(std::size_t count, int nranks) {
   const std::size_t n = static_cast<std::size_t>(nranks);
   const std::size_t block = count / n;
-  std::size_t total = 0;
-  for (int p = 0; p < nranks; ++p) total += share(block, p);
+  const std::size_t total = ragged_total(block, nranks);
   return {total, block, block, 0, 0};
 }
 
@@ -27,7 +23,8 @@ void run(Communicator& comm, const void* send, void* recv, std::size_t count, Da
          ReduceOp op, int /*root*/, const CallOptions& options) {
   static thread_local std::vector<std::size_t> per_rank;
   per_rank.resize(static_cast<std::size_t>(comm.size()));
-  for (int p = 0; p < comm.size(); ++p) per_rank[static_cast<std::size_t>(p)] = share(count, p);
+  for (int p = 0; p < comm.size(); ++p)
+    per_rank[static_cast<std::size_t>(p)] = ragged_share(count, p);
   comm.reduce_scatterv(send, recv, per_rank, dtype, op, options);
 }
 
@@ -39,8 +36,8 @@ double send_value(const CheckContext& c, std::size_t i) {
 // receive buffer's poison, which the call must leave alone.
 double expected(const CheckContext& c, std::size_t i) {
   std::size_t first = 0;
-  for (int p = 0; p < c.rank; ++p) first += share(c.count, p);
-  if (i < share(c.count, c.rank)) return reduce_expected(c.op, c.dtype, c.nranks, first + i);
+  for (int p = 0; p < c.rank; ++p) first += ragged_share(c.count, p);
+  if (i < ragged_share(c.count, c.rank)) return reduce_expected(c.op, c.dtype, c.nranks, first + i);
   unsigned char poison[8];
   std::memset(poison, kPoisonByte, sizeof poison);
   return load_element(poison, 0, c.dtype);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <span>
 
 namespace chorus::algo {
 namespace {
@@ -40,6 +41,18 @@ struct Segments {
     }
     return s;
   }
+  // Segment i of counts[i] elements, packed in order.
+  static Segments of(std::span<const std::size_t> counts) {
+    Segments s;
+    std::size_t o = 0;
+    for (std::size_t k : counts) {
+      s.off.push_back(o);
+      s.len.push_back(k);
+      o += k;
+    }
+    return s;
+  }
+  std::size_t total() const { return off.empty() ? 0 : off.back() + len.back(); }
 };
 
 // One ring pass. For step g in [0, steps): send segment (rank + shift - g)
@@ -234,13 +247,8 @@ void ring_reduce_scatterv(Context& c, const void* send, void* recv,
                           std::span<const std::size_t> counts, DataType dtype, ReduceOp op) {
   const std::size_t esize = size_of(dtype);
   const int n = c.size;
-  Segments seg;
-  std::size_t total = 0;
-  for (std::size_t k : counts) {
-    seg.off.push_back(total);
-    seg.len.push_back(k);
-    total += k;
-  }
+  const Segments seg = Segments::of(counts);
+  const std::size_t total = seg.total();
   const auto me = static_cast<std::size_t>(c.rank);
   char* out = static_cast<char*>(recv);
   if (total == 0) return;
@@ -289,13 +297,8 @@ void ring_allgather(Context& c, const void* send, void* recv, std::size_t count,
 void ring_allgatherv(Context& c, const void* send, void* recv, std::span<const std::size_t> counts,
                      DataType dtype) {
   const std::size_t esize = size_of(dtype);
-  Segments seg;
-  std::size_t total = 0;
-  for (std::size_t k : counts) {
-    seg.off.push_back(total);
-    seg.len.push_back(k);
-    total += k;
-  }
+  const Segments seg = Segments::of(counts);
+  const std::size_t total = seg.total();
   char* buf = static_cast<char*>(recv);
   const auto me = static_cast<std::size_t>(c.rank);
   char* mine = buf + seg.off[me] * esize;

@@ -452,14 +452,19 @@ chorus_status_t chorus_alltoall(chorus_comm_t comm, const void* sendbuf, void* r
       });
 }
 
+namespace {
+// A C array of one count per rank as a span (its pointer checked).
+std::span<const std::size_t> per_rank(chorus_comm_t comm, const size_t* counts, const char* what) {
+  need(counts, what);
+  return std::span<const std::size_t>(counts, static_cast<std::size_t>(comm_of(comm).size()));
+}
+}  // namespace
+
 chorus_status_t chorus_reduce_scatterv(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
                                        const size_t* recvcounts, chorus_dtype_t dtype,
                                        chorus_op_t op, const chorus_options_t* options,
                                        chorus_work_t* work) {
-  auto counts = [&] {
-    need(recvcounts, "recvcounts");
-    return std::span<const std::size_t>(recvcounts, static_cast<std::size_t>(comm_of(comm).size()));
-  };
+  auto counts = [&] { return per_rank(comm, recvcounts, "recvcounts"); };
   return run(
       work,
       [&] {
@@ -475,10 +480,7 @@ chorus_status_t chorus_reduce_scatterv(chorus_comm_t comm, const void* sendbuf, 
 chorus_status_t chorus_allgatherv(chorus_comm_t comm, const void* sendbuf, void* recvbuf,
                                   const size_t* recvcounts, chorus_dtype_t dtype,
                                   const chorus_options_t* options, chorus_work_t* work) {
-  auto counts = [&] {
-    need(recvcounts, "recvcounts");
-    return std::span<const std::size_t>(recvcounts, static_cast<std::size_t>(comm_of(comm).size()));
-  };
+  auto counts = [&] { return per_rank(comm, recvcounts, "recvcounts"); };
   return run(
       work,
       [&] {
@@ -494,12 +496,8 @@ chorus_status_t chorus_alltoallv(chorus_comm_t comm, const void* sendbuf, const 
                                  void* recvbuf, const size_t* recvcounts, chorus_dtype_t dtype,
                                  const chorus_options_t* options, chorus_work_t* work) {
   // size() counts each; the spans are read (and copied) before the call returns.
-  auto counts = [&](const size_t* p, const char* what) {
-    need(p, what);
-    return std::span<const std::size_t>(p, static_cast<std::size_t>(comm_of(comm).size()));
-  };
-  auto sc = [&] { return counts(sendcounts, "sendcounts"); };
-  auto rc = [&] { return counts(recvcounts, "recvcounts"); };
+  auto sc = [&] { return per_rank(comm, sendcounts, "sendcounts"); };
+  auto rc = [&] { return per_rank(comm, recvcounts, "recvcounts"); };
   return run(
       work,
       [&] {

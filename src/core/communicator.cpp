@@ -983,8 +983,9 @@ void need_gpu(const CallOptions& o) {
 // allgatherv's rank sends its own, a reduce_scatterv's sends their sum.
 struct VCounts {
   std::vector<std::size_t> send, recv;
-  bool bruck = false;    // an allgatherv by Bruck's rounds, not the ring
-  bool halving = false;  // a reduce_scatterv by recursive halving, not the ring
+  // Not the ring but the other algorithm: an allgatherv's Bruck rounds, a
+  // reduce_scatterv's recursive halving.
+  bool second = false;
 };
 
 Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal, int peer,
@@ -1029,11 +1030,11 @@ Work run_device(CommImpl& c, CallDesc call, const void* s, void* r, int ordinal,
         }
         c.device->run(req, [&](const CallDesc& part, const void* ps, void* pr) {
           if (v && gatherv) {
-            c.run_allgatherv(part, ps, pr, v->recv, v->bruck, req.deadline);
+            c.run_allgatherv(part, ps, pr, v->recv, v->second, req.deadline);
             return;
           }
           if (v && scatterv) {
-            c.run_reduce_scatterv(part, ps, pr, v->recv, v->halving, req.deadline);
+            c.run_reduce_scatterv(part, ps, pr, v->recv, v->second, req.deadline);
             return;
           }
           if (v) {
@@ -1202,9 +1203,9 @@ Work run_counted(CommImpl& c, CallDesc call, const void* s, void* r,
     CHORUS_TRACE(transport::describe(d));
     if (o.stream != nullptr) device::synchronize(o.stream);
     if (d.coll == Coll::Allgatherv)
-      c.run_allgatherv(d, s, r, v->recv, v->bruck, c.deadline(o));
+      c.run_allgatherv(d, s, r, v->recv, v->second, c.deadline(o));
     else if (d.coll == Coll::ReduceScatterv)
-      c.run_reduce_scatterv(d, s, r, v->recv, v->halving, c.deadline(o));
+      c.run_reduce_scatterv(d, s, r, v->recv, v->second, c.deadline(o));
     else
       c.run_alltoallv(d, s, r, v->send, v->recv, c.deadline(o));
   };
@@ -1274,93 +1275,86 @@ std::int32_t counts_hash(std::span<const std::size_t> counts) {
   return static_cast<std::int32_t>((h ^ (h >> 32)) & 0x7fffffff);
 }
 
-Work op_allgatherv(CommImpl& c, const void* s, void* r, std::span<const std::size_t> counts,
-                   DataType t, const CallOptions& o, bool async) {
-  check_dtype(t);
+// An allgatherv's or reduce_scatterv's counts, checked: one per rank,
+// each and their sum within 2^48 bytes. `total`: their sum; `before`: the
+// counts of the ranks before this one; `mine`: this rank's.
+struct PerRank {
+  std::size_t total = 0, before = 0, mine = 0;
+};
+PerRank check_per_rank(const CommImpl& c, std::span<const std::size_t> counts, DataType t,
+                       const char* call) {
   const auto n = static_cast<std::size_t>(c.size);
   if (counts.size() != n)
     throw Error(ErrorCode::InvalidArgument,
-                "allgatherv: recvcounts has " + std::to_string(counts.size()) +
+                std::string(call) + ": recvcounts has " + std::to_string(counts.size()) +
                     " entries; it needs one per rank (" + std::to_string(n) + ")");
-  std::size_t total = 0, before = 0;
+  PerRank k;
   for (std::size_t j = 0; j < n; ++j) {
-    check_count(counts[j], 1, t, "allgatherv");
-    if (j == static_cast<std::size_t>(c.rank)) before = total;
-    total += counts[j];
+    check_count(counts[j], 1, t, call);
+    if (j == static_cast<std::size_t>(c.rank)) k.before = k.total;
+    k.total += counts[j];
   }
-  check_count(total, 1, t, "allgatherv");
-  const std::size_t mine = counts[static_cast<std::size_t>(c.rank)];
-  check_buffer(s, mine, "sendbuf", "allgatherv");
-  check_buffer(r, total, "recvbuf", "allgatherv");
-  const std::size_t es = size_of(t);
-  const char* place = static_cast<const char*>(r) + before * es;
-  if (s != place && overlaps(s, mine * es, r, total * es))
-    throw Error(ErrorCode::InvalidArgument,
-                "allgatherv: sendbuf overlaps recvbuf; in place means sendbuf == recvbuf + the "
-                "counts of the ranks before this one");
-  // Equal counts (every rank sees the same ones, so every rank decides
-  // alike): an allgather, with the selector's algorithm (bruck's log2 n
-  // rounds beat the ring's n-1 at small sizes).
+  check_count(k.total, 1, t, call);
+  k.mine = counts[static_cast<std::size_t>(c.rank)];
+  return k;
+}
+
+// Runs an allgatherv or reduce_scatterv (`coll`) whose counts are checked.
+// Equal counts (every rank sees the same ones, so every rank decides
+// alike) make it its fixed-count twin (`twin`), with the selector's
+// algorithm. Counts that differ run the twin's algorithm for their mean, as
+// CHORUS_ALGO or CallOptions::algorithm force or the selector picks: the
+// ring, or `second` (bruck, recursive_halving), all of which take blocks of
+// any size. The description carries the counts' sum and hash.
+Work run_per_rank(CommImpl& c, Coll coll, Coll twin, const char* second, const void* s, void* r,
+                  std::span<const std::size_t> counts, std::size_t total, DataType t, ReduceOp op,
+                  const CallOptions& o, bool async) {
   if (std::all_of(counts.begin(), counts.end(), [&](std::size_t k) { return k == counts[0]; }))
-    return run_collective(c, make_call(c, Coll::Allgather, t, ReduceOp::Sum, -1, counts[0]), {s, r},
-                          o, async);
-  // Counts that differ: the allgather's algorithm for their mean (the
-  // ring or Bruck's rounds, both of which take blocks of any size), as
-  // CHORUS_ALGO or CallOptions::algorithm force or the selector picks.
+    return run_collective(c, make_call(c, twin, t, op, -1, counts[0]), {s, r}, o, async);
+  const auto n = static_cast<std::size_t>(c.size);
   const algo::Algorithm& a = c.selector->choose(
-      algo::Call{Coll::Allgather, std::max<std::size_t>(1, total / n), t, ReduceOp::Sum, -1},
-      o.algorithm);
+      algo::Call{twin, std::max<std::size_t>(1, total / n), t, op, -1}, o.algorithm);
   c.check_device_error();
   auto v = std::make_shared<VCounts>();
   v->recv.assign(counts.begin(), counts.end());
-  v->bruck = std::string_view(a.name) == "bruck";
-  CallDesc call = make_call(c, Coll::Allgatherv, t, ReduceOp::Sum, counts_hash(counts), total);
+  v->second = std::string_view(a.name) == second;
+  CallDesc call = make_call(c, coll, t, op, counts_hash(counts), total);
   call.algo = algo::Selector::wire_id(a);
   return run_counted(c, call, s, r, std::move(v), o, async);
+}
+
+Work op_allgatherv(CommImpl& c, const void* s, void* r, std::span<const std::size_t> counts,
+                   DataType t, const CallOptions& o, bool async) {
+  check_dtype(t);
+  const PerRank k = check_per_rank(c, counts, t, "allgatherv");
+  check_buffer(s, k.mine, "sendbuf", "allgatherv");
+  check_buffer(r, k.total, "recvbuf", "allgatherv");
+  const std::size_t es = size_of(t);
+  const char* place = static_cast<const char*>(r) + k.before * es;
+  if (s != place && overlaps(s, k.mine * es, r, k.total * es))
+    throw Error(ErrorCode::InvalidArgument,
+                "allgatherv: sendbuf overlaps recvbuf; in place means sendbuf == recvbuf + the "
+                "counts of the ranks before this one");
+  // (Bruck's log2 n rounds beat the ring's n-1 at small sizes.)
+  return run_per_rank(c, Coll::Allgatherv, Coll::Allgather, "bruck", s, r, counts, k.total, t,
+                      ReduceOp::Sum, o, async);
 }
 
 Work op_reduce_scatterv(CommImpl& c, const void* s, void* r, std::span<const std::size_t> counts,
                         DataType t, ReduceOp op, const CallOptions& o, bool async) {
   check_dtype(t);
   check_op(op);
-  const auto n = static_cast<std::size_t>(c.size);
-  if (counts.size() != n)
-    throw Error(ErrorCode::InvalidArgument,
-                "reduce_scatterv: recvcounts has " + std::to_string(counts.size()) +
-                    " entries; it needs one per rank (" + std::to_string(n) + ")");
-  std::size_t total = 0, before = 0;
-  for (std::size_t j = 0; j < n; ++j) {
-    check_count(counts[j], 1, t, "reduce_scatterv");
-    if (j == static_cast<std::size_t>(c.rank)) before = total;
-    total += counts[j];
-  }
-  check_count(total, 1, t, "reduce_scatterv");
-  const std::size_t mine = counts[static_cast<std::size_t>(c.rank)];
-  check_buffer(s, total, "sendbuf", "reduce_scatterv");
-  check_buffer(r, mine, "recvbuf", "reduce_scatterv");
+  const PerRank k = check_per_rank(c, counts, t, "reduce_scatterv");
+  check_buffer(s, k.total, "sendbuf", "reduce_scatterv");
+  check_buffer(r, k.mine, "recvbuf", "reduce_scatterv");
   const std::size_t es = size_of(t);
-  const char* place = static_cast<const char*>(s) + before * es;
-  if (r != place && overlaps(r, mine * es, s, total * es))
+  const char* place = static_cast<const char*>(s) + k.before * es;
+  if (r != place && overlaps(r, k.mine * es, s, k.total * es))
     throw Error(ErrorCode::InvalidArgument,
                 "reduce_scatterv: recvbuf overlaps sendbuf; in place means recvbuf == sendbuf + "
                 "the counts of the ranks before this one");
-  // Equal counts (every rank sees the same ones, so every rank decides
-  // alike): a reduce_scatter, with the selector's algorithm.
-  if (std::all_of(counts.begin(), counts.end(), [&](std::size_t k) { return k == counts[0]; }))
-    return run_collective(c, make_call(c, Coll::ReduceScatter, t, op, -1, counts[0]), {s, r}, o,
-                          async);
-  // Counts that differ: the reduce_scatter's algorithm for their mean (the
-  // ring or recursive halving, both of which take blocks of any size), as
-  // CHORUS_ALGO or CallOptions::algorithm force or the selector picks.
-  const algo::Algorithm& a = c.selector->choose(
-      algo::Call{Coll::ReduceScatter, std::max<std::size_t>(1, total / n), t, op, -1}, o.algorithm);
-  c.check_device_error();
-  auto v = std::make_shared<VCounts>();
-  v->recv.assign(counts.begin(), counts.end());
-  v->halving = std::string_view(a.name) == "recursive_halving";
-  CallDesc call = make_call(c, Coll::ReduceScatterv, t, op, counts_hash(counts), total);
-  call.algo = algo::Selector::wire_id(a);
-  return run_counted(c, call, s, r, std::move(v), o, async);
+  return run_per_rank(c, Coll::ReduceScatterv, Coll::ReduceScatter, "recursive_halving", s, r,
+                      counts, k.total, t, op, o, async);
 }
 
 Work op_barrier(CommImpl& c, const CallOptions& o, bool async) {

@@ -209,18 +209,18 @@ TEST(MismatchedAlltoallv, ThePairsCountsAreNamedAndEveryRankFails) {
   }
 }
 
-// An allgatherv whose counts differ on one rank but sum to the same: rank
-// 1 passes {3, 1, 2} where the others pass {1, 3, 2}. Every rank must fail
-// with InvalidUsage naming the counts, no later than its next call.
-TEST(MismatchedAllgatherv, DifferentCountsWithTheSameSumFailEveryRank) {
-  Group g(3, [](RankContext& ctx) {
+// A call with a count per rank whose counts differ on one rank but sum to
+// the same: rank 1 passes {3, 1, 2} where the others pass {1, 3, 2}.
+// `call(comm, counts)` makes it. Every rank must fail with InvalidUsage
+// naming the counts, no later than its next call.
+template <typename Call>
+void expect_counts_mismatch(const std::string& name, Call call) {
+  Group g(3, [call](RankContext& ctx) {
     auto comm = ctx.create(kLongTimeout);
-    std::vector<float> send(4, 1.0f), recv(8, 0.0f);
     std::vector<std::size_t> counts = {1, 3, 2};
     if (ctx.rank() == 1) counts = {3, 1, 2};
     ctx.started();
-    ctx.attempt("call",
-                [&] { comm.allgatherv(send.data(), recv.data(), counts, DataType::Float32); });
+    ctx.attempt("call", [&] { call(comm, counts); });
     ctx.attempt("next", [&] { comm.barrier(); });
     ctx.hold();
   });
@@ -229,45 +229,33 @@ TEST(MismatchedAllgatherv, DifferentCountsWithTheSameSumFailEveryRank) {
   const faults::Nanos deadline = faults::now_ns() + std::chrono::nanoseconds(kReportWait).count();
   for (int r = 0; r < 3; ++r) {
     SCOPED_TRACE("rank " + std::to_string(r));
-    const auto call = g.result(r, "call", deadline);
-    const auto next = call ? g.result(r, "next", deadline) : std::nullopt;
-    ASSERT_TRUE(call && next) << "rank " << r << " did not return (hang?); it is " << g.status(r);
-    const Result& first = call->ok ? *next : *call;
+    const auto first_call = g.result(r, "call", deadline);
+    const auto next = first_call ? g.result(r, "next", deadline) : std::nullopt;
+    ASSERT_TRUE(first_call && next)
+        << "rank " << r << " did not return (hang?); it is " << g.status(r);
+    const Result& first = first_call->ok ? *next : *first_call;
     EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
-    EXPECT_TRUE(first.has("disagree on the counts of allgatherv") && first.has("summing to 6"))
+    EXPECT_TRUE(first.has("disagree on the counts of " + name) && first.has("summing to 6"))
         << first.describe();
   }
 }
 
-// The same for a reduce_scatterv: rank 1 passes {3, 1, 2} where the others
-// pass {1, 3, 2}, so it expects another block of the reduction and would
-// combine the wrong elements.
+TEST(MismatchedAllgatherv, DifferentCountsWithTheSameSumFailEveryRank) {
+  expect_counts_mismatch("allgatherv",
+                         [](chorus::Communicator& comm, const std::vector<std::size_t>& counts) {
+                           std::vector<float> send(4, 1.0f), recv(8, 0.0f);
+                           comm.allgatherv(send.data(), recv.data(), counts, DataType::Float32);
+                         });
+}
+
+// The same for a reduce_scatterv: rank 1 expects another block of the
+// reduction and would combine the wrong elements.
 TEST(MismatchedReduceScatterv, DifferentCountsWithTheSameSumFailEveryRank) {
-  Group g(3, [](RankContext& ctx) {
-    auto comm = ctx.create(kLongTimeout);
-    std::vector<float> send(6, 1.0f), recv(3, 0.0f);
-    std::vector<std::size_t> counts = {1, 3, 2};
-    if (ctx.rank() == 1) counts = {3, 1, 2};
-    ctx.started();
-    ctx.attempt("call", [&] {
-      comm.reduce_scatterv(send.data(), recv.data(), counts, DataType::Float32, ReduceOp::Sum);
-    });
-    ctx.attempt("next", [&] { comm.barrier(); });
-    ctx.hold();
-  });
-  std::string why;
-  ASSERT_TRUE(g.wait_started(60s, &why)) << why;
-  const faults::Nanos deadline = faults::now_ns() + std::chrono::nanoseconds(kReportWait).count();
-  for (int r = 0; r < 3; ++r) {
-    SCOPED_TRACE("rank " + std::to_string(r));
-    const auto call = g.result(r, "call", deadline);
-    const auto next = call ? g.result(r, "next", deadline) : std::nullopt;
-    ASSERT_TRUE(call && next) << "rank " << r << " did not return (hang?); it is " << g.status(r);
-    const Result& first = call->ok ? *next : *call;
-    EXPECT_EQ(first.error_code(), ErrorCode::InvalidUsage) << first.describe();
-    EXPECT_TRUE(first.has("disagree on the counts of reduce_scatterv") && first.has("summing to 6"))
-        << first.describe();
-  }
+  expect_counts_mismatch(
+      "reduce_scatterv", [](chorus::Communicator& comm, const std::vector<std::size_t>& counts) {
+        std::vector<float> send(6, 1.0f), recv(3, 0.0f);
+        comm.reduce_scatterv(send.data(), recv.data(), counts, DataType::Float32, ReduceOp::Sum);
+      });
 }
 
 // A point-to-point size mismatch: rank 0 sends `sent` elements, rank 1
