@@ -8,6 +8,8 @@
 //   chorusrun -n 4 -- chorus-engine-bench --tensors 64 --bytes 4K --mode all
 //   (--coll allgather or allgatherv: T tensors gathered instead; --coll
 //   reducescatter: T tensors of n blocks of B bytes reduce-scattered; --coll
+//   reducescatter-rows: T tensors of n * B/4 + 1 float rows of one element,
+//   which do not divide by the ranks (rank 0 gets one more); --coll
 //   alltoall: T tensors of n blocks of B bytes, block j to rank j; --gap-ms G:
 //   every rank sleeps G ms before each step, as a training loop computes
 //   between its collectives, and the engine sits idle meanwhile; --poll:
@@ -124,6 +126,44 @@ void run_scatter_step(const std::string& m, chorus::Engine& eng, chorus::Communi
   }
 }
 
+// One step of T reduce-scatters by rows (each tensor n * count + 1 rows of
+// one element: rank 0 gets count + 1, the others count): through the
+// engine, one reduce_scatterv_async each, or packed by hand (rank p's rows
+// of every tensor side by side in block p of one buffer) into one.
+void run_rows_step(const std::string& m, chorus::Engine& eng, chorus::Communicator& comm,
+                   const std::vector<std::string>& names, std::vector<std::vector<float>>& sends,
+                   std::vector<std::vector<float>>& outs, std::vector<float>& packed,
+                   std::vector<float>& packed_out, std::size_t count,
+                   std::vector<chorus::Work>& works) {
+  const std::size_t T = sends.size();
+  const auto n = static_cast<std::size_t>(comm.size());
+  const std::size_t rows = n * count + 1;
+  std::vector<std::size_t> each(n, count), block(n, T * count);
+  each[0] = count + 1;
+  block[0] = T * (count + 1);
+  if (m == "engine") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(eng.reducescatter(names[i], sends[i].data(), outs[i].data(), rows, 1,
+                                        chorus::DataType::Float32, chorus::ReduceOp::Sum));
+  } else if (m == "async") {
+    for (std::size_t i = 0; i < T; ++i)
+      works.push_back(comm.reduce_scatterv_async(sends[i].data(), outs[i].data(), each,
+                                                 chorus::DataType::Float32, chorus::ReduceOp::Sum));
+  } else {
+    std::size_t at = 0;
+    for (std::size_t p = 0; p < n; ++p) {
+      const std::size_t first = p == 0 ? 0 : count + 1 + (p - 1) * count;
+      for (std::size_t i = 0; i < T; ++i, at += each[p])
+        std::memcpy(packed.data() + at, sends[i].data() + first, each[p] * 4);
+    }
+    comm.reduce_scatterv(packed.data(), packed_out.data(), block, chorus::DataType::Float32,
+                         chorus::ReduceOp::Sum);
+    const std::size_t mine = each[static_cast<std::size_t>(comm.rank())];
+    for (std::size_t i = 0; i < T; ++i)
+      std::memcpy(outs[i].data(), packed_out.data() + i * mine, mine * 4);
+  }
+}
+
 // One step of T alltoalls (each tensor n blocks of `count`, block j for
 // rank j): through the engine (splits of `count` each, the result where the
 // allocator says), one alltoall_async each, or packed by hand (block j of
@@ -186,8 +226,10 @@ int main(int argc, char** argv) {
       .one_of({"engine", "async", "packed", "all"});
   app.add("--coll", coll,
           "allreduce, allgather (B is each rank's share), allgatherv (rank r shares "
-          "(r+1)/n of B), reducescatter (B is each rank's block) or alltoall (B to each rank)")
-      .one_of({"allreduce", "allgather", "allgatherv", "reducescatter", "alltoall"})
+          "(r+1)/n of B), reducescatter (B is each rank's block), reducescatter-rows (n B/4 + 1 "
+          "rows of one float: rank 0 gets one more) or alltoall (B to each rank)")
+      .one_of({"allreduce", "allgather", "allgatherv", "reducescatter", "reducescatter-rows",
+               "alltoall"})
       .show_default();
   app.add("--gap-ms", gap_ms, "milliseconds every rank sleeps before each step (untimed)")
       .non_negative();
@@ -208,16 +250,20 @@ int main(int argc, char** argv) {
     const std::size_t mine =
         varying ? std::max<std::size_t>(1, count * static_cast<std::size_t>(comm.rank() + 1) / n)
                 : count;
-    const bool scatter = coll == "reducescatter";
+    const bool by_rows = coll == "reducescatter-rows";
+    const bool scatter = coll == "reducescatter" || by_rows;
     const bool exchange = coll == "alltoall";
     if (scatter || exchange)
-      for (auto& g : grads) g.assign(count * n, 1.0f);
-    std::vector<float> packed(T * count * (scatter || exchange ? n : 1)),
+      for (auto& g : grads) g.assign(count * n + (by_rows ? 1 : 0), 1.0f);
+    std::vector<float> packed(T * (count * (scatter || exchange ? n : 1) + (by_rows ? 1 : 0))),
         packed_all(gather ? T * count * n : 0);
-    std::vector<float> packed_out(scatter ? T * count : exchange ? T * count * n : 0);
+    std::vector<float> packed_out(scatter    ? T * (count + (by_rows ? 1 : 0))
+                                  : exchange ? T * count * n
+                                             : 0);
     std::vector<std::vector<float>> gathered(gather ? T : 0, std::vector<float>(count * n));
-    std::vector<std::vector<float>> outs(scatter || exchange ? T : 0,
-                                         std::vector<float>(count * (exchange ? n : 1)));
+    std::vector<std::vector<float>> outs(
+        scatter || exchange ? T : 0,
+        std::vector<float>(count * (exchange ? n : 1) + (by_rows ? 1 : 0)));
     std::vector<std::string> names;
     for (std::size_t i = 0; i < T; ++i) names.push_back("grad." + std::to_string(i));
     if (comm.rank() == 0)
@@ -255,6 +301,8 @@ int main(int argc, char** argv) {
         if (gather) {
           run_allgather_step(m, eng, comm, names, grads, gathered, packed, packed_all, count,
                              varying, mine, works);
+        } else if (by_rows) {
+          run_rows_step(m, eng, comm, names, grads, outs, packed, packed_out, count, works);
         } else if (scatter) {
           run_scatter_step(m, eng, comm, names, grads, outs, packed, packed_out, count, works);
         } else if (exchange) {
