@@ -5,7 +5,8 @@
 //   add_f32/<bytes>                for (i) a[i] += b[i] over float, compiled here:
 //                                  what the compiler makes of the obvious loop
 //   alias/<what>/<d>               64 KiB memcpy(dst, src), reduce::copy (what
-//                                  the library copies with) and float32 sum
+//                                  the library copies with), copy_streaming
+//                                  and float32 sum
 //                                  combine3(dst, a, b), in cache, with dst d
 //                                  bytes past the sources modulo 4 KiB: the
 //                                  4K-aliasing stall of a destination a few
@@ -176,7 +177,7 @@ void bm_add_f32(benchmark::State& state) {
 }
 
 // 64 KiB sources at the start of a page, the destination `d` bytes into one.
-enum class Alias { Memcpy, Copy, Combine3 };
+enum class Alias { Memcpy, Copy, Streaming, Combine3 };
 
 void bm_alias(benchmark::State& state, Alias what) {
   constexpr std::size_t kBytes = 64 << 10;
@@ -192,6 +193,8 @@ void bm_alias(benchmark::State& state, Alias what) {
       std::memcpy(dst, a.get(), kBytes);
     else if (what == Alias::Copy)
       chorus::reduce::copy(dst, a.get(), kBytes);
+    else if (what == Alias::Streaming)
+      chorus::reduce::copy_streaming(dst, a.get(), kBytes);
     else
       chorus::reduce::combine3(dst, a.get() + d, b.get(), kBytes / 4, DataType::Float32, ReduceOp::Sum);
     benchmark::ClobberMemory();
@@ -228,6 +231,7 @@ void register_all() {
   }
   for (auto [what, name] :
        {std::pair{Alias::Memcpy, "alias/memcpy"}, std::pair{Alias::Copy, "alias/reduce_copy"},
+        std::pair{Alias::Streaming, "alias/copy_streaming"},
         std::pair{Alias::Combine3, "alias/combine3_f32_sum"}})
     for (std::int64_t d : {0, 1, 4, 15, 16, 17, 64, 1024, 4092})
       benchmark::RegisterBenchmark(name, bm_alias, what)->Arg(d);
