@@ -12,6 +12,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -367,6 +370,68 @@ WorkerReply run_many_small(WorkerContext& x, const Case& c) {
   return chk.reply();
 }
 
+// Large messages between buffers that sit at other offsets within a page
+// on every rank: rank r's buffers start 4r + 4 bytes into a page, so what a
+// rank receives from the rank before it lands 4 bytes past where it was
+// modulo 4 KiB, where memcpy and the kernel's copy crawl and the library
+// copies another way (reduce::copy; shm reads such rendezvous messages
+// through its staging buffer). A broadcast in place, an allreduce out of
+// place, a ring of sends and an allgather, of c.count int32 each; every
+// result checked.
+WorkerReply run_page_offsets(WorkerContext& x, const Case& c) {
+  Checker chk;
+  const std::uint64_t n = c.count;
+  const std::size_t bytes = n * sizeof(std::int32_t);
+  const std::size_t at = 4 * static_cast<std::size_t>(x.rank) + 4;
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  auto page_buffer = [&](std::size_t size) {
+    void* p = std::aligned_alloc(4096, (size + at + 4095) / 4096 * 4096);
+    if (p == nullptr) throw std::bad_alloc();
+    return std::unique_ptr<void, Free>(p);
+  };
+  auto in = [&](std::unique_ptr<void, Free>& b) {
+    return static_cast<std::int32_t*>(b.get()) + at / 4;
+  };
+  auto bytes_of = [](const std::int32_t* p) { return reinterpret_cast<const unsigned char*>(p); };
+  const auto N = static_cast<std::int64_t>(x.size);
+  auto bb = page_buffer(bytes), as = page_buffer(bytes), ar = page_buffer(bytes),
+       ps = page_buffer(bytes), pr = page_buffer(bytes), gs = page_buffer(bytes),
+       gr = page_buffer(bytes * static_cast<std::size_t>(x.size));
+  std::int32_t *b = in(bb), *s = in(as), *r = in(ar), *p_out = in(ps), *p_in = in(pr), *g = in(gs),
+               *gathered = in(gr);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    const auto k = static_cast<std::int32_t>(i % 1000);
+    b[i] = x.rank == 0 ? k * 3 : -1;
+    s[i] = x.rank + k;
+    p_out[i] = x.rank * 7 + k;
+    g[i] = x.rank * 1000 + k;
+  }
+  x.comm.broadcast(b, b, n, DataType::Int32, 0);
+  chk.expect<std::int32_t>("broadcast", bytes_of(b), n,
+                           [](std::uint64_t i) { return static_cast<std::int64_t>(i % 1000) * 3; });
+  x.comm.allreduce(s, r, n, DataType::Int32, ReduceOp::Sum);
+  chk.expect<std::int32_t>("allreduce", bytes_of(r), n, [&](std::uint64_t i) {
+    return N * (N - 1) / 2 + N * static_cast<std::int64_t>(i % 1000);
+  });
+  if (x.size > 1) {
+    const int next = (x.rank + 1) % x.size, prev = (x.rank + x.size - 1) % x.size;
+    chorus::Work w = x.comm.send_async(p_out, n, DataType::Int32, next);
+    x.comm.recv(p_in, n, DataType::Int32, prev);
+    w.wait();
+    chk.expect<std::int32_t>("recv", bytes_of(p_in), n, [&](std::uint64_t i) {
+      return static_cast<std::int64_t>(prev) * 7 + static_cast<std::int64_t>(i % 1000);
+    });
+  }
+  x.comm.allgather(g, gathered, n, DataType::Int32);
+  chk.expect_blocks<std::int32_t>(
+      "allgather", bytes_of(gathered), x.size, n, [](int q, std::uint64_t i) {
+        return static_cast<std::int64_t>(q) * 1000 + static_cast<std::int64_t>(i % 1000);
+      });
+  return chk.reply();
+}
+
 }  // namespace
 
 WorkerReply run_special_case(WorkerContext& x, const Case& c) {
@@ -385,6 +450,8 @@ WorkerReply run_special_case(WorkerContext& x, const Case& c) {
     case Coll::WaitTimeout: return run_wait_timeout(x, c);
     case Coll::Split: return run_split(x, c);
     case Coll::ManySmall: return run_many_small(x, c);
+    case Coll::PageOffsets:
+      return run_page_offsets(x, c);
     default: throw std::logic_error("run_special_case: not a special case");
   }
 }

@@ -51,6 +51,7 @@ enum class Coll : std::uint8_t {
   WaitTimeout,
   Split,
   ManySmall,
+  PageOffsets,
   // Cases that test the harness itself (never in the matrix).
   HarnessWrong,
   HarnessCrash,

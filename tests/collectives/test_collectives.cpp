@@ -96,6 +96,8 @@ const char* coll_name(Coll c) {
     case Coll::WaitTimeout: return "wait_timeout";
     case Coll::Split: return "split";
     case Coll::ManySmall: return "many_small";
+    case Coll::PageOffsets:
+      return "page_offsets";
     case Coll::HarnessWrong: return "harness_wrong";
     case Coll::HarnessCrash: return "harness_crash";
     case Coll::HarnessHang: return "harness_hang";
@@ -147,6 +149,7 @@ std::string case_label(const Case& c) {
     case Coll::Barrier:
     case Coll::WaitTimeout:
     case Coll::ManySmall:
+    case Coll::PageOffsets:
     case Coll::HarnessWrong:
     case Coll::HarnessCrash:
     case Coll::HarnessHang:
@@ -444,6 +447,13 @@ std::vector<Case> special(Coll coll) {
         c.count = 2000;
         cases.push_back(c);
         break;
+      case Coll::PageOffsets:
+        // 300000 int32 (1.2 MB): past shm's eager limit and split size, so
+        // the copies go rendezvous; at 2, 3 and 5 ranks.
+        if (world != 2 && world != 3 && world != 5) break;
+        c.count = 300000;
+        cases.push_back(c);
+        break;
       default:
         break;
     }
@@ -500,7 +510,10 @@ WorkerReply handle_case(WorkerContext& x, const void* bytes, std::size_t size) {
     case Coll::AsyncAll:
     case Coll::WaitTimeout:
     case Coll::Split:
-    case Coll::ManySmall: reply = run_special_case(x, c); break;
+    case Coll::ManySmall:
+    case Coll::PageOffsets:
+      reply = run_special_case(x, c);
+      break;
     case Coll::HarnessWrong:
       if (x.rank == x.size - 1) reply = {WorkerReply::Status::Failed, "deliberately wrong"};
       break;
@@ -601,6 +614,8 @@ INSTANTIATE_TEST_SUITE_P(AsyncAll, Matrix, testing::ValuesIn(special(Coll::Async
 INSTANTIATE_TEST_SUITE_P(WaitTimeout, Matrix, testing::ValuesIn(special(Coll::WaitTimeout)), param_name);
 INSTANTIATE_TEST_SUITE_P(Split, Matrix, testing::ValuesIn(special(Coll::Split)), param_name);
 INSTANTIATE_TEST_SUITE_P(ManySmall, Matrix, testing::ValuesIn(special(Coll::ManySmall)), param_name);
+INSTANTIATE_TEST_SUITE_P(PageOffsets, Matrix, testing::ValuesIn(special(Coll::PageOffsets)),
+                         param_name);
 
 // The harness itself: a wrong result fails the case and keeps the ranks; a
 // rank that dies or hangs fails its case promptly, with a message naming it,
