@@ -30,6 +30,12 @@
 //     the others' tensors until every rank has joined. join() returns the
 //     rank that joined last, whose parameters are then broadcast: the
 //     replicas are equal again (docs/trainer.md).
+//  7. With --shard (ZeRO stage 1), each rank keeps Adam's state for its
+//     own 1/n of the parameters only: the gradient is reduce-scattered
+//     (reduce_scatterv: the parameters need not divide by the ranks), each
+//     rank steps its shard, and the shards are allgathered (allgatherv)
+//     into every replica. The arithmetic is the same as 5.'s, element by
+//     element; Adam's memory per rank is 1/n of it.
 
 #include "corpus.hpp"
 #include "model.hpp"
@@ -70,6 +76,7 @@ struct Options {
   bool overlap = true;
   bool engine = false;
   int uneven = 0;
+  bool shard = false;
   std::string timeline;
   std::string save;
 };
@@ -147,6 +154,8 @@ int train(const Options& o) {
                              std::to_string(world) + " ranks");
   if (o.uneven > 0 && !o.engine)
     throw std::runtime_error("--uneven needs --engine: the ranks that run out of data join it");
+  if (o.shard && o.engine)
+    throw std::runtime_error("--shard reduce-scatters the gradient itself: leave out --engine");
   // This rank's steps: every rank's with --uneven 0.
   const int my_steps = std::max(0, o.steps - o.uneven * rank);
 
@@ -163,12 +172,24 @@ int train(const Options& o) {
                 shape.hidden, P);
     const std::size_t least = o.batch / static_cast<std::size_t>(world);
     const std::size_t most = least + (o.batch % static_cast<std::size_t>(world) != 0 ? 1 : 0);
-    std::printf("  global batch %zu (%s%zu per rank), Adam lr %g, %d steps, gradients averaged %s\n",
-                o.batch, least == most ? "" : (std::to_string(least) + " to ").c_str(), most, o.lr,
-                o.steps,
-                o.engine    ? "per layer during backward, as named tensors (chorus::Engine)"
-                : o.overlap ? "per layer during backward (allreduce_async)"
-                            : "after backward");
+    std::printf(
+        "  global batch %zu (%s%zu per rank), Adam lr %g, %d steps, gradients averaged %s\n",
+        o.batch, least == most ? "" : (std::to_string(least) + " to ").c_str(), most, o.lr, o.steps,
+        o.shard     ? "after backward, reduce-scattered to their shards (ZeRO-1)"
+        : o.engine  ? "per layer during backward, as named tensors (chorus::Engine)"
+        : o.overlap ? "per layer during backward (allreduce_async)"
+                    : "after backward");
+    if (o.shard) {
+      const std::size_t w = static_cast<std::size_t>(world);
+      const std::size_t widest = P / w + (P % w != 0 ? 1 : 0);
+      const std::string sizes = widest == P / w
+                                    ? std::to_string(widest)
+                                    : std::to_string(P / w) + " or " + std::to_string(widest);
+      std::printf(
+          "  sharded: rank r steps parameters [first_r, first_r + %s), with %zu KiB of Adam "
+          "state at most instead of %zu, then allgathers them\n",
+          sizes.c_str(), widest * 16 / 1024, P * 16 / 1024);
+    }
     if (o.uneven > 0)
       std::printf(
           "  uneven data: rank r runs %d*r steps fewer (rank %d: %d); a rank out of data "
@@ -182,7 +203,17 @@ int train(const Options& o) {
     std::printf("%6d  %10s  %10.4f\n", 0, "", first_val);
   }
 
-  trainer::Adam<float> adam(P, o.lr);
+  // --shard: this rank's part of the parameters (P split as evenly as
+  // possible, the first P % n ranks one more), and every rank's count.
+  std::vector<std::size_t> shard_counts(static_cast<std::size_t>(world));
+  std::size_t shard_first = 0;
+  for (int q = 0; q < world; ++q) {
+    const auto uq = static_cast<std::size_t>(q), uw = static_cast<std::size_t>(world);
+    shard_counts[uq] = P / uw + (uq < P % uw ? 1 : 0);
+    if (q < rank) shard_first += shard_counts[uq];
+  }
+  const std::size_t shard_size = shard_counts[static_cast<std::size_t>(rank)];
+  trainer::Adam<float> adam(o.shard ? shard_size : P, o.lr);
   std::vector<float> grad(P);
   const auto& spans = model.spans();
   // The gradient's buckets, in the order backward completes them.
@@ -215,7 +246,7 @@ int train(const Options& o) {
                                            grad.data() + sp.offset, sp.size,
                                            chorus::DataType::Float32, grad_op));
   };
-  if (o.overlap || o.engine) {
+  if ((o.overlap || o.engine) && !o.shard) {
     model.on_output_done([&] { average(0, out_end); });
     model.on_hidden_done([&] { average(out_end, hid_end); });
   }
@@ -239,13 +270,29 @@ int train(const Options& o) {
     window_loss += model.forward_backward(ctx.data(), tgt.data(), hi - lo, grad.data(),
                                           1.0f / static_cast<float>(uneven ? hi - lo : o.batch));
     const auto waiting = Clock::now();
-    if (o.overlap || o.engine) average(hid_end, P);
-    else average(0, P);
-    for (auto& work : pending) work.wait();
-    window_wait += seconds_since(waiting);
-    window_examples += uneven ? hi - lo : o.batch;
-    // 5. The same step on every rank.
-    adam.step(model.params(), grad.data());
+    if (o.shard) {
+      // 7. This rank's shard of the summed gradient (in place), its Adam
+      // step, then every rank's shard into every replica (in place).
+      comm.reduce_scatterv(grad.data(), grad.data() + shard_first, shard_counts,
+                           chorus::DataType::Float32, chorus::ReduceOp::Sum);
+      window_wait += seconds_since(waiting);
+      adam.step(model.params() + shard_first, grad.data() + shard_first);
+      const auto gathering = Clock::now();
+      comm.allgatherv(model.params() + shard_first, model.params(), shard_counts,
+                      chorus::DataType::Float32);
+      window_wait += seconds_since(gathering);
+      window_examples += o.batch;
+    } else {
+      if (o.overlap || o.engine)
+        average(hid_end, P);
+      else
+        average(0, P);
+      for (auto& work : pending) work.wait();
+      window_wait += seconds_since(waiting);
+      window_examples += uneven ? hi - lo : o.batch;
+      // 5. The same step on every rank.
+      adam.step(model.params(), grad.data());
+    }
 
     // Uneven: a line at every --log-every step only (the ranks still in are
     // there together), through the engine (the joined ranks stand in with
@@ -351,6 +398,9 @@ int main(int argc, char** argv) {
           "with --engine: rank r runs this many steps fewer per rank (uneven shards); the ranks "
           "out of data join the engine")
       .non_negative();
+  app.flag("--shard", o.shard,
+           "ZeRO stage 1: each rank keeps Adam's state for 1/n of the parameters; the gradient "
+           "is reduce-scattered (reduce_scatterv) and the parameters allgathered (allgatherv)");
   app.add("--timeline", o.timeline,
           "with --engine: rank 0 writes the engine's timeline (Chrome trace) here");
   app.add("--save", o.save, "write the final parameters (raw float32) to this file");

@@ -12,6 +12,11 @@
 #     rounding; with K = 5 rank r runs 5r steps fewer and joins the engine
 #     when out of data, rank 0 joins last, its parameters are broadcast,
 #     and the replicas are equal.
+#  2d. ZeRO-1 (--shard): the gradient reduce-scattered to each rank's
+#     shard, Adam on the shard, the parameters allgathered: bitwise the
+#     parameters of 2. at 2 ranks; at 4 ranks, whose shards of the 15222
+#     parameters differ by one (reduce_scatterv and allgatherv with counts
+#     that differ), within float rounding of 3 ranks, and the replicas equal.
 #  3. It learns: the first validation loss is log V (V counted here from the
 #     text), and after the steps it is well below the loss of the best
 #     model that ignores the context (the training text's byte frequencies),
@@ -50,6 +55,14 @@ grep -q "rank 0 joined last (30 steps); its parameters broadcast" "$work/uneven.
 grep -q "the 3 replicas are equal" "$work/uneven.log"
 grep -q "engine: 153 tensors in" "$work/uneven.log"  # 150 gradients, 3 loss lines
 echo "   rank 0 joined last; 153 tensors; the replicas are equal"
+echo "== 2d. ZeRO-1: sharded optimizer state (--shard), two and four ranks"
+"$run" -n 2 -- "$trainer" "${common[@]}" --steps 30 --save "$work/z2" --shard >/dev/null
+cmp "$work/o1" "$work/z2"
+"$run" -n 4 -- "$trainer" "${common[@]}" --steps 30 --save "$work/z4" --shard > "$work/shard.log"
+grep -q "15222 parameters" "$work/shard.log"
+grep -q "first_r + 3805 or 3806)" "$work/shard.log"
+grep -q "the 4 replicas are equal" "$work/shard.log"
+echo "   2 ranks bitwise equal; 4 ranks in shards of 3806 and 3805, the replicas equal"
 if [[ "$steps" == 0 ]]; then
   learn=0
   echo "== 3. learning: left out (STEPS 0)"
@@ -83,6 +96,10 @@ uneven_diff = max(abs(a - b) for a, b in zip(u5, p3))
 print(f"--uneven 0 differs from the summed gradients by up to {avg_diff:.3g}; --uneven 5 by {uneven_diff:.3g}")
 assert avg_diff < 1e-5, "the engine's average of the ranks' means is not the batch's mean"
 assert uneven_diff > 1e-4, "--uneven 5 trained as if every rank had every step"
+z4 = params('z4')
+shard_diff = max(abs(a - b) for a, b in zip(z4, p3))
+print(f"--shard on 4 ranks differs from 3 ranks by up to {shard_diff:.3g}")
+assert shard_diff < 1e-5, "the sharded optimizer diverged from the replicated one"
 if not learn:
     sys.exit(0)
 
