@@ -60,6 +60,7 @@ struct Options {
   std::string device = "host";  // --device cuda: buffers in GPU memory
   bool huge_pages = false;       // --huge-pages: host buffers on THP
   bool registered = false;       // --registered: host buffers from chorus::mem_alloc
+  int offset = 0;                // --offset B: rank r's host buffers r*B bytes into a page
 };
 
 // One table row's measurement of one mode (out-of-place or in-place).
@@ -147,6 +148,10 @@ class Bench {
   chorus::CallOptions plain_options_;  // the harness's own barrier and reductions
   bench::Buffer send_;
   bench::Buffer recv_;
+  // Where the collectives' host buffers start: --offset's bytes into send_
+  // and recv_.
+  unsigned char* hsend_ = nullptr;
+  unsigned char* hrecv_ = nullptr;
   // --device cuda: the buffers the collectives use live on the GPU; the host
   // ones above hold the check's inputs and the results copied back.
   bool cuda_ = false;
@@ -184,6 +189,8 @@ void Bench::print_header() {
         sizes_.front(), bench::parse_size(opt_.maxbytes),
         multiply ? static_cast<std::size_t>(opt_.stepfactor) : bench::parse_size(opt_.stepbytes),
         multiply ? "factor" : "bytes", opt_.warmup_iters, opt_.iters, opt_.check);
+  if (opt_.offset > 0)
+    print("# host buffers of rank r start r*%d bytes (mod 4096) into a page\n", opt_.offset);
   print("%s", ranks.c_str());
 }
 
@@ -192,8 +199,11 @@ nlohmann::json Bench::run() {
   // Buffers are allocated once, at the largest size, and touched now: the
   // first write to a page costs a fault that must not land in a timed loop.
   const std::size_t max_bytes = sizes_.back();
-  send_ = bench::allocate_touched(max_bytes);
-  recv_ = bench::allocate_touched(max_bytes);
+  const auto shift = static_cast<std::size_t>(opt_.offset) * static_cast<std::size_t>(rank_) % 4096;
+  send_ = bench::allocate_touched(max_bytes + shift);
+  recv_ = bench::allocate_touched(max_bytes + shift);
+  hsend_ = send_.get() + shift;
+  hrecv_ = recv_.get() + shift;
   if (cuda_) {
     dsend_ = static_cast<unsigned char*>(bench::device::alloc(max_bytes));
     drecv_ = static_cast<unsigned char*>(bench::device::alloc(max_bytes));
@@ -407,20 +417,19 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
   res.ran = true;
   const std::size_t ws = chorus::size_of(dtype);
   const std::size_t rank = static_cast<std::size_t>(rank_);
-  unsigned char* send = send_.get();
-  unsigned char* recv = recv_.get();
+  unsigned char* send = hsend_;
+  unsigned char* recv = hrecv_;
   if (in_place) {
     // One buffer, laid out as nccl-tests does for each collective.
-    send = recv_.get() + cc.send_inplace_offset * rank * ws;
-    recv = recv_.get() + cc.recv_inplace_offset * rank * ws;
+    send = hrecv_ + cc.send_inplace_offset * rank * ws;
+    recv = hrecv_ + cc.recv_inplace_offset * rank * ws;
   }
   // The buffers the collective is given: the host ones, or their GPU twins
   // at the same offsets.
   auto on_gpu = [&](unsigned char* host) {
     if (!cuda_) return host;
-    return host >= recv_.get() && host < recv_.get() + sizes_.back()
-               ? drecv_ + (host - recv_.get())
-               : dsend_ + (host - send_.get());
+    return host >= hrecv_ && host < hrecv_ + sizes_.back() ? drecv_ + (host - hrecv_)
+                                                           : dsend_ + (host - hsend_);
   };
   unsigned char* const csend = on_gpu(send);
   unsigned char* const crecv = on_gpu(recv);
@@ -433,8 +442,8 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
 
   // Zeros are valid input for every type and op and stay finite however many
   // times an in-place iteration reduces them again.
-  std::memset(send_.get(), 0, cc.send_count * ws);
-  std::memset(recv_.get(), 0, std::max(cc.send_count, cc.recv_count) * ws);
+  std::memset(hsend_, 0, cc.send_count * ws);
+  std::memset(hrecv_, 0, std::max(cc.send_count, cc.recv_count) * ws);
   if (cuda_) {
     bench::device::memset(dsend_, 0, cc.send_count * ws);
     bench::device::memset(drecv_, 0, std::max(cc.send_count, cc.recv_count) * ws);
@@ -467,12 +476,12 @@ Result Bench::measure(const bench::Collective& coll, DataType dtype, ReduceOp op
     std::uint64_t wrong = 0;
     for (int c = 0; c < opt_.check; ++c) {
       // Poison the output first: in place, the input is then written over it.
-      std::memset(in_place ? recv_.get() : recv, bench::kPoisonByte,
+      std::memset(in_place ? hrecv_ : recv, bench::kPoisonByte,
                   (in_place ? std::max(cc.send_count, cc.recv_count) : cc.recv_count) * ws);
       bench::fill_send(send, cc.send_count, coll, ctx);
       if (cuda_) {
         if (in_place) {
-          bench::device::to_device(drecv_, recv_.get(), std::max(cc.send_count, cc.recv_count) * ws);
+          bench::device::to_device(drecv_, hrecv_, std::max(cc.send_count, cc.recv_count) * ws);
         } else {
           bench::device::to_device(csend, send, cc.send_count * ws);
           bench::device::to_device(crecv, recv, cc.recv_count * ws);
@@ -802,6 +811,12 @@ int main(int argc, char** argv) {
   app.flag("--huge-pages", opt.huge_pages,
            "Host buffers of 2 MiB and more on transparent huge pages (madvise "
            "MADV_HUGEPAGE): kernel copies between processes (CMA) pin 512x fewer pages");
+
+  app.add("--offset", opt.offset,
+          "Rank r's host buffers start r*B bytes (modulo 4096) into a page, so that the ranks' "
+          "buffers sit at different offsets, as two allocators' may (docs/benchmarks.md: copies "
+          "to 1-15 bytes past their source modulo 4 KiB)")
+      .non_negative();
 
   app.flag("--registered", opt.registered,
            "Host buffers from chorus::mem_alloc (nccl-tests' -R): same-host ranks read "
