@@ -33,7 +33,7 @@ void copy_near(void* dst, const void* src, std::size_t bytes);
 // past the source modulo 4 KiB: there glibc's memcpy (rep movsb, from 4 KiB
 // up to about 1 MiB) ran 16-30x slower on this project's machines (AMD
 // EPYC: 3.5 GB/s instead of 57 for 64 KiB in cache; docs/benchmarks.md),
-// so those copies take a loop of vector moves (29 GB/s). Every copy of a
+// so those copies take a loop of vector moves (43-45 GB/s). Every copy of a
 // caller's data goes through here: user buffers sit at any offset. dst and
 // src must not overlap.
 inline void copy(void* dst, const void* src, std::size_t bytes) {
