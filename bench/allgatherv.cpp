@@ -4,8 +4,6 @@
 // offsets are not a multiple of the rank.
 #include "bench_util.hpp"
 
-#include <vector>
-
 namespace chorus::bench {
 namespace {
 
@@ -20,11 +18,7 @@ double bus_factor(int n) { return static_cast<double>(n - 1) / n; }
 
 void run(Communicator& comm, const void* send, void* recv, std::size_t count, DataType dtype,
          ReduceOp /*op*/, int /*root*/, const CallOptions& options) {
-  static thread_local std::vector<std::size_t> per_rank;
-  per_rank.resize(static_cast<std::size_t>(comm.size()));
-  for (int p = 0; p < comm.size(); ++p)
-    per_rank[static_cast<std::size_t>(p)] = ragged_share(count, p);
-  comm.allgatherv(send, recv, per_rank, dtype, options);
+  comm.allgatherv(send, recv, ragged_counts(count, comm.size()), dtype, options);
 }
 
 double send_value(const CheckContext& c, std::size_t i) { return plain_value(c.rank, i); }

@@ -116,6 +116,14 @@ inline std::size_t ragged_total(std::size_t block, int nranks) {
   for (int p = 0; p < nranks; ++p) total += ragged_share(block, p);
   return total;
 }
+// Every rank's ragged_share(block, p), in rank order (the calls' counts; a
+// buffer of the calling thread's, reused from call to call).
+inline const std::vector<std::size_t>& ragged_counts(std::size_t block, int nranks) {
+  static thread_local std::vector<std::size_t> counts;
+  counts.resize(static_cast<std::size_t>(nranks));
+  for (int p = 0; p < nranks; ++p) counts[static_cast<std::size_t>(p)] = ragged_share(block, p);
+  return counts;
+}
 
 // Byte written over receive buffers before a checked call, so that a call that
 // leaves its output untouched is caught. Decodes to a value no pattern yields.

@@ -5,7 +5,6 @@
 #include "bench_util.hpp"
 
 #include <cstring>
-#include <vector>
 
 namespace chorus::bench {
 namespace {
@@ -21,11 +20,7 @@ double bus_factor(int n) { return static_cast<double>(n - 1) / n; }
 
 void run(Communicator& comm, const void* send, void* recv, std::size_t count, DataType dtype,
          ReduceOp op, int /*root*/, const CallOptions& options) {
-  static thread_local std::vector<std::size_t> per_rank;
-  per_rank.resize(static_cast<std::size_t>(comm.size()));
-  for (int p = 0; p < comm.size(); ++p)
-    per_rank[static_cast<std::size_t>(p)] = ragged_share(count, p);
-  comm.reduce_scatterv(send, recv, per_rank, dtype, op, options);
+  comm.reduce_scatterv(send, recv, ragged_counts(count, comm.size()), dtype, op, options);
 }
 
 double send_value(const CheckContext& c, std::size_t i) {

@@ -220,34 +220,14 @@ void ring_allreduce(Context& c, const void* send, void* recv, std::size_t count,
             streams(c, (send == recv ? 1 : 2) * count * esize), finalize);
 }
 
-void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
-                         DataType dtype, ReduceOp op) {
+namespace {
+// Ring reduce-scatter over the blocks `seg` gives (block r: rank r's): the
+// fixed-count call's equal ones or a reduce_scatterv's (empty ones pass as
+// empty steps).
+void ring_reduce_scatter_blocks(Context& c, const void* send, void* recv, const Segments& seg,
+                                DataType dtype, ReduceOp op) {
   const std::size_t esize = size_of(dtype);
   const int n = c.size;
-  const std::size_t total = count * static_cast<std::size_t>(n);
-  char* out = static_cast<char*>(recv);
-  if (count == 0) return;
-  if (n == 1) {
-    if (send != recv) reduce::copy(out, send, count * esize);
-    if (op == ReduceOp::Avg) reduce::finalize_avg(out, count, dtype, n);
-    return;
-  }
-  // Partial sums go to scratch (the send buffer is const); shift -1 makes the
-  // last received, fully reduced segment this rank's own block.
-  char* buf = ensure_scratch(c, total * esize);
-  const auto seg = Segments::blocks(count, n);
-  ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1, dtype, op,
-            false, [&](char* p, std::size_t m) {
-    if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
-  });
-  reduce::copy(out, buf + seg.off[c.rank] * esize, count * esize);
-}
-
-void ring_reduce_scatterv(Context& c, const void* send, void* recv,
-                          std::span<const std::size_t> counts, DataType dtype, ReduceOp op) {
-  const std::size_t esize = size_of(dtype);
-  const int n = c.size;
-  const Segments seg = Segments::of(counts);
   const std::size_t total = seg.total();
   const auto me = static_cast<std::size_t>(c.rank);
   char* out = static_cast<char*>(recv);
@@ -257,14 +237,25 @@ void ring_reduce_scatterv(Context& c, const void* send, void* recv,
     if (op == ReduceOp::Avg) reduce::finalize_avg(out, total, dtype, n);
     return;
   }
-  // As ring_reduce_scatter, over blocks of any size (empty ones pass as
-  // empty steps).
+  // Partial sums go to scratch (the send buffer is const); shift -1 makes the
+  // last received, fully reduced segment this rank's own block.
   char* buf = ensure_scratch(c, total * esize);
   ring_pass(c, Group::all(c), buf, static_cast<const char*>(send), seg, esize, -1, n - 1, n - 1,
             dtype, op, false, [&](char* p, std::size_t m) {
               if (op == ReduceOp::Avg) reduce::finalize_avg(p, m, dtype, n);
             });
   if (seg.len[me] > 0) reduce::copy(out, buf + seg.off[me] * esize, seg.len[me] * esize);
+}
+}  // namespace
+
+void ring_reduce_scatter(Context& c, const void* send, void* recv, std::size_t count,
+                         DataType dtype, ReduceOp op) {
+  ring_reduce_scatter_blocks(c, send, recv, Segments::blocks(count, c.size), dtype, op);
+}
+
+void ring_reduce_scatterv(Context& c, const void* send, void* recv,
+                          std::span<const std::size_t> counts, DataType dtype, ReduceOp op) {
+  ring_reduce_scatter_blocks(c, send, recv, Segments::of(counts), dtype, op);
 }
 
 void ring_allgather(Context& c, const void* send, void* recv, std::size_t count, DataType dtype) {

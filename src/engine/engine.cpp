@@ -1002,17 +1002,18 @@ struct EngineImpl {
         }
         if (fusion.size() < bytes) fusion.resize(bytes);
         std::size_t at = 0;  // elements: where block p, then tensor k's rows in it, start
-        std::vector<std::size_t> own_at(reqs.size());
+        // own_at: where tensor k's rows of this rank land; from: where its rows p start in its
+        // send.
+        std::vector<std::size_t> own_at(reqs.size()), from(reqs.size(), 0);
         for (std::size_t p = 0; p < n; ++p) {
           for (std::size_t k = 0; k < reqs.size(); ++k) {
-            const std::size_t before =
-                std::accumulate(counts[k].begin(),
-                                counts[k].begin() + static_cast<std::ptrdiff_t>(p), std::size_t{0});
             if (p == static_cast<std::size_t>(rank)) own_at[k] = at;
             if (counts[k][p] > 0)
               reduce::copy(fusion.data() + at * es,
-                           static_cast<const char*>(reqs[k].send) + before * es, counts[k][p] * es);
+                           static_cast<const char*>(reqs[k].send) + from[k] * es,
+                           counts[k][p] * es);
             at += counts[k][p];
+            from[k] += counts[k][p];
           }
         }
         in_us = now_us() - start;
